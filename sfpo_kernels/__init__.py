@@ -1,0 +1,19 @@
+"""Fused kernels for Slow-Fast Policy Optimization (SFPO).
+
+Stage II of every SFPO iteration, on any list of tensors, one launch per
+(device, dtype) group:
+
+- :func:`snapshot` -> :class:`Snapshot` (``.restore_``, ``.values``, ``.nbytes``)
+- :func:`reposition_`: ``t <- snap + alpha * (t - snap)`` in place
+
+Backends: ``triton`` (default for CUDA tensors), ``cuda`` (the C++ kernels of
+``csrc/``, built lazily with nvcc), ``torch`` (``torch._foreach_*``; default for
+CPU tensors). Choose with ``backend=`` or ``SFPO_BACKEND``. Plain-PyTorch ground
+truth lives in :mod:`sfpo_kernels.reference`.
+"""
+
+from sfpo_kernels._backend import BACKENDS
+from sfpo_kernels.snapshot import Snapshot, reposition_, snapshot
+
+__all__ = ["BACKENDS", "Snapshot", "reposition_", "snapshot"]
+__version__ = "0.1.0"

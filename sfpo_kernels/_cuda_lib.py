@@ -1,0 +1,125 @@
+"""Build (with nvcc) and load (with ctypes) the CUDA C++ backend in ``csrc/``.
+
+The library is plain CUDA, not a torch extension: it takes the same int64
+pointer table as the Triton kernels and the raw ``cudaStream_t`` of torch's
+current stream, so it builds without torch headers and loads into any torch
+build. It is compiled on first use for the current GPU's architecture and
+cached under ``$SFPO_CACHE_DIR`` (default ``~/.cache/sfpo``), keyed by the
+source hash, the architecture and the nvcc version.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from sfpo_kernels.multi_tensor import PointerTable
+
+SOURCE_NAME = "multi_tensor.cu"
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def source_path() -> Path:
+    """``csrc/multi_tensor.cu``: from a source checkout, else the copy shipped in the wheel."""
+    checkout = Path(__file__).resolve().parent.parent / "csrc" / SOURCE_NAME
+    if checkout.is_file():
+        return checkout
+    shipped = Path(__file__).resolve().parent / "csrc" / SOURCE_NAME
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"cannot find {SOURCE_NAME} next to the package (looked at {checkout} and {shipped})")
+
+
+def nvcc_path() -> str:
+    """The nvcc to build with: ``$NVCC``, else the one on the PATH, else ``$CUDA_HOME/bin/nvcc``."""
+    candidates = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(str(Path(os.environ["CUDA_HOME"]) / "bin" / "nvcc"))
+    for c in candidates:
+        if c and Path(c).is_file():
+            return c
+    raise RuntimeError("the 'cuda' backend needs nvcc (set NVCC or CUDA_HOME, or put nvcc on the PATH)")
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SFPO_CACHE_DIR", Path.home() / ".cache" / "sfpo"))
+
+
+def build(arch: str, out_dir: Path | None = None) -> Path:
+    """Compile ``csrc/multi_tensor.cu`` for ``arch`` (e.g. ``"sm_90"``) and return the ``.so`` path.
+
+    Reuses a cached build with the same source, architecture and nvcc; writes
+    atomically so concurrent processes never load a half-written library.
+    """
+    if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+        raise ValueError(f"arch={arch!r} is not a CUDA architecture like 'sm_90'")
+    src = source_path()
+    nvcc = nvcc_path()
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    key = hashlib.sha256(src.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir()
+    lib = out_dir / f"libsfpo_multi_tensor-{arch}-{key}.so"
+    if lib.is_file():
+        return lib
+    out_dir.mkdir(parents=True, exist_ok=True)
+    compute = "compute_" + arch[3:]
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        tmp_lib = Path(tmp) / lib.name
+        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
+               f"-gencode=arch={compute},code={arch}", "-o", str(tmp_lib), str(src)]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed building {src} for {arch}:\n{proc.stderr}")
+        os.replace(tmp_lib, lib)
+    return lib
+
+
+@lru_cache(maxsize=None)
+def load(arch: str) -> ctypes.CDLL:
+    """Build if needed and load the library for ``arch``; cached per process."""
+    lib = ctypes.CDLL(str(build(arch)))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.sfpo_mt_copy.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]
+    lib.sfpo_mt_lerp.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_double, ptr]
+    lib.sfpo_mt_copy.restype = lib.sfpo_mt_lerp.restype = ctypes.c_int
+    lib.sfpo_mt_last_error.restype = ctypes.c_char_p
+    return lib
+
+
+def _device_lib(device: torch.device) -> tuple[ctypes.CDLL, int]:
+    major, minor = torch.cuda.get_device_capability(device)
+    stream = torch.cuda.current_stream(device).cuda_stream
+    return load(f"sm_{major}{minor}"), stream
+
+
+def _check(lib: ctypes.CDLL, status: int, what: str) -> None:
+    if status != 0:
+        raise RuntimeError(f"sfpo cuda backend: {what} failed: {lib.sfpo_mt_last_error().decode()}")
+
+
+def copy_(table: PointerTable, src_is_a: bool, elem_size: int, device: torch.device) -> None:
+    """Launch ``sfpo_mt_copy`` on the current stream of ``device``."""
+    lib, stream = _device_lib(device)
+    with torch.cuda.device(device):
+        status = lib.sfpo_mt_copy(
+            table.data.data_ptr(), table.n_tensors, table.n_chunks, table.chunk, elem_size, int(src_is_a), stream
+        )
+    _check(lib, status, "copy")
+
+
+def lerp_(table: PointerTable, weight: float, dtype: torch.dtype, device: torch.device) -> None:
+    """Launch ``sfpo_mt_lerp`` (``a = lerp(a, b, weight)``) on the current stream of ``device``."""
+    lib, stream = _device_lib(device)
+    with torch.cuda.device(device):
+        status = lib.sfpo_mt_lerp(
+            table.data.data_ptr(), table.n_tensors, table.n_chunks, table.chunk, DTYPE_CODES[dtype], weight, stream
+        )
+    _check(lib, status, "lerp")

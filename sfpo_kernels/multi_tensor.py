@@ -1,0 +1,227 @@
+"""Multi-tensor copy and lerp: one kernel launch for any number of tensors.
+
+SFPO's Stage II touches every trainable parameter twice per iteration: a copy
+into the snapshot before the fast trajectory, and the reposition
+``t <- snap + alpha * (t - snap)`` after it. A model has hundreds to thousands
+of parameter tensors, so a Python loop of per-tensor ops is launch-bound and a
+concatenate-then-split copy doubles the traffic. Instead, for each
+(device, dtype) group we build a device-side **pointer table** once (the
+technique of Triton's grouped-GEMM tutorial) and launch one kernel whose
+programs each handle one chunk of one tensor:
+
+    table (int64, on the tensors' device), n tensors and c chunks:
+        a_addr[n]        data_ptr of tensor i in list a (e.g. the parameters)
+        b_addr[n]        data_ptr of tensor i in list b (e.g. the snapshot views)
+        numel[n]         elements of tensor i
+        chunk_tensor[c]  which tensor chunk j belongs to
+        chunk_start[c]   first element of chunk j within that tensor
+
+Program ``j`` processes elements ``[chunk_start[j], min(chunk_start[j] + CHUNK,
+numel))`` of tensor ``chunk_tensor[j]`` in blocks of ``BLOCK``. Tokens of work
+sit on grid axis 0, so there is no 65535 limit. The same table drives the CUDA
+C++ kernels in ``csrc/multi_tensor.cu``.
+
+Byte traffic per element (the limit both kernels are measured against):
+copy reads 1 and writes 1 element; lerp reads 2 and writes 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from sfpo_kernels._backend import triton_interpreting
+
+# GPU launch shape: 64Ki elements per program keeps the grid small for
+# billion-parameter models (~23k programs at 1.5B) while a single tiny tensor
+# still gets its own program. The interpreter uses small blocks so CI's small
+# tensors still cross block and chunk boundaries.
+GPU_BLOCK, GPU_CHUNK, GPU_NUM_WARPS = 4096, 65536, 8
+INTERPRETER_BLOCK, INTERPRETER_CHUNK = 64, 256
+
+# Offsets of tensors inside a flat snapshot buffer are rounded up to this many
+# bytes so every view starts 16-byte aligned (vector loads in csrc/).
+STORAGE_ALIGN_BYTES = 64
+
+
+def launch_shape(device: torch.device) -> tuple[int, int]:
+    """(BLOCK, CHUNK) in elements for kernels running on ``device``."""
+    if device.type == "cuda" and not triton_interpreting():
+        return GPU_BLOCK, GPU_CHUNK
+    return INTERPRETER_BLOCK, INTERPRETER_CHUNK
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _fp32_to_bf16_rtne(x):
+    """Round fp32 to bf16, to nearest even, NaN to the canonical 0x7FC0 (as torch does).
+
+    Done on the bits so the GPU and the Triton interpreter (whose own bf16
+    cast truncates) give identical results.
+    """
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    out = tl.where(x != x, 0x7FC0, rounded)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _mt_copy_kernel(
+    src_addr,  # *int64 [n]: data_ptr of each source tensor
+    dst_addr,  # *int64 [n]: data_ptr of each destination tensor
+    numel,  # *int64 [n]: elements per tensor
+    chunk_tensor,  # *int64 [c]: tensor index of each chunk
+    chunk_start,  # *int64 [c]: first element of each chunk
+    type_witness,  # *T: any tensor of the group's dtype; gives the element type
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """dst[i][k] = src[i][k] for every element of every tensor i; bit copy."""
+    i_c = tl.program_id(0).to(tl.int64)
+    i_t = tl.load(chunk_tensor + i_c)
+    start = tl.load(chunk_start + i_c)
+    stop = tl.minimum(start + CHUNK, tl.load(numel + i_t))
+    p_src = tl.load(src_addr + i_t).to(type_witness.dtype)
+    p_dst = tl.load(dst_addr + i_t).to(type_witness.dtype)
+    for off in range(start, stop, BLOCK):
+        o_k = off + tl.arange(0, BLOCK)  # [BLOCK]
+        m_k = o_k < stop
+        tl.store(p_dst + o_k, tl.load(p_src + o_k, mask=m_k), mask=m_k)
+
+
+@triton.jit
+def _mt_lerp_kernel(
+    param_addr,  # *int64 [n]: data_ptr of each tensor to update in place
+    snap_addr,  # *int64 [n]: data_ptr of its snapshot (device or pinned host memory)
+    numel,  # *int64 [n]
+    chunk_tensor,  # *int64 [c]
+    chunk_start,  # *int64 [c]
+    type_witness,  # *T
+    weight: tl.float64,  # 1 - alpha, as a runtime float: no recompile per value
+    COMPUTE_FP64: tl.constexpr,  # fp64 tensors compute in fp64, all others in fp32
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """param = torch.lerp(param, snap, weight), i.e. snap + (1 - weight) * (param - snap).
+
+    Two-branch lerp exactly as ATen evaluates it: for ``w < 0.5``
+    ``fma(w, snap - t, t)``, else ``fma(w - 1, snap - t, snap)``. So ``w == 0``
+    (alpha 1) returns ``t`` and ``w == 1`` (alpha 0) returns ``snap`` bit for bit,
+    and fp32 results equal ``torch._foreach_lerp_``. Low-precision inputs are
+    widened, computed in fp32 and rounded once.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_t = tl.load(chunk_tensor + i_c)
+    start = tl.load(chunk_start + i_c)
+    stop = tl.minimum(start + CHUNK, tl.load(numel + i_t))
+    p_param = tl.load(param_addr + i_t).to(type_witness.dtype)
+    p_snap = tl.load(snap_addr + i_t).to(type_witness.dtype)
+    elem_ty = type_witness.dtype.element_ty
+    # tl.full rather than .to(): the interpreter passes the float through untyped.
+    if COMPUTE_FP64:
+        w = tl.full([], weight, tl.float64)
+    else:
+        w = tl.full([], weight, tl.float32)
+    small = w < 0.5
+    coeff = tl.where(small, w, w - 1.0)
+    for off in range(start, stop, BLOCK):
+        o_k = off + tl.arange(0, BLOCK)  # [BLOCK]
+        m_k = o_k < stop
+        b_t = tl.load(p_param + o_k, mask=m_k).to(w.dtype)
+        b_s = tl.load(p_snap + o_k, mask=m_k).to(w.dtype)
+        b_out = tl.fma(coeff + tl.zeros_like(b_t), b_s - b_t, tl.where(small, b_t, b_s))
+        if elem_ty == tl.bfloat16:
+            b_out = _fp32_to_bf16_rtne(b_out)
+        else:
+            b_out = b_out.to(elem_ty)
+        tl.store(p_param + o_k, b_out, mask=m_k)
+
+
+# --------------------------------------------------------------------------- pointer table
+
+
+@dataclass(frozen=True)
+class PointerTable:
+    """The device-side table for one (device, dtype) group; see the module docstring."""
+
+    data: torch.Tensor  # int64 [3n + 2c] on the group's device
+    n_tensors: int
+    n_chunks: int
+    block: int
+    chunk: int
+
+    @property
+    def columns(self) -> tuple[torch.Tensor, ...]:
+        """Views ``(a_addr, b_addr, numel, chunk_tensor, chunk_start)``."""
+        n, c = self.n_tensors, self.n_chunks
+        return tuple(self.data.narrow(0, off, size) for off, size in ((0, n), (n, n), (2 * n, n), (3 * n, c), (3 * n + c, c)))
+
+
+def build_pointer_table(a: list[torch.Tensor], b: list[torch.Tensor], device: torch.device) -> PointerTable:
+    """Table pairing ``a[i]`` with ``b[i]`` (same numel, same dtype, contiguous, non-empty).
+
+    Built on the host and copied to ``device`` once; callers cache it.
+    """
+    block, chunk = launch_shape(device)
+    numels = [t.numel() for t in a]
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    for i, n in enumerate(numels):
+        starts = range(0, n, chunk)
+        chunk_tensor.extend([i] * len(starts))
+        chunk_start.extend(starts)
+    host = torch.tensor(
+        [t.data_ptr() for t in a] + [t.data_ptr() for t in b] + numels + chunk_tensor + chunk_start,
+        dtype=torch.int64,
+    )
+    data = host.to(device) if device.type != "cpu" else host
+    return PointerTable(data, len(a), len(chunk_tensor), block, chunk)
+
+
+# --------------------------------------------------------------------------- launchers
+
+
+def triton_copy_(table: PointerTable, src_is_a: bool, witness: torch.Tensor) -> None:
+    """Copy every tensor of one list of the table into the other, one Triton launch."""
+    a_addr, b_addr, numel, chunk_tensor, chunk_start = table.columns
+    src, dst = (a_addr, b_addr) if src_is_a else (b_addr, a_addr)
+    _mt_copy_kernel[(table.n_chunks,)](
+        src, dst, numel, chunk_tensor, chunk_start, witness, CHUNK=table.chunk, BLOCK=table.block, num_warps=GPU_NUM_WARPS
+    )
+
+
+def triton_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> None:
+    """``a[i] = torch.lerp(a[i], b[i], weight)`` for every tensor of the table, one Triton launch."""
+    a_addr, b_addr, numel, chunk_tensor, chunk_start = table.columns
+    _mt_lerp_kernel[(table.n_chunks,)](
+        a_addr,
+        b_addr,
+        numel,
+        chunk_tensor,
+        chunk_start,
+        witness,
+        weight,
+        COMPUTE_FP64=witness.dtype == torch.float64,
+        CHUNK=table.chunk,
+        BLOCK=table.block,
+        num_warps=GPU_NUM_WARPS,
+    )
+
+
+def cuda_copy_(table: PointerTable, src_is_a: bool, witness: torch.Tensor) -> None:
+    """The same copy through the CUDA C++ kernels of ``csrc/`` (built lazily with nvcc)."""
+    from sfpo_kernels import _cuda_lib
+
+    _cuda_lib.copy_(table, src_is_a, witness.element_size(), witness.device)
+
+
+def cuda_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> None:
+    """The same lerp through the CUDA C++ kernels of ``csrc/``."""
+    from sfpo_kernels import _cuda_lib
+
+    _cuda_lib.lerp_(table, weight, witness.dtype, witness.device)

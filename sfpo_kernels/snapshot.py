@@ -1,0 +1,325 @@
+"""SFPO Stage II on a list of tensors: ``snapshot``, ``Snapshot.restore_`` and ``reposition_``.
+
+    snap = snapshot(params)            # theta_0, one fused copy per (device, dtype) group
+    ...K fast optimizer steps...       # theta_K
+    reposition_(params, snap, alpha)   # theta <- theta_0 + alpha * (theta_K - theta_0), in place
+    del snap                           # SFPO holds no memory between iterations
+
+Every call validates all of its arguments before it writes anything: a bad
+call raises ``ValueError`` saying what was expected and what came, and leaves
+every tensor as it was. Parameters (``requires_grad=True``) are written in
+place without autograd, FSDP2 ``DTensor`` parameters through their local
+shard, FSDP1 flat parameters as the plain 1-D tensors they are.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from sfpo_kernels import multi_tensor as mt
+from sfpo_kernels._backend import resolve_backend
+
+OFFLOAD_MODES = ("none", "cpu")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+# Largest host->device staging batch of the torch backend's offloaded reposition.
+TORCH_OFFLOAD_STAGING_BYTES = 256 * 2**20
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The tensor whose memory holds ``t``'s values on this rank (a DTensor's local shard)."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter):  # the common case: no import, no isinstance chain
+        return t
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(t, DTensor):
+        with torch.no_grad():  # to_local() then returns the shard itself, not an autograd view
+            return t.to_local()
+    return t
+
+
+def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Tensor]:
+    if isinstance(tensors, torch.Tensor):
+        raise ValueError(f"{name} must be a list of tensors, got a single tensor of shape {tuple(tensors.shape)}")
+    try:
+        items = list(tensors)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of tensors, got {type(tensors).__name__}") from None
+    out = []
+    for i, t in enumerate(items):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+        local = _local(t)
+        if local.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"{name}[{i}] has dtype {local.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+        if local.device.type == "meta" or local.is_sparse:
+            raise ValueError(f"{name}[{i}] is a {local.layout} tensor on {local.device}; need dense memory")
+        if not local.is_contiguous():
+            raise ValueError(f"{name}[{i}] (shape {tuple(local.shape)}) is not contiguous; pass contiguous tensors")
+        out.append(local)
+    _check_no_overlap(out, name)
+    return out
+
+
+def _check_no_overlap(tensors: list[torch.Tensor], name: str) -> None:
+    """Two entries sharing memory would be updated twice; reject them."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, t in enumerate(tensors) if t.numel() > 0
+    )
+    for (_, end_a, i), (start_b, _, j) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] share memory; each tensor may appear once")
+
+
+def _check_alpha(alpha: float) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real):
+        if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 and alpha.dtype.is_floating_point:
+            alpha = alpha.item()
+        else:
+            raise ValueError(f"alpha must be a real number in [0, 1], got {alpha!r}")
+    alpha = float(alpha)
+    if not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a finite number in [0, 1], got {alpha!r}")
+    return alpha
+
+
+@dataclass
+class _Group:
+    """The tensors of one (device, dtype) and their slice of the snapshot storage."""
+
+    device: torch.device
+    dtype: torch.dtype
+    indices: list[int]  # positions in the caller's list; empty tensors excluded
+    views: list[torch.Tensor]  # snapshot views, shaped like the tensors
+    storage: torch.Tensor  # flat buffer the views live in
+    tables: dict[tuple[int, ...], mt.PointerTable] = field(default_factory=dict)
+
+    def table(self, tensors: list[torch.Tensor]) -> mt.PointerTable:
+        """Pointer table pairing ``tensors`` with the views; cached by the tensors' addresses."""
+        key = tuple(t.data_ptr() for t in tensors)
+        table = self.tables.get(key)
+        if table is None:
+            if len(self.tables) >= 4:  # tensors re-allocated over and over: keep the cache bounded
+                self.tables.clear()
+            table = self.tables[key] = mt.build_pointer_table(tensors, self.views, self.device)
+        return table
+
+
+class Snapshot:
+    """A copy of a list of tensors, grouped by (device, dtype) into flat storage.
+
+    Holds the shapes, dtypes and devices it was taken from, and checks every
+    later ``restore_`` / ``reposition_`` against them. ``offload="cpu"`` keeps the
+    copy of CUDA tensors in pinned host memory, read and written by the kernels
+    directly over PCIe (zero-copy): no GPU memory, transfers overlapped with
+    the arithmetic. ``nbytes`` is the size of the copy.
+    """
+
+    def __init__(self, shapes, dtypes, devices, groups: list[_Group], offload: str):
+        self.shapes: tuple[torch.Size, ...] = tuple(shapes)
+        self.dtypes: tuple[torch.dtype, ...] = tuple(dtypes)
+        self.devices: tuple[torch.device, ...] = tuple(devices)
+        self.offload = offload
+        self._groups: list[_Group] | None = groups
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def __repr__(self) -> str:
+        state = "released" if self._groups is None else f"{self.nbytes / 2**20:.1f} MiB"
+        return f"Snapshot({len(self)} tensors, {state}, offload={self.offload!r})"
+
+    @property
+    def nbytes(self) -> int:
+        if self._groups is None:
+            return 0
+        return sum(g.storage.numel() * g.storage.element_size() for g in self._groups)
+
+    def values(self) -> list[torch.Tensor]:
+        """The snapshot's copies in the caller's order (views of its storage; empty for empty tensors)."""
+        groups = self._live_groups()
+        out = [torch.empty(s, dtype=d, device=v) for s, d, v in zip(self.shapes, self.dtypes, self.devices)]
+        for g in groups:
+            if g.storage.device != g.device:  # offloaded: let the device->host copies land first
+                torch.cuda.current_stream(g.device).synchronize()
+            for i, v in zip(g.indices, g.views):
+                out[i] = v
+        return out
+
+    def release(self) -> None:
+        """Free the storage now; the snapshot cannot be used afterwards."""
+        self._groups = None
+
+    def restore_(self, tensors: Iterable[torch.Tensor], *, backend: str | None = None) -> None:
+        """Copy the snapshot back into ``tensors`` (same count, shapes, dtypes, devices), in place."""
+        local = self._check_tensors(tensors)
+        backends = self._backends(backend)
+        with torch.no_grad():
+            for g, name in zip(self._groups, backends):
+                members = [local[i] for i in g.indices]
+                _copy_group(g, members, name, to_snapshot=False)
+        _mark_modified(local)
+
+    def _live_groups(self) -> list[_Group]:
+        if self._groups is None:
+            raise ValueError("snap was released; take a new snapshot")
+        return self._groups
+
+    def _backends(self, backend: str | None) -> list[str]:
+        return [resolve_backend(backend, g.device) for g in self._live_groups()]
+
+    def _check_tensors(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        self._live_groups()
+        local = _as_tensor_list(tensors, "tensors")
+        if len(local) != len(self):
+            raise ValueError(f"tensors has {len(local)} tensors but the snapshot holds {len(self)}")
+        for i, t in enumerate(local):
+            for what, got, want in (("shape", t.shape, self.shapes[i]), ("dtype", t.dtype, self.dtypes[i]),
+                                    ("device", t.device, self.devices[i])):  # fmt: skip
+                if got != want:
+                    raise ValueError(f"tensors[{i}] has {what} {_fmt(got)} but the snapshot has {_fmt(want)}")
+        return local
+
+
+def _fmt(x) -> str:
+    return str(tuple(x)) if isinstance(x, torch.Size) else str(x)
+
+
+def _mark_modified(tensors: list[torch.Tensor]) -> None:
+    """Kernels write through raw pointers; tell autograd the tensors changed in place."""
+    if tensors:
+        torch.autograd.graph.increment_version(tensors)
+
+
+def _copy_group(g: _Group, members: list[torch.Tensor], backend: str, *, to_snapshot: bool) -> None:
+    if not members:
+        return
+    if backend == "torch":
+        src, dst = (members, g.views) if to_snapshot else (g.views, members)
+        if g.storage.device == g.device:
+            torch._foreach_copy_(dst, src)
+        else:  # offloaded: asynchronous DMA transfers to / from pinned memory, one per tensor
+            for d, s in zip(dst, src):
+                d.copy_(s, non_blocking=True)
+        return
+    copy = mt.triton_copy_ if backend == "triton" else mt.cuda_copy_
+    copy(g.table(members), to_snapshot, members[0])
+
+
+def _lerp_group(g: _Group, members: list[torch.Tensor], weight: float, backend: str) -> None:
+    if not members:
+        return
+    if backend == "torch":
+        if g.storage.device == g.device:
+            torch._foreach_lerp_(members, g.views, weight)
+            return
+        # Offloaded snapshot: stage it back in bounded batches, so the extra
+        # device memory stays below TORCH_OFFLOAD_STAGING_BYTES.
+        for lo, hi in _byte_batches(members, TORCH_OFFLOAD_STAGING_BYTES):
+            staged = [v.to(g.device, non_blocking=True) for v in g.views[lo:hi]]
+            torch._foreach_lerp_(members[lo:hi], staged, weight)
+        return
+    lerp = mt.triton_lerp_ if backend == "triton" else mt.cuda_lerp_
+    lerp(g.table(members), weight, members[0])
+
+
+def _byte_batches(tensors: list[torch.Tensor], limit: int) -> list[tuple[int, int]]:
+    """Split ``tensors`` into consecutive ``[lo, hi)`` runs of at most ``limit`` bytes (or one tensor)."""
+    runs, lo, size = [], 0, 0
+    for k, t in enumerate(tensors):
+        nbytes = t.numel() * t.element_size()
+        if k > lo and size + nbytes > limit:
+            runs.append((lo, k))
+            lo, size = k, 0
+        size += nbytes
+    if lo < len(tensors):
+        runs.append((lo, len(tensors)))
+    return runs
+
+
+def _allocate_groups(tensors: list[torch.Tensor], offload: str) -> list[_Group]:
+    """Group non-empty tensors by (device, dtype) and lay each group out in one flat buffer."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        if t.numel() > 0:
+            by_key.setdefault((t.device, t.dtype), []).append(i)
+    groups = []
+    for (device, dtype), indices in by_key.items():
+        align = max(1, mt.STORAGE_ALIGN_BYTES // tensors[indices[0]].element_size())
+        offsets, total = [], 0
+        for i in indices:
+            offsets.append(total)
+            total += -(-tensors[i].numel() // align) * align
+        if offload == "cpu" and device.type == "cuda":
+            storage = torch.empty(total, dtype=dtype, device="cpu", pin_memory=True)
+        else:
+            storage = torch.empty(total, dtype=dtype, device=device)
+        views = [storage.narrow(0, off, tensors[i].numel()).view(tensors[i].shape) for off, i in zip(offsets, indices)]
+        groups.append(_Group(device, dtype, indices, views, storage))
+    return groups
+
+
+def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend: str | None = None) -> Snapshot:
+    """Copy the current values of ``tensors`` into a new :class:`Snapshot`.
+
+    Args:
+        tensors: list (or iterable) of contiguous fp32/bf16/fp16/fp64 tensors of
+            any shapes, devices and sizes, 0-d and empty included, e.g.
+            ``[p for p in model.parameters() if p.requires_grad]``.
+        offload: ``"none"`` keeps the copy beside each tensor; ``"cpu"`` keeps the
+            copy of CUDA tensors in pinned host memory (no GPU memory).
+        backend: ``"triton"``, ``"cuda"`` or ``"torch"``; default ``$SFPO_BACKEND``,
+            else triton for CUDA tensors and torch for CPU tensors.
+
+    Example::
+
+        >>> import torch, sfpo_kernels
+        >>> w = [torch.ones(3), torch.zeros(2, 2)]
+        >>> snap = sfpo_kernels.snapshot(w)
+        >>> w[0].add_(1.0); sfpo_kernels.reposition_(w, snap, 0.5); w[0]
+        tensor([1.5000, 1.5000, 1.5000])
+    """
+    if offload not in OFFLOAD_MODES:
+        raise ValueError(f"offload={offload!r} is not supported; expected one of {', '.join(map(repr, OFFLOAD_MODES))}")
+    local = _as_tensor_list(tensors, "tensors")
+    backends = {t.device: resolve_backend(backend, t.device) for t in local if t.numel() > 0}  # before allocating
+    groups = _allocate_groups(local, offload)
+    snap = Snapshot([t.shape for t in local], [t.dtype for t in local], [t.device for t in local], groups, offload)
+    with torch.no_grad():
+        for g in groups:
+            _copy_group(g, [local[i] for i in g.indices], backends[g.device], to_snapshot=True)
+    return snap
+
+
+def reposition_(tensors: Iterable[torch.Tensor], snap: Snapshot, alpha: float, *, backend: str | None = None) -> None:
+    """In place, for every tensor: ``t <- snap + alpha * (t - snap)`` (SFPO Stage II).
+
+    Evaluated as ``torch.lerp(t, snap, 1 - alpha)`` in ``promote(dtype, fp32)``
+    with one rounding: ``alpha == 1`` leaves ``t`` bit-identical, ``alpha == 0``
+    restores the snapshot bit-identically, and fp32 results equal
+    ``torch._foreach_lerp_(tensors, snap.values(), 1 - alpha)``.
+
+    Args:
+        tensors: the same list the snapshot was taken of (or one with the same
+            shapes, dtypes and devices), contiguous.
+        snap: a :class:`Snapshot` from :func:`snapshot`.
+        alpha: finite, in ``[0, 1]``.
+        backend: as in :func:`snapshot`.
+
+    Raises:
+        ValueError: on any mismatch, before any tensor is written.
+    """
+    if not isinstance(snap, Snapshot):
+        raise ValueError(f"snap must be a Snapshot from sfpo_kernels.snapshot(), got {type(snap).__name__}")
+    alpha = _check_alpha(alpha)
+    local = snap._check_tensors(tensors)
+    backends = snap._backends(backend)
+    weight = 1.0 - alpha
+    with torch.no_grad():
+        for g, name in zip(snap._live_groups(), backends):
+            _lerp_group(g, [local[i] for i in g.indices], weight, name)
+    _mark_modified(local)
