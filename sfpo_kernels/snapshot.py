@@ -15,6 +15,7 @@ shard, FSDP1 flat parameters as the plain 1-D tensors they are.
 from __future__ import annotations
 
 import math
+import os
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -258,6 +259,8 @@ def _allocate_groups(tensors: list[torch.Tensor], offload: str) -> list[_Group]:
             storage = torch.empty(total, dtype=dtype, device="cpu", pin_memory=True)
         else:
             storage = torch.empty(total, dtype=dtype, device=device)
+        if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":  # tests: anything left unwritten shows as NaN
+            storage.fill_(float("nan"))
         views = [storage.narrow(0, off, tensors[i].numel()).view(tensors[i].shape) for off, i in zip(offsets, indices)]
         groups.append(_Group(device, dtype, indices, views, storage))
     return groups
