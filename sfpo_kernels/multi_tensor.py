@@ -71,6 +71,29 @@ def _fp32_to_bf16_rtne(x):
 
 
 @triton.jit
+def _chunk_of_program(a_addr, b_addr, numel, chunk_tensor, chunk_start, type_witness, CHUNK: tl.constexpr,
+                      BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+    """This program's chunk: typed pointers to tensor i of lists a and b, and its element range.
+
+    Returns ``(p_a, p_b, start, full_stop, stop)``: ``[start, full_stop)`` is a
+    whole number of BLOCKs (loaded without masks, so Triton can vectorise);
+    ``[full_stop, stop)`` is the masked tail, shorter than one BLOCK.
+    """
+    i_c = tl.program_id(0).to(tl.int64)
+    i_t = tl.load(chunk_tensor + i_c)
+    # Chunks start at multiples of CHUNK by construction (build_pointer_table).
+    start = tl.multiple_of(tl.load(chunk_start + i_c), CHUNK)
+    stop = tl.minimum(start + CHUNK, tl.load(numel + i_t))
+    p_a = tl.load(a_addr + i_t).to(type_witness.dtype)
+    p_b = tl.load(b_addr + i_t).to(type_witness.dtype)
+    if ALIGNED:  # the host checked every address of the table is 16-byte aligned: 128-bit accesses
+        p_a = tl.multiple_of(p_a, 16)
+        p_b = tl.multiple_of(p_b, 16)
+    full_stop = start + (stop - start) // BLOCK * BLOCK
+    return p_a, p_b, start, full_stop, stop
+
+
+@triton.jit
 def _mt_copy_kernel(
     src_addr,  # *int64 [n]: data_ptr of each source tensor
     dst_addr,  # *int64 [n]: data_ptr of each destination tensor
@@ -80,18 +103,40 @@ def _mt_copy_kernel(
     type_witness,  # *T: any tensor of the group's dtype; gives the element type
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """dst[i][k] = src[i][k] for every element of every tensor i; bit copy."""
-    i_c = tl.program_id(0).to(tl.int64)
-    i_t = tl.load(chunk_tensor + i_c)
-    start = tl.load(chunk_start + i_c)
-    stop = tl.minimum(start + CHUNK, tl.load(numel + i_t))
-    p_src = tl.load(src_addr + i_t).to(type_witness.dtype)
-    p_dst = tl.load(dst_addr + i_t).to(type_witness.dtype)
-    for off in range(start, stop, BLOCK):
+    p_src, p_dst, start, full_stop, stop = _chunk_of_program(
+        src_addr, dst_addr, numel, chunk_tensor, chunk_start, type_witness, CHUNK, BLOCK, ALIGNED
+    )
+    for off in range(start, full_stop, BLOCK):
         o_k = off + tl.arange(0, BLOCK)  # [BLOCK]
+        tl.store(p_dst + o_k, tl.load(p_src + o_k))
+    if full_stop < stop:
+        o_k = full_stop + tl.arange(0, BLOCK)
         m_k = o_k < stop
         tl.store(p_dst + o_k, tl.load(p_src + o_k, mask=m_k), mask=m_k)
+
+
+@triton.jit
+def _lerp_block(p_param, p_snap, o_k, m_k, coeff, small, MASKED: tl.constexpr):
+    """One block of ``param = fma(coeff, snap - param, small ? param : snap)``, rounded once."""
+    if MASKED:
+        b_t = tl.load(p_param + o_k, mask=m_k).to(coeff.dtype)
+        b_s = tl.load(p_snap + o_k, mask=m_k).to(coeff.dtype)
+    else:
+        b_t = tl.load(p_param + o_k).to(coeff.dtype)
+        b_s = tl.load(p_snap + o_k).to(coeff.dtype)
+    b_out = tl.fma(coeff + tl.zeros_like(b_t), b_s - b_t, tl.where(small, b_t, b_s))
+    elem_ty = p_param.dtype.element_ty
+    if elem_ty == tl.bfloat16:
+        b_out = _fp32_to_bf16_rtne(b_out)
+    else:
+        b_out = b_out.to(elem_ty)
+    if MASKED:
+        tl.store(p_param + o_k, b_out, mask=m_k)
+    else:
+        tl.store(p_param + o_k, b_out)
 
 
 @triton.jit
@@ -106,6 +151,7 @@ def _mt_lerp_kernel(
     COMPUTE_FP64: tl.constexpr,  # fp64 tensors compute in fp64, all others in fp32
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
     """param = torch.lerp(param, snap, weight), i.e. snap + (1 - weight) * (param - snap).
 
@@ -115,13 +161,9 @@ def _mt_lerp_kernel(
     and fp32 results equal ``torch._foreach_lerp_``. Low-precision inputs are
     widened, computed in fp32 and rounded once.
     """
-    i_c = tl.program_id(0).to(tl.int64)
-    i_t = tl.load(chunk_tensor + i_c)
-    start = tl.load(chunk_start + i_c)
-    stop = tl.minimum(start + CHUNK, tl.load(numel + i_t))
-    p_param = tl.load(param_addr + i_t).to(type_witness.dtype)
-    p_snap = tl.load(snap_addr + i_t).to(type_witness.dtype)
-    elem_ty = type_witness.dtype.element_ty
+    p_param, p_snap, start, full_stop, stop = _chunk_of_program(
+        param_addr, snap_addr, numel, chunk_tensor, chunk_start, type_witness, CHUNK, BLOCK, ALIGNED
+    )
     # tl.full rather than .to(): the interpreter passes the float through untyped.
     if COMPUTE_FP64:
         w = tl.full([], weight, tl.float64)
@@ -129,17 +171,12 @@ def _mt_lerp_kernel(
         w = tl.full([], weight, tl.float32)
     small = w < 0.5
     coeff = tl.where(small, w, w - 1.0)
-    for off in range(start, stop, BLOCK):
+    for off in range(start, full_stop, BLOCK):
         o_k = off + tl.arange(0, BLOCK)  # [BLOCK]
-        m_k = o_k < stop
-        b_t = tl.load(p_param + o_k, mask=m_k).to(w.dtype)
-        b_s = tl.load(p_snap + o_k, mask=m_k).to(w.dtype)
-        b_out = tl.fma(coeff + tl.zeros_like(b_t), b_s - b_t, tl.where(small, b_t, b_s))
-        if elem_ty == tl.bfloat16:
-            b_out = _fp32_to_bf16_rtne(b_out)
-        else:
-            b_out = b_out.to(elem_ty)
-        tl.store(p_param + o_k, b_out, mask=m_k)
+        _lerp_block(p_param, p_snap, o_k, o_k < stop, coeff, small, MASKED=False)
+    if full_stop < stop:
+        o_k = full_stop + tl.arange(0, BLOCK)
+        _lerp_block(p_param, p_snap, o_k, o_k < stop, coeff, small, MASKED=True)
 
 
 # --------------------------------------------------------------------------- pointer table
@@ -154,6 +191,7 @@ class PointerTable:
     n_chunks: int
     block: int
     chunk: int
+    aligned: bool  # every address 16-byte aligned: the kernels use 128-bit accesses
 
     @property
     def columns(self) -> tuple[torch.Tensor, ...]:
@@ -179,8 +217,9 @@ def build_pointer_table(a: list[torch.Tensor], b: list[torch.Tensor], device: to
         [t.data_ptr() for t in a] + [t.data_ptr() for t in b] + numels + chunk_tensor + chunk_start,
         dtype=torch.int64,
     )
+    aligned = all(t.data_ptr() % 16 == 0 for t in (*a, *b))
     data = host.to(device) if device.type != "cpu" else host
-    return PointerTable(data, len(a), len(chunk_tensor), block, chunk)
+    return PointerTable(data, len(a), len(chunk_tensor), block, chunk, aligned)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -191,8 +230,9 @@ def triton_copy_(table: PointerTable, src_is_a: bool, witness: torch.Tensor) -> 
     a_addr, b_addr, numel, chunk_tensor, chunk_start = table.columns
     src, dst = (a_addr, b_addr) if src_is_a else (b_addr, a_addr)
     _mt_copy_kernel[(table.n_chunks,)](
-        src, dst, numel, chunk_tensor, chunk_start, witness, CHUNK=table.chunk, BLOCK=table.block, num_warps=GPU_NUM_WARPS
-    )
+        src, dst, numel, chunk_tensor, chunk_start, witness,
+        CHUNK=table.chunk, BLOCK=table.block, ALIGNED=table.aligned, num_warps=GPU_NUM_WARPS,
+    )  # fmt: skip
 
 
 def triton_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> None:
@@ -209,6 +249,7 @@ def triton_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> N
         COMPUTE_FP64=witness.dtype == torch.float64,
         CHUNK=table.chunk,
         BLOCK=table.block,
+        ALIGNED=table.aligned,
         num_warps=GPU_NUM_WARPS,
     )
 
