@@ -25,7 +25,7 @@ from sfpo_kernels import reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 COMPUTE_EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.bfloat16: 2.0**-23, torch.float16: 2.0**-23}
-ALPHAS = [0.0, 0.3, 0.8, 1.0]
+ALPHAS = [0.0, 0.3, 0.5, 0.8, 1.0]
 
 ODD_SHAPES = [
     pytest.param([(3, 5), (), (0,), (1000,), (7,), (300, 2)], id="mixed-with-0d-and-empty"),
@@ -169,3 +169,23 @@ def test_requires_grad_parameters_updated_in_place_without_autograd():
             assert_bit_equal(f"param[{i}] restored", p.detach(), t0)
     assert [p.data_ptr() for p in params] == ptrs, "parameters were replaced, not updated in place"
     assert all(p._version > v for p, v in zip(params, versions)), "autograd version counters not bumped"
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_views_take_the_elementwise_path(device, dtype):
+    # Contiguous views at odd offsets of one buffer, as FSDP1 flat parameters hand out.
+    flat = make_tensors([(3000,)], dtype, device)[0]
+    params = [flat[1:1001], flat[1003:1520], flat[2001:2004]]
+    theta0 = [p.clone() for p in params]
+    snap = sfpo_kernels.snapshot(params, backend="triton")
+    assert not snap._groups[0].table(params).aligned, "odd offsets must not be promised 16-byte alignment"
+    for p in params:
+        p.add_(1.0)
+    theta_k = [p.clone() for p in params]
+    sfpo_kernels.reposition_(params, snap, 0.8, backend="triton")
+    expected = [t.clone() for t in theta_k]
+    reference.reposition_(expected, theta0, 0.8)
+    for i, (p, e) in enumerate(zip(params, expected)):
+        assert_bit_equal(f"view[{i}]", p, e)
+    assert_bit_equal("bytes between the views", flat[1001:1003], make_tensors([(3000,)], dtype, device)[0][1001:1003])
