@@ -12,8 +12,8 @@ CPU tensors). Choose with ``backend=`` or ``SFPO_BACKEND``. Plain-PyTorch ground
 truth lives in :mod:`sfpo_kernels.reference`.
 """
 
-from sfpo_kernels._backend import BACKENDS
-from sfpo_kernels.snapshot import Snapshot, reposition_, snapshot
+from sfpo_kernels._backend import BACKENDS, triton_interpreting
+from sfpo_kernels.reposition import Snapshot, reposition_, snapshot
 
-__all__ = ["BACKENDS", "Snapshot", "reposition_", "snapshot"]
+__all__ = ["BACKENDS", "Snapshot", "reposition_", "snapshot", "triton_interpreting"]
 __version__ = "0.1.0"

@@ -18,8 +18,14 @@ ENV_VAR = "SFPO_BACKEND"
 
 
 def triton_interpreting() -> bool:
-    """True when Triton kernels run in the CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    """True when sfpo's Triton kernels run in the CPU interpreter.
+
+    That is decided when :mod:`sfpo_kernels` is first imported (``triton.jit``
+    reads ``TRITON_INTERPRET`` then): set the variable before the import.
+    """
+    from sfpo_kernels.multi_tensor import KERNELS_INTERPRETED
+
+    return KERNELS_INTERPRETED
 
 
 def requested_backend(backend: str | None) -> str | None:
@@ -41,7 +47,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name == "triton" and device.type != "cuda" and not triton_interpreting():
         raise ValueError(
             f"backend 'triton' needs CUDA tensors, got tensors on {device}; "
-            "set TRITON_INTERPRET=1 to run the Triton kernels on the CPU, or use backend='torch'"
+            "set TRITON_INTERPRET=1 before importing sfpo_kernels to run the Triton kernels on the CPU, "
+            "or use backend='torch'"
         )
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}; use backend='torch'")

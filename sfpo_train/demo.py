@@ -22,7 +22,7 @@ import torch
 
 import sfpo_kernels
 from sfpo_kernels import reference
-from sfpo_kernels._backend import triton_interpreting
+from sfpo_kernels import triton_interpreting
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

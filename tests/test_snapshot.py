@@ -6,6 +6,10 @@ Copies are bit copies: every comparison here is exact.
 from __future__ import annotations
 
 import math
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +17,7 @@ from conftest import kernel_devices
 from test_reposition import assert_bit_equal, make_tensors
 
 import sfpo_kernels
-from sfpo_kernels.snapshot import Snapshot
+from sfpo_kernels import Snapshot
 
 SHAPES = [(3, 5), (), (0,), (0, 4), (1000,), (7,), (300, 2), (1,)]
 BACKENDS = ["torch", "triton"]
@@ -170,7 +174,16 @@ def test_backend_from_environment(monkeypatch):
     assert isinstance(sfpo_kernels.snapshot(params), Snapshot)
 
 
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ValueError, match=r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1"):
-        sfpo_kernels.snapshot([torch.randn(3)], backend="triton")
+def test_triton_on_cpu_needs_the_interpreter():
+    # The interpreter is chosen when sfpo_kernels is imported, so check in a fresh process without it.
+    code = (
+        "import torch, sfpo_kernels\n"
+        "assert not sfpo_kernels.triton_interpreting()\n"
+        "try:\n"
+        "    sfpo_kernels.snapshot([torch.randn(3)], backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert re.search(r"backend 'triton' needs CUDA tensors.*TRITON_INTERPRET=1", out), out

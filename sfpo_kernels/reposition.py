@@ -1,5 +1,8 @@
 """SFPO Stage II on a list of tensors: ``snapshot``, ``Snapshot.restore_`` and ``reposition_``.
 
+The public face of the multi-tensor kernels in :mod:`sfpo_kernels.multi_tensor`:
+validation, grouping by (device, dtype), snapshot storage, backend dispatch.
+
     snap = snapshot(params)            # theta_0, one fused copy per (device, dtype) group
     ...K fast optimizer steps...       # theta_K
     reposition_(params, snap, alpha)   # theta <- theta_0 + alpha * (theta_K - theta_0), in place
@@ -18,7 +21,7 @@ import math
 import os
 import numbers
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -31,10 +34,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TORCH_OFFLOAD_STAGING_BYTES = 256 * 2**20
 
 
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_SUPPORTED = frozenset(SUPPORTED_DTYPES)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     """The tensor whose memory holds ``t``'s values on this rank (a DTensor's local shard)."""
-    if type(t) in (torch.Tensor, torch.nn.Parameter):  # the common case: no import, no isinstance chain
-        return t
     from torch.distributed.tensor import DTensor
 
     if isinstance(t, DTensor):
@@ -44,6 +49,11 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Tensor]:
+    """Validated local tensors: dense, contiguous, a supported dtype, no two sharing memory.
+
+    Runs on every call with hundreds of tensors, so each check is one cheap
+    attribute read; the messages are built only on failure.
+    """
     if isinstance(tensors, torch.Tensor):
         raise ValueError(f"{name} must be a list of tensors, got a single tensor of shape {tuple(tensors.shape)}")
     try:
@@ -51,26 +61,30 @@ def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Te
     except TypeError:
         raise ValueError(f"{name} must be a list of tensors, got {type(tensors).__name__}") from None
     out = []
+    spans = []
     for i, t in enumerate(items):
-        if not isinstance(t, torch.Tensor):
-            raise ValueError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
-        local = _local(t)
-        if local.dtype not in SUPPORTED_DTYPES:
-            raise ValueError(f"{name}[{i}] has dtype {local.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
-        if local.device.type == "meta" or local.is_sparse:
-            raise ValueError(f"{name}[{i}] is a {local.layout} tensor on {local.device}; need dense memory")
-        if not local.is_contiguous():
-            raise ValueError(f"{name}[{i}] (shape {tuple(local.shape)}) is not contiguous; pass contiguous tensors")
-        out.append(local)
-    _check_no_overlap(out, name)
+        if type(t) not in _PLAIN_TYPES:
+            if not isinstance(t, torch.Tensor):
+                raise ValueError(f"{name}[{i}] must be a tensor, got {type(t).__name__}")
+            t = _local(t)
+        if t.dtype not in _SUPPORTED:
+            raise ValueError(f"{name}[{i}] has dtype {t.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+        if t.is_meta or t.layout != torch.strided:
+            raise ValueError(f"{name}[{i}] is a {t.layout} tensor on {t.device}; need dense memory")
+        if not t.is_contiguous():
+            raise ValueError(f"{name}[{i}] (shape {tuple(t.shape)}) is not contiguous; pass contiguous tensors")
+        nbytes = t.nbytes
+        if nbytes:
+            ptr = t.data_ptr()
+            spans.append((ptr, ptr + nbytes, i))
+        out.append(t)
+    _check_no_overlap(spans, name)
     return out
 
 
-def _check_no_overlap(tensors: list[torch.Tensor], name: str) -> None:
-    """Two entries sharing memory would be updated twice; reject them."""
-    spans = sorted(
-        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i) for i, t in enumerate(tensors) if t.numel() > 0
-    )
+def _check_no_overlap(spans: list[tuple[int, int, int]], name: str) -> None:
+    """Two entries sharing memory would be updated twice; reject them. ``spans``: (start, end, index)."""
+    spans.sort()
     for (_, end_a, i), (start_b, _, j) in zip(spans, spans[1:]):
         if start_b < end_a:
             raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] share memory; each tensor may appear once")
@@ -95,19 +109,32 @@ class _Group:
     device: torch.device
     dtype: torch.dtype
     indices: list[int]  # positions in the caller's list; empty tensors excluded
-    views: list[torch.Tensor]  # snapshot views, shaped like the tensors
-    storage: torch.Tensor  # flat buffer the views live in
-    tables: dict[tuple[int, ...], mt.PointerTable] = field(default_factory=dict)
+    shapes: list[torch.Size]
+    offsets: list[int]  # element offset of each tensor in ``storage``
+    storage: torch.Tensor  # flat buffer holding the copies
+    _views: list[torch.Tensor] | None = None
+
+    @property
+    def views(self) -> list[torch.Tensor]:
+        """Tensor views of the copies, shaped like the tensors; made on first use (the kernels need none)."""
+        if self._views is None:
+            self._views = [
+                self.storage.as_strided(shape, _contiguous_strides(shape), off) for shape, off in zip(self.shapes, self.offsets)
+            ]
+        return self._views
 
     def table(self, tensors: list[torch.Tensor]) -> mt.PointerTable:
-        """Pointer table pairing ``tensors`` with the views; cached by the tensors' addresses."""
-        key = tuple(t.data_ptr() for t in tensors)
-        table = self.tables.get(key)
-        if table is None:
-            if len(self.tables) >= 4:  # tensors re-allocated over and over: keep the cache bounded
-                self.tables.clear()
-            table = self.tables[key] = mt.build_pointer_table(tensors, self.views, self.device)
-        return table
+        """Pointer table pairing ``tensors`` with their copies (cached by content)."""
+        base, elem = self.storage.data_ptr(), self.storage.element_size()
+        return mt.pointer_table(tensors, [base + off * elem for off in self.offsets], self.device)
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
 
 
 class Snapshot:
@@ -126,6 +153,7 @@ class Snapshot:
         self.devices: tuple[torch.device, ...] = tuple(devices)
         self.offload = offload
         self._groups: list[_Group] | None = groups
+        self._signature = list(zip(self.shapes, self.dtypes, self.devices))
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -143,13 +171,16 @@ class Snapshot:
     def values(self) -> list[torch.Tensor]:
         """The snapshot's copies in the caller's order (views of its storage; empty for empty tensors)."""
         groups = self._live_groups()
-        out = [torch.empty(s, dtype=d, device=v) for s, d, v in zip(self.shapes, self.dtypes, self.devices)]
+        out: list[torch.Tensor | None] = [None] * len(self)
         for g in groups:
             if g.storage.device != g.device:  # offloaded: let the device->host copies land first
                 torch.cuda.current_stream(g.device).synchronize()
             for i, v in zip(g.indices, g.views):
                 out[i] = v
-        return out
+        return [
+            v if v is not None else torch.empty(shape, dtype=dtype, device=device)  # empty tensors have no storage
+            for v, shape, dtype, device in zip(out, self.shapes, self.dtypes, self.devices)
+        ]
 
     def release(self) -> None:
         """Free the storage now; the snapshot cannot be used afterwards."""
@@ -178,11 +209,12 @@ class Snapshot:
         local = _as_tensor_list(tensors, "tensors")
         if len(local) != len(self):
             raise ValueError(f"tensors has {len(local)} tensors but the snapshot holds {len(self)}")
-        for i, t in enumerate(local):
-            for what, got, want in (("shape", t.shape, self.shapes[i]), ("dtype", t.dtype, self.dtypes[i]),
-                                    ("device", t.device, self.devices[i])):  # fmt: skip
-                if got != want:
-                    raise ValueError(f"tensors[{i}] has {what} {_fmt(got)} but the snapshot has {_fmt(want)}")
+        if [(t.shape, t.dtype, t.device) for t in local] != self._signature:
+            for i, t in enumerate(local):
+                for what, got, want in (("shape", t.shape, self.shapes[i]), ("dtype", t.dtype, self.dtypes[i]),
+                                        ("device", t.device, self.devices[i])):  # fmt: skip
+                    if got != want:
+                        raise ValueError(f"tensors[{i}] has {what} {_fmt(got)} but the snapshot has {_fmt(want)}")
         return local
 
 
@@ -261,8 +293,7 @@ def _allocate_groups(tensors: list[torch.Tensor], offload: str) -> list[_Group]:
             storage = torch.empty(total, dtype=dtype, device=device)
         if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":  # tests: anything left unwritten shows as NaN
             storage.fill_(float("nan"))
-        views = [storage.narrow(0, off, tensors[i].numel()).view(tensors[i].shape) for off, i in zip(offsets, indices)]
-        groups.append(_Group(device, dtype, indices, views, storage))
+        groups.append(_Group(device, dtype, indices, [tensors[i].shape for i in indices], offsets, storage))
     return groups
 
 
@@ -289,7 +320,7 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload={offload!r} is not supported; expected one of {', '.join(map(repr, OFFLOAD_MODES))}")
     local = _as_tensor_list(tensors, "tensors")
-    backends = {t.device: resolve_backend(backend, t.device) for t in local if t.numel() > 0}  # before allocating
+    backends = {d: resolve_backend(backend, d) for d in {t.device for t in local if t.numel()}}  # before allocating
     groups = _allocate_groups(local, offload)
     snap = Snapshot([t.shape for t in local], [t.dtype for t in local], [t.device for t in local], groups, offload)
     with torch.no_grad():
