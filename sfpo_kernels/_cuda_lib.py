@@ -13,6 +13,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -59,7 +60,7 @@ def build(arch: str, out_dir: Path | None = None) -> Path:
     Reuses a cached build with the same source, architecture and nvcc; writes
     atomically so concurrent processes never load a half-written library.
     """
-    if not (arch.startswith("sm_") and arch[3:].rstrip("a").isdigit()):
+    if not (isinstance(arch, str) and re.fullmatch(r"sm_\d+a?", arch)):
         raise ValueError(f"arch={arch!r} is not a CUDA architecture like 'sm_90'")
     src = source_path()
     nvcc = nvcc_path()

@@ -188,13 +188,14 @@ class Snapshot:
 
     def restore_(self, tensors: Iterable[torch.Tensor], *, backend: str | None = None) -> None:
         """Copy the snapshot back into ``tensors`` (same count, shapes, dtypes, devices), in place."""
+        tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
         local = self._check_tensors(tensors)
         backends = self._backends(backend)
         with torch.no_grad():
             for g, name in zip(self._groups, backends):
                 members = [local[i] for i in g.indices]
                 _copy_group(g, members, name, to_snapshot=False)
-        _mark_modified(local)
+        _mark_modified(tensors, local)
 
     def _live_groups(self) -> list[_Group]:
         if self._groups is None:
@@ -222,10 +223,15 @@ def _fmt(x) -> str:
     return str(tuple(x)) if isinstance(x, torch.Size) else str(x)
 
 
-def _mark_modified(tensors: list[torch.Tensor]) -> None:
-    """Kernels write through raw pointers; tell autograd the tensors changed in place."""
-    if tensors:
-        torch.autograd.graph.increment_version(tensors)
+def _mark_modified(tensors: list[torch.Tensor], local: list[torch.Tensor]) -> None:
+    """Kernels write through raw pointers; tell autograd the tensors changed in place.
+
+    Both the caller's tensors and their local shards: a graph may have saved a
+    DTensor parameter itself, whose version counter is not its shard's.
+    """
+    changed = local + [t for t, t_local in zip(tensors, local) if t is not t_local]
+    if changed:
+        torch.autograd.graph.increment_version(changed)
 
 
 def _copy_group(g: _Group, members: list[torch.Tensor], backend: str, *, to_snapshot: bool) -> None:
@@ -350,10 +356,11 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: Snapshot, alpha: float, *
     if not isinstance(snap, Snapshot):
         raise ValueError(f"snap must be a Snapshot from sfpo_kernels.snapshot(), got {type(snap).__name__}")
     alpha = _check_alpha(alpha)
+    tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
     local = snap._check_tensors(tensors)
     backends = snap._backends(backend)
     weight = 1.0 - alpha
     with torch.no_grad():
         for g, name in zip(snap._live_groups(), backends):
             _lerp_group(g, [local[i] for i in g.indices], weight, name)
-    _mark_modified(local)
+    _mark_modified(tensors, local)
