@@ -6,6 +6,12 @@ Stage II of every SFPO iteration, on any list of tensors, one launch per
 - :func:`snapshot` -> :class:`Snapshot` (``.restore_``, ``.values``, ``.nbytes``)
 - :func:`reposition_`: ``t <- snap + alpha * (t - snap)`` in place
 
+and the GRPO loss with the log-softmax over the vocabulary fused into one pass
+forward and one backward (no fp32 ``[tokens, vocab]`` temporaries):
+
+- :func:`grpo_loss` -> :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``
+- :func:`logprob_entropy`: the fused pass alone (old-policy / reference log-probs)
+
 Backends: ``triton`` (default for CUDA tensors), ``cuda`` (the C++ kernels of
 ``csrc/``, built lazily with nvcc), ``torch`` (``torch._foreach_*``; default for
 CPU tensors). Choose with ``backend=`` or ``SFPO_BACKEND``. Plain-PyTorch ground
@@ -13,7 +19,17 @@ truth lives in :mod:`sfpo_kernels.reference`.
 """
 
 from sfpo_kernels._backend import BACKENDS, triton_interpreting
+from sfpo_kernels.fused_loss import GRPOLossOutput, grpo_loss, logprob_entropy
 from sfpo_kernels.reposition import Snapshot, reposition_, snapshot
 
-__all__ = ["BACKENDS", "Snapshot", "reposition_", "snapshot", "triton_interpreting"]
+__all__ = [
+    "BACKENDS",
+    "GRPOLossOutput",
+    "Snapshot",
+    "grpo_loss",
+    "logprob_entropy",
+    "reposition_",
+    "snapshot",
+    "triton_interpreting",
+]
 __version__ = "0.1.0"

@@ -44,3 +44,189 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: list[torch.Tensor], alpha
         for t, s in zip(tensors, snap, strict=True):
             ct = _opmath(t.dtype)
             t.copy_(torch.lerp(t.to(ct), s.to(device=t.device, dtype=ct), 1.0 - alpha))
+
+
+# ----------------------------------------------------------------------------- GRPO loss
+#
+# The loss splits in two: the O(N V) part over the vocabulary (log-softmax,
+# label gather, entropy), which sfpo_kernels.grpo_loss fuses into one Triton
+# pass, and the O(N) per-token policy-gradient math below, which both the
+# reference and the fused op use as is (it is elementwise over N tokens,
+# ~1e-5 of the traffic, and autograd differentiates it exactly).
+
+KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
+AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``log p(label)`` and entropy of ``softmax(logits / temperature)``, as verl's eager path.
+
+    ``logits`` ``[..., V]``, ``labels`` ``[...]``; both outputs ``[...]`` in
+    ``promote(logits.dtype, fp32)``, differentiable w.r.t. ``logits``. Labels
+    outside ``[0, V)`` (padding, -100) give log-prob 0. Traffic: the
+    upcast, log-softmax and softmax each write and re-read an fp32
+    ``[..., V]`` temporary -- the memory the fused kernel never allocates.
+    """
+    z = logits.to(_opmath(logits.dtype)) / temperature
+    vocab = z.shape[-1]
+    valid = (labels >= 0) & (labels < vocab)
+    log_softmax = torch.log_softmax(z, dim=-1)
+    log_probs = log_softmax.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
+    entropy = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+    return torch.where(valid, log_probs, torch.zeros_like(log_probs)), entropy
+
+
+def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: str) -> torch.Tensor:
+    """Per-token KL estimate to the reference policy, verl's ``kl_penalty`` (``"+"`` suffix: k2 gradient)."""
+    base = kl_type[:-1] if kl_type.endswith("+") else kl_type
+    d = log_probs - ref_log_probs
+    if base in ("kl", "k1"):
+        value = d
+    elif base == "abs":
+        value = d.abs()
+    elif base in ("mse", "k2"):
+        value = 0.5 * d.square()
+    elif base in ("low_var_kl", "k3"):
+        k = torch.clamp(-d, min=-20.0, max=20.0)
+        value = torch.clamp(torch.exp(k) - k - 1, min=-10.0, max=10.0)
+    else:
+        raise ValueError(f"kl_type={kl_type!r} is not supported; expected one of {', '.join(KL_TYPES)} (or with '+')")
+    if kl_type.endswith("+") and base not in ("mse", "k2"):
+        straight_through = 0.5 * d.square()  # forward value of `value`, gradient of k2
+        value = straight_through - straight_through.detach() + value.detach()
+    return value
+
+
+def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """verl's ``agg_loss`` on one micro-batch; ``values``/``mask`` ``[B, T]`` (or ``[N]`` for the token modes).
+
+    token-mean: sum / #tokens (0 when there are none); token-sum: sum;
+    seq-mean-token-sum: mean over non-empty rows of row sums; seq-mean-token-mean:
+    mean over non-empty rows of row means; seq-mean-token-sum-norm (Dr. GRPO):
+    seq-mean-token-sum / T, T the padded length.
+    """
+    mask = mask.to(values.dtype)
+    masked = values * mask
+    if mode == "token-mean":
+        return masked.sum() / mask.sum().clamp_min(1.0)
+    if mode == "token-sum":
+        return masked.sum()
+    if values.dim() != 2:
+        raise ValueError(f"loss_agg_mode={mode!r} needs [B, T] inputs (sequences), got shape {tuple(values.shape)}")
+    tokens_per_row = mask.sum(-1)
+    rows = (tokens_per_row > 0).to(values.dtype)
+    if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
+        row_values = masked.sum(-1)
+    elif mode == "seq-mean-token-mean":
+        row_values = masked.sum(-1) / tokens_per_row.clamp_min(1.0)
+    else:
+        raise ValueError(f"loss_agg_mode={mode!r} is not supported; expected one of {', '.join(AGG_MODES)}")
+    loss = (row_values * rows).sum() / rows.sum().clamp_min(1.0)
+    return loss / values.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over ``mask``; 0 when the mask is empty."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def policy_loss_terms(
+    log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float | None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Per-token clipped policy-gradient loss (verl's ``compute_policy_loss_vanilla``) and its metrics.
+
+    ``ratio = exp(clamp(logp - old, -20, 20))``; ``max(-A ratio, -A clip(ratio, 1-low, 1+high))``;
+    for ``A < 0`` also ``min(., -A clip_ratio_c)`` unless ``clip_ratio_c`` is None.
+    """
+    negative_approx_kl = torch.clamp(log_probs - old_log_probs, min=-20.0, max=20.0)
+    ratio = torch.exp(negative_approx_kl)
+    pg_losses1 = -advantages * ratio
+    pg_losses2 = -advantages * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
+    clipped = torch.maximum(pg_losses1, pg_losses2)
+    metrics = {
+        "pg_clipfrac": masked_mean(torch.gt(pg_losses2, pg_losses1).to(ratio.dtype), response_mask),
+        "ppo_kl": masked_mean(-negative_approx_kl, response_mask),
+    }
+    if clip_ratio_c is None:
+        pg_losses = clipped
+        metrics["pg_clipfrac_lower"] = torch.zeros((), dtype=ratio.dtype, device=ratio.device)
+    else:
+        pg_losses3 = -advantages * clip_ratio_c
+        lower = torch.gt(clipped, pg_losses3) & (advantages < 0)
+        metrics["pg_clipfrac_lower"] = masked_mean(lower.to(ratio.dtype), response_mask)
+        pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, clipped), clipped)
+    return pg_losses, metrics
+
+
+def grpo_loss_from_log_probs(
+    log_probs: torch.Tensor,
+    entropy: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    ref_log_probs: torch.Tensor | None,
+    clip_ratio_low: float,
+    clip_ratio_high: float,
+    clip_ratio_c: float | None,
+    kl_coef: float,
+    kl_type: str,
+    entropy_coef: float,
+    loss_agg_mode: str,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)`` and the metrics, from per-token values."""
+    old_log_probs = old_log_probs.to(log_probs.dtype)
+    advantages = advantages.to(log_probs.dtype)
+    pg_losses, metrics = policy_loss_terms(
+        log_probs, old_log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c
+    )
+    pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
+    entropy_agg = agg_loss(entropy, response_mask, loss_agg_mode)
+    loss = pg_loss - entropy_coef * entropy_agg if entropy_coef else pg_loss
+    metrics["pg_loss"] = pg_loss.detach()
+    metrics["entropy"] = entropy_agg.detach()
+    if ref_log_probs is not None:
+        kl = agg_loss(kl_penalty(log_probs, ref_log_probs.to(log_probs.dtype), kl_type), response_mask, loss_agg_mode)
+        metrics["kl"] = kl.detach()
+        if kl_coef:
+            loss = loss + kl_coef * kl
+    finite = torch.isfinite(log_probs) & torch.isfinite(entropy)
+    metrics["nonfinite_tokens"] = ((~finite) & response_mask.bool()).sum()
+    return loss, metrics
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    ref_log_probs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float | None = 3.0,
+    kl_coef: float = 0.0,
+    kl_type: str = "low_var_kl",
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+):
+    """The eager GRPO loss: :func:`logprob_entropy` then :func:`grpo_loss_from_log_probs`.
+
+    Returns ``(loss, log_probs, entropy, metrics)`` like ``sfpo_kernels.grpo_loss``.
+    """
+    log_probs, entropy = logprob_entropy(logits, labels, temperature)
+    loss, metrics = grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
+        clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef,
+        kl_type=kl_type, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
+    )  # fmt: skip
+    return loss, log_probs, entropy, metrics

@@ -1,0 +1,453 @@
+"""Fused GRPO loss: log-prob of the sampled token and token entropy in one pass over the vocabulary.
+
+verl's eager path upcasts the ``[N, V]`` logits to fp32, takes a log-softmax,
+gathers the label, and computes the entropy in a second pass: at N = 16k tokens
+and V = 151936 that is ~10 GB of fp32 temporaries per micro-batch. Here:
+
+- forward, one streaming pass per token over V (online max, sum of exp, and the
+  softmax-weighted sum of z, plus one load of the label's logit) gives
+  ``log p(y) = z_y - lse`` and ``H = lse - sum p z``; only four fp32 numbers per
+  token are kept (log-prob, entropy, lse, ``mu = sum p z``);
+- backward, one pass over V writes ``dlogits`` in the logits' dtype:
+  ``dz = g_logp (onehot(y) - p) + g_H p (mu - z)``, ``dlogits = dz / temperature``;
+- the policy-gradient math on those per-token values (ratio, clipping, KL,
+  aggregation, metrics) is O(N) elementwise work done by
+  :func:`sfpo_kernels.reference.grpo_loss_from_log_probs` under autograd,
+  which hands the kernel the exact ``g_logp`` and ``g_H``.
+
+Byte limit per call (what the benchmark compares against): forward reads the
+logits once; backward reads them once more and writes ``dlogits`` once.
+Tokens sit on grid axis 0 (no 65535 limit); V is streamed in blocks, so any V
+up to 2^31 works, multiple of the block or not.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from sfpo_kernels import reference
+from sfpo_kernels._backend import resolve_backend, triton_interpreting
+from sfpo_kernels.multi_tensor import _fp32_to_bf16_rtne
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+GPU_BLOCK_V, GPU_NUM_WARPS = 4096, 8
+INTERPRETER_BLOCK_V = 64  # small, so CI's small vocabularies still span several blocks
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _row_pointer(base, i_row, rows_per_batch, stride_b, stride_t, ALIGNED: tl.constexpr):
+    """Row ``i_row`` of a ``[B, T, V]`` view flattened to ``[B*T, V]``: works for any batch strides.
+
+    ``ALIGNED``: the host checked the base and both strides put every row on a
+    16-byte boundary, so full blocks load with 128-bit accesses.
+    """
+    p_row = base + (i_row // rows_per_batch) * stride_b + (i_row % rows_per_batch) * stride_t
+    if ALIGNED:
+        p_row = tl.multiple_of(p_row, 16)
+    return p_row
+
+
+@triton.jit
+def _online_softmax_block(b_z, m, s, w):
+    """Fold one block of z into the running (max m, s = sum e^(z-m), w = sum e^(z-m) (z-m)).
+
+    Relative to m, so the entropy log(s) - w/s never cancels two large numbers.
+    """
+    m_new = tl.maximum(m, tl.max(b_z, 0))
+    # A block (or a row so far) of -inf only: keep everything at zero, no inf - inf.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    scale = tl.exp(m - m_safe)
+    b_e = tl.exp(b_z - m_safe)
+    b_ez = tl.where(b_e == 0.0, 0.0, b_e * (b_z - m_safe))
+    # Re-base w from the old max to the new: (z - m_new) = (z - m_old) + (m_old - m_new).
+    delta = tl.where(s == 0.0, 0.0, m - m_safe)  # nothing accumulated yet: no 0 * -inf
+    w = scale * (w + s * delta) + tl.sum(b_ez, 0)
+    s = scale * s + tl.sum(b_e, 0)
+    return m_new, s, w
+
+
+@triton.jit
+def _logprob_entropy_fwd_kernel(
+    logits,  # *T [B, T, V] with strides (stride_b, stride_t, 1)
+    stride_b,
+    stride_t,
+    rows_per_batch,  # T
+    labels,  # *int64 [B*T] contiguous
+    log_probs,  # *fp32 [B*T] out
+    entropy,  # *fp32 [B*T] out
+    lse_out,  # *fp32 [B*T] out: logsumexp(z), saved for backward
+    mu_out,  # *fp32 [B*T] out: sum softmax(z) * z, saved for backward
+    temperature,  # runtime float: z = logits / temperature
+    V,
+    BLOCK_V: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """Per row: lse, mu, entropy = lse - mu, log_prob = z[label] - lse (0 for labels outside [0, V))."""
+    i_row = tl.program_id(0).to(tl.int64)
+    p_row = _row_pointer(logits, i_row, rows_per_batch, stride_b, stride_t, ALIGNED)
+    m = tl.full([], float("-inf"), tl.float32)
+    s = tl.zeros([], tl.float32)
+    w = tl.zeros([], tl.float32)
+    v_full = V // BLOCK_V * BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):  # full blocks: no mask, vector loads
+        b_z = tl.load(p_row + v0 + tl.arange(0, BLOCK_V)).to(tl.float32) / temperature
+        m, s, w = _online_softmax_block(b_z, m, s, w)
+    if v_full < V:
+        o_v = v_full + tl.arange(0, BLOCK_V)
+        b_z = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32) / temperature
+        m, s, w = _online_softmax_block(b_z, m, s, w)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(s)
+    w_over_s = w / s
+    label = tl.load(labels + i_row)
+    valid = (label >= 0) & (label < V)
+    z_label = tl.load(p_row + tl.where(valid, label, 0)).to(tl.float32) / temperature
+    tl.store(log_probs + i_row, tl.where(valid, z_label - lse, 0.0))
+    tl.store(entropy + i_row, tl.log(s) - w_over_s)
+    tl.store(lse_out + i_row, lse)
+    tl.store(mu_out + i_row, m_safe + w_over_s)
+
+
+@triton.jit
+def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, temperature,
+                   HAS_GRAD_H: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+    """One block of dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature."""
+    if MASKED:
+        b_z = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
+    else:
+        b_z = tl.load(p_row + o_v).to(tl.float32) / temperature
+    b_p = tl.exp(b_z - b_lse)
+    b_dz = -g_logp * b_p
+    if HAS_GRAD_H:
+        b_dz += g_h * tl.where(b_p == 0.0, 0.0, b_p * (b_mu - b_z))  # p = 0 at z = -inf: no 0 * inf
+    b_dz = tl.where(o_v == label, b_dz + g_logp, b_dz) / temperature
+    if p_drow.dtype.element_ty == tl.bfloat16:
+        b_out = _fp32_to_bf16_rtne(b_dz)
+    else:
+        b_out = b_dz.to(p_drow.dtype.element_ty)
+    if MASKED:
+        tl.store(p_drow + o_v, b_out, mask=m_v)
+    else:
+        tl.store(p_drow + o_v, b_out)
+
+
+@triton.jit
+def _logprob_entropy_bwd_kernel(
+    logits,  # *T [B, T, V], strides (stride_b, stride_t, 1)
+    stride_b,
+    stride_t,
+    rows_per_batch,
+    labels,  # *int64 [B*T]
+    grad_log_probs,  # *fp32 [B*T] (unused unless HAS_GRAD_LOGP)
+    grad_entropy,  # *fp32 [B*T] (unused unless HAS_GRAD_H)
+    lse,  # *fp32 [B*T]
+    mu,  # *fp32 [B*T]
+    dlogits,  # *T out, strides (d_stride_b, d_stride_t, 1); may alias logits
+    d_stride_b,
+    d_stride_t,
+    temperature,
+    V,
+    HAS_GRAD_LOGP: tl.constexpr,
+    HAS_GRAD_H: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    """dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature, p = exp(z - lse)."""
+    i_row = tl.program_id(0).to(tl.int64)
+    p_row = _row_pointer(logits, i_row, rows_per_batch, stride_b, stride_t, ALIGNED)
+    p_drow = _row_pointer(dlogits, i_row, rows_per_batch, d_stride_b, d_stride_t, ALIGNED)
+    b_lse = tl.load(lse + i_row)
+    b_mu = tl.load(mu + i_row)
+    g_logp = tl.load(grad_log_probs + i_row) if HAS_GRAD_LOGP else 0.0
+    g_h = tl.load(grad_entropy + i_row) if HAS_GRAD_H else 0.0
+    label = tl.load(labels + i_row)
+    valid = (label >= 0) & (label < V)
+    g_logp = tl.where(valid, g_logp, 0.0)  # a padding label's log-prob is the constant 0
+    label = tl.where(valid, label, -1)
+    v_full = V // BLOCK_V * BLOCK_V
+    for v0 in range(0, v_full, BLOCK_V):
+        o_v = v0 + tl.arange(0, BLOCK_V)
+        _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, False)
+    if v_full < V:
+        o_v = v_full + tl.arange(0, BLOCK_V)
+        _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, True)
+
+
+# --------------------------------------------------------------------------- host functions
+
+
+def _as_rows(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
+    """``(logits, rows, rows_per_batch, stride_b, stride_t)`` for a ``[N, V]`` or ``[B, T, V]`` tensor."""
+    if logits.dim() == 2:
+        return logits, logits.shape[0], max(logits.shape[0], 1), 0, logits.stride(0)
+    b, t, _ = logits.shape
+    return logits, b * t, max(t, 1), logits.stride(0), logits.stride(1)
+
+
+def _rows_aligned(*tensors: torch.Tensor) -> bool:
+    """Every row of every ``[.., V]`` tensor starts on a 16-byte boundary (base and batch strides)."""
+    for t in tensors:
+        es = t.element_size()
+        if t.data_ptr() % 16 or any((stride * es) % 16 for stride in t.stride()[:-1]):
+            return False
+    return True
+
+
+def _block_v(logits: torch.Tensor) -> int:
+    if logits.device.type == "cuda" and not triton_interpreting():
+        return min(GPU_BLOCK_V, triton.next_power_of_2(logits.shape[-1]))
+    return INTERPRETER_BLOCK_V
+
+
+def logprob_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32, shaped like ``labels``."""
+    _, rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
+    labels_flat = labels.reshape(-1).contiguous().to(torch.int64)
+    out = torch.empty((4, rows), dtype=torch.float32, device=logits.device)
+    if rows:
+        _logprob_entropy_fwd_kernel[(rows,)](
+            logits, stride_b, stride_t, rows_per_batch, labels_flat, out[0], out[1], out[2], out[3],
+            float(temperature), logits.shape[-1], BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits),
+            num_warps=GPU_NUM_WARPS,
+        )  # fmt: skip
+    log_probs, entropy, lse, mu = (x.view(labels.shape) for x in out)
+    return log_probs, entropy, lse, mu
+
+
+def logprob_entropy_bwd(logits, labels, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool):
+    """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``)."""
+    _, rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
+    dlogits = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    _, _, _, d_stride_b, d_stride_t = _as_rows(dlogits)
+    dummy = lse.reshape(-1)
+    if rows:
+        _logprob_entropy_bwd_kernel[(rows,)](
+            logits, stride_b, stride_t, rows_per_batch, labels.reshape(-1).contiguous().to(torch.int64),
+            dummy if grad_log_probs is None else grad_log_probs.reshape(-1).contiguous().float(),
+            dummy if grad_entropy is None else grad_entropy.reshape(-1).contiguous().float(),
+            lse.reshape(-1), mu.reshape(-1), dlogits, d_stride_b, d_stride_t, float(temperature), logits.shape[-1],
+            HAS_GRAD_LOGP=grad_log_probs is not None, HAS_GRAD_H=grad_entropy is not None,
+            BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits, dlogits), num_warps=GPU_NUM_WARPS,
+        )  # fmt: skip
+    return dlogits
+
+
+class LogProbEntropyFunction(torch.autograd.Function):
+    """``(log_probs, entropy) = f(logits)`` with the fused Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, temperature, inplace_backward):
+        log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels, temperature)
+        ctx.save_for_backward(logits, labels, lse, mu)
+        ctx.temperature = temperature
+        ctx.inplace_backward = inplace_backward
+        return log_probs, entropy
+
+    @staticmethod
+    def backward(ctx, grad_log_probs, grad_entropy):
+        logits, labels, lse, mu = ctx.saved_tensors
+        dlogits = logprob_entropy_bwd(
+            logits, labels, grad_log_probs, grad_entropy, lse, mu, ctx.temperature, ctx.inplace_backward
+        )
+        return dlogits, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+class GRPOLossOutput(NamedTuple):
+    loss: torch.Tensor  # scalar, differentiable w.r.t. logits
+    log_probs: torch.Tensor  # [B, T] (or [N]) fp32
+    entropy: torch.Tensor  # same shape, fp32
+    metrics: dict[str, torch.Tensor]  # 0-d tensors: call float() when logging
+
+
+@dataclass(frozen=True)
+class GRPOLossOptions:
+    """The scalar settings of :func:`grpo_loss`, validated once."""
+
+    temperature: float = 1.0
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: float | None = 3.0
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"
+    entropy_coef: float = 0.0
+    loss_agg_mode: str = "token-mean"
+
+    def __post_init__(self):
+        for name in ("temperature", "clip_ratio_low", "clip_ratio_high", "kl_coef", "entropy_coef"):
+            _check_real(name, getattr(self, name))
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
+        if not 0.0 <= self.clip_ratio_low < 1.0:
+            raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low!r}")
+        if self.clip_ratio_high < 0.0:
+            raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high!r}")
+        if self.clip_ratio_c is not None:
+            _check_real("clip_ratio_c", self.clip_ratio_c)
+            if self.clip_ratio_c <= 1.0:
+                raise ValueError(f"clip_ratio_c must be > 1 (dual clip) or None (off), got {self.clip_ratio_c!r}")
+        base_kl = self.kl_type[:-1] if isinstance(self.kl_type, str) and self.kl_type.endswith("+") else self.kl_type
+        if base_kl not in reference.KL_TYPES:
+            raise ValueError(
+                f"kl_type={self.kl_type!r} is not supported; expected one of {', '.join(reference.KL_TYPES)} "
+                "(a '+' suffix takes the k2 gradient)"
+            )
+        if self.loss_agg_mode not in reference.AGG_MODES:
+            raise ValueError(
+                f"loss_agg_mode={self.loss_agg_mode!r} is not supported; expected one of {', '.join(reference.AGG_MODES)}"
+            )
+
+
+def _check_real(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got {shape}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"logits has dtype {logits.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
+    if logits.shape[-1] == 0:
+        raise ValueError("logits has an empty vocabulary dimension")
+    if logits.stride(-1) != 1:
+        raise ValueError(f"logits must be contiguous in the vocabulary dimension, got strides {logits.stride()}")
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1]:
+        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without V), got {got}")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.device != logits.device:
+        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
+
+
+def logprob_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = 1.0,
+    *,
+    backend: str | None = None,
+    inplace_backward: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token ``log softmax(logits / temperature)[label]`` and entropy, in one pass over V.
+
+    Args:
+        logits: ``[N, V]`` or ``[B, T, V]``, fp32/bf16/fp16, contiguous in V
+            (batch dims may be strided, e.g. ``logits[:, :-1]``).
+        labels: integer ``[N]`` / ``[B, T]``; entries outside ``[0, V)`` get log-prob 0.
+        temperature: > 0.
+        backend: ``"triton"`` (default for CUDA) or ``"torch"`` (eager, the CPU default).
+        inplace_backward: write ``dlogits`` into ``logits``' memory (saves one
+            ``[N, V]`` buffer; only when nothing else reads the logits afterwards).
+
+    Returns:
+        ``(log_probs, entropy)``, fp32, shaped like ``labels``, differentiable
+        w.r.t. ``logits``.
+    """
+    _check_logits(logits, labels)
+    _check_real("temperature", temperature)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    name = resolve_backend(backend, logits.device)
+    if name == "cuda":
+        raise ValueError("backend 'cuda' has no fused loss (csrc/ holds the multi-tensor kernels); use triton or torch")
+    if name == "torch":
+        return reference.logprob_entropy(logits, labels, temperature)
+    return LogProbEntropyFunction.apply(logits, labels, float(temperature), bool(inplace_backward))
+
+
+def grpo_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    *,
+    ref_log_probs: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    clip_ratio_low: float = 0.2,
+    clip_ratio_high: float = 0.2,
+    clip_ratio_c: float | None = 3.0,
+    kl_coef: float = 0.0,
+    kl_type: str = "low_var_kl",
+    entropy_coef: float = 0.0,
+    loss_agg_mode: str = "token-mean",
+    backend: str | None = None,
+    inplace_backward: bool = False,
+    check_labels: bool = True,
+) -> GRPOLossOutput:
+    """GRPO's clipped-ratio policy loss with entropy bonus and KL penalty, fused over the vocabulary.
+
+    ``loss = agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)``, every term as
+    verl computes it (``compute_policy_loss_vanilla``, ``agg_loss``,
+    ``kl_penalty``); see ``DESIGN.md`` "Math conventions".
+
+    Args:
+        logits: ``[B, T, V]`` (or packed ``[N, V]``), fp32/bf16/fp16, requires grad.
+        labels: the sampled tokens, integer, ``logits.shape[:-1]``; values at
+            masked positions (padding, -100) are ignored.
+        old_log_probs, advantages, response_mask: ``logits.shape[:-1]``.
+        ref_log_probs: reference-policy log-probs, needed when ``kl_coef != 0``;
+            when given, the ``kl`` metric is reported.
+        temperature, clip_ratio_low, clip_ratio_high: as in verl (DAPO's clip-higher:
+            ``clip_ratio_high > clip_ratio_low``).
+        clip_ratio_c: dual-clip bound for negative advantages (> 1), or None for off.
+        kl_type: kl/k1, abs, mse/k2, low_var_kl/k3, optionally with '+'.
+        loss_agg_mode: token-mean, token-sum, seq-mean-token-sum,
+            seq-mean-token-mean, seq-mean-token-sum-norm (the seq-* modes need ``[B, T]``).
+        backend: as in :func:`logprob_entropy`.
+        check_labels: raise ``ValueError`` for labels outside ``[0, V)`` at response
+            positions (costs one device-to-host sync).
+
+    Returns:
+        :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``; metrics are 0-d
+        tensors: ``pg_loss``, ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl``,
+        ``entropy``, ``kl`` (with ``ref_log_probs``), ``nonfinite_tokens`` (response
+        tokens whose log-prob or entropy is not finite; such a loss is not finite either).
+    """
+    options = GRPOLossOptions(temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type,
+                              entropy_coef, loss_agg_mode)  # fmt: skip
+    _check_logits(logits, labels)
+    shape = logits.shape[:-1]
+    named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask}
+    if ref_log_probs is not None:
+        named["ref_log_probs"] = ref_log_probs
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) or t.shape != shape:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must have shape {tuple(shape)} (logits without V), got {got}")
+        if t.device != logits.device:
+            raise ValueError(f"{name} is on {t.device} but logits on {logits.device}")
+    if kl_coef != 0.0 and ref_log_probs is None:
+        raise ValueError(f"kl_coef={kl_coef!r} needs ref_log_probs")
+    if loss_agg_mode.startswith("seq-") and logits.dim() != 3:
+        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} needs [B, T, V] logits (sequences), got packed {tuple(logits.shape)}")
+    mask = response_mask.bool()
+    if check_labels:
+        vocab = logits.shape[-1]
+        bad = mask & ((labels < 0) | (labels >= vocab))
+        if bool(bad.any()):
+            index = tuple(int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})")
+    log_probs, entropy = logprob_entropy(logits, labels, options.temperature, backend=backend,
+                                         inplace_backward=inplace_backward)  # fmt: skip
+    loss, metrics = reference.grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
+        clip_ratio_low=options.clip_ratio_low, clip_ratio_high=options.clip_ratio_high,
+        clip_ratio_c=options.clip_ratio_c, kl_coef=options.kl_coef, kl_type=options.kl_type,
+        entropy_coef=options.entropy_coef, loss_agg_mode=options.loss_agg_mode,
+    )  # fmt: skip
+    return GRPOLossOutput(loss, log_probs, entropy, metrics)
