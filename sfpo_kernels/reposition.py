@@ -247,6 +247,7 @@ def _copy_group(g: _Group, members: list[torch.Tensor], backend: str, *, to_snap
         return
     copy = mt.triton_copy_ if backend == "triton" else mt.cuda_copy_
     copy(g.table(members), to_snapshot, members[0])
+    _keep_host_storage_until_done(g)
 
 
 def _lerp_group(g: _Group, members: list[torch.Tensor], weight: float, backend: str) -> None:
@@ -264,6 +265,23 @@ def _lerp_group(g: _Group, members: list[torch.Tensor], weight: float, backend: 
         return
     lerp = mt.triton_lerp_ if backend == "triton" else mt.cuda_lerp_
     lerp(g.table(members), weight, members[0])
+    _keep_host_storage_until_done(g)
+
+
+# Pinned host buffers a kernel still reads or writes through raw pointers. torch
+# tracks its own copies to pinned memory, not ours: without this, dropping an
+# offloaded snapshot right after reposition_ (as SFPO does) could let the
+# pinned-memory cache hand the buffer out while the kernel still streams it.
+_HOST_STORAGE_IN_FLIGHT: list[tuple[torch.cuda.Event, torch.Tensor]] = []
+
+
+def _keep_host_storage_until_done(g: _Group) -> None:
+    if g.storage.device == g.device:
+        return
+    _HOST_STORAGE_IN_FLIGHT[:] = [(e, s) for e, s in _HOST_STORAGE_IN_FLIGHT if not e.query()]
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(g.device))
+    _HOST_STORAGE_IN_FLIGHT.append((event, g.storage))
 
 
 def _byte_batches(tensors: list[torch.Tensor], limit: int) -> list[tuple[int, int]]:
