@@ -190,16 +190,16 @@ def grpo_loss_from_log_probs(
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
     entropy_agg = agg_loss(entropy, response_mask, loss_agg_mode)
     loss = pg_loss - entropy_coef * entropy_agg if entropy_coef else pg_loss
-    metrics["pg_loss"] = pg_loss.detach()
-    metrics["entropy"] = entropy_agg.detach()
+    metrics["pg_loss"] = pg_loss
+    metrics["entropy"] = entropy_agg
     if ref_log_probs is not None:
         kl = agg_loss(kl_penalty(log_probs, ref_log_probs.to(log_probs.dtype), kl_type), response_mask, loss_agg_mode)
-        metrics["kl"] = kl.detach()
+        metrics["kl"] = kl
         if kl_coef:
             loss = loss + kl_coef * kl
     finite = torch.isfinite(log_probs) & torch.isfinite(entropy)
     metrics["nonfinite_tokens"] = ((~finite) & response_mask.bool()).sum()
-    return loss, metrics
+    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 def grpo_loss(

@@ -1,6 +1,12 @@
-"""SFPO training: the update rule, its alpha schedule and the training loops.
+"""SFPO training: the update rule and its alpha schedule, and the ``sfpo`` command line.
 
-This release ships the command-line entry point (``sfpo``) with the kernel
-demo; the update rule (``SFPOConfig``, ``SFPO``) and the trainers build on
-:mod:`sfpo_kernels` in the following releases.
+- :class:`SFPOConfig`, :class:`SFPO`: paper Algorithm 1 around any policy-gradient
+  pass (``SFPO.step(update_pass, batch, entropy=None)``), with the
+  entropy-triggered switch to plain GRPO and exact ``state_dict`` resume.
+
+The trainers (standalone and verl) build on these in the following releases.
 """
+
+from sfpo_train.sfpo import SFPO, SFPOConfig, entropy_zscore, scheduled_alpha
+
+__all__ = ["SFPO", "SFPOConfig", "entropy_zscore", "scheduled_alpha"]
