@@ -254,6 +254,26 @@ def count_launches(fn: Callable[[], object], device: torch.device) -> dict[str, 
         return {**na, "launch_count_error": f"{type(err).__name__}: {err}"}
 
 
+def peak_memory(fn: Callable[[], object], device: torch.device) -> dict[str, object]:
+    """Device memory one call of ``fn`` allocates at its peak, above what was allocated before it.
+
+    ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
+    ``memory_allocated`` before the call: the temporaries, saved activations and
+    outputs of ``fn``, not the inputs. Returns ``peak_mem_bytes`` and
+    ``peak_mem_mib``; "n/a" on the CPU.
+    """
+    if device.type != "cuda":
+        return {"peak_mem_bytes": "n/a", "peak_mem_mib": "n/a"}
+    gc.collect()
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device) - before
+    return {"peak_mem_bytes": int(peak), "peak_mem_mib": round(peak / 2**20, 1)}
+
+
 # --------------------------------------------------------------------------- the fixture the benchmarks use
 
 

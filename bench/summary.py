@@ -5,7 +5,10 @@
 One row per benchmark, grouped by op, dtype and offload mode, fastest first:
 name, backend, dtype, offload, median ms, GB/s, % of copy, launches. Above the
 table: the device, versions, git revision and the copy bandwidths measured in
-the same run. (pandas' ``to_markdown`` needs ``tabulate``; the table is written
+the same run. The GRPO loss rows (``grpo_loss``, ``logprob_entropy``) get a
+table of their own below: mode, shape, effective GB/s, time over the byte
+limit, peak memory, and time / memory of the eager row of the same shape over
+theirs. (pandas' ``to_markdown`` needs ``tabulate``; the tables are written
 here instead.)
 """
 
@@ -31,6 +34,30 @@ COLUMNS = {  # header -> column of the flattened JSON
 }
 NUMERIC = {"median ms", "GB/s", "% of copy"}
 
+LOSS_OPS = ("grpo_loss", "logprob_entropy")
+LOSS_COLUMNS = {  # the loss table: header -> column
+    "op": "extra_info.op",
+    "mode": "extra_info.mode",
+    "kl": "extra_info.kl",
+    "impl": "extra_info.impl",
+    "N": "extra_info.n_tokens",
+    "V": "extra_info.vocab",
+    "dtype": "extra_info.dtype",
+    "median ms": "median_ms",
+    "GB/s": "extra_info.gbps",
+    "% of copy": "extra_info.pct_of_copy",
+    "x limit": "extra_info.x_of_limit",
+    "peak MiB": "extra_info.peak_mem_mib",
+    "eager/this time": "time_vs_eager",
+    "eager/this mem": "memory_vs_eager",
+    "launches": "extra_info.launches",
+}
+RATIOS = {"x limit", "eager/this time", "eager/this mem"}
+LOSS_NUMERIC = NUMERIC | RATIOS | {"peak MiB"}
+EAGER_IMPL = "verl_eager"
+SAME_SHAPE = ["extra_info.op", "extra_info.mode", "extra_info.kl", "extra_info.n_tokens", "extra_info.vocab",
+              "extra_info.dtype"]  # fmt: skip
+
 
 def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
     """The benchmarks as a flat frame (one row each) and the file's header fields."""
@@ -50,6 +77,13 @@ def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
 def _cell(value, header: str) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
+    if isinstance(value, str):  # "n/a" where the CPU has no such number
+        return value.replace("|", "\\|")
+    if header in RATIOS:
+        value = float(value)
+        return "<0.01" if value < 0.01 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
+    if header == "peak MiB":
+        return f"{float(value):.1f}"
     if header in NUMERIC:
         value = float(value)
         if header == "median ms":
@@ -62,13 +96,52 @@ def _cell(value, header: str) -> str:
     return str(value).replace("|", "\\|")
 
 
-def markdown_table(frame: pd.DataFrame) -> str:
-    headers = list(COLUMNS)
-    right = [h in NUMERIC or h == "launches" for h in headers]
+def markdown_table(frame: pd.DataFrame, columns: dict[str, str] = COLUMNS) -> str:
+    headers = list(columns)
+    right = [h in LOSS_NUMERIC or h in ("launches", "N", "V") for h in headers]
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
     for _, row in frame.iterrows():
-        lines.append("| " + " | ".join(_cell(row[COLUMNS[h]], h) for h in headers) + " |")
+        lines.append("| " + " | ".join(_cell(row[columns[h]], h) for h in headers) + " |")
     return "\n".join(lines)
+
+
+def split_loss_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(other rows, loss rows)``; the loss rows with their ratios to the eager row of the same shape."""
+    if frame.empty or "extra_info.op" not in frame:
+        return frame, frame.iloc[0:0]
+    is_loss = frame["extra_info.op"].isin(LOSS_OPS)
+    other, loss = frame[~is_loss], frame[is_loss].copy()
+    if loss.empty:
+        return other, loss
+    for col in [*LOSS_COLUMNS.values(), *SAME_SHAPE, "extra_info.impl", "extra_info.peak_mem_bytes"]:
+        if col not in loss:
+            loss[col] = None
+    loss["_peak"] = pd.to_numeric(loss["extra_info.peak_mem_bytes"], errors="coerce")
+    eager = loss.loc[loss["extra_info.impl"] == EAGER_IMPL, SAME_SHAPE + ["median_ms", "_peak"]]
+    eager = eager.rename(columns={"median_ms": "_eager_ms", "_peak": "_eager_peak"}).drop_duplicates(SAME_SHAPE)
+    loss = loss.merge(eager, on=SAME_SHAPE, how="left")
+    loss["time_vs_eager"] = loss["_eager_ms"] / loss["median_ms"]
+    loss["memory_vs_eager"] = loss["_eager_peak"] / loss["_peak"].where(loss["_peak"] > 0)
+    loss["_op_order"] = loss["extra_info.op"].map({op: i for i, op in enumerate(LOSS_OPS)})
+    loss["_mode_order"] = loss["extra_info.mode"].map({"full": 0, "fwd": 1})
+    loss["_kl_order"] = (loss["extra_info.kl"] != "off").astype(int)
+    order = ["_op_order", "_mode_order", "_kl_order", "extra_info.n_tokens", "median_ms"]
+    return other, loss.sort_values(order, kind="stable", na_position="last")
+
+
+def loss_section(loss: pd.DataFrame) -> str:
+    return "\n".join([
+        "## GRPO loss: the vocabulary pass",
+        "",
+        "GB/s here is effective: the byte limit over the median time (fwd: the logits read once; full:",
+        "read twice + dlogits written once), whatever the row really moves. x limit: the median over the",
+        "limit's time at the copy bandwidth above (DESIGN target for sfpo_triton full: <= 1.3). peak MiB:",
+        "allocated by one call above its inputs (n/a on the CPU). eager/this: verl_eager's time (memory)",
+        "over this row's, same op, mode, kl and shape (targets for sfpo_triton full: >= 3 and >= 4).",
+        "On the CPU none of these numbers speak to the targets.",
+        "",
+        markdown_table(loss, LOSS_COLUMNS),
+    ])  # fmt: skip
 
 
 def header(frame: pd.DataFrame, data: dict) -> str:
@@ -105,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", help="write the Markdown here instead of stdout")
     args = parser.parse_args(argv)
     frame, data = load(args.bench_json)
-    text = header(frame, data) + (markdown_table(frame) if not frame.empty else "(no benchmarks in this file)") + "\n"
+    other, loss = split_loss_rows(frame)
+    parts = [markdown_table(other)] if not other.empty else []
+    if not loss.empty:
+        parts.append(loss_section(loss))
+    text = header(frame, data) + ("\n\n".join(parts) if parts else "(no benchmarks in this file)") + "\n"
     if args.output:
         Path(args.output).write_text(text)
     else:
