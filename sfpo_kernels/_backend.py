@@ -53,3 +53,15 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name == "cuda" and device.type != "cuda":
         raise ValueError(f"backend 'cuda' needs CUDA tensors, got tensors on {device}; use backend='torch'")
     return name
+
+
+def empty_for_kernel(*size, **kwargs) -> torch.Tensor:
+    """``torch.empty`` for a buffer a kernel must fill completely.
+
+    With ``SFPO_POISON_ALLOCATIONS=1`` (set by the tests) it starts as NaN, so an
+    element a kernel forgets to write fails the comparison instead of passing by luck.
+    """
+    out = torch.empty(*size, **kwargs)
+    if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
+        out.fill_(float("nan"))
+    return out

@@ -33,7 +33,7 @@ import triton
 import triton.language as tl
 
 from sfpo_kernels import reference
-from sfpo_kernels._backend import resolve_backend, triton_interpreting
+from sfpo_kernels._backend import empty_for_kernel, resolve_backend, triton_interpreting
 from sfpo_kernels.multi_tensor import _fp32_to_bf16_rtne
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -123,7 +123,7 @@ def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, tem
                    HAS_GRAD_H: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
     """One block of dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature."""
     if MASKED:
-        b_z = tl.load(p_row + o_v, mask=m_v, other=0.0).to(tl.float32) / temperature
+        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) / temperature
     else:
         b_z = tl.load(p_row + o_v).to(tl.float32) / temperature
     b_p = tl.exp(b_z - b_lse)
@@ -213,7 +213,7 @@ def logprob_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature:
     """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32, shaped like ``labels``."""
     _, rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
     labels_flat = labels.reshape(-1).contiguous().to(torch.int64)
-    out = torch.empty((4, rows), dtype=torch.float32, device=logits.device)
+    out = empty_for_kernel((4, rows), dtype=torch.float32, device=logits.device)
     if rows:
         _logprob_entropy_fwd_kernel[(rows,)](
             logits, stride_b, stride_t, rows_per_batch, labels_flat, out[0], out[1], out[2], out[3],
@@ -227,7 +227,7 @@ def logprob_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature:
 def logprob_entropy_bwd(logits, labels, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool):
     """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``)."""
     _, rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
-    dlogits = logits if inplace else torch.empty_like(logits, memory_format=torch.contiguous_format)
+    dlogits = logits if inplace else empty_for_kernel(logits.shape, dtype=logits.dtype, device=logits.device)
     _, _, _, d_stride_b, d_stride_t = _as_rows(dlogits)
     dummy = lse.reshape(-1)
     if rows:
@@ -249,6 +249,9 @@ class LogProbEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, labels, temperature, inplace_backward):
         log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels, temperature)
         ctx.save_for_backward(logits, labels, lse, mu)
+        # An unused output (e.g. entropy with entropy_coef 0) then arrives as None and the
+        # backward kernel skips its term instead of streaming a vector of zeros.
+        ctx.set_materialize_grads(False)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
         return log_probs, entropy

@@ -72,7 +72,9 @@ def logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: flo
     valid = (labels >= 0) & (labels < vocab)
     log_softmax = torch.log_softmax(z, dim=-1)
     log_probs = log_softmax.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)
-    entropy = torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1)
+    p = torch.softmax(z, dim=-1)
+    # p * z is 0 * -inf = NaN at masked vocabulary entries; their term is 0 (and so is its gradient).
+    entropy = torch.logsumexp(z, dim=-1) - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1)
     return torch.where(valid, log_probs, torch.zeros_like(log_probs)), entropy
 
 
@@ -105,8 +107,9 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tenso
     mean over non-empty rows of row means; seq-mean-token-sum-norm (Dr. GRPO):
     seq-mean-token-sum / T, T the padded length.
     """
+    # where, not a product: a NaN / inf at a masked position must not leak in (NaN * 0 = NaN).
+    masked = torch.where(mask.bool(), values, torch.zeros_like(values))
     mask = mask.to(values.dtype)
-    masked = values * mask
     if mode == "token-mean":
         return masked.sum() / mask.sum().clamp_min(1.0)
     if mode == "token-sum":
@@ -126,9 +129,9 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tenso
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over ``mask``; 0 when the mask is empty."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1.0)
+    """Mean over ``mask``; 0 when the mask is empty; values at masked positions never leak in."""
+    total = torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
+    return total / mask.to(values.dtype).sum().clamp_min(1.0)
 
 
 def policy_loss_terms(

@@ -18,7 +18,6 @@ shard, FSDP1 flat parameters as the plain 1-D tensors they are.
 from __future__ import annotations
 
 import math
-import os
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from sfpo_kernels import multi_tensor as mt
-from sfpo_kernels._backend import resolve_backend
+from sfpo_kernels._backend import empty_for_kernel, resolve_backend
 
 OFFLOAD_MODES = ("none", "cpu")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -312,11 +311,9 @@ def _allocate_groups(tensors: list[torch.Tensor], offload: str) -> list[_Group]:
             offsets.append(total)
             total += -(-tensors[i].numel() // align) * align
         if offload == "cpu" and device.type == "cuda":
-            storage = torch.empty(total, dtype=dtype, device="cpu", pin_memory=True)
+            storage = empty_for_kernel(total, dtype=dtype, device="cpu", pin_memory=True)
         else:
-            storage = torch.empty(total, dtype=dtype, device=device)
-        if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":  # tests: anything left unwritten shows as NaN
-            storage.fill_(float("nan"))
+            storage = empty_for_kernel(total, dtype=dtype, device=device)
         groups.append(_Group(device, dtype, indices, [tensors[i].shape for i in indices], offsets, storage))
     return groups
 

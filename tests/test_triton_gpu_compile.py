@@ -25,15 +25,24 @@ def variants() -> list[dict]:
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
+MULTI_TENSOR_KERNELS = ("_mt_copy_kernel", "_mt_lerp_kernel")
+LOSS_FWD, LOSS_BWD = "_logprob_entropy_fwd_kernel", "_logprob_entropy_bwd_kernel"
+LOSS_DTYPES = ("fp32", "bf16", "fp16")
+LOSS_BWD_GRADS = ((True, True), (True, False), (False, True))  # (HAS_GRAD_LOGP, HAS_GRAD_H)
+
+
 def test_every_variant_compiles(variants):
     compiled = {(v["kernel"], v["dtype"], v["aligned"]) for v in variants}
-    expected = {(k, d, a) for k in ("_mt_copy_kernel", "_mt_lerp_kernel") for d in ("fp32", "bf16", "fp16", "fp64")
+    expected = {(k, d, a) for k in MULTI_TENSOR_KERNELS for d in ("fp32", "bf16", "fp16", "fp64")
                 for a in (False, True)}  # fmt: skip
+    expected |= {(k, d, a) for k in (LOSS_FWD, LOSS_BWD) for d in LOSS_DTYPES for a in (False, True)}
     assert compiled == expected
 
 
 def test_aligned_tables_get_128_bit_accesses(variants):
     for v in variants:
+        if v["kernel"] not in MULTI_TENSOR_KERNELS:
+            continue  # the loss kernels store per-token scalars: their own test below
         vector = {op: n for op, n in v["ops"].items() if ".v4." in op or ".v2.b64" in op or ".v2.f64" in op}
         if v["aligned"]:
             assert any(op.startswith("ld.global") for op in vector), f"{v['kernel']} {v['dtype']}: no vector loads: {v['ops']}"
@@ -46,3 +55,43 @@ def test_lerp_uses_fused_multiply_add(variants):
     for v in variants:
         if v["kernel"] == "_mt_lerp_kernel":
             assert v["fma"], f"lerp {v['dtype']} aligned={v['aligned']}: no fma.rn in the PTX"
+
+
+def _loss(variants, kernel):
+    return [v for v in variants if v["kernel"] == kernel]
+
+
+def test_every_loss_backward_gradient_set_compiles(variants):
+    compiled = {(v["dtype"], v["aligned"], v["has_grad_logp"], v["has_grad_h"]) for v in _loss(variants, LOSS_BWD)}
+    assert compiled == {(d, a, *g) for d in LOSS_DTYPES for a in (False, True) for g in LOSS_BWD_GRADS}
+
+
+def test_aligned_loss_kernels_stream_the_logits_with_128_bit_accesses(variants):
+    """ALIGNED: the full V blocks of logits load (and dlogits store) as ld/st.global.v4; without it, no vector
+    access at all (the other loads are per-token scalars: labels, lse, mu, upstream gradients)."""
+    for v in _loss(variants, LOSS_FWD) + _loss(variants, LOSS_BWD):
+        name = f"{v['kernel']} {v['dtype']} aligned={v['aligned']} grads={v.get('has_grad_logp')},{v.get('has_grad_h')}"
+        vector_loads = {op: n for op, n in v["ops"].items() if op.startswith("ld.global.v4.")}
+        vector_stores = {op: n for op, n in v["ops"].items() if op.startswith("st.global.v4.")}
+        if v["aligned"]:
+            assert vector_loads, f"{name}: no 128-bit loads of the logits: {v['ops']}"
+            if v["kernel"] == LOSS_BWD:
+                assert vector_stores, f"{name}: no 128-bit stores of dlogits: {v['ops']}"
+        else:
+            vector = {op: n for op, n in v["ops"].items() if ".v2." in op or ".v4." in op}
+            assert not vector, f"{name} unaligned uses vector accesses: {v['ops']}"
+
+
+def test_loss_backward_reads_only_the_gradients_it_has(variants):
+    """HAS_GRAD_LOGP / HAS_GRAD_H = False drop the loads of that gradient (and of mu, used only by the
+    entropy term): fewer per-token fp32 loads than the variant with both (16-bit logits, whose own loads
+    are b16, so every ld.global.b32 is a per-token scalar)."""
+    scalar_loads = {
+        (v["dtype"], v["aligned"], v["has_grad_logp"], v["has_grad_h"]): v["ops"].get("ld.global.b32", 0)
+        for v in _loss(variants, LOSS_BWD)
+        if v["dtype"] in ("bf16", "fp16")
+    }
+    for (dtype, aligned, has_logp, has_h), n in scalar_loads.items():
+        both = scalar_loads[(dtype, aligned, True, True)]
+        if not (has_logp and has_h):
+            assert n < both, f"{dtype} aligned={aligned} grads=({has_logp}, {has_h}): {n} fp32 loads, both: {both}"

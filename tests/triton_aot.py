@@ -20,6 +20,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from sfpo_kernels import fused_loss as fl  # noqa: E402
 from sfpo_kernels import multi_tensor as mt  # noqa: E402
 
 TABLE = ("*i64",) * 5
@@ -29,6 +30,49 @@ def signature(kernel, dtype: str) -> dict[str, str]:
     names = kernel.arg_names
     types = [*TABLE, "*" + dtype] + (["fp64"] if kernel is mt._mt_lerp_kernel else [])
     return {n: (types[i] if i < len(types) else "constexpr") for i, n in enumerate(names)}
+
+
+# The fused-loss kernels' runtime arguments as the host launches them: strides and the rows per batch
+# are int64 (token counts times V pass 2^31), the vocabulary size int32, every per-token vector fp32.
+LOSS_ARG_TYPES = {
+    "logits": "*{dtype}", "dlogits": "*{dtype}", "labels": "*i64",
+    "stride_b": "i64", "stride_t": "i64", "rows_per_batch": "i64", "d_stride_b": "i64", "d_stride_t": "i64",
+    "log_probs": "*fp32", "entropy": "*fp32", "lse_out": "*fp32", "mu_out": "*fp32", "lse": "*fp32", "mu": "*fp32",
+    "grad_log_probs": "*fp32", "grad_entropy": "*fp32", "temperature": "fp32", "V": "i32",
+}  # fmt: skip
+# (HAS_GRAD_LOGP, HAS_GRAD_H) of the backward: both outputs used, only the log-prob, only the entropy.
+LOSS_BWD_GRADS = ((True, True), (True, False), (False, True))
+
+
+def ptx_ops(compiled) -> collections.Counter:
+    """Global loads/stores in the PTX, by instruction (predicated ones counted as the instruction)."""
+    ops = collections.Counter()
+    for line in compiled.asm["ptx"].splitlines():
+        words = line.split()
+        if words and words[0].startswith("@"):  # predicated (masked) access
+            words = words[1:]
+        if words and words[0].startswith(("ld.global", "st.global")):
+            ops[words[0]] += 1
+    return ops
+
+
+def loss_variants(target) -> None:
+    """The fused-loss forward and backward for every logits dtype, alignment and (backward) gradient set."""
+    for kernel in (fl._logprob_entropy_fwd_kernel, fl._logprob_entropy_bwd_kernel):
+        grads = LOSS_BWD_GRADS if kernel is fl._logprob_entropy_bwd_kernel else (None,)
+        for dtype in ("fp32", "bf16", "fp16"):
+            sig = {n: (LOSS_ARG_TYPES[n].format(dtype=dtype) if n in LOSS_ARG_TYPES else "constexpr")
+                   for n in kernel.arg_names}  # fmt: skip
+            for aligned in (False, True):
+                for has_grad in grads:
+                    constexprs = {"BLOCK_V": fl.GPU_BLOCK_V, "ALIGNED": aligned}
+                    record = {"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned}
+                    if has_grad is not None:
+                        constexprs["HAS_GRAD_LOGP"], constexprs["HAS_GRAD_H"] = has_grad
+                        record["has_grad_logp"], record["has_grad_h"] = has_grad
+                    src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
+                    compiled = triton.compile(src, target=target, options={"num_warps": fl.GPU_NUM_WARPS})
+                    print(json.dumps({**record, "ops": ptx_ops(compiled), "fma": "fma.rn" in compiled.asm["ptx"]}))
 
 
 def main(capability: int) -> None:
@@ -50,6 +94,7 @@ def main(capability: int) -> None:
                         ops[words[0]] += 1
                 print(json.dumps({"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned, "ops": ops,
                                   "fma": "fma.rn" in compiled.asm["ptx"]}))  # fmt: skip
+    loss_variants(target)
 
 
 if __name__ == "__main__":
