@@ -68,7 +68,7 @@ def _online_softmax_block(b_z, m, s, w):
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     scale = tl.exp(m - m_safe)
     b_e = tl.exp(b_z - m_safe)
-    b_ez = tl.where(b_e == 0.0, 0.0, b_e * (b_z - m_safe))
+    b_ez = b_e * tl.where(b_e == 0.0, 0.0, b_z - m_safe)  # e = 0 at z = -inf: no 0 * -inf
     # Re-base w from the old max to the new: (z - m_new) = (z - m_old) + (m_old - m_new).
     delta = tl.where(s == 0.0, 0.0, m - m_safe)  # nothing accumulated yet: no 0 * -inf
     w = scale * (w + s * delta) + tl.sum(b_ez, 0)
@@ -129,7 +129,7 @@ def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, tem
     b_p = tl.exp(b_z - b_lse)
     b_dz = -g_logp * b_p
     if HAS_GRAD_H:
-        b_dz += g_h * tl.where(b_p == 0.0, 0.0, b_p * (b_mu - b_z))  # p = 0 at z = -inf: no 0 * inf
+        b_dz += g_h * b_p * tl.where(b_p == 0.0, 0.0, b_mu - b_z)  # p = 0 at z = -inf: no 0 * inf
     b_dz = tl.where(o_v == label, b_dz + g_logp, b_dz) / temperature
     if p_drow.dtype.element_ty == tl.bfloat16:
         b_out = _fp32_to_bf16_rtne(b_dz)

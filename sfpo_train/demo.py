@@ -1,6 +1,6 @@
-"""``sfpo demo``: SFPO's Stage II on a real (tiny, randomly initialised) Qwen2 model.
+"""``sfpo demo``: the landed parts of sfpo on a real (tiny, randomly initialised) Qwen2 model.
 
-What it does, per backend that can run here:
+Part 1, SFPO's Stage II, per snapshot backend that can run here:
 
 1. ``snapshot`` the trainable parameters (theta_0);
 2. K AdamW steps on a language-model loss over random tokens (the fast
@@ -8,6 +8,10 @@ What it does, per backend that can run here:
 3. ``reposition_`` with alpha: theta <- theta_0 + alpha * (theta_K - theta_0);
 4. checks every parameter against ``sfpo_kernels.reference`` bit for bit, and
    that alpha 1 / 0 are exact, and prints what it measured.
+
+Part 2, the fused GRPO loss and the update rule: ``grpo_loss`` on a batch of
+random "rollouts" checked against the float64 eager reference (loss and
+logits gradient), then a few ``SFPO.step`` iterations whose passes use it.
 
 The model, batch and optimizer are seeded, so every backend sees the same
 theta_0 and theta_K.
@@ -44,6 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="backend(s) to run; repeatable (default: every backend that can run here)",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed for the model, tokens and optimizer (default 0)")
+    parser.add_argument("--sfpo-steps", type=int, default=3, help="SFPO iterations in part 2 (default 3)")
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -51,6 +56,8 @@ def _check_args(args: argparse.Namespace) -> None:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.inner_steps < 0:
         raise ValueError(f"--inner-steps must be >= 0, got {args.inner_steps}")
+    if args.sfpo_steps < 0:
+        raise ValueError(f"--sfpo-steps must be >= 0, got {args.sfpo_steps}")
     for name in ("hidden", "layers", "vocab"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
@@ -174,5 +181,60 @@ def main(args: argparse.Namespace) -> int:
             f"vs reference: {r['mismatched_elements']} elements differ; alpha 0/1 exact: {r['ends_exact']} "
             f"-> {'OK' if ok else 'FAILED'}"
         )
+    loss_backend = "triton" if "triton" in backends else "torch"  # csrc/ has no loss kernel
+    failed |= not run_loss_and_sfpo(args, device, loss_backend)
     print("sfpo demo: " + ("FAILED" if failed else "all checks passed"))
     return 1 if failed else 0
+
+
+# Fused loss vs the float64 reference: fp32 agrees to rounding; low-precision logits
+# round dlogits once to their dtype (8 / 11 significant bits).
+LOSS_TOLERANCE = {"fp32": 1e-5, "bf16": 2**-7, "fp16": 2**-10}
+
+
+def run_loss_and_sfpo(args: argparse.Namespace, device: torch.device, backend: str) -> bool:
+    from sfpo_train import SFPO, SFPOConfig
+
+    model = build_model(args, device)
+    gen = torch.Generator(device="cpu").manual_seed(args.seed + 2)
+    tokens = torch.randint(0, args.vocab, (8, 17), generator=gen).to(device)
+    mask = torch.ones(8, 16, device=device)
+    mask[::3, 10:] = 0  # some responses end early
+    advantages = torch.randn(8, 1, generator=gen).expand(8, 16).contiguous().to(device)
+    labels = tokens[:, 1:]
+    with torch.no_grad():
+        old, _ = sfpo_kernels.logprob_entropy(model(tokens).logits[:, :-1], labels, backend=backend)
+
+    logits = model(tokens).logits[:, :-1].detach().requires_grad_(True)
+    fused = sfpo_kernels.grpo_loss(logits, labels, old, advantages, mask, entropy_coef=0.01, backend=backend)
+    fused.loss.backward()
+    exact = logits.detach().double().requires_grad_(True)
+    ref_loss, _, _, _ = reference.grpo_loss(exact, labels, old.double(), advantages.double(), mask, entropy_coef=0.01)
+    ref_loss.backward()
+    scale = float(exact.grad.abs().max()) or 1.0
+    loss_err = abs(fused.loss.item() - ref_loss.item())
+    grad_err = float((logits.grad.double() - exact.grad).abs().max()) / scale
+    tol = LOSS_TOLERANCE[args.dtype]
+    ok = loss_err <= tol * max(1.0, abs(ref_loss.item())) and grad_err <= tol
+    print(f"  [{backend:>6}] grpo_loss on {tuple(logits.shape)} logits: loss {fused.loss.item():.5f}, vs float64 "
+          f"reference |dloss| {loss_err:.2e}, max |dgrad| / max |grad| {grad_err:.2e} (tolerance {tol:.0e}) "
+          f"-> {'OK' if ok else 'FAILED'}")  # fmt: skip
+
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+
+    def update_pass(_batch):
+        opt.zero_grad(set_to_none=True)
+        out = sfpo_kernels.grpo_loss(model(tokens).logits[:, :-1], labels, old, advantages, mask, backend=backend)
+        out.loss.backward()
+        opt.step()
+        return {k: float(v) for k, v in out.metrics.items()}
+
+    sfpo = SFPO(model, SFPOConfig(inner_steps=args.inner_steps, alpha=args.alpha, zscore_window=2,
+                                  snapshot_offload=args.offload))  # fmt: skip
+    for it in range(args.sfpo_steps):
+        m = sfpo.step(update_pass, None)
+        stages = ", ".join(f"{k.split('/sfpo_')[1]} {1e3 * v:.1f}" for k, v in m.items() if k.startswith("timing_s/"))
+        print(f"  SFPO step {it}: alpha {m['sfpo/alpha']:.2f}, {m['sfpo/inner_steps_run']:.0f} fast passes "
+              f"on the same batch, pg_loss {m['pg_loss']:+.4f}, clipfrac {m['pg_clipfrac']:.2f}, entropy {m['entropy']:.3f}, "
+              f"z {m['sfpo/zscore']:.2f}; ms: {stages}")  # fmt: skip
+    return ok

@@ -47,10 +47,12 @@ def test_cli_without_command_prints_help_and_fails(capsys):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_demo_runs_and_checks_pass(backend, capsys):
-    status = cli.main(["demo", "--hidden", "16", "--layers", "1", "--vocab", "32", "--backend", backend, "--dtype", "bf16"])
+    status = cli.main(["demo", "--hidden", "16", "--layers", "1", "--vocab", "32", "--backend", backend, "--dtype", "bf16",
+                       "--sfpo-steps", "1"])  # fmt: skip
     out = capsys.readouterr().out
     assert status == 0, out
     assert f"[{backend:>6}]" in out and "0 elements differ" in out and "alpha 0/1 exact: True" in out
+    assert f"[{backend:>6}] grpo_loss" in out and "SFPO step 0: alpha 0.80" in out
 
 
 @pytest.mark.parametrize(
