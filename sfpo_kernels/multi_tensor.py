@@ -11,13 +11,13 @@ programs each handle one chunk of one tensor:
 
     table (int64, on the tensors' device), n tensors and c chunks:
         a_addr[n]        data_ptr of tensor i in list a (e.g. the parameters)
-        b_addr[n]        data_ptr of tensor i in list b (e.g. the snapshot views)
+        b_addr[n]        address paired with tensor i (e.g. its slot in the snapshot buffer)
         numel[n]         elements of tensor i
         chunk_tensor[c]  which tensor chunk j belongs to
         chunk_start[c]   first element of chunk j within that tensor
 
 Program ``j`` processes elements ``[chunk_start[j], min(chunk_start[j] + CHUNK,
-numel))`` of tensor ``chunk_tensor[j]`` in blocks of ``BLOCK``. Tokens of work
+numel))`` of tensor ``chunk_tensor[j]`` in blocks of ``BLOCK``. Chunks
 sit on grid axis 0, so there is no 65535 limit. The same table drives the CUDA
 C++ kernels in ``csrc/multi_tensor.cu``.
 
