@@ -52,7 +52,22 @@ LOSS_COLUMNS = {  # the loss table: header -> column
     "eager/this mem": "memory_vs_eager",
     "launches": "extra_info.launches",
 }
-RATIOS = {"x limit", "eager/this time", "eager/this mem"}
+STEP_COLUMNS = {  # the SFPO-step table (test_bench_sfpo_step.py): header -> column
+    "algo": "extra_info.algo",
+    "offload": "extra_info.offload",
+    "model": "extra_info.model",
+    "median ms": "median_ms",
+    "snapshot ms": "_snapshot_ms",
+    "fast ms": "_fast_ms",
+    "reposition ms": "_reposition_ms",
+    "slow ms": "_slow_ms",
+    "stage II / update": "extra_info.stage2_share_of_update",
+    "extra copies": "extra_info.extra_copies_of_params",
+    "vs authors' 2 copies": "extra_info.extra_memory_vs_authors_two_copies",
+}
+STAGES = ("snapshot", "fast", "reposition", "slow")
+RATIOS = {"x limit", "eager/this time", "eager/this mem", "stage II / update", "extra copies", "vs authors' 2 copies"}
+NUMERIC |= {f"{stage} ms" for stage in STAGES}
 LOSS_NUMERIC = NUMERIC | RATIOS | {"peak MiB"}
 EAGER_IMPL = "verl_eager"
 SAME_SHAPE = ["extra_info.op", "extra_info.mode", "extra_info.kl", "extra_info.n_tokens", "extra_info.vocab",
@@ -98,7 +113,7 @@ def _cell(value, header: str) -> str:
 
 def markdown_table(frame: pd.DataFrame, columns: dict[str, str] = COLUMNS) -> str:
     headers = list(columns)
-    right = [h in LOSS_NUMERIC or h in ("launches", "N", "V") for h in headers]
+    right = [h in LOSS_NUMERIC or h in ("launches", "N", "V") for h in headers]  # numbers align right
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---:" if r else "---" for r in right) + "|"]
     for _, row in frame.iterrows():
         lines.append("| " + " | ".join(_cell(row[columns[h]], h) for h in headers) + " |")
@@ -127,6 +142,33 @@ def split_loss_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     loss["_kl_order"] = (loss["extra_info.kl"] != "off").astype(int)
     order = ["_op_order", "_mode_order", "_kl_order", "extra_info.n_tokens", "median_ms"]
     return other, loss.sort_values(order, kind="stable", na_position="last")
+
+
+def split_step_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(other rows, SFPO-step rows)``; the step rows with their stage times in ms."""
+    if frame.empty or "extra_info.algo" not in frame:
+        return frame, frame.iloc[0:0]
+    is_step = frame["extra_info.algo"].notna()
+    other, step = frame[~is_step], frame[is_step].copy()
+    for stage in STAGES:
+        step[f"_{stage}_ms"] = pd.to_numeric(step.get(f"extra_info.timing_s/sfpo_{stage}"), errors="coerce") * 1e3
+    for col in STEP_COLUMNS.values():
+        if col not in step:
+            step[col] = None
+    return other, step
+
+
+def step_section(step: pd.DataFrame) -> str:
+    return "\n".join([
+        "## One SFPO iteration (K=3) vs one GRPO iteration",
+        "",
+        "Stage times are the means of the measured iterations (the GPU synchronised at each stage).",
+        "stage II / update: (snapshot + reposition) over (fast + slow passes); DESIGN target < 0.01.",
+        "extra copies: SFPO's device-resident snapshot in copies of the trainable parameters (target <= 1,",
+        "0 with offload); vs authors' 2 copies: the same over the two copies the authors' release keeps.",
+        "",
+        markdown_table(step, STEP_COLUMNS),
+    ])  # fmt: skip
 
 
 def loss_section(loss: pd.DataFrame) -> str:
@@ -179,9 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     frame, data = load(args.bench_json)
     other, loss = split_loss_rows(frame)
+    other, step = split_step_rows(other)
     parts = [markdown_table(other)] if not other.empty else []
     if not loss.empty:
         parts.append(loss_section(loss))
+    if not step.empty:
+        parts.append(step_section(step))
     text = header(frame, data) + ("\n\n".join(parts) if parts else "(no benchmarks in this file)") + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -95,7 +95,7 @@ def test_sfpo_step(benchmark, algo, config):
     benchmark.pedantic(one_iteration, rounds=rounds, warmup_rounds=1, iterations=1)
 
     info = benchmark.extra_info
-    info.update(algo=algo, device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+    info.update(op="sfpo_step", algo=algo, device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
                 model="qwen2.5-0.5b-shaped bf16" if ON_GPU else "tiny qwen2 fp32", batch=BATCH, seq=SEQ,
                 param_bytes=param_bytes, inner_steps=config.inner_steps, alpha=config.alpha,
                 offload=config.snapshot_offload)  # fmt: skip
