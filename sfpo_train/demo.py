@@ -61,6 +61,10 @@ def _check_args(args: argparse.Namespace) -> None:
     for name in ("hidden", "layers", "vocab"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be positive, got {getattr(args, name)}")
+    if args.device is not None and args.device.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {args.device!r}")
+    if args.device is not None and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but torch sees no CUDA device")
     if args.hidden % 4:
         raise ValueError(f"--hidden must be a multiple of 4 (4 attention heads), got {args.hidden}")
 

@@ -61,6 +61,7 @@ def test_demo_runs_and_checks_pass(backend, capsys):
         (["demo", "--alpha", "1.5"], r"--alpha must be in \[0, 1\], got 1.5"),
         (["demo", "--hidden", "30"], r"--hidden must be a multiple of 4"),
         (["demo", "--inner-steps", "-1"], r"--inner-steps must be >= 0, got -1"),
+        (["demo", "--device", "tpu"], r"--device must be cpu or cuda\[:N\], got 'tpu'"),
         (["demo", "--layers", "0"], r"--layers must be positive, got 0"),
     ],
 )
