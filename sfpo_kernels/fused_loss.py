@@ -39,6 +39,7 @@ from sfpo_kernels.multi_tensor import _fp32_to_bf16_rtne
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_BLOCK_V, GPU_NUM_WARPS = 4096, 8
 INTERPRETER_BLOCK_V = 64  # small, so CI's small vocabularies still span several blocks
+INTERPRETER_LARGE_V = 8192  # above this the interpreter takes GPU-sized blocks (numpy time is per block)
 
 
 # --------------------------------------------------------------------------- kernels
@@ -204,8 +205,9 @@ def _rows_aligned(*tensors: torch.Tensor) -> bool:
 
 
 def _block_v(logits: torch.Tensor) -> int:
-    if logits.device.type == "cuda" and not triton_interpreting():
-        return min(GPU_BLOCK_V, triton.next_power_of_2(logits.shape[-1]))
+    vocab = logits.shape[-1]
+    if (logits.device.type == "cuda" and not triton_interpreting()) or vocab > INTERPRETER_LARGE_V:
+        return min(GPU_BLOCK_V, triton.next_power_of_2(vocab))
     return INTERPRETER_BLOCK_V
 
 
