@@ -34,7 +34,7 @@ import triton.language as tl
 
 from sfpo_kernels import reference
 from sfpo_kernels._backend import empty_for_kernel, resolve_backend, triton_interpreting
-from sfpo_kernels.multi_tensor import _fp32_to_bf16_rtne
+from sfpo_kernels.multi_tensor import store_rounded
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_BLOCK_V, GPU_NUM_WARPS = 4096, 8
@@ -132,14 +132,7 @@ def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, tem
     if HAS_GRAD_H:
         b_dz += g_h * b_p * tl.where(b_p == 0.0, 0.0, b_mu - b_z)  # p = 0 at z = -inf: no 0 * inf
     b_dz = tl.where(o_v == label, b_dz + g_logp, b_dz) / temperature
-    if p_drow.dtype.element_ty == tl.bfloat16:
-        b_out = _fp32_to_bf16_rtne(b_dz)
-    else:
-        b_out = b_dz.to(p_drow.dtype.element_ty)
-    if MASKED:
-        tl.store(p_drow + o_v, b_out, mask=m_v)
-    else:
-        tl.store(p_drow + o_v, b_out)
+    store_rounded(p_drow + o_v, b_dz, m_v, MASKED)
 
 
 @triton.jit

@@ -93,6 +93,20 @@ def _chunk_of_program(a_addr, b_addr, numel, chunk_tensor, chunk_start, type_wit
 
 
 @triton.jit
+def store_rounded(p, b_value, m, MASKED: tl.constexpr):
+    """Store an fp32/fp64 block into ``p``'s element type, rounded once to nearest even."""
+    elem_ty = p.dtype.element_ty
+    if elem_ty == tl.bfloat16:
+        b_out = _fp32_to_bf16_rtne(b_value)
+    else:
+        b_out = b_value.to(elem_ty)
+    if MASKED:
+        tl.store(p, b_out, mask=m)
+    else:
+        tl.store(p, b_out)
+
+
+@triton.jit
 def _mt_copy_kernel(
     src_addr,  # *int64 [n]: data_ptr of each source tensor
     dst_addr,  # *int64 [n]: data_ptr of each destination tensor
@@ -127,15 +141,7 @@ def _lerp_block(p_param, p_snap, o_k, m_k, coeff, small, MASKED: tl.constexpr):
         b_t = tl.load(p_param + o_k).to(coeff.dtype)
         b_s = tl.load(p_snap + o_k).to(coeff.dtype)
     b_out = tl.fma(coeff + tl.zeros_like(b_t), b_s - b_t, tl.where(small, b_t, b_s))
-    elem_ty = p_param.dtype.element_ty
-    if elem_ty == tl.bfloat16:
-        b_out = _fp32_to_bf16_rtne(b_out)
-    else:
-        b_out = b_out.to(elem_ty)
-    if MASKED:
-        tl.store(p_param + o_k, b_out, mask=m_k)
-    else:
-        tl.store(p_param + o_k, b_out)
+    store_rounded(p_param + o_k, b_out, m_k, MASKED)
 
 
 @triton.jit

@@ -85,15 +85,8 @@ def main(capability: int) -> None:
                     constexprs["COMPUTE_FP64"] = dtype == "fp64"
                 src = ASTSource(fn=kernel, signature=signature(kernel, dtype), constexprs=constexprs)
                 compiled = triton.compile(src, target=target, options={"num_warps": mt.GPU_NUM_WARPS})
-                ops = collections.Counter()
-                for line in compiled.asm["ptx"].splitlines():
-                    words = line.split()
-                    if words and words[0].startswith("@"):  # predicated (masked) access
-                        words = words[1:]
-                    if words and words[0].startswith(("ld.global", "st.global")):
-                        ops[words[0]] += 1
-                print(json.dumps({"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned, "ops": ops,
-                                  "fma": "fma.rn" in compiled.asm["ptx"]}))  # fmt: skip
+                print(json.dumps({"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned,
+                                  "ops": ptx_ops(compiled), "fma": "fma.rn" in compiled.asm["ptx"]}))  # fmt: skip
     loss_variants(target)
 
 
