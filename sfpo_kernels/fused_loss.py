@@ -180,12 +180,12 @@ def _logprob_entropy_bwd_kernel(
 # --------------------------------------------------------------------------- host functions
 
 
-def _as_rows(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int, int]:
-    """``(logits, rows, rows_per_batch, stride_b, stride_t)`` for a ``[N, V]`` or ``[B, T, V]`` tensor."""
+def _as_rows(logits: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(rows, rows_per_batch, stride_b, stride_t)`` for a ``[N, V]`` or ``[B, T, V]`` tensor."""
     if logits.dim() == 2:
-        return logits, logits.shape[0], max(logits.shape[0], 1), 0, logits.stride(0)
+        return logits.shape[0], max(logits.shape[0], 1), 0, logits.stride(0)
     b, t, _ = logits.shape
-    return logits, b * t, max(t, 1), logits.stride(0), logits.stride(1)
+    return b * t, max(t, 1), logits.stride(0), logits.stride(1)
 
 
 def _rows_aligned(*tensors: torch.Tensor) -> bool:
@@ -204,10 +204,14 @@ def _block_v(logits: torch.Tensor) -> int:
     return INTERPRETER_BLOCK_V
 
 
-def logprob_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32, shaped like ``labels``."""
-    _, rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
-    labels_flat = labels.reshape(-1).contiguous().to(torch.int64)
+def flat_labels(labels: torch.Tensor) -> torch.Tensor:
+    """``labels`` as the contiguous int64 ``[rows]`` vector both kernels read."""
+    return labels.reshape(-1).contiguous().to(torch.int64)
+
+
+def logprob_entropy_fwd(logits: torch.Tensor, labels_flat: torch.Tensor, temperature: float):
+    """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32 ``[rows]`` (``labels_flat`` from :func:`flat_labels`)."""
+    rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
     out = empty_for_kernel((4, rows), dtype=torch.float32, device=logits.device)
     if rows:
         _logprob_entropy_fwd_kernel[(rows,)](
@@ -215,22 +219,22 @@ def logprob_entropy_fwd(logits: torch.Tensor, labels: torch.Tensor, temperature:
             float(temperature), logits.shape[-1], BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits),
             num_warps=GPU_NUM_WARPS,
         )  # fmt: skip
-    log_probs, entropy, lse, mu = (x.view(labels.shape) for x in out)
+    log_probs, entropy, lse, mu = out
     return log_probs, entropy, lse, mu
 
 
-def logprob_entropy_bwd(logits, labels, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool):
+def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool):
     """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``)."""
-    _, rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
+    rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
     dlogits = logits if inplace else empty_for_kernel(logits.shape, dtype=logits.dtype, device=logits.device)
-    _, _, _, d_stride_b, d_stride_t = _as_rows(dlogits)
-    dummy = lse.reshape(-1)
+    _, _, d_stride_b, d_stride_t = _as_rows(dlogits)
+    dummy = lse
     if rows:
         _logprob_entropy_bwd_kernel[(rows,)](
-            logits, stride_b, stride_t, rows_per_batch, labels.reshape(-1).contiguous().to(torch.int64),
+            logits, stride_b, stride_t, rows_per_batch, labels_flat,
             dummy if grad_log_probs is None else grad_log_probs.reshape(-1).contiguous().float(),
             dummy if grad_entropy is None else grad_entropy.reshape(-1).contiguous().float(),
-            lse.reshape(-1), mu.reshape(-1), dlogits, d_stride_b, d_stride_t, float(temperature), logits.shape[-1],
+            lse, mu, dlogits, d_stride_b, d_stride_t, float(temperature), logits.shape[-1],
             HAS_GRAD_LOGP=grad_log_probs is not None, HAS_GRAD_H=grad_entropy is not None,
             BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits, dlogits), num_warps=GPU_NUM_WARPS,
         )  # fmt: skip
@@ -242,20 +246,21 @@ class LogProbEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, labels, temperature, inplace_backward):
-        log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels, temperature)
-        ctx.save_for_backward(logits, labels, lse, mu)
+        labels_flat = flat_labels(labels)  # once: the backward reads the same vector
+        log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels_flat, temperature)
+        ctx.save_for_backward(logits, labels_flat, lse, mu)
         # An unused output (e.g. entropy with entropy_coef 0) then arrives as None and the
         # backward kernel skips its term instead of streaming a vector of zeros.
         ctx.set_materialize_grads(False)
         ctx.temperature = temperature
         ctx.inplace_backward = inplace_backward
-        return log_probs, entropy
+        return log_probs.view(labels.shape), entropy.view(labels.shape)
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
-        logits, labels, lse, mu = ctx.saved_tensors
+        logits, labels_flat, lse, mu = ctx.saved_tensors
         dlogits = logprob_entropy_bwd(
-            logits, labels, grad_log_probs, grad_entropy, lse, mu, ctx.temperature, ctx.inplace_backward
+            logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, ctx.temperature, ctx.inplace_backward
         )
         return dlogits, None, None, None
 

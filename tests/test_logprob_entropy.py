@@ -433,8 +433,11 @@ def test_backward_kernel_variants(dtype, has_logp, has_h):
     labels = make_labels(shape, vocab, seed=23)
     g_logp, g_h = upstream(shape, seed=23)
     g_logp, g_h = (g_logp if has_logp else None), (g_h if has_h else None)
-    log_probs, entropy, lse, mu = fused_loss.logprob_entropy_fwd(logits, labels, temperature)
-    grad = fused_loss.logprob_entropy_bwd(logits, labels, g_logp, g_h, lse, mu, temperature, inplace=False)
+    labels_flat = fused_loss.flat_labels(labels)
+    flat = fused_loss.logprob_entropy_fwd(logits, labels_flat, temperature)
+    log_probs, entropy, lse, mu = (x.view(shape) for x in flat)  # the host functions work on [rows]
+    grad = fused_loss.logprob_entropy_bwd(logits, labels_flat, g_logp, g_h, flat[2], flat[3], temperature,
+                                          inplace=False)  # fmt: skip
     want = oracle(logits, labels, temperature, g_logp, g_h)
     assert_values_close("log_probs", log_probs, want.log_probs, want.row_scale, dtype)
     assert_values_close("entropy", entropy, want.entropy, want.row_scale, dtype)
