@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sfpo_train import demo
+from sfpo_train import demo, train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.main)
+    train_parser = sub.add_parser(
+        "train",
+        help="train GRPO/SFPO with verl's config keys; with no arguments SFPO on the embedded default task (CPU, minutes)",
+        description=train_cli.__doc__,
+        epilog=train_cli.epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train_cli.add_arguments(train_parser)
+    train_parser.set_defaults(run=train_cli.main)
     return parser
 
 

@@ -1,0 +1,499 @@
+"""The standalone trainer's configuration, in verl's key names and meanings.
+
+A verl user writes the same overrides they already know
+(``data.train_batch_size=16 actor_rollout_ref.rollout.n=8
+actor_rollout_ref.actor.optim.lr=3e-5 trainer.total_training_steps=300``):
+the tree below mirrors verl 0.9.1's ``ppo_trainer.yaml`` for every key this
+trainer uses, plus ``actor_rollout_ref.actor.sfpo.*`` for SFPO. Keys are typed
+(omegaconf structured configs): an unknown key or a value of the wrong type is
+an error before any work, and :func:`validate` checks what types cannot (batch
+sizes that do not divide, missing paths, out-of-range values).
+
+Sizes follow verl: ``data.train_batch_size`` and ``ppo_mini_batch_size`` count
+prompts; each prompt has ``rollout.n`` responses; the micro-batch sizes
+(``*_micro_batch_size_per_gpu``) count responses.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from sfpo_train.sfpo import DECAYS, TRIGGERS
+
+ADV_ESTIMATORS = ("grpo",)
+ROLLOUT_NAMES = ("hf", "vllm")
+LR_SCHEDULERS = ("constant", "cosine")
+MODEL_DTYPES = ("fp32", "bf16", "fp16")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+# --------------------------------------------------------------------------- the tree (verl's names)
+
+
+@dataclass
+class DataConfig:
+    train_files: Optional[str] = None  # None: the embedded default task's files
+    val_files: Optional[str] = None
+    prompt_key: str = "prompt"
+    reward_fn_key: str = "data_source"
+    train_batch_size: int = 16
+    val_batch_size: int = 256  # prompts per generate call during validation
+    val_max_samples: int = -1  # -1: the whole validation set
+    max_prompt_length: int = 16
+    max_response_length: int = 5
+    shuffle: bool = True
+    seed: int = 1
+
+
+@dataclass
+class ModelConfig:
+    path: Optional[str] = None  # None: the embedded default model
+    dtype: str = "fp32"  # parameters and compute dtype: fp32 | bf16 | fp16
+    # verl's override_config: keys applied to the transformers config. With
+    # random_init they shape a fresh model (e.g. Qwen2.5-0.5B's sizes).
+    override_config: dict = field(default_factory=dict)
+    random_init: bool = False
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-5
+    weight_decay: float = 0.01
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    lr_warmup_steps: int = -1  # -1: use lr_warmup_steps_ratio
+    lr_warmup_steps_ratio: float = 0.0
+    lr_scheduler_type: str = "constant"  # constant | cosine (after the warm-up)
+    min_lr_ratio: float = 0.0
+    clip_grad: float = 1.0  # max grad norm per optimizer step (verl: actor.grad_clip)
+
+
+@dataclass
+class SFPOKeys:
+    """``actor_rollout_ref.actor.sfpo.*``: :class:`sfpo_train.SFPOConfig` plus the on/off switch."""
+
+    enable: bool = True
+    inner_steps: int = 3
+    alpha: float = 0.8
+    zscore_window: int = 30
+    zscore_threshold: float = 1.0
+    trigger: str = "up"
+    decay: str = "hard"
+    decay_steps: int = 0
+    slow_correction: bool = True
+    reposition: bool = True
+    entropy_control: bool = True
+    snapshot_offload: str = "none"
+
+
+@dataclass
+class ActorConfig:
+    ppo_mini_batch_size: int = 16
+    ppo_micro_batch_size_per_gpu: int = 128
+    ppo_epochs: int = 1
+    shuffle: bool = False
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.2
+    clip_ratio_c: Optional[float] = 3.0  # dual clip; null: off
+    loss_agg_mode: str = "token-mean"
+    entropy_coeff: float = 0.0
+    use_kl_loss: bool = False
+    kl_loss_coef: float = 0.001
+    kl_loss_type: str = "low_var_kl"
+    kernel_backend: Optional[str] = None  # sfpo_kernels backend for the loss: triton | torch | None (default)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sfpo: SFPOKeys = field(default_factory=SFPOKeys)
+
+
+@dataclass
+class ValKwargs:
+    do_sample: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = -1
+    n: int = 1
+
+
+@dataclass
+class RolloutConfig:
+    name: str = "hf"  # hf (transformers generate) | vllm
+    n: int = 8
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    do_sample: bool = True
+    log_prob_micro_batch_size_per_gpu: int = 128
+    gpu_memory_utilization: float = 0.5  # vllm only
+    val_kwargs: ValKwargs = field(default_factory=ValKwargs)
+
+
+@dataclass
+class RefConfig:
+    log_prob_micro_batch_size_per_gpu: int = 128
+
+
+@dataclass
+class ActorRolloutRefConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ref: RefConfig = field(default_factory=RefConfig)
+
+
+@dataclass
+class FilterGroupsConfig:
+    """DAPO's dynamic sampling: drop groups whose rewards are all equal and refill the batch."""
+
+    enable: bool = False
+    metric: str = "acc"  # acc | score (the same number for rule rewards)
+    max_num_gen_batches: int = 10  # <= 0: no limit
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"
+    norm_adv_by_std_in_grpo: bool = True  # False: Dr. GRPO
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+
+
+@dataclass
+class CustomRewardFunctionConfig:
+    path: Optional[str] = None  # a .py file defining compute_score(data_source, solution_str, ground_truth, extra_info)
+    name: str = "compute_score"
+
+
+@dataclass
+class TrainerSection:
+    project_name: str = "sfpo"
+    experiment_name: Optional[str] = None  # None: "<preset>-<sfpo|grpo>-<time>"
+    default_local_dir: str = "runs"
+    total_training_steps: int = 300
+    test_freq: int = 50  # validate every N steps (and at the end); <= 0: only at the end
+    save_freq: int = 100  # checkpoint every N steps (and at the end); <= 0: only at the end
+    val_before_train: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    seed: int = 1
+    progress_bar: bool = True
+
+
+@dataclass
+class TrainerConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+
+
+# --------------------------------------------------------------------------- presets and algorithms
+
+# Each preset is a list of overrides applied before the user's.
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded default: SFPO on the shipped addition model, a few minutes on 2 CPU cores.
+    "default": {},
+    # A few seconds end to end: CI and quick checks of an install.
+    "smoke": {
+        "data.train_batch_size": 4,
+        "actor_rollout_ref.rollout.n": 4,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 2,
+        "data.val_max_samples": 32,
+        "trainer.total_training_steps": 3,
+        "trainer.test_freq": -1,
+        "trainer.save_freq": -1,
+        "actor_rollout_ref.actor.sfpo.zscore_window": 2,
+    },
+    # Qwen2.5-0.5B's shapes (random weights, the addition tokenizer's ids over the
+    # full 151936 vocabulary), bf16 on a GPU: per-stage cost at a real model size.
+    "qwen2.5-0.5b": {
+        "trainer.device": "cuda",
+        "actor_rollout_ref.model.dtype": "bf16",
+        "actor_rollout_ref.model.random_init": True,
+        "actor_rollout_ref.model.override_config": {
+            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+        },
+        "data.train_batch_size": 64,
+        "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": 64,
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": 128,
+        "actor_rollout_ref.actor.optim.lr": 1e-6,
+        "trainer.total_training_steps": 20,
+        "trainer.test_freq": -1,
+        "trainer.save_freq": -1,
+        "trainer.val_before_train": False,
+    },
+}  # fmt: skip
+
+# verl's recipes for the three algorithms, as overrides (applied after the preset).
+ALGORITHMS: dict[str, dict[str, Any]] = {
+    "grpo": {},
+    # Dr. GRPO: no std in the advantage, token sums normalised by a constant length.
+    "drgrpo": {
+        "algorithm.norm_adv_by_std_in_grpo": False,
+        "actor_rollout_ref.actor.loss_agg_mode": "seq-mean-token-sum-norm",
+    },
+    # DAPO: clip-higher, token-mean, dynamic sampling.
+    "dapo": {
+        "actor_rollout_ref.actor.clip_ratio_low": 0.2,
+        "actor_rollout_ref.actor.clip_ratio_high": 0.28,
+        "actor_rollout_ref.actor.loss_agg_mode": "token-mean",
+        "algorithm.filter_groups.enable": True,
+    },
+}
+
+
+def _leaf_keys(node, prefix: str = "") -> list[str]:
+    out = []
+    for key, value in node.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, DictConfig) and name != "actor_rollout_ref.model.override_config":
+            out.extend(_leaf_keys(value, name + "."))
+        else:
+            out.append(name)
+    return out
+
+
+def config_keys() -> list[str]:
+    """Every settable key, dotted."""
+    return _leaf_keys(OmegaConf.structured(TrainerConfig))
+
+
+def _merge(cfg: DictConfig, items: dict[str, Any] | list[str], source: str) -> DictConfig:
+    if isinstance(items, dict):
+        pairs = list(items.items())
+    else:
+        pairs = []
+        for item in items:
+            if "=" not in item:
+                raise ValueError(f"{source}: override {item!r} must look like key=value (e.g. data.train_batch_size=32)")
+            key, value = item.split("=", 1)
+            pairs.append((key.lstrip("+"), value))  # hydra's '+' (add a key) is accepted for known keys
+    keys = set(config_keys())
+    for key, value in pairs:
+        if key not in keys:
+            close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; `sfpo train --help-config` lists every key"
+            raise ValueError(f"{source}: unknown config key {key!r}{hint}")
+        try:
+            parsed = OmegaConf.from_dotlist([f"{key}={value}"]) if isinstance(value, str) else \
+                OmegaConf.create(_nest(key, value))  # fmt: skip
+            cfg = OmegaConf.merge(cfg, parsed)
+        except (ConfigKeyError, OmegaConfBaseException) as e:
+            first = str(e).splitlines()[0]
+            raise ValueError(f"{source}: bad value for {key}: {value!r} ({first})") from None
+    return cfg
+
+
+def _nest(key: str, value: Any) -> dict:
+    out: Any = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def load_config(preset: str = "default", overrides: list[str] | None = None, algorithm: str = "grpo") -> DictConfig:
+    """The config for ``preset`` + ``algorithm``'s recipe + ``overrides`` (``key=value`` strings, verl's names)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    cfg = OmegaConf.structured(TrainerConfig)
+    cfg = _merge(cfg, PRESETS[preset], f"preset {preset!r}")
+    cfg = _merge(cfg, ALGORITHMS[algorithm], f"algorithm {algorithm!r}")
+    cfg = _merge(cfg, list(overrides or []), "command line")
+    return cfg
+
+
+def config_from_yaml(path: str) -> DictConfig:
+    """A run's saved ``config.yaml`` checked against the current schema."""
+    loaded = OmegaConf.load(path)
+    cfg = OmegaConf.structured(TrainerConfig)
+    try:
+        return OmegaConf.merge(cfg, loaded)
+    except OmegaConfBaseException as e:
+        raise ValueError(f"{path} is not a config this trainer can read: {str(e).splitlines()[0]}") from None
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks types cannot express; raises ``ValueError`` naming the key and the value."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{key} must be {what}, got {OmegaConf.select(cfg, key)!r}")
+
+    data, arr, actor, rollout = cfg.data, cfg.actor_rollout_ref, cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
+    for key in ("data.train_batch_size", "data.val_batch_size", "data.max_prompt_length", "data.max_response_length",
+                "actor_rollout_ref.rollout.n", "actor_rollout_ref.actor.ppo_mini_batch_size",
+                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
+                "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+                "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", "trainer.total_training_steps"):
+        need(OmegaConf.select(cfg, key) >= 1, key, ">= 1")  # fmt: skip
+    need(actor.ppo_mini_batch_size <= data.train_batch_size, "actor_rollout_ref.actor.ppo_mini_batch_size",
+         f"<= data.train_batch_size ({data.train_batch_size})")
+    need(data.train_batch_size % actor.ppo_mini_batch_size == 0, "actor_rollout_ref.actor.ppo_mini_batch_size",
+         f"a divisor of data.train_batch_size ({data.train_batch_size})")
+    mini_responses = actor.ppo_mini_batch_size * rollout.n
+    need(mini_responses % min(actor.ppo_micro_batch_size_per_gpu, mini_responses) == 0,
+         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+         f"a divisor of ppo_mini_batch_size * rollout.n ({mini_responses} responses)")
+    need(arr.model.dtype in MODEL_DTYPES, "actor_rollout_ref.model.dtype", f"one of {', '.join(MODEL_DTYPES)}")
+    need(rollout.name in ROLLOUT_NAMES, "actor_rollout_ref.rollout.name", f"one of {', '.join(ROLLOUT_NAMES)}")
+    need(rollout.temperature > 0, "actor_rollout_ref.rollout.temperature", "> 0 (it divides the logits)")
+    need(0 < rollout.top_p <= 1, "actor_rollout_ref.rollout.top_p", "in (0, 1]")
+    need(rollout.val_kwargs.n == 1, "actor_rollout_ref.rollout.val_kwargs.n", "1 (one response per test prompt)")
+    need(0 < rollout.gpu_memory_utilization <= 1, "actor_rollout_ref.rollout.gpu_memory_utilization", "in (0, 1]")
+    need(cfg.algorithm.adv_estimator in ADV_ESTIMATORS, "algorithm.adv_estimator", f"one of {', '.join(ADV_ESTIMATORS)}")
+    need(cfg.algorithm.filter_groups.metric in ("acc", "score"), "algorithm.filter_groups.metric", "acc or score")
+    need(not cfg.algorithm.filter_groups.enable or rollout.n >= 2, "actor_rollout_ref.rollout.n",
+         ">= 2 with algorithm.filter_groups.enable (a group of one always has equal rewards)")
+    optim = actor.optim
+    need(optim.lr >= 0, "actor_rollout_ref.actor.optim.lr", ">= 0")
+    need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "actor_rollout_ref.actor.optim.betas",
+         "two numbers in [0, 1)")
+    need(optim.lr_scheduler_type in LR_SCHEDULERS, "actor_rollout_ref.actor.optim.lr_scheduler_type",
+         f"one of {', '.join(LR_SCHEDULERS)}")
+    need(0 <= optim.lr_warmup_steps_ratio <= 1, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "in [0, 1]")
+    need(0 <= optim.min_lr_ratio <= 1, "actor_rollout_ref.actor.optim.min_lr_ratio", "in [0, 1]")
+    need(optim.clip_grad > 0, "actor_rollout_ref.actor.optim.clip_grad", "> 0")
+    sfpo = actor.sfpo
+    need(sfpo.trigger in TRIGGERS, "actor_rollout_ref.actor.sfpo.trigger", f"one of {', '.join(TRIGGERS)}")
+    need(sfpo.decay in DECAYS, "actor_rollout_ref.actor.sfpo.decay", f"one of {', '.join(DECAYS)}")
+    need(cfg.trainer.device in DEVICES, "trainer.device", f"one of {', '.join(DEVICES)}")
+    need(not actor.use_kl_loss or actor.kl_loss_coef >= 0, "actor_rollout_ref.actor.kl_loss_coef", ">= 0")
+    for key in ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "custom_reward_function.path"):
+        value = OmegaConf.select(cfg, key)
+        need(value is None or os.path.exists(value), key, "an existing path")
+    # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work.
+    from sfpo_train import trainer  # local: trainer imports this module
+
+    try:
+        trainer.loss_options(cfg)
+        trainer.sfpo_config(cfg)
+    except ValueError as e:
+        raise ValueError(f"{e} (from the actor_rollout_ref.actor.* keys)") from None
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)
+
+
+# --------------------------------------------------------------------------- documentation of every key
+
+KEY_HELP: dict[str, str] = {
+    "data.train_files": "training prompts, a parquet file in verl's layout (default: the embedded addition task)",
+    "data.val_files": "validation prompts, same layout (default: the embedded task's 500 test problems)",
+    "data.prompt_key": "column holding the prompt (chat messages or a string)",
+    "data.reward_fn_key": "column routing the reward function (verl: data_source)",
+    "data.train_batch_size": "prompts per iteration",
+    "data.val_batch_size": "prompts per generate call during validation",
+    "data.val_max_samples": "validate on the first N prompts only (-1: all)",
+    "data.max_prompt_length": "longest prompt in tokens; a longer one is an error before training",
+    "data.max_response_length": "tokens generated per response at most",
+    "data.shuffle": "a new permutation of the training prompts every epoch",
+    "data.seed": "seed of the data order",
+    "actor_rollout_ref.model.path": "a local transformers causal LM directory (default: the embedded model)",
+    "actor_rollout_ref.model.dtype": "compute dtype, fp32 | bf16 | fp16 (autocast; parameters stay fp32)",
+    "actor_rollout_ref.model.override_config": "transformers config entries to override, e.g. {num_hidden_layers: 4}",
+    "actor_rollout_ref.model.random_init": "start from random weights (model.path gives config and tokenizer)",
+    "actor_rollout_ref.model.attn_implementation": "transformers attention: sdpa | eager | flash_attention_2",
+    "actor_rollout_ref.actor.ppo_mini_batch_size": "prompts per optimizer step (must divide data.train_batch_size)",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": "responses per forward/backward (gradient accumulation)",
+    "actor_rollout_ref.actor.ppo_epochs": "passes over the batch per update pass",
+    "actor_rollout_ref.actor.shuffle": "shuffle responses before splitting into mini-batches",
+    "actor_rollout_ref.actor.clip_ratio_low": "PPO clip: ratio >= 1 - clip_ratio_low",
+    "actor_rollout_ref.actor.clip_ratio_high": "PPO clip: ratio <= 1 + clip_ratio_high (DAPO's clip-higher: 0.28)",
+    "actor_rollout_ref.actor.clip_ratio_c": "dual-clip bound for negative advantages (> 1; null: off)",
+    "actor_rollout_ref.actor.loss_agg_mode": "token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean | "
+                                             "seq-mean-token-sum-norm (Dr. GRPO)",
+    "actor_rollout_ref.actor.entropy_coeff": "entropy bonus coefficient",
+    "actor_rollout_ref.actor.use_kl_loss": "add a KL penalty to a frozen reference (the starting model)",
+    "actor_rollout_ref.actor.kl_loss_coef": "KL penalty coefficient",
+    "actor_rollout_ref.actor.kl_loss_type": "kl/k1 | abs | mse/k2 | low_var_kl/k3 (a '+' takes the k2 gradient)",
+    "actor_rollout_ref.actor.kernel_backend": "loss kernels: triton | torch | null (triton on GPU, torch on CPU)",
+    "actor_rollout_ref.actor.optim.lr": "AdamW learning rate",
+    "actor_rollout_ref.actor.optim.weight_decay": "AdamW weight decay",
+    "actor_rollout_ref.actor.optim.betas": "AdamW betas, e.g. [0.9,0.999]",
+    "actor_rollout_ref.actor.optim.eps": "AdamW epsilon",
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": "linear warm-up iterations (-1: use lr_warmup_steps_ratio)",
+    "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio": "warm-up as a fraction of total_training_steps",
+    "actor_rollout_ref.actor.optim.lr_scheduler_type": "after warm-up: constant | cosine",
+    "actor_rollout_ref.actor.optim.min_lr_ratio": "cosine floor as a fraction of lr",
+    "actor_rollout_ref.actor.optim.clip_grad": "max gradient norm per optimizer step",
+    "actor_rollout_ref.actor.sfpo.enable": "SFPO on; off is plain GRPO (the same code with alpha 0)",
+    "actor_rollout_ref.actor.sfpo.inner_steps": "K, fast-trajectory update passes per iteration",
+    "actor_rollout_ref.actor.sfpo.alpha": "reposition step in [0, 1]: theta <- theta0 + alpha (thetaK - theta0)",
+    "actor_rollout_ref.actor.sfpo.zscore_window": "entropies in the trigger's rolling window",
+    "actor_rollout_ref.actor.sfpo.zscore_threshold": "z-score that switches SFPO off (alpha -> 0)",
+    "actor_rollout_ref.actor.sfpo.trigger": "up (z >= tau, the authors' code) | abs (|z| >= tau, the paper) | down",
+    "actor_rollout_ref.actor.sfpo.decay": "after the trigger: hard (alpha 0 at once) | linear",
+    "actor_rollout_ref.actor.sfpo.decay_steps": "iterations of the linear decay",
+    "actor_rollout_ref.actor.sfpo.slow_correction": "run Stage III (ablation)",
+    "actor_rollout_ref.actor.sfpo.reposition": "run Stage II (ablation)",
+    "actor_rollout_ref.actor.sfpo.entropy_control": "use the entropy trigger (ablation)",
+    "actor_rollout_ref.actor.sfpo.snapshot_offload": "where theta0 lives: none (device) | cpu (pinned host memory)",
+    "actor_rollout_ref.rollout.name": "rollout engine: hf (transformers generate) | vllm (optional extra, GPU)",
+    "actor_rollout_ref.rollout.n": "responses per prompt (the GRPO group size)",
+    "actor_rollout_ref.rollout.temperature": "sampling temperature (also divides the logits in the loss)",
+    "actor_rollout_ref.rollout.top_p": "nucleus sampling",
+    "actor_rollout_ref.rollout.top_k": "top-k sampling (-1: off)",
+    "actor_rollout_ref.rollout.do_sample": "sample (false: greedy)",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": "responses per forward of the old-log-prob pass",
+    "actor_rollout_ref.rollout.gpu_memory_utilization": "vLLM's share of GPU memory",
+    "actor_rollout_ref.rollout.val_kwargs.do_sample": "sample during validation (false: greedy)",
+    "actor_rollout_ref.rollout.val_kwargs.temperature": "validation temperature (with do_sample)",
+    "actor_rollout_ref.rollout.val_kwargs.top_p": "validation top-p (with do_sample)",
+    "actor_rollout_ref.rollout.val_kwargs.top_k": "validation top-k (with do_sample; -1: off)",
+    "actor_rollout_ref.rollout.val_kwargs.n": "responses per validation prompt (1)",
+    "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu": "responses per forward of the reference pass",
+    "algorithm.adv_estimator": "advantage estimator: grpo",
+    "algorithm.norm_adv_by_std_in_grpo": "divide by the group's std (false: Dr. GRPO)",
+    "algorithm.filter_groups.enable": "DAPO dynamic sampling: drop groups with equal rewards, refill the batch",
+    "algorithm.filter_groups.metric": "what must differ within a group: acc | score",
+    "algorithm.filter_groups.max_num_gen_batches": "give up after this many generation batches (<= 0: never)",
+    "custom_reward_function.path": "a .py file with compute_score(data_source, solution_str, ground_truth, extra_info)",
+    "custom_reward_function.name": "the function's name in that file",
+    "trainer.project_name": "project name (recorded in the run's config)",
+    "trainer.experiment_name": "run name; the run lives in default_local_dir/experiment_name (default: preset-kind-time)",
+    "trainer.default_local_dir": "where runs are written",
+    "trainer.total_training_steps": "RL iterations",
+    "trainer.test_freq": "validate every N iterations and at the end (<= 0: only at the end)",
+    "trainer.save_freq": "checkpoint every N iterations and at the end (<= 0: never)",
+    "trainer.val_before_train": "validate the starting model first",
+    "trainer.device": "auto | cpu | cuda",
+    "trainer.seed": "seed of sampling and initialisation",
+    "trainer.progress_bar": "show the progress bar",
+}
+
+
+def describe_keys(cfg: DictConfig | None = None) -> str:
+    """Every key with its value in ``cfg`` (default: the defaults) and what it means, for ``--help``."""
+    cfg = cfg if cfg is not None else OmegaConf.structured(TrainerConfig)
+    lines, section = [], None
+    for key in config_keys():
+        head = key.rsplit(".", 1)[0]
+        if head != section:
+            lines.append(f"  {head}.")
+            section = head
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, DictConfig) or hasattr(value, "_content"):
+            value = OmegaConf.to_container(value)
+        lines.append(f"    {key.rsplit('.', 1)[1]}={json_value(value)}  -- {KEY_HELP.get(key, '')}")
+    return "\n".join(lines)
+
+
+def json_value(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return str(value).replace(" ", "")
+    return str(value)

@@ -1,0 +1,144 @@
+"""Rollout engines: responses for a batch of tokenised prompts.
+
+- :class:`HFRollout` (``actor_rollout_ref.rollout.name=hf``, the default):
+  transformers ``generate`` on the training model itself, CPU or GPU.
+- :class:`VLLMRollout` (``rollout.name=vllm``, optional extra): a vLLM engine
+  holding its own copy of the weights, synced from the training model after
+  every update (:meth:`sync_weights`).
+
+Both return a :class:`RolloutBatch` with the prompt's ``n`` responses next to
+each other (verl's ``repeat(interleave=True)``), responses right-padded to
+``max_new_tokens`` and masked after the first EOS (which itself counts).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from sfpo_train.data import left_pad
+
+
+@dataclass
+class SamplingSettings:
+    n: int
+    do_sample: bool
+    temperature: float
+    top_p: float
+    top_k: int  # <= 0: off
+    max_new_tokens: int
+
+
+@dataclass
+class RolloutBatch:
+    """``B*n`` sequences: ``prompt_ids``/``prompt_mask`` ``[B*n, P]`` (left padded), ``responses``/``response_mask`` ``[B*n, R]``."""
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    responses: torch.Tensor
+    response_mask: torch.Tensor
+
+
+def response_mask_from(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """1 on every token up to and including the first EOS (all tokens when there is none)."""
+    is_eos = responses == eos_token_id
+    before_or_at_first_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) == 0
+    return before_or_at_first_eos.long()
+
+
+def _finish(prompts: list[list[int]], responses: list[list[int]] | torch.Tensor, settings: SamplingSettings,
+            pad_id: int, eos_id: int, device) -> RolloutBatch:  # fmt: skip
+    repeated = [p for p in prompts for _ in range(settings.n)]
+    prompt_ids, prompt_mask = left_pad(repeated, pad_id, device)
+    out = torch.full((len(repeated), settings.max_new_tokens), pad_id, dtype=torch.long, device=device)
+    if isinstance(responses, torch.Tensor):
+        width = min(responses.shape[1], settings.max_new_tokens)
+        out[:, :width] = responses[:, :width]
+    else:
+        for i, r in enumerate(responses):
+            r = list(r)[: settings.max_new_tokens]
+            if r:
+                out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+    mask = response_mask_from(out, eos_id)
+    out = torch.where(mask.bool(), out, torch.full_like(out, pad_id))
+    return RolloutBatch(prompt_ids, prompt_mask, out, mask)
+
+
+class HFRollout:
+    """transformers ``generate`` with the training model (sampling uses torch's global RNG)."""
+
+    name = "hf"
+
+    def __init__(self, model, tokenizer, autocast):
+        self.model, self.tokenizer, self.autocast = model, tokenizer, autocast
+
+    def sync_weights(self, model) -> None:  # generates with the training model: nothing to copy
+        pass
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
+        from transformers import GenerationConfig
+
+        device = next(self.model.parameters()).device
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        repeated = [p for p in prompts for _ in range(settings.n)]
+        ids, mask = left_pad(repeated, pad_id, device)
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                        top_k=settings.top_k if settings.top_k > 0 else 0) if settings.do_sample else \
+            dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # fmt: skip
+        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, min_new_tokens=0, pad_token_id=pad_id,
+                                  eos_token_id=eos_id, bos_token_id=self.tokenizer.bos_token_id, **sampling)  # fmt: skip
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.autocast():
+                out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        finally:
+            self.model.train(was_training)
+        return _finish(prompts, out[:, ids.shape[1]:], settings, pad_id, eos_id, device)
+
+
+class VLLMRollout:
+    """A vLLM engine on the same GPU; weights copied from the training model by :meth:`sync_weights`.
+
+    vLLM is an optional extra (``pip install 'sfpo[vllm]'``); its engine runs in
+    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the weight sync is a
+    direct ``load_weights`` call on its model.
+    """
+
+    name = "vllm"
+
+    def __init__(self, model_dir: str, tokenizer, *, dtype: str, gpu_memory_utilization: float, seed: int,
+                 max_model_len: int):  # fmt: skip
+        try:
+            import vllm
+        except ImportError:
+            raise ValueError("actor_rollout_ref.rollout.name=vllm needs vLLM: pip install 'sfpo[vllm]'") from None
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self._vllm = vllm
+        self.tokenizer = tokenizer
+        self.llm = vllm.LLM(model=model_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
+                            gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=True,
+                            max_model_len=max_model_len, skip_tokenizer_init=True)  # fmt: skip
+
+    def sync_weights(self, model) -> None:
+        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
+        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
+        if hasattr(self.llm, "reset_prefix_cache"):
+            self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
+
+    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
+        vllm = self._vllm
+        params = vllm.SamplingParams(
+            n=settings.n, max_tokens=settings.max_new_tokens,
+            temperature=settings.temperature if settings.do_sample else 0.0,
+            top_p=settings.top_p if settings.do_sample else 1.0,
+            top_k=settings.top_k if settings.do_sample and settings.top_k > 0 else -1,
+            stop_token_ids=[self.tokenizer.eos_token_id], detokenize=False,
+        )  # fmt: skip
+        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        responses = [list(o.token_ids) for out in outputs for o in out.outputs]
+        device = torch.device("cuda")
+        return _finish(prompts, responses, settings, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, device)
