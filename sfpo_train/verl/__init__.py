@@ -1,0 +1,23 @@
+"""SFPO in verl 0.9.1 as a plugin: switch it on with config keys, keep your verl.
+
+- :mod:`sfpo_train.verl.main`: ``python -m sfpo_train.verl.main <verl overrides>``,
+  verl's hydra interface plus ``actor_rollout_ref.actor.sfpo.*`` (or the paper
+  authors' ``+actor_rollout_ref.actor.use_sfpo=True`` ... keys).
+- :mod:`sfpo_train.verl.worker`: :class:`SFPOTrainingWorker` (one SFPO iteration
+  per ``train_mini_batch``) and :class:`SFPOActorRolloutRefWorker`.
+- :mod:`sfpo_train.verl.trainer`: verl's v1 sync trainer, handing the iteration's
+  entropy to the worker and using our worker.
+- :mod:`sfpo_train.verl.fused`: ``sfpo_kernels.logprob_entropy`` in the actor's
+  log-prob path and the ``sfpo_vanilla`` policy loss.
+- :mod:`sfpo_train.verl.config`: the config keys, validated and normalised.
+- :mod:`sfpo_train.verl.cpu`: verl on CPU (tests, smoke runs).
+
+Importing this package does not import verl; its submodules do. ``import
+sfpo_train`` never imports this package.
+"""
+
+from pathlib import Path
+
+# hydra config directory: verl's ppo_trainer.yaml plus the sfpo block
+CONFIG_DIR = str(Path(__file__).resolve().parent / "conf")
+CONFIG_NAME = "sfpo_trainer"

@@ -1,0 +1,132 @@
+"""SFPO's verl config keys: read, validate, normalise, and take out of verl's way.
+
+Two spellings are accepted under ``actor_rollout_ref.actor``:
+
+- ours, a block ``sfpo.{enable, inner_steps, alpha, zscore_window,
+  zscore_threshold, trigger, decay, decay_steps, snapshot_offload,
+  fused_kernels}`` (defaults in ``config/sfpo_trainer.yaml``);
+- the paper authors' flat keys, added with ``+`` in their scripts:
+  ``use_sfpo`` -> enable, ``sfpo_inner_steps`` -> inner_steps,
+  ``sfpo_step_size`` -> alpha, ``zscore_w`` -> zscore_window,
+  ``zscore_threshold`` -> zscore_threshold.
+
+verl builds ``ActorConfig(**actor)`` and rejects keys it does not know, so
+:func:`normalize_sfpo_config` moves every SFPO key out of
+``actor_rollout_ref.actor`` into one canonical block ``actor_rollout_ref.sfpo``
+(a sibling that verl never instantiates). It is idempotent: the driver calls it
+before verl validates the config and the worker calls it again on the config it
+receives, so a worker built from a hand-made config works too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from sfpo_train.sfpo import SFPOConfig
+
+# authors' flat key -> our key
+AUTHOR_KEYS = {
+    "use_sfpo": "enable",
+    "sfpo_inner_steps": "inner_steps",
+    "sfpo_step_size": "alpha",
+    "zscore_w": "zscore_window",
+    "zscore_threshold": "zscore_threshold",
+}
+FUSED_CHOICES = ("auto", True, False)
+# keys of the sfpo block that are not SFPOConfig fields
+_OWN_KEYS = ("enable", "fused_kernels")
+_CONFIG_KEYS = ("inner_steps", "alpha", "zscore_window", "zscore_threshold", "trigger", "decay", "decay_steps",
+                "snapshot_offload")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class VerlSFPOSettings:
+    """Everything the verl integration reads from the config.
+
+    Attributes:
+        enable: wrap verl's actor update in :class:`sfpo_train.SFPO`.
+        sfpo: the update rule's hyperparameters.
+        fused_kernels: "auto" (on when the actor runs on CUDA), True or False: compute the
+            actor's log-probs and entropy with ``sfpo_kernels.logprob_entropy`` and the
+            policy loss with the ``"sfpo_vanilla"`` policy loss (GRPO's clipped loss).
+    """
+
+    enable: bool = False
+    sfpo: SFPOConfig = SFPOConfig()
+    fused_kernels: bool | str = "auto"
+
+    def to_dict(self) -> dict:
+        return {"enable": self.enable, "fused_kernels": self.fused_kernels,
+                **{k: v for k, v in asdict(self.sfpo).items() if k in _CONFIG_KEYS}}  # fmt: skip
+
+
+def _as_bool(name: str, value) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def settings_from_dict(block: dict, where: str = "actor_rollout_ref.sfpo") -> VerlSFPOSettings:
+    """Validate a plain dict of our keys into :class:`VerlSFPOSettings` (unknown keys are errors)."""
+    unknown = sorted(set(block) - set(_OWN_KEYS) - set(_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"{where} has unknown keys {unknown}; known: {', '.join(_OWN_KEYS + _CONFIG_KEYS)}")
+    enable = _as_bool(f"{where}.enable", block.get("enable", False))
+    fused = block.get("fused_kernels", "auto")
+    if isinstance(fused, str) and fused.lower() in ("true", "false"):
+        fused = fused.lower() == "true"
+    if fused not in FUSED_CHOICES or (fused == 1 and not isinstance(fused, bool)):
+        raise ValueError(f"{where}.fused_kernels must be auto, true or false, got {fused!r}")
+    kwargs = {k: block[k] for k in _CONFIG_KEYS if k in block and block[k] is not None}
+    # YAML and the command line give ints for float fields (alpha=1); SFPOConfig wants numbers either way.
+    for name in ("alpha", "zscore_threshold"):
+        if name in kwargs and isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool):
+            kwargs[name] = float(kwargs[name])
+    return VerlSFPOSettings(enable=enable, sfpo=SFPOConfig(**kwargs), fused_kernels=fused)
+
+
+def normalize_sfpo_config(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
+    """Move the SFPO keys of ``actor_rollout_ref.actor`` into ``actor_rollout_ref.sfpo``; return the settings.
+
+    Precedence: an already normalised ``actor_rollout_ref.sfpo`` block, then
+    ``actor.sfpo.*``, then the authors' keys. A later source may replace a value
+    that is still the default (our YAML block always carries the defaults); two
+    non-default values that differ are a ``ValueError`` naming both keys.
+    """
+    defaults = VerlSFPOSettings().to_dict()
+    block: dict = {}
+    origin: dict = {}
+
+    def merge(key, value, name):
+        if key in block and block[key] != value and block[key] != defaults.get(key) and value != defaults.get(key):
+            raise ValueError(f"{origin[key]}={block[key]!r} and {name}={value!r} disagree; set one of them")
+        if key not in block or block[key] == defaults.get(key):
+            block[key], origin[key] = value, name
+
+    existing = actor_rollout_ref.get("sfpo")
+    for key, value in (OmegaConf.to_container(existing, resolve=True) if existing is not None else {}).items():
+        merge(key, value, f"actor_rollout_ref.sfpo.{key}")
+    actor = actor_rollout_ref.get("actor")
+    if actor is not None:
+        nested = actor.get("sfpo")
+        nested = OmegaConf.to_container(nested, resolve=True) if nested is not None else {}
+        if not isinstance(nested, dict):
+            raise ValueError(f"actor_rollout_ref.actor.sfpo must be a mapping of SFPO keys, got {nested!r}")
+        for key, value in nested.items():
+            merge(key, value, f"actor_rollout_ref.actor.sfpo.{key}")
+        for theirs, ours in AUTHOR_KEYS.items():
+            if theirs in actor:
+                merge(ours, actor.get(theirs), f"actor_rollout_ref.actor.{theirs}")
+    settings = settings_from_dict(block)
+    with open_dict(actor_rollout_ref):
+        if actor is not None:
+            with open_dict(actor):
+                actor.pop("sfpo", None)
+                for key in AUTHOR_KEYS:
+                    actor.pop(key, None)
+        actor_rollout_ref["sfpo"] = settings.to_dict()
+    return settings

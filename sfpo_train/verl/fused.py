@@ -1,0 +1,147 @@
+"""sfpo's kernels inside verl's actor: the log-prob path and a registered policy loss.
+
+verl's FSDP engine computes per-token log-probs and entropy in one of two ways:
+eager (``logits -> fp32 log_softmax -> gather``, plus a second pass for the
+entropy) or, with ``model.use_fused_kernels=True``, through a patched
+``forward`` of the HF model that returns ``log_probs`` and ``entropy``
+directly. We take the second door: :func:`install_logprob_forward` replaces
+the forward verl installed (its dense text-model one) with
+:func:`forward_with_sfpo_kernels`, which runs the base model and the LM head
+and then ``sfpo_kernels.logprob_entropy`` -- one Triton pass over the
+vocabulary forward and one backward, no fp32 ``[tokens, V]`` temporaries. The
+same forward serves the old-log-prob pass, the reference pass and training.
+
+The per-token policy-gradient math runs in :func:`compute_policy_loss_sfpo`,
+registered with verl as the policy loss ``"sfpo_vanilla"``: our
+``policy_loss_terms`` (GRPO's clipped ratio with dual clip, verl's
+conventions), aggregated with verl's own ``agg_loss`` so the global-batch
+normalisation across micro-batches and data-parallel ranks is verl's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+
+import sfpo_kernels
+from sfpo_kernels import reference
+
+POLICY_LOSS_NAME = "sfpo_vanilla"
+
+
+@register_policy_loss(POLICY_LOSS_NAME)
+def compute_policy_loss_sfpo(
+    old_log_prob: torch.Tensor,
+    log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    response_mask: torch.Tensor,
+    loss_agg_mode: str = "token-mean",
+    config: Any = None,
+    rollout_is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """verl's ``vanilla`` policy loss computed by ``sfpo_kernels.reference.policy_loss_terms``.
+
+    All tensors ``[B, T]`` (padded responses). Per token, with
+    ``r = exp(clamp(logp - old, -20, 20))``: ``max(-A r, -A clip(r, 1-low, 1+high))``,
+    and for ``A < 0`` at most ``-A clip_ratio_c``; times ``rollout_is_weights`` when
+    given; aggregated by verl's ``agg_loss`` with ``config.global_batch_info``.
+    Returns ``(pg_loss, metrics)`` with verl's metric names.
+    """
+    if config is None:
+        raise ValueError("compute_policy_loss_sfpo needs the actor config (config=None)")
+    low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
+    high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
+    clip_c = config.get("clip_ratio_c", 3.0)
+    pg_losses, terms = reference.policy_loss_terms(log_prob, old_log_prob.to(log_prob.dtype),
+                                                   advantages.to(log_prob.dtype), response_mask, low, high, clip_c)  # fmt: skip
+    if rollout_is_weights is not None:
+        pg_losses = pg_losses * rollout_is_weights
+    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
+                       **config.global_batch_info)  # fmt: skip
+    # verl logs python floats per micro-batch; one sync for all three.
+    values = torch.stack([terms["pg_clipfrac"], terms["ppo_kl"], terms["pg_clipfrac_lower"]]).tolist()
+    return pg_loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
+
+
+def forward_with_sfpo_kernels(
+    self,
+    input_ids: torch.LongTensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.LongTensor | None = None,
+    past_key_values=None,
+    inputs_embeds: torch.FloatTensor | None = None,
+    labels: torch.LongTensor | None = None,
+    use_cache: bool | None = None,
+    output_attentions: bool | None = None,
+    output_hidden_states: bool | None = None,
+    return_dict: bool | None = None,
+    cache_position: torch.LongTensor | None = None,
+    logits_to_keep: int | torch.Tensor = 0,
+    temperature: float = 1.0,
+    shift_labels: torch.LongTensor | None = None,
+    **kwargs,
+) -> Any:
+    """HF causal-LM forward returning ``log_probs`` and ``entropy`` ``[1, N]`` (or ``[B, T]``) instead of logits.
+
+    Labels: ``shift_labels`` when verl passes them (already rolled over the
+    packed sequence), else ``labels`` or ``input_ids`` rolled left by one, as
+    verl's own fused forwards do. ``log_probs[t] = log softmax(z_t / T)[y_t]``,
+    ``entropy[t] = H(softmax(z_t / T))`` by ``sfpo_kernels.logprob_entropy``.
+    """
+    from verl.models.transformers import dense_common
+
+    if return_dict is False:
+        raise ValueError("forward_with_sfpo_kernels returns a CausalLMOutputForPPO; return_dict=False is not supported")
+    outputs = dense_common.forward_base_model(
+        self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+        output_attentions=output_attentions, output_hidden_states=output_hidden_states, cache_position=cache_position,
+    )  # fmt: skip
+    if shift_labels is not None:
+        rolled = shift_labels
+    elif labels is not None:
+        rolled = torch.roll(labels, shifts=-1, dims=-1)
+    elif input_ids is not None:
+        rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    else:
+        raise ValueError("forward_with_sfpo_kernels needs input_ids, labels or shift_labels")
+    logits = self.lm_head(outputs[0])
+    log_probs, entropy = sfpo_kernels.logprob_entropy(logits, rolled, float(temperature))
+    return dense_common.CausalLMOutputForPPO(
+        log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+    )  # fmt: skip
+
+
+def install_logprob_forward(module: torch.nn.Module) -> type:
+    """Replace verl's fused forward on ``module``'s HF class with :func:`forward_with_sfpo_kernels`.
+
+    verl patches the class (``model.__class__.forward``) before FSDP wraps the
+    model in a generated subclass, so the class to patch is the one in the MRO
+    whose ``forward`` is verl's dense fused forward. Returns that class.
+    Raises ``ValueError`` when verl did not install one (``use_fused_kernels``
+    off, or a model with its own forward such as the vision-language ones).
+    """
+    from verl.models.transformers import dense_common
+
+    verl_forwards = (dense_common.forward_with_torch_backend, dense_common.forward_with_triton_backend)
+    for cls in type(module).__mro__:
+        forward = cls.__dict__.get("forward")
+        if forward is forward_with_sfpo_kernels:
+            return cls
+        if forward in verl_forwards:
+            cls.forward = forward_with_sfpo_kernels
+            return cls
+    raise ValueError(
+        f"fused_kernels needs verl's dense fused forward on {type(module).__name__} "
+        "(model.use_fused_kernels=True on a text-only model); none was found"
+    )
+
+
+def fused_kernels_wanted(setting: bool | str, device_name: str) -> bool:
+    """``"auto"`` means on for CUDA (where the Triton kernels run), off elsewhere."""
+    if setting == "auto":
+        return device_name == "cuda"
+    return bool(setting)

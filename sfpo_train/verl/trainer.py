@@ -1,0 +1,78 @@
+"""verl 0.9.1's v1 synchronous PPO trainer, with SFPO's worker and the iteration's entropy handed to it.
+
+Two small overrides of ``PPOTrainerSync`` (no change to verl's loop):
+
+- ``_init_resource_pool_mgr``: the actor (and reference) workers are
+  :class:`~sfpo_train.verl.worker.SFPOActorRolloutRefWorker` instead of verl's
+  ``ActorRolloutRefWorker``;
+- ``_update_actor``: the entropy verl just computed in the old-log-prob pass
+  (``metrics["actor/entropy"]``, the response-token aggregate with the actor's
+  ``loss_agg_mode``) goes to the workers as the non-tensor key
+  ``sfpo_entropy``: this is the entropy SFPO's trigger watches.
+
+:class:`SFPOTaskRunner` is verl's ``TaskRunnerV1`` running this trainer; hand
+it to ``verl.trainer.main_ppo.run_ppo(config, task_runner_class=...)``.
+"""
+
+from __future__ import annotations
+
+import ray
+from omegaconf import OmegaConf
+from verl.trainer.main_ppo import TaskRunnerV1
+from verl.trainer.ppo.utils import Role
+from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
+
+from sfpo_train.verl.worker import ENTROPY_KEY, SFPOActorRolloutRefWorker
+
+_ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef, Role.RefPolicy)
+
+
+class SFPOTrainer(PPOTrainerSync):
+    """verl's sync trainer with :class:`SFPOActorRolloutRefWorker` and the entropy handed to it."""
+
+    def _init_resource_pool_mgr(self):
+        super()._init_resource_pool_mgr()
+        for role in self.role_worker_mapping:
+            if role in _ACTOR_ROLES:
+                self.role_worker_mapping[role] = ray.remote(SFPOActorRolloutRefWorker)
+
+    def _update_actor(self, batch, metrics: dict):
+        entropy = metrics.get("actor/entropy")
+        if entropy is None:
+            raise ValueError(
+                "SFPO's trigger needs actor/entropy from the old-log-prob pass, which this run skipped "
+                "(algorithm.rollout_correction.bypass_mode=True?)"
+            )
+        batch.extra_info[ENTROPY_KEY] = float(entropy)
+        return super()._update_actor(batch, metrics)
+
+
+class _SFPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
+    """verl's ``TaskRunnerV1`` whose ``run`` builds :class:`SFPOTrainer` instead of the registered sync trainer."""
+
+    def run(self, config):
+        import transfer_queue as tq
+        from verl.utils.logging_utils import configure_verl_logging
+
+        configure_verl_logging()
+        config.transfer_queue.enable = True  # the v1 trainers move batches through TransferQueue
+        OmegaConf.resolve(config)
+        self.config = config
+        tq.init(config.transfer_queue)
+        succeeded = False
+        try:
+            self.trainer = SFPOTrainer(config=config)
+            self.trainer.init()
+            self.init_agent_loop_manager()
+            self.trainer.fit(self.agent_loop_manager)
+            succeeded = True
+        finally:
+            try:
+                tracking = getattr(self.trainer, "logger", None)
+                if tracking is not None:
+                    tracking.finish(exit_code=0 if succeeded else 1)
+            finally:
+                tq.close()
+
+
+SFPOTaskRunner = ray.remote(_SFPOTaskRunner)

@@ -1,0 +1,257 @@
+"""SFPO inside real verl 0.9.1 (no mocks), on CPU: verl's own FSDP2 actor worker, a tiny random Qwen2.
+
+What must hold, and why each comparison is exact or not:
+
+- one SFPO iteration through our worker == the manual composition with verl's own
+  worker (snapshot; K ``update_actor`` calls; reposition; one more call), bit for bit:
+  the same verl code runs the same float operations in the same order, and the
+  reposition is the same fp32 lerp (``torch._foreach_lerp_`` == ``torch.lerp``);
+- alpha = 0 is plain verl GRPO, bit for bit; the LR scheduler steps once per iteration;
+- 2 gloo processes (FSDP2 shards every parameter) == 1 process within fp32
+  tolerance: the gradient reduction and loss normalisation sum in another order
+  (``TOL_DISTRIBUTED`` below, about 100 fp32 ulps after 8 Adam steps at lr 1e-2);
+- the fused log-prob path (Triton kernel, interpreted on CPU) == verl's eager path
+  within ``TOL_FUSED``: online log-sum-exp vs log_softmax, a few fp32 ulps per token.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("verl")
+
+import verl_scenarios as vs  # noqa: E402
+
+TOL_DISTRIBUTED = {"atol": 1e-5, "rtol": 1e-4}
+TOL_FUSED = {"atol": 2e-5, "rtol": 1e-4}
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    vs.setup_cpu()
+    return vs.save_tiny_qwen2(str(tmp_path_factory.mktemp("qwen2")))
+
+
+def _assert_params_equal(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), f"{what}: parameter {name} differs"
+
+
+def _manual_sfpo(worker, batch_seed: int, inner_steps: int, alpha: float) -> None:
+    """Algorithm 1 by hand on verl's own worker: theta_0, K updates, reposition, one more update."""
+    params = [p.to_local() for p in worker.actor.engine.module.parameters()]
+    theta_0 = [p.detach().clone() for p in params]
+    for _ in range(inner_steps):
+        worker.update_actor(vs.make_batch(batch_seed, entropy=None))
+    with torch.no_grad():
+        for p, p0 in zip(params, theta_0, strict=True):
+            p.copy_(torch.lerp(p, p0, 1.0 - alpha))  # theta_0 + alpha (theta_K - theta_0)
+    worker.update_actor(vs.make_batch(batch_seed, entropy=None))
+
+
+# ---------------------------------------------------------------------------- the iteration
+
+
+def test_sfpo_iteration_equals_manual_composition(model_dir):
+    ours = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true"]))
+    metrics = vs.metrics_of(ours.update_actor(vs.make_batch(1)))
+    theirs = vs.make_worker(vs.compose(model_dir), sfpo=False)
+    before = vs.actor_params(theirs)
+    _manual_sfpo(theirs, 1, inner_steps=3, alpha=0.8)
+
+    got, want = vs.actor_params(ours), vs.actor_params(theirs)
+    _assert_params_equal(got, want, "SFPO worker vs manual composition")
+    assert any(not torch.equal(want[n], before[n]) for n in want), "the updates did not move the parameters"
+    # the scheduler: once per SFPO iteration; verl's worker stepped it on each of its 4 calls
+    assert ours.actor.engine.lr_scheduler.last_epoch == 1
+    assert theirs.actor.engine.lr_scheduler.last_epoch == 4
+    assert len(metrics["lr"]) == 1
+    # verl's metrics from all 4 passes x 2 mini-batches, and ours
+    assert len(metrics["actor/pg_loss"]) == 8 and len(metrics["grad_norm"]) == 8
+    for key in ("actor/pg_clipfrac", "actor/ppo_kl", "actor/entropy_loss", "loss", "mfu"):
+        assert key in metrics, key
+    assert metrics["sfpo/alpha"] == [0.8]
+    assert metrics["sfpo/passes"] == [4.0]
+    assert metrics["sfpo/inner_steps_run"] == [3.0]
+    assert metrics["sfpo/entropy"] == [vs.ITERATION_ENTROPY]
+    assert metrics["sfpo/snapshot_bytes"][0] == sum(p.numel() * 4 for p in got.values())
+    assert ours.actor.sfpo.entropies[-1] == vs.ITERATION_ENTROPY
+
+
+def test_alpha_zero_is_plain_verl_grpo(model_dir):
+    ours = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true",
+                                                 "actor_rollout_ref.actor.sfpo.alpha=0"]))  # fmt: skip
+    metrics = vs.metrics_of(ours.update_actor(vs.make_batch(2)))
+    theirs = vs.make_worker(vs.compose(model_dir), sfpo=False)
+    theirs_metrics = vs.metrics_of(theirs.update_actor(vs.make_batch(2, entropy=None)))
+
+    _assert_params_equal(vs.actor_params(ours), vs.actor_params(theirs), "alpha=0 vs verl GRPO")
+    assert metrics["sfpo/passes"] == [1.0] and metrics["sfpo/alpha"] == [0.0]
+    assert metrics["actor/pg_loss"] == theirs_metrics["actor/pg_loss"]
+    assert ours.actor.engine.lr_scheduler.last_epoch == theirs.actor.engine.lr_scheduler.last_epoch == 1
+
+
+def test_disabled_sfpo_is_verl_unchanged(model_dir):
+    ours = vs.make_worker(vs.compose(model_dir))  # our worker, sfpo.enable=false
+    assert ours.actor.sfpo is None
+    ours.update_actor(vs.make_batch(3))  # the sfpo_entropy key is dropped, not fed to verl
+    theirs = vs.make_worker(vs.compose(model_dir), sfpo=False)
+    theirs.update_actor(vs.make_batch(3, entropy=None))
+    _assert_params_equal(vs.actor_params(ours), vs.actor_params(theirs), "disabled SFPO vs verl")
+
+
+def test_missing_entropy_is_a_clear_error(model_dir):
+    ours = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true"]))
+    with pytest.raises(ValueError, match="sfpo_entropy"):
+        ours.update_actor(vs.make_batch(1, entropy=None))
+
+
+# ---------------------------------------------------------------------------- FSDP2 across 2 processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_gloo_processes_match_one(model_dir, tmp_path):
+    out = tmp_path / "params.pt"
+    port = str(_free_port())
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, str(TESTS / "verl_scenarios.py"), "sfpo-iteration",
+                                       model_dir, str(out)], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
+    sharded = torch.load(out)
+
+    # The same global mini-batches in one process: rank r held rows 4r..4r+3 and took 2 per mini-batch.
+    single = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true"]))
+    single.update_actor(vs.make_batch(1, rows=vs.TWO_RANK_ORDER))
+    want = vs.actor_params(single)
+    assert sharded.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(sharded[name], want[name], **TOL_DISTRIBUTED, msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_resume_carries_sfpo_state(model_dir, tmp_path):
+    # window 2, tau 0.5: entropies 1.0 then 2.0 give z = 1 at iteration 1, so iteration 2 runs alpha 0
+    overrides = ["actor_rollout_ref.actor.sfpo.enable=true", "actor_rollout_ref.actor.sfpo.zscore_window=2",
+                 "actor_rollout_ref.actor.sfpo.zscore_threshold=0.5"]  # fmt: skip
+    first = vs.make_worker(vs.compose(model_dir, overrides))
+    first.update_actor(vs.make_batch(1, entropy=1.0))
+    first.update_actor(vs.make_batch(2, entropy=2.0))
+    assert first.actor.sfpo.fired_at == 1
+    ckpt = tmp_path / "global_step_2" / "actor"
+    first.save_checkpoint(str(ckpt), global_step=2)
+    assert (ckpt / "sfpo_state.json").exists()
+
+    resumed = vs.make_worker(vs.compose(model_dir, overrides))
+    assert resumed.actor.sfpo.alpha == 0.8  # before loading: a fresh schedule
+    resumed.load_checkpoint(str(ckpt))
+    assert _same_state(resumed.actor.sfpo.state_dict(), first.actor.sfpo.state_dict())
+    _assert_params_equal(vs.actor_params(resumed), vs.actor_params(first), "resumed weights")
+
+    m_first = vs.metrics_of(first.update_actor(vs.make_batch(3, entropy=2.5)))
+    m_resumed = vs.metrics_of(resumed.update_actor(vs.make_batch(3, entropy=2.5)))
+    assert m_resumed["sfpo/alpha"] == m_first["sfpo/alpha"] == [0.0]
+    assert m_resumed["sfpo/passes"] == [1.0]
+    _assert_params_equal(vs.actor_params(resumed), vs.actor_params(first), "after one more iteration")
+
+
+def _same_state(a: dict, b: dict) -> bool:
+    """state_dict equality where NaN == NaN (last_zscore before the window fills)."""
+    import math
+
+    return a.keys() == b.keys() and all(
+        a[k] == b[k] or (isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])) for k in a
+    )
+
+
+# ---------------------------------------------------------------------------- config keys
+
+
+AUTHORS = ["+actor_rollout_ref.actor.use_sfpo=True", "+actor_rollout_ref.actor.sfpo_inner_steps=2",
+           "+actor_rollout_ref.actor.sfpo_step_size=0.5", "+actor_rollout_ref.actor.zscore_w=5",
+           "+actor_rollout_ref.actor.zscore_threshold=0.7"]  # fmt: skip
+
+
+def test_authors_keys_compose_and_take_effect(model_dir):
+    worker = vs.make_worker(vs.compose(model_dir, AUTHORS))
+    cfg = worker.actor.sfpo.config
+    assert (cfg.inner_steps, cfg.alpha, cfg.zscore_window, cfg.zscore_threshold) == (2, 0.5, 5, 0.7)
+    metrics = vs.metrics_of(worker.update_actor(vs.make_batch(1)))
+    assert metrics["sfpo/passes"] == [3.0] and metrics["sfpo/alpha"] == [0.5]
+    assert worker.actor.engine.lr_scheduler.last_epoch == 1
+
+
+def test_config_normalisation_leaves_verl_a_valid_config(model_dir):
+    from verl.trainer.ppo.utils import need_critic, need_reference_policy
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+    from verl.workers.config import ActorConfig
+
+    from sfpo_train.verl.main import prepare_config
+
+    config = vs.compose(model_dir, [*AUTHORS, "algorithm.adv_estimator=grpo"])
+    with pytest.raises(Exception):  # what stock verl would do with the authors' keys: ActorConfig rejects them
+        omega_conf_to_dataclass(config.actor_rollout_ref.actor)
+    prepare_config(config)
+    actor = config.actor_rollout_ref.actor
+    assert "sfpo" not in actor and not any(k in actor for k in ("use_sfpo", "sfpo_step_size", "zscore_w"))
+    assert isinstance(omega_conf_to_dataclass(actor), ActorConfig)
+    assert config.actor_rollout_ref.sfpo.enable is True and config.actor_rollout_ref.sfpo.alpha == 0.5
+    validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
+
+
+def test_yaml_block_mirrors_the_settings_defaults():
+    from omegaconf import OmegaConf
+
+    from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
+    from sfpo_train.verl.config import VerlSFPOSettings
+
+    text = (Path(CONFIG_DIR) / f"{CONFIG_NAME}.yaml").read_text()
+    block = OmegaConf.to_container(OmegaConf.create(text).actor_rollout_ref.actor.sfpo)
+    assert block == VerlSFPOSettings().to_dict()
+    lines = text.splitlines()
+    for key in block:  # a comment line right above every key
+        i = next(i for i, line in enumerate(lines) if line.strip().startswith(f"{key}:"))
+        assert lines[i - 1].strip().startswith("#"), f"{key} has no comment"
+
+
+def test_importing_sfpo_does_not_import_verl():
+    code = "import sys, sfpo_train, sfpo_kernels, sfpo_train.verl; assert 'verl' not in sys.modules, 'verl imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_conflicting_and_bad_keys_are_value_errors(model_dir):
+    from sfpo_train.verl.config import normalize_sfpo_config
+
+    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.alpha=0.7", "+actor_rollout_ref.actor.sfpo_step_size=0.5"])
+    with pytest.raises(ValueError, match=r"actor\.sfpo\.alpha=0\.7 and actor_rollout_ref\.actor\.sfpo_step_size=0\.5"):
+        normalize_sfpo_config(config.actor_rollout_ref)
+    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.alpha=1.5"])
+    with pytest.raises(ValueError, match=r"SFPOConfig\.alpha must be in \[0, 1\], got 1\.5"):
+        normalize_sfpo_config(config.actor_rollout_ref)
+    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.fused_kernels=maybe"])
+    with pytest.raises(ValueError, match="fused_kernels must be auto, true or false, got 'maybe'"):
+        normalize_sfpo_config(config.actor_rollout_ref)
+    config = vs.compose(model_dir, ["+actor_rollout_ref.actor.sfpo.inner_step=2"])
+    with pytest.raises(ValueError, match=r"unknown keys \['inner_step'\]"):
+        normalize_sfpo_config(config.actor_rollout_ref)
