@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sfpo_train import demo, train_cli
+from sfpo_train import compare, demo, report, train_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,6 +35,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train_cli.add_arguments(train_parser)
     train_parser.set_defaults(run=train_cli.main)
+    report_parser = sub.add_parser(
+        "report",
+        help="per-stage time/memory tables and plots of runs, and SFPO vs GRPO headline measures (Markdown + HTML)",
+        description=report.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    report.add_arguments(report_parser)
+    report_parser.set_defaults(run=report.main)
+    compare_parser = sub.add_parser(
+        "compare",
+        help="train GRPO and SFPO on a preset over several seeds (same seeds, same data order), then report",
+        description=compare.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_arguments(compare_parser)
+    compare_parser.set_defaults(run=compare.main)
     return parser
 
 

@@ -442,12 +442,13 @@ class Trainer:
                     for key, value in out.metrics.items():
                         if key != "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)
                             sums["actor/kl_loss" if key == "kl" else f"actor/{key}"].append(value.detach())
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, actor.optim.clip_grad)
-                if torch.isfinite(grad_norm):
-                    self.optimizer.step()
-                else:  # verl's rule: a non-finite gradient skips the step instead of poisoning the weights
-                    self.optimizer.zero_grad(set_to_none=True)
-                    sums["actor/skipped_steps"].append(torch.ones((), device=self.device))
+                with self.profiler.stage("optimizer"):  # nested in update_actor; timing_s/optimizer sums all passes
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, actor.optim.clip_grad)
+                    if torch.isfinite(grad_norm):
+                        self.optimizer.step()
+                    else:  # verl's rule: a non-finite gradient skips the step instead of poisoning the weights
+                        self.optimizer.zero_grad(set_to_none=True)
+                        sums["actor/skipped_steps"].append(torch.ones((), device=self.device))
                 sums["actor/grad_norm"].append(grad_norm.detach())
         return {k: float(torch.stack([v.float() for v in values]).mean()) for k, values in sums.items()}
 
@@ -587,7 +588,8 @@ class Trainer:
                 last = self.global_step == total
                 if last or (cfg.test_freq > 0 and self.global_step % cfg.test_freq == 0):
                     metrics.update(self.validate())
-                    metrics.update({k: v for k, v in self.profiler.collect().items() if k.startswith("timing_s/")})
+                    metrics.update({k: v for k, v in self.profiler.collect().items()
+                                    if k.startswith(("timing_s/", "memory/testing/"))})  # fmt: skip
                 if cfg.save_freq > 0 and (last or self.global_step % cfg.save_freq == 0):
                     start = time.perf_counter()
                     self.save_checkpoint()

@@ -1,0 +1,143 @@
+"""``sfpo compare``: GRPO against SFPO on one preset over several seeds, then ``sfpo report`` on the runs.
+
+For each seed s = 1..N, two runs in this process, one after the other: GRPO
+(``actor_rollout_ref.actor.sfpo.enable=false``) and SFPO (the preset's SFPO
+settings), both with ``trainer.seed=s`` and ``data.seed=s`` -- the same initial
+weights, the same prompt order, the same validation set -- and the same
+overrides. They differ only in the update rule: the rollouts differ from step 2
+on because the policies do.
+
+Runs go to ``OUT/grpo-s<s>`` and ``OUT/sfpo-s<s>`` (``OUT`` defaults to
+``runs/compare-<preset>-<time>``); the report to ``OUT/report``. Its headline
+measures are the paper's (Fig. 4, appendix C.5): rollouts and wall-clock each
+arm needs to reach GRPO's best test accuracy ("not reached" where SFPO never
+does), the step-time ratio SFPO/GRPO and SFPO's extra memory, as mean (min,
+max) over seeds. Where the result does not point the paper's way the report
+says so.
+
+On the embedded default (2 CPU cores) the default of 3 seeds takes about 15
+minutes; ``sfpo report OUT`` rebuilds the report from the runs at any time,
+e.g. after an interrupted compare.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from dataclasses import dataclass
+
+from sfpo_train import config as config_lib
+from sfpo_train import report
+
+# Keys compare sets per run; an override of one would break the pairing.
+RESERVED = ("actor_rollout_ref.actor.sfpo.enable", "trainer.seed", "data.seed", "trainer.experiment_name",
+            "trainer.default_local_dir", "trainer.total_training_steps")  # fmt: skip
+ARMS = ("grpo", "sfpo")
+
+
+@dataclass
+class CompareResult:
+    out_dir: str
+    run_dirs: list[str]
+    report_dir: str
+    files: dict[str, str]
+    seconds: float
+
+
+def run_names(seeds: int) -> list[tuple[str, int, str]]:
+    """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ..."""
+    return [(f"{arm}-s{seed}", seed, arm) for seed in range(1, seeds + 1) for arm in ARMS]
+
+
+def arm_config(preset: str, algorithm: str, overrides: list[str], *, arm: str, seed: int, steps: int | None,
+               out_dir: str, name: str):
+    """The resolved config of one compare run (``ValueError`` on an override of a key compare sets)."""
+    for item in overrides:
+        key = item.split("=", 1)[0].lstrip("+")
+        if key in RESERVED:
+            raise ValueError(f"override {item!r}: compare sets {key} itself"
+                             + (" (use --steps)" if key == "trainer.total_training_steps" else ""))  # fmt: skip
+    own = [f"actor_rollout_ref.actor.sfpo.enable={'true' if arm == 'sfpo' else 'false'}", f"trainer.seed={seed}",
+           f"data.seed={seed}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name={name}"]  # fmt: skip
+    if steps is not None:
+        own.append(f"trainer.total_training_steps={steps}")
+    cfg = config_lib.load_config(preset, list(overrides) + own, algorithm)
+    config_lib.validate(cfg)
+    return cfg
+
+
+def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = None, out_dir: str | None = None,
+                algorithm: str = "grpo", overrides: list[str] | None = None, progress: bool = True) -> CompareResult:
+    """Train both arms for every seed, then write the report; see the module docstring."""
+    from tqdm.auto import tqdm
+
+    from sfpo_train.trainer import Trainer
+
+    if seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {steps}")
+    overrides = list(overrides or [])
+    out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
+    plan = run_names(seeds)
+    configs = {name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
+               for name, seed, arm in plan}  # every config checked before the first run starts  # fmt: skip
+    for name in configs:
+        if os.path.exists(os.path.join(out_dir, name, "config.yaml")):
+            raise ValueError(f"--out {out_dir!r} already holds run {name}; choose another --out")
+    start = time.perf_counter()
+    run_dirs = []
+    bar = tqdm(total=len(plan), desc="sfpo compare", unit="run", disable=not progress, position=0, dynamic_ncols=True)
+    try:
+        for name, _, _ in plan:
+            cfg = configs[name]
+            cfg.trainer.progress_bar = progress  # the trainer's own bar (steps of this run) under compare's
+            bar.set_postfix_str(name)
+            trainer = Trainer.create(cfg, preset=preset)
+            trainer.fit()
+            run_dirs.append(trainer.run_dir)
+            del trainer
+            bar.update(1)
+    finally:
+        bar.close()
+    report_dir = os.path.join(out_dir, "report")
+    files = report.build_report(run_dirs, report_dir, title=f"sfpo compare: GRPO vs SFPO on preset {preset!r} "
+                                                            f"({algorithm}), {seeds} seed(s)")  # fmt: skip
+    return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="verl-style config overrides applied to both arms (see sfpo train --help for the keys); "
+                             f"not {', '.join(RESERVED)}")  # fmt: skip
+    parser.add_argument("--preset", choices=sorted(config_lib.PRESETS), default="default",
+                        help="starting configuration of both arms (default: the embedded task on CPU)")  # fmt: skip
+    parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
+                        help="verl's recipe for both arms: grpo, drgrpo or dapo; the SFPO arm wraps the same one")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 3)")  # fmt: skip
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training iterations per run (default: the preset's trainer.total_training_steps; "
+                             "300 on the default preset)")  # fmt: skip
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="directory for the runs (DIR/grpo-s1, DIR/sfpo-s1, ...) and the report (DIR/report); "
+                             "default runs/compare-<preset>-<time>")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
+
+
+def main(args: argparse.Namespace) -> int:
+    print(f"sfpo compare: GRPO vs SFPO on preset {args.preset!r} ({args.algorithm}), seeds 1..{args.seeds}, "
+          f"{len(ARMS) * args.seeds} runs", flush=True)  # fmt: skip
+    result = run_compare(args.preset, seeds=args.seeds, steps=args.steps, out_dir=args.out, algorithm=args.algorithm,
+                         overrides=args.overrides, progress=not args.no_progress)  # fmt: skip
+    print(f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "
+          f"and {result.files['report.html']}")  # fmt: skip
+    headline = os.path.join(result.report_dir, "report.md")
+    with open(headline) as f:
+        text = f.read()
+    start = text.find("## Headline")
+    end = text.find("## Per seed")
+    if start >= 0:
+        print(text[start:end if end > start else None].rstrip())
+    return 0

@@ -1,0 +1,170 @@
+"""The PNG plots of ``sfpo report`` (matplotlib, Agg backend: files only, no display).
+
+Each function draws one figure from the runs or tables :mod:`sfpo_train.report`
+builds and saves it to ``path``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+
+from sfpo_train.report import ARM_COLORS, STACKED_STAGES, STAGE_COLORS, Run, _arms, _col, _nested, stage_times
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_stage_time(runs: list[Run], path: str) -> None:
+    """Stacked per-stage seconds per step, one panel per arm (mean over the arm's seeds at each step)."""
+    plt = _plt()
+    arms = _arms(runs)
+    fig, axes = plt.subplots(1, len(arms), figsize=(6.5 * len(arms), 4.2), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], arms):
+        frames = [stage_times(r) for r in runs if r.arm == arm]
+        mean = pd.concat(frames).groupby("global_step")[list(STACKED_STAGES)].mean()
+        bottom = np.zeros(len(mean))
+        for (stage, label), color in zip(STACKED_STAGES.items(), STAGE_COLORS):
+            values = mean[stage].to_numpy()
+            if not values.any():
+                continue
+            if len(mean) <= 60:
+                ax.bar(mean.index, values, bottom=bottom, width=0.85, color=color, label=label)
+            else:
+                ax.fill_between(mean.index, bottom, bottom + values, step="mid", color=color, label=label, linewidth=0)
+            bottom = bottom + values
+        ax.set_title(f"{arm}: seconds per step by stage ({len(frames)} run(s))")
+        ax.set_xlabel("training step")
+    axes[0][0].set_ylabel("seconds")
+    handles: dict[str, object] = {}
+    for ax in axes[0]:
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    ordered = [lab for lab in STACKED_STAGES.values() if lab in handles][::-1]  # top of the stack first
+    axes[0][-1].legend([handles[lab] for lab in ordered], ordered, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_stage_share(share: pd.DataFrame, path: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * share.shape[1]))
+    stacked = share.loc[list(STACKED_STAGES)].fillna(0)
+    left = np.zeros(share.shape[1])
+    for (stage, label), color in zip(STACKED_STAGES.items(), STAGE_COLORS):
+        values = stacked.loc[stage].to_numpy()
+        if not values.any():
+            continue
+        ax.barh(list(share.columns), values, left=left, color=color, label=label)
+        for i, v in enumerate(values):
+            if v >= 6:
+                ax.text(left[i] + v / 2, i, f"{v:.0f}%", ha="center", va="center", fontsize=8)
+        left = left + values
+    ax.set_xlim(0, 100)
+    ax.set_xlabel("percent of a step (mean over timed steps)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.1))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_memory(memory: pd.DataFrame, path: str) -> None:
+    """Peak memory per stage, arms side by side: the primary reading (CUDA peak allocated, else RSS)."""
+    plt = _plt()
+    reading = next((r for r in ("max_allocated_gb", "rss_gb") if r in set(memory.get("reading", []))), None)
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    if reading is None:
+        ax.text(0.5, 0.5, "no memory readings in these runs", ha="center", va="center")
+    else:
+        table = memory[memory["reading"] == reading].set_index("stage")
+        arms = [a for a in ("GRPO", "SFPO") if a in table]
+        x = np.arange(len(table))
+        width = 0.8 / max(1, len(arms))
+        for i, arm in enumerate(arms):
+            ax.bar(x + i * width, table[arm].to_numpy(), width, label=arm, color=ARM_COLORS[arm])
+        ax.set_xticks(x + width * (len(arms) - 1) / 2, table.index, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(f"{reading} (GB)")
+        ax.set_title("peak memory per stage" if reading == "max_allocated_gb" else "process RSS at the end of each stage")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(runs: list[Run], head: pd.DataFrame, path: str) -> None:
+    """Training reward (rolling mean) and test accuracy against rollouts and against wall-clock."""
+    plt = _plt()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
+    styles = ["-", "--", ":", "-."]
+    seeds = sorted({r.seed for r in runs})
+    for run in runs:
+        color, ls = ARM_COLORS[run.arm], styles[seeds.index(run.seed) % len(styles)]
+        label = f"{run.arm} seed {run.seed}"
+        train = run.train
+        window = max(1, len(train) // 20)
+        reward = _col(train, "critic/score/mean").rolling(window, min_periods=1).mean()
+        for col, x in ((0, _col(train, "train/rollouts_total")), (1, _col(train, "train/elapsed_s"))):
+            axes[0][col].plot(x, reward, color=color, ls=ls, lw=1.2, label=label)
+        val = run.val
+        for col, x in ((0, val["rollouts"]), (1, val["elapsed_s"])):
+            axes[1][col].plot(x, val["accuracy"], color=color, ls=ls, marker="o", ms=3, lw=1.2, label=label)
+    if "target_acc" in head and len(head):
+        for ax in axes[1]:
+            ax.axhline(head["target_acc"].mean(), color="gray", ls=":", lw=1, label="GRPO's best (mean over seeds)")
+    for col, xlabel in ((0, "rollouts (generated responses)"), (1, "wall-clock (s, sum of step times)")):
+        axes[0][col].set_xlabel(xlabel)
+        axes[1][col].set_xlabel(xlabel)
+        axes[0][col].set_ylabel(f"training reward (rolling mean)")
+        axes[1][col].set_ylabel("test accuracy (greedy)")
+    axes[1][1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_dynamics(runs: list[Run], path: str) -> None:
+    """Entropy, the entropy z-score and alpha over steps; the trigger step marked on SFPO runs."""
+    plt = _plt()
+    fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
+    seeds = sorted({r.seed for r in runs})
+    styles = ["-", "--", ":", "-."]
+    for run in runs:
+        train = run.train
+        step = train["training/global_step"]
+        color, ls = ARM_COLORS[run.arm], styles[seeds.index(run.seed) % len(styles)]
+        label = f"{run.arm} seed {run.seed}"
+        axes[0].plot(step, _col(train, "actor/entropy"), color=color, ls=ls, lw=1, label=label)
+        if run.arm == "SFPO":
+            axes[1].plot(step, _col(train, "sfpo/zscore"), color=color, ls=ls, lw=1, label=label)
+            axes[2].plot(step, _col(train, "sfpo/alpha"), color=color, ls=ls, lw=1.2, label=label)
+            fired = train[_col(train, "sfpo/triggered").fillna(0) > 0]
+            if len(fired):
+                s = fired["training/global_step"].iloc[0]
+                for ax in axes:
+                    ax.axvline(s, color=color, ls=ls, lw=0.8, alpha=0.6)
+                axes[2].annotate(f"trigger (seed {run.seed})", (s, 0), xytext=(3, 4 + 10 * seeds.index(run.seed)),
+                                 textcoords="offset points", fontsize=7, color=color)  # fmt: skip
+    thresholds = {float(_nested(r.config, "actor_rollout_ref.actor.sfpo.zscore_threshold", math.nan)) for r in runs if r.arm == "SFPO"}
+    for tau in thresholds:
+        if math.isfinite(tau):
+            axes[1].axhline(tau, color="gray", ls=":", lw=1, label=f"threshold {tau:g}")
+    axes[0].set_ylabel("entropy (old policy, token mean)")
+    axes[1].set_ylabel("entropy z-score")
+    axes[2].set_ylabel("alpha")
+    axes[2].set_xlabel("training step")
+    for ax in axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
