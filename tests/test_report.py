@@ -1,0 +1,175 @@
+"""``sfpo compare`` / ``sfpo report`` on real (tiny) runs: the files, their tables, and numbers that match the logs.
+
+One compare of 2 seeds x (GRPO, SFPO) x 2 iterations, validated at every step,
+is shared by the tests; the expected numbers are recomputed here from each
+run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from sfpo_train import cli
+from sfpo_train.compare import run_compare
+from sfpo_train.report import EXTRA_STAGES, STACKED_STAGES, build_report
+from tiny_setup import tiny_overrides, write_data, write_tiny_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+RUNS = ("grpo-s1", "sfpo-s1", "grpo-s2", "sfpo-s2")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return root, tiny_overrides(write_tiny_model(str(root / "model")), write_data(str(root)))
+
+
+@pytest.fixture(scope="module")
+def compared(tiny):
+    root, overrides = tiny
+    return run_compare("smoke", seeds=2, steps=2, out_dir=str(root / "compare"), progress=False,
+                       overrides=overrides + ["trainer.test_freq=1"])  # fmt: skip
+
+
+def logs(run_dir: str) -> list[dict]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def accuracy(row: dict) -> float | None:
+    values = [v for k, v in row.items() if k.startswith("val-core/") and k.endswith("/reward/mean@1")]
+    return sum(values) / len(values) if values else None
+
+
+def test_compare_writes_paired_runs_with_the_same_seeds(compared):
+    assert [os.path.basename(d) for d in compared.run_dirs] == list(RUNS)
+    for name in RUNS:
+        rows = logs(os.path.join(compared.out_dir, name))
+        assert [r["training/global_step"] for r in rows] == [0, 1, 2]
+        alphas = [r["sfpo/alpha"] for r in rows[1:]]
+        assert all(a == 0.8 for a in alphas) if name.startswith("sfpo") else all(a == 0.0 for a in alphas)
+    # same seed: same initial weights and data, so the same validation before training and the same first batch
+    for seed in (1, 2):
+        g, s = logs(os.path.join(compared.out_dir, f"grpo-s{seed}")), logs(os.path.join(compared.out_dir, f"sfpo-s{seed}"))
+        assert accuracy(g[0]) == accuracy(s[0])
+        assert g[1]["critic/score/mean"] == s[1]["critic/score/mean"]
+        assert g[1]["actor/entropy"] == s[1]["actor/entropy"]
+
+
+def test_report_files_are_there_and_plots_are_pngs(compared):
+    import matplotlib.image
+
+    expected = {"report.md", "report.html", "runs.csv", "stage_time.csv", "stage_share.csv", "stage_memory.csv",
+                "headline.csv", "stage_time_per_step.png", "stage_share.png", "stage_memory.png",
+                "reward_accuracy.png", "entropy_zscore_alpha.png"}  # fmt: skip
+    assert set(compared.files) == expected
+    for name in expected:
+        path = os.path.join(compared.report_dir, name)
+        assert os.path.getsize(path) > 0, name
+        if name.endswith(".png"):
+            with open(path, "rb") as f:
+                assert f.read(8) == PNG_MAGIC, name
+            image = matplotlib.image.imread(path)
+            assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, name
+    md = open(os.path.join(compared.report_dir, "report.md")).read()
+    for png in (n for n in expected if n.endswith(".png")):
+        assert f"![]({png})" in md
+    html = open(os.path.join(compared.report_dir, "report.html")).read()
+    assert html.startswith("<!doctype html>") and "<table>" in html and "stage_share.png" in html
+
+
+def test_tables_have_the_expected_rows_and_columns(compared):
+    d = compared.report_dir
+    runs = pd.read_csv(os.path.join(d, "runs.csv"))
+    assert list(runs["run"]) == list(RUNS) and list(runs["arm"]) == ["GRPO", "SFPO"] * 2
+    for col in ("seed", "steps", "rollouts", "wall_clock_s", "mean_step_s", "best_acc", "final_acc", "peak_memory_gb"):
+        assert col in runs, col
+    times = pd.read_csv(os.path.join(d, "stage_time.csv"), index_col="stage")
+    assert list(times.index) == list(STACKED_STAGES) + list(EXTRA_STAGES)
+    assert list(times.columns) == ["GRPO", "SFPO"]
+    stacked = times.loc[list(STACKED_STAGES)].sum()
+    assert stacked.to_numpy() == pytest.approx(times.loc["step"].to_numpy(), rel=1e-6)  # the stack tiles the step
+    assert times.loc["sfpo_fast", "GRPO"] == 0 and times.loc["sfpo_fast", "SFPO"] > 0
+    share = pd.read_csv(os.path.join(d, "stage_share.csv"), index_col="stage")
+    assert share.loc[list(STACKED_STAGES)].sum().to_numpy() == pytest.approx([100, 100], rel=1e-6)
+    memory = pd.read_csv(os.path.join(d, "stage_memory.csv"))
+    assert list(memory.columns) == ["stage", "reading", "GRPO", "SFPO"]
+    rss = memory[memory["reading"] == "rss_gb"]
+    assert {"gen", "old_log_prob", "update_actor", "optimizer", "step", "testing"} <= set(rss["stage"])
+    assert (rss[["GRPO", "SFPO"]] > 0).all().all()
+    head = pd.read_csv(os.path.join(d, "headline.csv"))
+    assert list(head["seed"]) == [1, 2]
+
+
+def test_report_numbers_match_the_runs_logs(compared):
+    d = compared.report_dir
+    runs = pd.read_csv(os.path.join(d, "runs.csv")).set_index("run")
+    times = pd.read_csv(os.path.join(d, "stage_time.csv"), index_col="stage")
+    mean_step = {}
+    for name in RUNS:
+        rows = logs(os.path.join(compared.out_dir, name))
+        train = rows[1:]  # 2 steps: both are timed (the warm-up step is left out only from 3 steps on)
+        mean_step[name] = sum(r["timing_s/step"] for r in train) / len(train)
+        accs = [accuracy(r) for r in rows]
+        assert runs.loc[name, "mean_step_s"] == pytest.approx(mean_step[name])
+        assert runs.loc[name, "rollouts"] == train[-1]["train/rollouts_total"] == 2 * 4 * 4  # 2 steps of 4 prompts x 4
+        assert runs.loc[name, "wall_clock_s"] == pytest.approx(train[-1]["train/elapsed_s"])
+        assert runs.loc[name, "initial_acc"] == pytest.approx(accs[0])
+        assert runs.loc[name, "best_acc"] == pytest.approx(max(accs))
+        assert runs.loc[name, "final_acc"] == pytest.approx(accs[-1])
+    for arm, names in (("GRPO", ("grpo-s1", "grpo-s2")), ("SFPO", ("sfpo-s1", "sfpo-s2"))):
+        assert times.loc["step", arm] == pytest.approx(sum(mean_step[n] for n in names) / 2)
+        gen = [sum(r["timing_s/gen"] for r in logs(os.path.join(compared.out_dir, n))[1:]) / 2 for n in names]
+        assert times.loc["gen", arm] == pytest.approx(sum(gen) / 2)
+
+    head = pd.read_csv(os.path.join(d, "headline.csv")).set_index("seed")
+    md = open(os.path.join(d, "report.md")).read()
+    for seed in (1, 2):
+        g, s = logs(os.path.join(compared.out_dir, f"grpo-s{seed}")), logs(os.path.join(compared.out_dir, f"sfpo-s{seed}"))
+        target = max(accuracy(r) for r in g)
+        g_hit = next(r for r in g if accuracy(r) >= target)
+        s_hit = next((r for r in s if accuracy(r) >= target), None)
+        assert head.loc[seed, "target_acc"] == pytest.approx(target)
+        assert head.loc[seed, "grpo_rollouts"] == g_hit.get("train/rollouts_total", 0)
+        assert bool(head.loc[seed, "sfpo_reached"]) == (s_hit is not None)
+        if s_hit is not None:
+            assert head.loc[seed, "sfpo_rollouts"] == s_hit.get("train/rollouts_total", 0)
+        ratio = mean_step[f"sfpo-s{seed}"] / mean_step[f"grpo-s{seed}"]
+        assert head.loc[seed, "step_time_ratio"] == pytest.approx(ratio)
+    mean_ratio = head["step_time_ratio"].mean()
+    assert f"SFPO/GRPO {mean_ratio:.2f}x" in md
+
+
+def test_a_single_grpo_run_reports_without_a_headline(compared, tmp_path):
+    files = build_report([os.path.join(compared.out_dir, "grpo-s1")], str(tmp_path / "one"))
+    assert "headline.csv" not in files
+    times = pd.read_csv(files["stage_time.csv"], index_col="stage")
+    assert list(times.columns) == ["GRPO"]
+    assert "## Headline" not in open(files["report.md"]).read()
+
+
+def test_report_cli_rejects_a_directory_without_runs(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["report", str(tmp_path / "empty")])
+    assert exc.value.code == 2
+    assert "holds no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_report_cli_on_a_compare_directory(compared, tmp_path, capsys):
+    assert cli.main(["report", compared.out_dir, "--out", str(tmp_path / "again")]) == 0
+    again = pd.read_csv(tmp_path / "again" / "runs.csv")
+    assert list(again["run"]) == sorted(RUNS)  # the directory's runs, in name order
+
+
+def test_compare_rejects_overrides_of_what_it_sets(tiny, tmp_path):
+    _, overrides = tiny
+    with pytest.raises(ValueError, match="trainer.seed"):
+        run_compare("smoke", seeds=1, steps=1, out_dir=str(tmp_path), overrides=overrides + ["trainer.seed=3"],
+                    progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match="--seeds"):
+        run_compare("smoke", seeds=0, out_dir=str(tmp_path), overrides=overrides, progress=False)
