@@ -132,9 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = addition.build_tokenizer()
     train_rows = load_rows(args.data / "train.parquet")
     test_rows = load_rows(args.data / "test.parquet")
-    input_ids, attention_mask, labels = encode_examples(tokenizer, train_rows)
     if len(train_rows) < args.batch_size:
         parser.error(f"--batch-size {args.batch_size} exceeds the {len(train_rows)} train problems in {args.data}")
+    input_ids, attention_mask, labels = encode_examples(tokenizer, train_rows)
 
     torch.manual_seed(args.seed)
     model = Qwen2ForCausalLM(addition.build_model_config())
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)
-    addition.save_tokenizer(tokenizer, args.out)
+    # A fresh tokenizer: one that has padded batches saves that padding state in tokenizer.json.
+    addition.save_tokenizer(addition.build_tokenizer(), args.out)
     print(f"saved model and tokenizer to {args.out}")
     return 0
 

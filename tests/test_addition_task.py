@@ -174,6 +174,7 @@ def test_shipped_tokenizer_matches_the_built_one(shipped):
         assert loaded.decode(built.encode(text)) == built.decode(built.encode(text)), text
     batch = loaded(["1+2=", "123+456="], padding=True, add_special_tokens=False)
     assert batch["input_ids"][0] == [0, 0, 0, 0, 3, 12, 4, 13]
+    assert set(batch) == {"input_ids", "attention_mask"}  # no token_type_ids, which generate() rejects
     assert loaded.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
                                       tokenize=False) == "1+2="  # fmt: skip
     # a class name transformers 4.x (verl) resolves too
@@ -213,11 +214,12 @@ def test_evaluate_batches_left_pad_and_restore_the_mode(shipped):
     alone = [tasks.generate_responses(model, tokenizer, [r], max_new_tokens=5, batch_size=1)[0] for r in rows]
     assert batched == alone
     model.train()
-    whole = tasks.evaluate(model, tokenizer, test[:60], max_new_tokens=5, batch_size=60)
-    assert model.training
-    assert tasks.evaluate(model, tokenizer, test[:60], max_new_tokens=5, batch_size=7) == whole
     responses = tasks.generate_responses(model, tokenizer, test[:60], max_new_tokens=5, batch_size=60)
-    assert whole == sum(r == row["reward_model"]["ground_truth"] for r, row in zip(responses, test)) / 60
+    assert model.training
+    # three batches, the last one short: same accuracy as the responses scored by hand
+    accuracy = tasks.evaluate(model, tokenizer, test[:60], max_new_tokens=5, batch_size=25)
+    assert accuracy == sum(r == row["reward_model"]["ground_truth"] for r, row in zip(responses, test)) / 60
+    assert 0 < accuracy < 1
     model.eval()
 
 

@@ -115,7 +115,9 @@ def generate_responses(
             ]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             output = model.generate(
-                **inputs,
+                # only these two: some tokenizers add token_type_ids, which generate() rejects
+                input_ids=inputs["input_ids"],
+                attention_mask=inputs["attention_mask"],
                 max_new_tokens=max_new_tokens,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,

@@ -75,6 +75,8 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD,
         eos_token=EOS,
         padding_side="left",
+        # transformers 4.x would also return token_type_ids, which generate() rejects for Qwen2
+        model_input_names=["input_ids", "attention_mask"],
         model_max_length=32,
         clean_up_tokenization_spaces=False,
     )
