@@ -255,3 +255,93 @@ def test_conflicting_and_bad_keys_are_value_errors(model_dir):
     config = vs.compose(model_dir, ["+actor_rollout_ref.actor.sfpo.inner_step=2"])
     with pytest.raises(ValueError, match=r"unknown keys \['inner_step'\]"):
         normalize_sfpo_config(config.actor_rollout_ref)
+
+
+# ---------------------------------------------------------------------------- fused kernels inside verl
+
+
+@pytest.fixture
+def restore_qwen2_forward():
+    """verl (and then we) patch the HF class's forward for the fused path; give the next test the original."""
+    import transformers
+
+    original = transformers.Qwen2ForCausalLM.forward
+    yield
+    transformers.Qwen2ForCausalLM.forward = original
+
+
+def _grads_at_step(worker) -> list[list[torch.Tensor]]:
+    """The gradients each optimizer step sees (verl zeroes them when the update ends)."""
+    seen: list[list[torch.Tensor]] = []
+    params = list(worker.actor.engine.module.parameters())
+    worker.actor.engine.optimizer.register_step_pre_hook(
+        lambda *_: seen.append([p.grad.to_local().detach().clone() for p in params]))
+    return seen
+
+
+def _log_probs(worker, seed: int):
+    from verl.utils import tensordict_utils as tu
+
+    batch = vs.make_batch(seed, entropy=None)
+    tu.assign_non_tensor(batch, calculate_entropy=True, compute_loss=False)
+    out = worker.compute_log_prob(batch)
+    return tu.get(out, "log_probs").values(), tu.get(out, "entropy").values()
+
+
+def test_fused_kernels_match_verls_eager_loss_and_gradients(model_dir, monkeypatch, restore_qwen2_forward):
+    from sfpo_train.verl import fused
+
+    # verl's eager path first: the fused worker patches the model class every worker shares.
+    eager = vs.make_worker(vs.compose(model_dir), sfpo=False)
+    eager_logp, eager_h = _log_probs(eager, 4)
+    eager_grads = _grads_at_step(eager)
+    eager_m = vs.metrics_of(eager.update_actor(vs.make_batch(4, entropy=None, mini_batch=vs.BATCH)))
+
+    monkeypatch.setenv("SFPO_BACKEND", "triton")  # the Triton kernel, in the interpreter on CPU
+    ours = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.fused_kernels=true"]))
+    assert ours.fused_kernels
+    assert fused.install_logprob_forward(ours.actor.engine.module).forward is fused.forward_with_sfpo_kernels
+    assert ours.config.actor.policy_loss.loss_mode == fused.POLICY_LOSS_NAME
+    fused_logp, fused_h = _log_probs(ours, 4)
+    fused_grads = _grads_at_step(ours)
+    fused_m = vs.metrics_of(ours.update_actor(vs.make_batch(4, mini_batch=vs.BATCH)))
+
+    torch.testing.assert_close(fused_logp, eager_logp, **TOL_FUSED, msg=lambda m: f"log_probs: {m}")
+    torch.testing.assert_close(fused_h, eager_h, **TOL_FUSED, msg=lambda m: f"entropy: {m}")
+    for key in ("actor/pg_loss", "actor/entropy_loss", "actor/pg_clipfrac", "actor/ppo_kl", "grad_norm"):
+        torch.testing.assert_close(torch.tensor(fused_m[key]), torch.tensor(eager_m[key]), **TOL_FUSED,
+                                   msg=lambda m, k=key: f"{k}: {m}")  # fmt: skip
+    assert len(fused_grads) == len(eager_grads) == 1
+    names = [n for n, _ in ours.actor.engine.module.named_parameters()]
+    for name, got, want in zip(names, fused_grads[0], eager_grads[0], strict=True):
+        assert want.abs().max() > 0, f"{name}: no gradient to compare"
+        torch.testing.assert_close(got, want, **TOL_FUSED, msg=lambda m, n=name: f"grad {n}: {m}")
+    _assert_params_equal_close(vs.actor_params(ours), vs.actor_params(eager))
+
+
+def _assert_params_equal_close(got: dict, want: dict) -> None:
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], **TOL_FUSED, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_sfpo_policy_loss_equals_verls_vanilla():
+    from verl.trainer.ppo.core_algos import get_policy_loss_fn
+    from verl.workers.config import ActorConfig
+
+    from sfpo_train.verl import fused
+
+    g = torch.Generator().manual_seed(0)
+    B, T = 5, 7  # odd sizes, one fully masked row, negative advantages for the dual clip
+    log_prob, old = -3 + torch.randn(B, T, generator=g), -3 + torch.randn(B, T, generator=g)
+    advantages = torch.randn(B, 1, generator=g).expand(B, T)
+    mask = (torch.rand(B, T, generator=g) > 0.3).float()
+    mask[2] = 0
+    config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=1, clip_ratio_high=0.28,
+                         rollout_n=1)  # fmt: skip
+    for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+        want, want_m = get_policy_loss_fn("vanilla")(old, log_prob, advantages, mask, mode, config)
+        got, got_m = get_policy_loss_fn(fused.POLICY_LOSS_NAME)(old, log_prob, advantages, mask, mode, config)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=lambda m, mo=mode: f"pg_loss {mo}: {m}")
+        assert got_m.keys() == want_m.keys()
+        for key in want_m:
+            assert got_m[key] == pytest.approx(want_m[key], rel=1e-6, abs=1e-7), key

@@ -86,7 +86,8 @@ def make_worker(config, sfpo: bool = True):
     return worker
 
 
-def make_batch(seed: int = 1, entropy: float | None = ITERATION_ENTROPY, rows: list[int] | None = None):
+def make_batch(seed: int = 1, entropy: float | None = ITERATION_ENTROPY, rows: list[int] | None = None,
+               mini_batch: int = MINI_BATCH):
     """An update batch as verl's trainer builds it: left-padded prompts, right-padded responses, then no-padding.
 
     ``rows`` picks (and orders) rows of the 8-row batch: a data-parallel rank's share, or a reordering.
@@ -115,7 +116,7 @@ def make_batch(seed: int = 1, entropy: float | None = ITERATION_ENTROPY, rows: l
     if rows is not None:
         td = td[torch.tensor(rows)]
     td = left_right_2_no_padding(td)
-    tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=MINI_BATCH, mini_batch_size=MINI_BATCH,
+    tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=mini_batch, mini_batch_size=mini_batch,
                          epochs=1, seed=1, dataloader_kwargs={"shuffle": False}, compute_loss=True,
                          temperature=1.0)  # fmt: skip
     if entropy is not None:
