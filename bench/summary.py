@@ -8,8 +8,10 @@ table: the device, versions, git revision and the copy bandwidths measured in
 the same run. The GRPO loss rows (``grpo_loss``, ``logprob_entropy``) get a
 table of their own below: mode, shape, effective GB/s, time over the byte
 limit, peak memory, and time / memory of the eager row of the same shape over
-theirs. (pandas' ``to_markdown`` needs ``tabulate``; the tables are written
-here instead.)
+theirs. The SFPO-step rows and the training-iteration rows (one GRPO vs one
+SFPO ``Trainer.train_step``, per stage) get tables of their own too.
+(pandas' ``to_markdown`` needs ``tabulate``; the tables are written here
+instead.)
 """
 
 from __future__ import annotations
@@ -66,8 +68,23 @@ STEP_COLUMNS = {  # the SFPO-step table (test_bench_sfpo_step.py): header -> col
     "vs authors' 2 copies": "extra_info.extra_memory_vs_authors_two_copies",
 }
 STAGES = ("snapshot", "fast", "reposition", "slow")
+TRAINING_OP = "training_step"
+TRAINING_STAGES = {  # the training-iteration table (test_bench_training.py): header -> stage
+    "gen": "gen", "reward": "reward", "old_log_prob": "old_log_prob", "adv": "adv", "snapshot": "sfpo_snapshot",
+    "fast": "sfpo_fast", "reposition": "sfpo_reposition", "slow": "sfpo_slow", "(optimizer)": "optimizer",
+    "sync": "sync_weights", "other": "other", "step": "step",
+}  # fmt: skip
+TRAINING_COLUMNS = {
+    "algo": "extra_info.algo",
+    "model": "extra_info.model",
+    "prompts x n": "_batch",
+    **{f"{h} ms": f"_{stage}_ms" for h, stage in TRAINING_STAGES.items()},
+    "peak GB": "extra_info.peak_memory_gb",
+    "profiler %": "_overhead_pct",
+}
 RATIOS = {"x limit", "eager/this time", "eager/this mem", "stage II / update", "extra copies", "vs authors' 2 copies"}
-NUMERIC |= {f"{stage} ms" for stage in STAGES}
+NUMERIC |= {f"{stage} ms" for stage in STAGES} | {f"{h} ms" for h in TRAINING_STAGES} | {"profiler %"}
+RATIOS |= {"peak GB"}
 LOSS_NUMERIC = NUMERIC | RATIOS | {"peak MiB"}
 EAGER_IMPL = "verl_eager"
 SAME_SHAPE = ["extra_info.op", "extra_info.mode", "extra_info.kl", "extra_info.n_tokens", "extra_info.vocab",
@@ -101,6 +118,8 @@ def _cell(value, header: str) -> str:
         return f"{float(value):.1f}"
     if header in NUMERIC:
         value = float(value)
+        if value == 0:
+            return "0"
         if header == "median ms":
             return f"{value:.4f}" if value < 1 else f"{value:.3f}" if value < 100 else f"{value:.1f}"
         if header == "% of copy" or value >= 10:
@@ -156,6 +175,46 @@ def split_step_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         if col not in step:
             step[col] = None
     return other, step
+
+
+def split_training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(other rows, training-iteration rows)``; the latter with stage times in ms, GRPO first."""
+    if frame.empty or "extra_info.op" not in frame:
+        return frame, frame.iloc[0:0]
+    is_training = frame["extra_info.op"] == TRAINING_OP
+    other, train = frame[~is_training], frame[is_training].copy()
+    for stage in TRAINING_STAGES.values():
+        train[f"_{stage}_ms"] = pd.to_numeric(train.get(f"extra_info.timing_s/{stage}"), errors="coerce") * 1e3
+    train["_batch"] = [f"{int(p)} x {int(n)}" for p, n in zip(train["extra_info.prompts"],
+                                                              train["extra_info.responses_per_prompt"])]  # fmt: skip
+    train["_overhead_pct"] = pd.to_numeric(train.get("extra_info.profiler_overhead_frac"), errors="coerce") * 100
+    for col in TRAINING_COLUMNS.values():
+        if col not in train:
+            train[col] = None
+    return other, train.sort_values("extra_info.algo", kind="stable")
+
+
+def training_section(train: pd.DataFrame) -> str:
+    lines = [
+        "## One training iteration, GRPO vs SFPO (K=3), per stage",
+        "",
+        "Each round is one `Trainer.train_step()`; stage times are the trainer's profiler readings (the GPU",
+        "synchronised at every stage boundary), means over the measured rounds. snapshot..slow make up the update;",
+        "(optimizer) is the gradient clipping + AdamW steps inside the fast and slow passes, not extra time; other is",
+        "the step's unattributed rest. peak GB: torch's peak allocated on a GPU, process RSS on the CPU. profiler %:",
+        "the profiler's own bookkeeping over the step.",
+        "",
+        markdown_table(train, TRAINING_COLUMNS),
+    ]
+    by_algo = train.set_index("extra_info.algo")
+    if {"grpo", "sfpo"} <= set(by_algo.index):
+        g, s = by_algo.loc["grpo"], by_algo.loc["sfpo"]
+        ratio = s["_step_ms"] / g["_step_ms"]
+        gen_share = 100 * g["_gen_ms"] / g["_step_ms"]
+        extra = float(s["extra_info.peak_memory_gb"]) - float(g["extra_info.peak_memory_gb"])
+        lines += ["", f"SFPO/GRPO step time: {ratio:.2f}x (generation is {gen_share:.0f}% of the GRPO step); "
+                      f"SFPO's peak memory {extra:+.3f} GB against GRPO's."]  # fmt: skip
+    return "\n".join(lines)
 
 
 def step_section(step: pd.DataFrame) -> str:
@@ -221,12 +280,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     frame, data = load(args.bench_json)
     other, loss = split_loss_rows(frame)
+    other, training = split_training_rows(other)
     other, step = split_step_rows(other)
     parts = [markdown_table(other)] if not other.empty else []
     if not loss.empty:
         parts.append(loss_section(loss))
     if not step.empty:
         parts.append(step_section(step))
+    if not training.empty:
+        parts.append(training_section(training))
     text = header(frame, data) + ("\n\n".join(parts) if parts else "(no benchmarks in this file)") + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -1,0 +1,89 @@
+"""One whole training iteration of the standalone trainer, GRPO against SFPO (K=3, alpha 0.8), stage by stage.
+
+Each round is one ``Trainer.train_step()``: generation, reward, old log-probs,
+advantages, the update (GRPO: one pass; SFPO: snapshot, K fast passes,
+reposition, slow pass), weight sync -- timed per stage by the trainer's own
+:class:`sfpo_train.profiler.StageProfiler` (the GPU synchronised at every stage
+boundary). ``extra_info`` holds the mean seconds of every stage over the
+measured rounds (``timing_s/<stage>``), each stage's largest memory reading
+(``memory/<stage>/<reading>``: torch's peak allocated on CUDA, process RSS on the
+CPU), the run's peak and the profiler's own overhead.
+
+Model: on the CPU the tiny test Qwen2 (hidden 32, 1 layer) on the ``smoke``
+preset (4 prompts x 4 responses); with a GPU the ``qwen2.5-0.5b`` preset
+(Qwen2.5-0.5B's shapes, random weights, bf16 autocast, 64 prompts x 8).
+``SFPO_BENCH_SIZE=tiny`` forces the CPU setup on a GPU machine too. The
+entropy trigger is off so every SFPO round runs its K fast passes.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import pytest
+import torch
+
+ON_GPU = torch.cuda.is_available() and os.environ.get("SFPO_BENCH_SIZE") != "tiny"
+ROUNDS, WARMUP = 3, 1  # a whole iteration per round: few rounds, the first (allocation, compilation) not timed
+STAGES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sfpo_snapshot", "sfpo_fast", "sfpo_reposition",
+          "sfpo_slow", "optimizer", "sync_weights", "other", "step")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """``(preset, overrides, model description)`` shared by both arms."""
+    root = tmp_path_factory.mktemp("bench_training")
+    common = [f"trainer.default_local_dir={root}", "trainer.progress_bar=false", "trainer.val_before_train=false",
+              "trainer.total_training_steps=100", "actor_rollout_ref.actor.sfpo.entropy_control=false"]  # fmt: skip
+    if ON_GPU:
+        return "qwen2.5-0.5b", common, "qwen2.5-0.5b-shaped bf16"
+    from sfpo_train.tasks import addition
+
+    import pandas as pd
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    model_dir = root / "model"
+    shipped = {k: v for k, v in addition.build_model_config().to_dict().items() if k != "layer_types"}
+    config = Qwen2Config(**{**shipped, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                            "num_attention_heads": 2, "num_key_value_heads": 2})  # fmt: skip
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    addition.build_tokenizer().save_pretrained(model_dir)
+    pd.DataFrame(addition.make_rows(64, seed=5, split="train")).to_parquet(root / "train.parquet")
+    pd.DataFrame(addition.make_rows(16, seed=6, split="test")).to_parquet(root / "test.parquet")
+    paths = [f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={root / 'train.parquet'}",
+             f"data.val_files={root / 'test.parquet'}", "trainer.device=cpu"]  # fmt: skip
+    return "smoke", common + paths, "tiny qwen2 fp32 (hidden 32, 1 layer)"
+
+
+@pytest.mark.parametrize("algo", ["grpo", "sfpo"])
+def test_training_step(benchmark, setup, algo):
+    if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
+        pytest.skip("run bench/ in a pytest process of its own (tests/conftest.py poisons allocations)")
+    from sfpo_train import config as config_lib
+    from sfpo_train.trainer import Trainer
+
+    preset, overrides, model = setup
+    cfg = config_lib.load_config(preset, overrides + [f"trainer.experiment_name={algo}",
+                                                      f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}"])  # fmt: skip
+    trainer = Trainer.create(cfg, preset=preset)
+    history: list[dict] = []
+    benchmark.pedantic(lambda: history.append(trainer.train_step()), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
+
+    measured = history[-ROUNDS:]
+    info = benchmark.extra_info
+    info.update(op="training_step", algo=algo, model=model, preset=preset, device=str(trainer.device),
+                device_name=torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
+                prompts=cfg.data.train_batch_size, responses_per_prompt=cfg.actor_rollout_ref.rollout.n,
+                inner_steps=int(measured[-1]["sfpo/inner_steps_run"]), alpha=float(measured[-1]["sfpo/alpha"]))  # fmt: skip
+    for stage in STAGES:
+        info[f"timing_s/{stage}"] = statistics.fmean(m.get(f"timing_s/{stage}", 0.0) for m in measured)
+    for key in sorted({k for m in measured for k in m if k.startswith("memory/")}):
+        info[key] = max(m.get(key, 0.0) for m in measured)
+    peak = "perf/max_memory_allocated_gb" if trainer.device.type == "cuda" else "perf/cpu_memory_used_gb"
+    info["peak_memory_gb"] = max(m[peak] for m in measured)
+    info["peak_memory_reading"] = "torch peak allocated" if trainer.device.type == "cuda" else "process RSS"
+    info["profiler_overhead_frac"] = statistics.fmean(m["perf/profiler_overhead_frac"] for m in measured)
+    assert all(m["sfpo/inner_steps_run"] == (3 if algo == "sfpo" else 0) for m in measured)
