@@ -210,7 +210,10 @@ def test_config_normalisation_leaves_verl_a_valid_config(model_dir):
     from sfpo_train.verl.main import prepare_config
 
     config = vs.compose(model_dir, [*AUTHORS, "algorithm.adv_estimator=grpo"])
-    with pytest.raises(Exception):  # what stock verl would do with the authors' keys: ActorConfig rejects them
+    from hydra.errors import InstantiationException
+
+    # what stock verl does with these keys: its ActorConfig rejects them
+    with pytest.raises(InstantiationException, match="unexpected keyword argument 'sfpo'"):
         omega_conf_to_dataclass(config.actor_rollout_ref.actor)
     prepare_config(config)
     actor = config.actor_rollout_ref.actor
@@ -345,3 +348,32 @@ def test_sfpo_policy_loss_equals_verls_vanilla():
         assert got_m.keys() == want_m.keys()
         for key in want_m:
             assert got_m[key] == pytest.approx(want_m[key], rel=1e-6, abs=1e-7), key
+
+
+# ---------------------------------------------------------------------------- the trainer
+
+
+def test_trainer_uses_our_worker_and_needs_the_entropy(model_dir):
+    from verl.trainer.ppo.utils import Role
+
+    from sfpo_train.verl.main import prepare_config
+    from sfpo_train.verl.trainer import SFPOTrainer
+    from sfpo_train.verl.worker import SFPOActorRolloutRefWorker
+
+    config = vs.compose(model_dir, ["algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.use_kl_loss=true",
+                                    "actor_rollout_ref.actor.sfpo.enable=true"])  # fmt: skip
+    prepare_config(config)
+    trainer = SFPOTrainer.__new__(SFPOTrainer)  # only the two overridden methods, no Ray cluster
+    trainer.config = config
+    trainer._init_resource_pool_mgr()
+    assert trainer.role_worker_mapping[Role.ActorRolloutRef].__ray_actor_class__ is SFPOActorRolloutRefWorker
+    with pytest.raises(ValueError, match="actor/entropy"):
+        trainer._update_actor(batch=None, metrics={})
+
+
+def test_entry_point_rejects_unsupported_trainers(model_dir):
+    from sfpo_train.verl.main import prepare_config
+
+    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true", "trainer.v1.trainer_mode=separate_async"])
+    with pytest.raises(ValueError, match="trainer_mode='separate_async' is not supported"):
+        prepare_config(config)
