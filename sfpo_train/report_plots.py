@@ -95,7 +95,7 @@ def plot_memory(memory: pd.DataFrame, path: str) -> None:
         ax.set_xticks(x + width * (len(arms) - 1) / 2, table.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{reading} (GB)")
         ax.set_title("peak memory per stage" if reading == "max_allocated_gb" else "process RSS at the end of each stage")
-        ax.legend()
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
