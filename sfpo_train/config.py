@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -218,7 +219,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "actor_rollout_ref.model.override_config": {
             "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
             "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-            "max_position_embeddings": 32768, "rope_theta": 1000000.0, "tie_word_embeddings": True,
+            "max_position_embeddings": 32768, "tie_word_embeddings": True,
         },
         "data.train_batch_size": 64,
         "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
@@ -275,6 +276,8 @@ def _merge(cfg: DictConfig, items: dict[str, Any] | list[str], source: str) -> D
             if "=" not in item:
                 raise ValueError(f"{source}: override {item!r} must look like key=value (e.g. data.train_batch_size=32)")
             key, value = item.split("=", 1)
+            if value.startswith("{"):  # hydra writes {a:1,b:2}; YAML needs a space after each colon
+                value = re.sub(r"([\w.]+):(?=\S)", r"\1: ", value)
             pairs.append((key.lstrip("+"), value))  # hydra's '+' (add a key) is accepted for known keys
     keys = set(config_keys())
     for key, value in pairs:

@@ -297,16 +297,24 @@ class Trainer:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         model_cfg = self.cfg.actor_rollout_ref.model
-        overrides = OmegaConf.to_container(model_cfg.override_config)
         kwargs = dict(dtype=torch.float32, attn_implementation=model_cfg.attn_implementation)
         if checkpoint is not None:
-            model = AutoModelForCausalLM.from_pretrained(os.path.join(checkpoint, "model"), **kwargs)
-        elif model_cfg.random_init:
-            hf_config = AutoConfig.from_pretrained(self.model_path, **overrides)
+            return AutoModelForCausalLM.from_pretrained(os.path.join(checkpoint, "model"), **kwargs).to(self.device)
+        base = AutoConfig.from_pretrained(self.model_path)
+        entries = base.to_dict()
+        overrides = OmegaConf.to_container(model_cfg.override_config)
+        unknown = sorted(k for k in overrides if k not in entries)
+        if unknown:
+            raise ValueError(f"actor_rollout_ref.model.override_config: {unknown} are not entries of "
+                             f"{type(base).__name__}")  # fmt: skip
+        if "num_hidden_layers" in overrides:
+            entries.pop("layer_types", None)  # per-layer lists follow the new depth (rebuilt from defaults)
+        hf_config = type(base)(**{**entries, **overrides})
+        if model_cfg.random_init:
             with _seeded(self.cfg.trainer.seed):
                 model = AutoModelForCausalLM.from_config(hf_config, **kwargs)
         else:
-            model = AutoModelForCausalLM.from_pretrained(self.model_path, **overrides, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.model_path, config=hf_config, **kwargs)
         # Parameters stay fp32 (the optimizer's master copy); bf16/fp16 is the compute dtype via autocast.
         return model.to(self.device)
 

@@ -27,7 +27,7 @@ def test_readme_has_exactly_the_two_setup_commands_and_ci_runs_the_test_one():
         match = re.search(rf"<!-- {marker} -->\n```bash\n(.+)\n```", readme)
         assert match, f"README lacks the {marker} block"
         commands[marker] = match.group(1)
-    assert commands["main-command"].startswith("pip install") and "sfpo demo" in commands["main-command"]
+    assert commands["main-command"].startswith("pip install") and commands["main-command"].endswith("sfpo train")
     assert commands["test-command"].startswith("pip install") and "pytest" in commands["test-command"]
     ci = (ROOT / ".ci" / "run").read_text()
     assert "<!-- test-command -->" in ci, ".ci/run must read the test command from the README"

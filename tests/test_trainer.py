@@ -328,3 +328,19 @@ def test_response_mask_counts_through_the_first_eos():
     responses = torch.tensor([[5, 6, 1, 0, 0], [5, 1, 1, 1, 0], [5, 6, 7, 8, 9], [1, 0, 0, 0, 0]])
     expected = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
     assert torch.equal(response_mask_from(responses, eos), expected)
+
+
+def test_random_init_with_override_config_shapes_a_fresh_model(tiny_model_dir, data_files, tmp_path):
+    overrides = "{num_hidden_layers:3,hidden_size:16,intermediate_size:32,num_attention_heads:2,num_key_value_heads:1}"
+    cfg = make_config(tiny_model_dir, data_files, tmp_path, "actor_rollout_ref.model.random_init=true",
+                      f"actor_rollout_ref.model.override_config={overrides}", "trainer.total_training_steps=1")
+    trainer = Trainer.create(cfg)
+    assert trainer.model.config.num_hidden_layers == 3 and len(trainer.model.model.layers) == 3
+    assert trainer.model.config.hidden_size == 16
+    again = Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, "actor_rollout_ref.model.random_init=true",
+                                       f"actor_rollout_ref.model.override_config={overrides}", name="again"))
+    assert_same_weights(weights(trainer), weights(again))  # seeded initialisation
+    trainer.fit()
+    with pytest.raises(ValueError, match=r"override_config: \['hidden_sise'\] are not entries of Qwen2Config"):
+        Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, "actor_rollout_ref.model.random_init=true",
+                                   "actor_rollout_ref.model.override_config={hidden_sise:16}", name="typo"))
