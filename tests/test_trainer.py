@@ -344,3 +344,30 @@ def test_random_init_with_override_config_shapes_a_fresh_model(tiny_model_dir, d
     with pytest.raises(ValueError, match=r"override_config: \['hidden_sise'\] are not entries of Qwen2Config"):
         Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, "actor_rollout_ref.model.random_init=true",
                                    "actor_rollout_ref.model.override_config={hidden_sise:16}", name="typo"))
+
+
+def test_resume_after_a_real_kill(tiny_model_dir, data_files, tmp_path):
+    """SIGKILL a real ``sfpo train`` once a checkpoint exists; ``--resume`` must land on the uninterrupted weights."""
+    import signal
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["train", "--preset", "smoke", f"actor_rollout_ref.model.path={tiny_model_dir}",
+            f"data.train_files={data_files[0]}", f"data.val_files={data_files[1]}", "trainer.total_training_steps=8",
+            "trainer.save_freq=2", "trainer.progress_bar=false", f"trainer.default_local_dir={tmp_path}"]  # fmt: skip
+    assert run_cli(*args, "trainer.experiment_name=whole").returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "sfpo_train.cli", *args, "trainer.experiment_name=killed"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 300
+    while latest_checkpoint(str(tmp_path / "killed")) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    out = run_cli("train", "--resume", str(tmp_path / "killed"))
+    assert out.returncode == 0, out.stderr
+    final = "checkpoints/global_step_8/model/model.safetensors"
+    a, b = load_file(str(tmp_path / "whole" / final)), load_file(str(tmp_path / "killed" / final))
+    assert_same_weights(a, b)
+    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["training/global_step"] for r in rows] == list(range(9))
