@@ -4,7 +4,10 @@
   pass (``SFPO.step(update_pass, batch, entropy=None)``), with the
   entropy-triggered switch to plain GRPO and exact ``state_dict`` resume.
 
-The trainers (standalone and verl) build on these in the following releases.
+- :mod:`sfpo_train.trainer` (``sfpo train``): a standalone GRPO / Dr. GRPO / DAPO
+  trainer with SFPO, verl's config keys and metric names, and an embedded
+  default task and model (:mod:`sfpo_train.tasks`).
+- :mod:`sfpo_train.verl`: SFPO inside verl 0.9.1 as a plugin (needs the ``verl`` extra).
 """
 
 from sfpo_train.sfpo import SFPO, SFPOConfig, entropy_zscore, scheduled_alpha
