@@ -34,7 +34,6 @@ AUTHOR_KEYS = {
     "zscore_w": "zscore_window",
     "zscore_threshold": "zscore_threshold",
 }
-FUSED_CHOICES = ("auto", True, False)
 # keys of the sfpo block that are not SFPOConfig fields
 _OWN_KEYS = ("enable", "fused_kernels")
 _CONFIG_KEYS = ("inner_steps", "alpha", "zscore_window", "zscore_threshold", "trigger", "decay", "decay_steps",
@@ -79,7 +78,7 @@ def settings_from_dict(block: dict, where: str = "actor_rollout_ref.sfpo") -> Ve
     fused = block.get("fused_kernels", "auto")
     if isinstance(fused, str) and fused.lower() in ("true", "false"):
         fused = fused.lower() == "true"
-    if fused not in FUSED_CHOICES or (fused == 1 and not isinstance(fused, bool)):
+    if not (fused == "auto" or isinstance(fused, bool)):
         raise ValueError(f"{where}.fused_kernels must be auto, true or false, got {fused!r}")
     kwargs = {k: block[k] for k in _CONFIG_KEYS if k in block and block[k] is not None}
     # YAML and the command line give ints for float fields (alpha=1); SFPOConfig wants numbers either way.
