@@ -145,7 +145,16 @@ def _sfpo_iteration_script(model_dir: str, out_path: str) -> None:
     worker = make_worker(config)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     share = BATCH // world  # what verl's dispatch hands each data-parallel rank: a contiguous chunk
-    worker.update_actor(make_batch(rows=list(range(rank * share, (rank + 1) * share))))
+    metrics = metrics_of(worker.update_actor(make_batch(rows=list(range(rank * share, (rank + 1) * share)))))
+    # FSDP2 really sharded the parameters, and SFPO's snapshot held this rank's shards only
+    module = worker.actor.engine.module
+    local = sum(p.to_local().numel() for p in module.parameters())
+    full = sum(p.numel() for p in module.parameters())
+    if world > 1 and not local < full:
+        raise SystemExit(f"rank {rank}: parameters are not sharded ({local} of {full} elements local)")
+    snap = metrics["sfpo/snapshot_bytes"][0]  # the local shards, plus the snapshot's per-tensor alignment
+    if world > 1 and not 4 * local <= snap < 4 * full:
+        raise SystemExit(f"rank {rank}: snapshot of {snap} bytes; local shards hold {4 * local}, the model {4 * full}")
     params = actor_params(worker)
     if int(os.environ["RANK"]) == 0:
         torch.save(params, out_path)
