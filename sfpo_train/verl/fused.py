@@ -108,7 +108,9 @@ def forward_with_sfpo_kernels(
     else:
         raise ValueError("forward_with_sfpo_kernels needs input_ids, labels or shift_labels")
     logits = self.lm_head(outputs[0])
-    log_probs, entropy = sfpo_kernels.logprob_entropy(logits, rolled, float(temperature))
+    # Nothing else reads these logits (the LM head's backward needs its input, not its output),
+    # so the kernel's backward may write dlogits into their memory: one [tokens, V] buffer less.
+    log_probs, entropy = sfpo_kernels.logprob_entropy(logits, rolled, float(temperature), inplace_backward=True)
     return dense_common.CausalLMOutputForPPO(
         log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states, attentions=outputs.attentions,
