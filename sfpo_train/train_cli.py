@@ -43,7 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def epilog() -> str:
-    return "config keys (verl's names; defaults of --preset default):\n" + config_lib.describe_keys()
+    return ("config keys (verl's names; values of --preset default, which other presets and --algorithm change):\n"
+            + config_lib.describe_keys(config_lib.load_config("default")))
 
 
 def main(args: argparse.Namespace) -> int:
