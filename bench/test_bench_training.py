@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,23 +40,10 @@ def setup(tmp_path_factory):
               "trainer.total_training_steps=100", "actor_rollout_ref.actor.sfpo.entropy_control=false"]  # fmt: skip
     if ON_GPU:
         return "qwen2.5-0.5b", common, "qwen2.5-0.5b-shaped bf16"
-    from sfpo_train.tasks import addition
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from tiny_setup import tiny_overrides, write_data, write_tiny_model  # the tests' tiny model and data
 
-    import pandas as pd
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    model_dir = root / "model"
-    shipped = {k: v for k, v in addition.build_model_config().to_dict().items() if k != "layer_types"}
-    config = Qwen2Config(**{**shipped, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "num_key_value_heads": 2})  # fmt: skip
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(config).save_pretrained(model_dir)
-    addition.build_tokenizer().save_pretrained(model_dir)
-    pd.DataFrame(addition.make_rows(64, seed=5, split="train")).to_parquet(root / "train.parquet")
-    pd.DataFrame(addition.make_rows(16, seed=6, split="test")).to_parquet(root / "test.parquet")
-    paths = [f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={root / 'train.parquet'}",
-             f"data.val_files={root / 'test.parquet'}", "trainer.device=cpu"]  # fmt: skip
+    paths = tiny_overrides(write_tiny_model(str(root / "model")), write_data(str(root))) + ["trainer.device=cpu"]
     return "smoke", common + paths, "tiny qwen2 fp32 (hidden 32, 1 layer)"
 
 

@@ -18,8 +18,9 @@ import torch
 from sfpo_train import config as config_lib
 from sfpo_train.data import PromptSampler
 from sfpo_train.rollout import response_mask_from
-from sfpo_train.tasks import addition, default_paths
+from sfpo_train.tasks import default_paths
 from sfpo_train.trainer import Trainer, grpo_advantages, latest_checkpoint, lr_lambda
+from tiny_setup import write_data, write_tiny_model
 
 VERL_METRICS = (
     "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
@@ -35,25 +36,12 @@ SFPO_METRICS = ("sfpo/alpha", "sfpo/zscore", "sfpo/triggered", "timing_s/sfpo_sn
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A randomly initialised Qwen2 smaller than the shipped one, with the addition tokenizer."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_model")
-    shipped = {k: v for k, v in addition.build_model_config().to_dict().items() if k != "layer_types"}
-    config = Qwen2Config(**{**shipped, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "num_key_value_heads": 2})
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(config).save_pretrained(path)
-    addition.build_tokenizer().save_pretrained(path)
-    return str(path)
+    return write_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
 
 
 @pytest.fixture(scope="module")
 def data_files(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data")
-    pd.DataFrame(addition.make_rows(64, seed=5, split="train")).to_parquet(path / "train.parquet")
-    pd.DataFrame(addition.make_rows(16, seed=6, split="test")).to_parquet(path / "test.parquet")
-    return str(path / "train.parquet"), str(path / "test.parquet")
+    return write_data(str(tmp_path_factory.mktemp("data")))
 
 
 def make_config(tiny_model_dir, data_files, tmp_path, *overrides, name="run", preset="smoke", algorithm="grpo"):
