@@ -69,7 +69,7 @@ class OptimConfig:
     weight_decay: float = 0.01
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
-    lr_warmup_steps: int = -1  # -1: use lr_warmup_steps_ratio
+    lr_warmup_steps: int = -1  # <= 0: use lr_warmup_steps_ratio (verl)
     lr_warmup_steps_ratio: float = 0.0
     lr_scheduler_type: str = "constant"  # constant | cosine (after the warm-up)
     min_lr_ratio: float = 0.0
@@ -177,7 +177,7 @@ class TrainerSection:
     default_local_dir: str = "runs"
     total_training_steps: int = 300
     test_freq: int = 50  # validate every N steps (and at the end); <= 0: only at the end
-    save_freq: int = 100  # checkpoint every N steps (and at the end); <= 0: only at the end
+    save_freq: int = 100  # checkpoint every N steps and at the end; <= 0: never
     val_before_train: bool = True
     device: str = "auto"  # auto | cpu | cuda
     seed: int = 1
@@ -423,11 +423,11 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.actor.kl_loss_coef": "KL penalty coefficient",
     "actor_rollout_ref.actor.kl_loss_type": "kl/k1 | abs | mse/k2 | low_var_kl/k3 (a '+' takes the k2 gradient)",
     "actor_rollout_ref.actor.kernel_backend": "loss kernels: triton | torch | null (triton on GPU, torch on CPU)",
-    "actor_rollout_ref.actor.optim.lr": "AdamW learning rate",
+    "actor_rollout_ref.actor.optim.lr": "AdamW learning rate (actor/lr logs the rate each iteration used)",
     "actor_rollout_ref.actor.optim.weight_decay": "AdamW weight decay",
     "actor_rollout_ref.actor.optim.betas": "AdamW betas, e.g. [0.9,0.999]",
     "actor_rollout_ref.actor.optim.eps": "AdamW epsilon",
-    "actor_rollout_ref.actor.optim.lr_warmup_steps": "linear warm-up iterations (-1: use lr_warmup_steps_ratio)",
+    "actor_rollout_ref.actor.optim.lr_warmup_steps": "linear warm-up iterations, lr from 0 (<= 0: use lr_warmup_steps_ratio)",
     "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio": "warm-up as a fraction of total_training_steps",
     "actor_rollout_ref.actor.optim.lr_scheduler_type": "after warm-up: constant | cosine",
     "actor_rollout_ref.actor.optim.min_lr_ratio": "cosine floor as a fraction of lr",
@@ -461,7 +461,7 @@ KEY_HELP: dict[str, str] = {
     "algorithm.adv_estimator": "advantage estimator: grpo",
     "algorithm.norm_adv_by_std_in_grpo": "divide by the group's std (false: Dr. GRPO)",
     "algorithm.filter_groups.enable": "DAPO dynamic sampling: drop groups with equal rewards, refill the batch",
-    "algorithm.filter_groups.metric": "what must differ within a group: acc | score",
+    "algorithm.filter_groups.metric": "what must differ within a group: score, or acc (a reward dict's 'acc' entry, else the score)",
     "algorithm.filter_groups.max_num_gen_batches": "give up after this many generation batches (<= 0: never)",
     "custom_reward_function.path": "a .py file with compute_score(data_source, solution_str, ground_truth, extra_info)",
     "custom_reward_function.name": "the function's name in that file",

@@ -37,17 +37,28 @@ def load_reward_fn(path: str | None, name: str) -> ScoreFn:
     return fn
 
 
-def score_one(fn: ScoreFn, index: int, data_source: str, prompt: str, response: str, ground_truth, extra_info) -> float:
-    """One sample's score as a float; errors name the sample so the user can reproduce them."""
+def score_one(fn: ScoreFn, index: int, data_source: str, prompt: str, response: str, ground_truth,
+              extra_info) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """One sample's ``(score, extra)``: the score as a float and a dict reward's other numeric entries.
+
+    Errors name the sample so the user can reproduce them.
+    """
     where = f"sample {index} (data_source={data_source!r}, prompt={prompt!r}, response={response!r})"
     try:
         result = fn(data_source=data_source, solution_str=response, ground_truth=ground_truth, extra_info=extra_info)
     except Exception as e:
         raise ValueError(f"the reward function raised on {where}: {type(e).__name__}: {e}") from e
+    extra: dict[str, float] = {}
     if isinstance(result, dict):
         if "score" not in result:
             raise ValueError(f"the reward function returned a dict without 'score' on {where}")
+        # verl's rule rewards report e.g. {"score": 1.0, "acc": True}: booleans count as 0/1 here
+        extra = {k: float(v) for k, v in result.items() if k != "score" and (isinstance(v, bool) or _is_number(v))}
         result = result["score"]
-    if isinstance(result, bool) or not isinstance(result, numbers.Real) or not math.isfinite(float(result)):
+    if not _is_number(result):
         raise ValueError(f"the reward function must return a finite number, got {result!r} on {where}")
-    return float(result)
+    return float(result), extra
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))

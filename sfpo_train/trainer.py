@@ -40,6 +40,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import sfpo_kernels
+from sfpo_kernels import reference
 from sfpo_kernels.fused_loss import GRPOLossOptions
 from sfpo_train import config as config_lib
 from sfpo_train.data import PromptSampler, left_pad, load_prompts
@@ -94,12 +95,31 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, norm_by_std: bool) ->
     return adv.reshape(-1).float()
 
 
+def micro_batch_weights(response_mask: torch.Tensor, micro_batches: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+    """Each micro-batch's share of its mini-batch's aggregate under ``mode``.
+
+    ``sum_i w_i * agg(micro_i) == agg(mini-batch)``: token-mean weights by
+    response tokens, the seq-* modes by non-empty rows, token-sum by 1. Returned
+    as device tensors (no host sync).
+    """
+    if mode == "token-sum":
+        return [torch.ones((), device=response_mask.device) for _ in micro_batches]
+    if mode == "token-mean":
+        counts = [response_mask[index].sum().float() for index in micro_batches]
+    else:
+        counts = [(response_mask[index].sum(dim=1) > 0).sum().float() for index in micro_batches]
+    total = torch.stack(counts).sum().clamp(min=1.0)
+    return [c / total for c in counts]
+
+
 def lr_lambda(total_steps: int, warmup_steps: int, kind: str, min_lr_ratio: float):
-    """verl's warm-up (linear from 0) then constant or cosine down to ``min_lr_ratio``."""
+    """verl 0.9.1's schedules: linear warm-up ``step / warmup_steps`` (so iteration 0 runs at lr 0, as
+    ``get_constant_schedule_with_warmup`` / ``get_cosine_schedule_with_warmup`` do), then constant or
+    cosine down to ``min_lr_ratio``."""
 
     def factor(step: int) -> float:
         if warmup_steps > 0 and step < warmup_steps:
-            return (step + 1) / warmup_steps  # the first step already trains, as in verl
+            return step / warmup_steps
         if kind == "constant":
             return 1.0
         progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -240,7 +260,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
                                            weight_decay=optim.weight_decay)  # fmt: skip
         total = cfg.trainer.total_training_steps
-        warmup = optim.lr_warmup_steps if optim.lr_warmup_steps >= 0 else int(optim.lr_warmup_steps_ratio * total)
+        warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total, warmup, optim.lr_scheduler_type, optim.min_lr_ratio))
         self.sfpo = SFPO(self.model, sfpo_config(cfg))
@@ -346,15 +366,19 @@ class Trainer:
         return SamplingSettings(n=s.n, do_sample=s.do_sample, temperature=s.temperature if s.do_sample else 1.0,
                                 top_p=s.top_p, top_k=s.top_k, max_new_tokens=self.cfg.data.max_response_length)  # fmt: skip
 
-    def _score(self, prompts, batch: RolloutBatch, n: int) -> torch.Tensor:
+    def _score(self, prompts, batch: RolloutBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(score, acc)`` per response; ``acc`` is a reward dict's ``"acc"`` entry, else the score."""
         texts = self.tokenizer.batch_decode(
             [row[mask.bool()].tolist() for row, mask in zip(batch.responses.cpu(), batch.response_mask.cpu())],
             skip_special_tokens=True)  # fmt: skip
-        scores = []
+        scores, accs = [], []
         for i, text in enumerate(texts):
             p = prompts[i // n]
-            scores.append(score_one(self.reward_fn, i, p.data_source, p.text, text, p.ground_truth, p.extra_info))
-        return torch.tensor(scores, dtype=torch.float32, device=self.device)
+            score, extra = score_one(self.reward_fn, i, p.data_source, p.text, text, p.ground_truth, p.extra_info)
+            scores.append(score)
+            accs.append(extra.get("acc", score))
+        as_tensor = lambda values: torch.tensor(values, dtype=torch.float32, device=self.device)  # noqa: E731
+        return as_tensor(scores), as_tensor(accs)
 
     def _collect(self) -> tuple[TrainBatch, dict]:
         """Generate and score; with dynamic sampling, keep only groups with differing rewards until the batch is full."""
@@ -370,8 +394,8 @@ class Trainer:
                 rollout = self.rollout.generate([p.input_ids for p in prompts], settings)
             self.rollouts_total += len(prompts) * n
             with self.profiler.stage("reward"):
-                scores = self._score(prompts, rollout, n)
-            groups = scores.view(-1, n)
+                scores, accs = self._score(prompts, rollout, n)
+            groups = (accs if filtering.metric == "acc" else scores).view(-1, n)
             keep = (groups.amax(1) != groups.amin(1)) if filtering.enable else torch.ones(len(prompts), dtype=torch.bool)
             for g in keep.nonzero().flatten().tolist():
                 rows = slice(g * n, (g + 1) * n)
@@ -423,13 +447,23 @@ class Trainer:
         return torch.cat(log_probs), torch.cat(entropy)
 
     def update_pass(self, batch: TrainBatch) -> dict:
-        """One ordinary PPO update on the batch: ``ppo_epochs`` x mini-batches, one optimizer step each."""
+        """One ordinary PPO update on the batch: ``ppo_epochs`` x mini-batches, one optimizer step each.
+
+        A mini-batch's micro-batches accumulate gradients weighted by their share
+        of the mini-batch's aggregate (:func:`micro_batch_weights`), so the step
+        does not depend on ``ppo_micro_batch_size_per_gpu`` (verl 0.9.1 normalises
+        by the mini-batch's token / row count the same way). Metrics: ``pg_loss``
+        and ``kl_loss`` are the mini-batch's aggregate, ``pg_clipfrac*`` and
+        ``ppo_kl`` its token means, ``nonfinite_tokens`` its count, each then
+        averaged over mini-batches; ``skipped_steps`` is the fraction of optimizer
+        steps skipped for a non-finite gradient.
+        """
         actor = self.cfg.actor_rollout_ref.actor
         n_rows = len(batch.scores)
         mini = actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
         micro = min(actor.ppo_micro_batch_size_per_gpu, mini)
         o = self.loss_options
-        sums: dict[str, list[torch.Tensor]] = defaultdict(list)
+        per_mini: dict[str, list[torch.Tensor]] = defaultdict(list)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.model.train()
         for _ in range(actor.ppo_epochs):
@@ -437,7 +471,10 @@ class Trainer:
             for mini_index in order.to(self.device).split(mini):
                 self.optimizer.zero_grad(set_to_none=True)
                 micro_batches = mini_index.split(micro)
-                for micro_index in micro_batches:
+                loss_weights = micro_batch_weights(batch.response_mask, micro_batches, o.loss_agg_mode)
+                token_weights = micro_batch_weights(batch.response_mask, micro_batches, "token-mean")
+                totals: dict[str, torch.Tensor] = defaultdict(float)
+                for micro_index, w_loss, w_token in zip(micro_batches, loss_weights, token_weights):
                     rows = batch.rows(micro_index)
                     out = sfpo_kernels.grpo_loss(
                         self._response_logits(self.model, rows), rows["responses"], rows["old_log_probs"],
@@ -446,19 +483,24 @@ class Trainer:
                         clip_ratio_c=o.clip_ratio_c, kl_coef=o.kl_coef, kl_type=o.kl_type, entropy_coef=o.entropy_coef,
                         loss_agg_mode=o.loss_agg_mode, backend=actor.kernel_backend, check_labels=False,
                     )  # fmt: skip
-                    (out.loss / len(micro_batches)).backward()
+                    (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
-                        if key != "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)
-                            sums["actor/kl_loss" if key == "kl" else f"actor/{key}"].append(value.detach())
+                        if key == "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)
+                            continue
+                        weight = w_loss if key in ("pg_loss", "kl") else 1.0 if key == "nonfinite_tokens" else w_token
+                        totals["actor/kl_loss" if key == "kl" else f"actor/{key}"] += value.detach().float() * weight
+                for key, value in totals.items():
+                    per_mini[key].append(value)
                 with self.profiler.stage("optimizer"):  # nested in update_actor; timing_s/optimizer sums all passes
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, actor.optim.clip_grad)
-                    if torch.isfinite(grad_norm):
+                    finite = torch.isfinite(grad_norm)
+                    if finite:
                         self.optimizer.step()
                     else:  # verl's rule: a non-finite gradient skips the step instead of poisoning the weights
                         self.optimizer.zero_grad(set_to_none=True)
-                        sums["actor/skipped_steps"].append(torch.ones((), device=self.device))
-                sums["actor/grad_norm"].append(grad_norm.detach())
-        return {k: float(torch.stack([v.float() for v in values]).mean()) for k, values in sums.items()}
+                per_mini["actor/skipped_steps"].append((~finite).float())
+                per_mini["actor/grad_norm"].append(grad_norm.detach().float())
+        return {k: float(torch.stack([torch.as_tensor(v) for v in values]).mean()) for k, values in per_mini.items()}
 
     # ----------------------------------------------------------------- one iteration
 
@@ -473,7 +515,8 @@ class Trainer:
             with self.profiler.stage("old_log_prob"):
                 batch.old_log_probs, entropy = self._log_probs(self.model, batch, micro)
                 mask = batch.response_mask.float()
-                mean_entropy = float((entropy * mask).sum() / mask.sum().clamp(min=1))
+                # verl's actor/entropy: the old-log-prob pass's entropy aggregated with the actor's loss_agg_mode
+                mean_entropy = float(reference.agg_loss(entropy, mask, self.loss_options.loss_agg_mode))
             if self.ref_model is not None:
                 with self.profiler.stage("ref"):
                     batch.ref_log_probs, _ = self._log_probs(self.ref_model, batch,
@@ -526,11 +569,14 @@ class Trainer:
         settings = self._sampling(True)
         per_source: dict[str, list[float]] = defaultdict(list)
         size = self.cfg.data.val_batch_size
-        with self.profiler.stage("testing"):
+        # Forked RNG: sampled validation (val_kwargs.do_sample) must not shift training's random stream,
+        # so test_freq can change on resume without changing the trajectory.
+        devices = [self.device] if self.device.type == "cuda" else []
+        with self.profiler.stage("testing"), torch.random.fork_rng(devices=devices):
             for start in range(0, len(self.val_prompts), size):
                 prompts = self.val_prompts[start:start + size]
                 batch = self.rollout.generate([p.input_ids for p in prompts], settings)
-                scores = self._score(prompts, batch, 1).tolist()
+                scores = self._score(prompts, batch, 1)[0].tolist()
                 for p, s in zip(prompts, scores):
                     per_source[p.data_source].append(s)
         metrics = {f"val-core/{src}/reward/mean@1": sum(v) / len(v) for src, v in per_source.items()}
@@ -584,6 +630,7 @@ class Trainer:
         cfg = self.cfg.trainer
         total = cfg.total_training_steps
         history = []
+        save_seconds = None
         if self.global_step == 0 and cfg.val_before_train:
             val = self.validate()
             val.update({"training/global_step": 0, **self.profiler.collect()})
@@ -598,12 +645,16 @@ class Trainer:
                     metrics.update(self.validate())
                     metrics.update({k: v for k, v in self.profiler.collect().items()
                                     if k.startswith(("timing_s/", "memory/testing/"))})  # fmt: skip
+                if save_seconds is not None:
+                    metrics["timing_s/save_checkpoint"] = save_seconds  # the previous step's checkpoint
+                    save_seconds = None
+                # The row is on disk before the checkpoint: a kill in between never loses a logged step.
+                self.log.append(metrics)
+                history.append(metrics)
                 if cfg.save_freq > 0 and (last or self.global_step % cfg.save_freq == 0):
                     start = time.perf_counter()
                     self.save_checkpoint()
-                    metrics["timing_s/save_checkpoint"] = time.perf_counter() - start
-                self.log.append(metrics)
-                history.append(metrics)
+                    save_seconds = time.perf_counter() - start
                 bar.update(1)
                 bar.set_postfix(self._postfix(metrics), refresh=False)
         finally:

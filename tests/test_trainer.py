@@ -129,7 +129,8 @@ def test_lr_scheduler_steps_once_per_iteration(tiny_model_dir, data_files, tmp_p
     cfg = make_config(tiny_model_dir, data_files, tmp_path, "actor_rollout_ref.actor.optim.lr_warmup_steps=3",
                       "actor_rollout_ref.actor.optim.lr=0.3", "trainer.val_before_train=false")  # fmt: skip
     history = Trainer.create(cfg).fit()
-    assert [h["actor/lr"] for h in history] == pytest.approx([0.1, 0.2, 0.3])  # K+1 passes, one scheduler step
+    # verl's warm-up starts at lr 0; K+1 passes per iteration, one scheduler step
+    assert [h["actor/lr"] for h in history] == pytest.approx([0.0, 0.1, 0.2])
 
 
 def test_dynamic_sampling_refills_the_batch_with_informative_groups(tiny_model_dir, data_files, tmp_path):
@@ -292,7 +293,7 @@ def test_grpo_advantages_match_the_formula():
 
 def test_lr_lambda_warmup_then_cosine():
     f = lr_lambda(total_steps=10, warmup_steps=2, kind="cosine", min_lr_ratio=0.1)
-    assert [f(0), f(1)] == [0.5, 1.0]
+    assert [f(0), f(1)] == [0.0, 0.5]  # verl 0.9.1: step / warmup_steps
     assert f(2) == pytest.approx(1.0) and f(10) == pytest.approx(0.1) and f(6) == pytest.approx(0.55)
     assert lr_lambda(10, 0, "constant", 0.0)(7) == 1.0
 
@@ -359,3 +360,46 @@ def test_resume_after_a_real_kill(tiny_model_dir, data_files, tmp_path):
     assert_same_weights(a, b)
     rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     assert [r["training/global_step"] for r in rows] == list(range(9))
+
+
+@pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+def test_gradient_does_not_depend_on_the_micro_batch_size(tiny_model_dir, data_files, tmp_path, mode):
+    """verl normalises by the mini-batch's tokens / rows, so splitting a mini-batch changes nothing but rounding.
+
+    One update pass on one batch whose responses have 1-5 tokens, at lr 0 (the weights stay put, the
+    gradient norm is measured before the step), with micro-batches of 1, 4 and 16 responses.
+    """
+    cfg = make_config(tiny_model_dir, data_files, tmp_path, f"actor_rollout_ref.actor.loss_agg_mode={mode}",
+                      "actor_rollout_ref.actor.optim.lr=0", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+                      "actor_rollout_ref.actor.optim.clip_grad=1e9")  # fmt: skip
+    trainer = Trainer.create(cfg)
+    batch, _ = trainer._collect()
+    lengths = torch.arange(len(batch.scores)) % 5 + 1
+    batch.response_mask = (torch.arange(batch.responses.shape[1])[None, :] < lengths[:, None]).long()
+    batch.old_log_probs, _ = trainer._log_probs(trainer.model, batch, 16)
+    batch.old_log_probs = batch.old_log_probs - 0.1 * torch.rand_like(batch.old_log_probs)  # some ratios clip
+    batch.advantages = torch.randn(len(batch.scores))[:, None] * batch.response_mask
+    results = {}
+    for micro in (1, 4, 16):
+        trainer.cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu = micro
+        metrics = trainer.update_pass(batch)
+        results[micro] = (metrics["actor/grad_norm"], metrics["actor/pg_loss"], metrics["actor/pg_clipfrac"])
+    assert results[1][0] > 0
+    for micro in (4, 16):
+        assert results[micro] == pytest.approx(results[1], rel=1e-4, abs=1e-7), (micro, results)
+
+
+def test_dynamic_sampling_filters_on_a_reward_dicts_acc(tiny_model_dir, data_files, tmp_path):
+    reward = tmp_path / "acc_reward.py"
+    reward.write_text("import zlib\n"
+                      "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+                      "    return {'score': 0.0, 'acc': zlib.crc32(solution_str.encode()) % 2 == 1}\n")
+    common = (f"custom_reward_function.path={reward}", "trainer.val_before_train=false",
+              "algorithm.filter_groups.max_num_gen_batches=2")
+    trainer = Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, *common, "algorithm.filter_groups.metric=acc",
+                                         algorithm="dapo", name="acc"))  # fmt: skip
+    batch, _ = trainer._collect()
+    assert batch.scores.shape == (16,) and float(batch.scores.abs().sum()) == 0.0  # kept: acc differs, score does not
+    with pytest.raises(RuntimeError, match="kept 0 of the 4 groups"):
+        Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, *common, "algorithm.filter_groups.metric=score",
+                                   algorithm="dapo", name="score")).fit()
