@@ -132,8 +132,12 @@ class StageProfiler:
         return self._nvml is not None
 
     def _sync(self) -> None:
+        """Wait for the work queued on the device (CUDA only); the wait is never counted as overhead."""
         if self.cuda:
             torch.cuda.synchronize(self.device)
+
+    def _reset_peaks(self) -> None:
+        torch.cuda.reset_peak_memory_stats(self.device)
 
     def _fold_peaks(self, stages) -> None:
         """Fold the current peak counters into ``stages`` before a reset (or at their end) loses them."""
@@ -145,18 +149,17 @@ class StageProfiler:
 
     @contextmanager
     def stage(self, name: str):
-        t0 = time.perf_counter()
-        if self.cuda and self._stack:
-            self._sync()  # the enclosing stages' work so far lands in their peaks, not this one's
-            self._fold_peaks(self._stack)
-        t1 = time.perf_counter()
+        # The wait is the enclosing stages' queued work (e.g. the backward before ``optimizer``): it lands in
+        # their time and peaks, not this one's, and is not the profiler's overhead, so the clock starts after it.
         self._sync()
-        t2 = time.perf_counter()
+        t0 = time.perf_counter()
         if self.cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+            if self._stack:
+                self._fold_peaks(self._stack)
+            self._reset_peaks()
         opened = _Open(name, time.perf_counter())
         self._stack.append(opened)
-        self._overhead += (t1 - t0) + (opened.start - t2)
+        self._overhead += opened.start - t0
         try:
             yield
         finally:

@@ -6,16 +6,17 @@ train`` and ``sfpo compare`` write) and writes, into ``--out``:
 - ``report.md`` and ``report.html``: the tables and plots below, with the
   headline measures when both GRPO and SFPO runs are given;
 - ``runs.csv``: one row per run (arm, seed, steps, rollouts, wall-clock, mean
-  step time, initial / best / final test accuracy, trigger step, peak memory,
-  profiler overhead);
+  step time, initial (step 0, n/a without it) / best / final test accuracy,
+  trigger step, peak memory, profiler overhead);
 - ``stage_time.csv`` / ``stage_share.csv``: mean seconds per step of each stage
   and its share of the step, per arm (SFPO / GRPO);
 - ``stage_memory.csv``: the largest reading of each stage per arm (peak
   allocated / reserved GB on CUDA, NVML's device memory and utilisation when
   present, process RSS on CPU);
 - ``headline.csv`` (GRPO and SFPO runs paired by ``trainer.seed``): per seed,
-  GRPO's best test accuracy, the rollouts and wall-clock each arm needed to
-  reach it, their ratios, the step-time ratio and the extra memory;
+  GRPO's initial and best test accuracy, the rollouts and wall-clock each arm
+  needed to reach the best, their ratios (only where GRPO's step-0 accuracy is
+  known and it improved on it), the step-time ratio and the extra memory;
 - PNG plots: stacked per-stage time per step (arms side by side), stage shares,
   peak memory per stage, reward and test accuracy against rollouts and
   wall-clock, entropy / z-score / alpha over steps with the trigger marked.
@@ -230,7 +231,7 @@ def run_summary(run: Run) -> dict:
         "rollouts": int(_col(train, "train/rollouts_total").max()) if len(train) else 0,
         "wall_clock_s": float(_col(train, "train/elapsed_s").max()) if len(train) else 0.0,
         "mean_step_s": float(mean_stage_times(run)["step"]) if len(train) else math.nan,
-        "initial_acc": float(val["accuracy"].iloc[0]) if len(val) else math.nan,
+        "initial_acc": initial_accuracy(val),
         "best_acc": float(best["accuracy"]) if best is not None else math.nan,
         "best_acc_step": int(best["step"]) if best is not None else -1,
         "final_acc": float(val["accuracy"].iloc[-1]) if len(val) else math.nan,
@@ -278,6 +279,12 @@ def _arms(runs: list[Run]) -> list[str]:
 # --------------------------------------------------------------------------- the headline (paper Fig. 4, C.5)
 
 
+def initial_accuracy(val: pd.DataFrame) -> float:
+    """The accuracy before training (the step-0 validation row); NaN without one (``trainer.val_before_train=false``)."""
+    first = val[val["step"] == 0]
+    return float(first["accuracy"].iloc[0]) if len(first) else math.nan
+
+
 def first_reaching(val: pd.DataFrame, target: float) -> pd.Series | None:
     """The first validation row with accuracy >= target (None: never)."""
     hit = val[val["accuracy"] >= target - 1e-12]
@@ -295,29 +302,40 @@ def pair_runs(runs: list[Run]) -> list[tuple[int, Run, Run]]:
 def headline_table(runs: list[Run]) -> pd.DataFrame:
     """Per seed: GRPO's best test accuracy (the target) and what each arm spent to first reach it.
 
-    ``rollouts_ratio`` = GRPO's rollouts / SFPO's (> 1: SFPO needed fewer, the
-    paper's direction), ``time_ratio`` likewise for wall-clock; NaN where SFPO
-    never reached the target ("not reached") or GRPO's best is its initial
-    accuracy (both reach it at step 0, nothing to compare).
+    ``target_known``: GRPO's run has a validation row (else the target and
+    everything measured against it are NaN, ``sfpo_reached`` False).
+    ``initial_known``: it has the step-0 row, the accuracy before training
+    (``grpo_initial_acc``); ``grpo_improved`` is True only where that is known
+    and the target lies above it. ``rollouts_ratio`` = GRPO's rollouts / SFPO's
+    (> 1: SFPO needed fewer, the paper's direction), ``time_ratio`` likewise
+    for wall-clock; NaN unless GRPO improved and SFPO reached the target: where
+    GRPO's best is its initial accuracy both reach it at step 0, and where the
+    initial accuracy is unknown the same may hold unseen.
     """
     records = []
     for seed, grpo, sfpo in pair_runs(runs):
         gv, sv = grpo.val, sfpo.val
-        row = {"seed": seed, "grpo_run": grpo.name, "sfpo_run": sfpo.name}
+        initial = initial_accuracy(gv)
+        row = {"seed": seed, "grpo_run": grpo.name, "sfpo_run": sfpo.name, "target_known": bool(len(gv)),
+               "initial_known": not math.isnan(initial), "grpo_initial_acc": initial, "target_acc": math.nan,
+               "grpo_improved": False, "grpo_best_step": -1, "grpo_rollouts": math.nan, "grpo_time_s": math.nan,
+               "sfpo_reached": False, "sfpo_step": -1, "sfpo_rollouts": math.nan, "sfpo_time_s": math.nan,
+               "rollouts_ratio": math.nan, "time_ratio": math.nan,
+               "grpo_final_acc": float(gv["accuracy"].iloc[-1]) if len(gv) else math.nan,
+               "sfpo_final_acc": float(sv["accuracy"].iloc[-1]) if len(sv) else math.nan}  # fmt: skip
         if len(gv):
             target = float(gv["accuracy"].max())
             g_hit, s_hit = first_reaching(gv, target), first_reaching(sv, target)
             row.update(target_acc=target, grpo_best_step=int(g_hit["step"]), grpo_rollouts=float(g_hit["rollouts"]),
-                       grpo_time_s=float(g_hit["elapsed_s"]), sfpo_reached=s_hit is not None,
-                       sfpo_step=int(s_hit["step"]) if s_hit is not None else -1,
-                       sfpo_rollouts=float(s_hit["rollouts"]) if s_hit is not None else math.nan,
-                       sfpo_time_s=float(s_hit["elapsed_s"]) if s_hit is not None else math.nan)  # fmt: skip
-            degenerate = row["grpo_rollouts"] == 0
-            row["grpo_improved"] = not degenerate
-            ok = s_hit is not None and not degenerate and row["sfpo_rollouts"] > 0
+                       grpo_time_s=float(g_hit["elapsed_s"]))  # fmt: skip
+            if s_hit is not None:
+                row.update(sfpo_reached=True, sfpo_step=int(s_hit["step"]), sfpo_rollouts=float(s_hit["rollouts"]),
+                           sfpo_time_s=float(s_hit["elapsed_s"]))  # fmt: skip
+            # GRPO's best lies after step 0 and the step-0 accuracy is known: it improved on its start
+            row["grpo_improved"] = row["initial_known"] and row["grpo_best_step"] > 0
+            ok = row["sfpo_reached"] and row["grpo_improved"] and row["sfpo_rollouts"] > 0
             row["rollouts_ratio"] = row["grpo_rollouts"] / row["sfpo_rollouts"] if ok else math.nan
             row["time_ratio"] = row["grpo_time_s"] / row["sfpo_time_s"] if ok and row["sfpo_time_s"] > 0 else math.nan
-            row["grpo_final_acc"], row["sfpo_final_acc"] = float(gv["accuracy"].iloc[-1]), float(sv["accuracy"].iloc[-1]) if len(sv) else math.nan
         gs, ss = run_summary(grpo), run_summary(sfpo)
         row["grpo_step_s"], row["sfpo_step_s"] = gs["mean_step_s"], ss["mean_step_s"]
         row["step_time_ratio"] = ss["mean_step_s"] / gs["mean_step_s"]
@@ -343,22 +361,46 @@ def _spread(values: pd.Series, fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(values.mean())} (min {fmt.format(values.min())}, max {fmt.format(values.max())})"
 
 
+def _seeds(head: pd.DataFrame, mask: pd.Series) -> str:
+    return ", ".join(str(seed) for seed in head.loc[mask, "seed"])
+
+
 def headline_lines(head: pd.DataFrame) -> tuple[list[str], list[str]]:
-    """``(measures, verdicts)`` as Markdown bullets: mean (min, max) over seeds, and how they compare with the paper."""
+    """``(measures, verdicts)`` as Markdown bullets: mean (min, max) over seeds, and how they compare with the paper.
+
+    A seed counts for the rollouts / wall-clock verdicts only where it is
+    measurable: GRPO's run has validation rows (a target), its step-0
+    accuracy is known, and GRPO improved on it; the others are named.
+    """
     n = len(head)
-    reached = int(head["sfpo_reached"].sum()) if "sfpo_reached" in head else 0
-    improved = int(head["grpo_improved"].sum()) if "grpo_improved" in head else 0
-    compared = head["rollouts_ratio"].notna() if "rollouts_ratio" in head else pd.Series(False, index=head.index)
+    has_target = head["target_known"].astype(bool)
+    known = head["initial_known"].astype(bool)
+    improved_seeds = head["grpo_improved"].astype(bool)
+    reached_seeds = has_target & head["sfpo_reached"].astype(bool)
+    n_target, n_known, improved = int(has_target.sum()), int(known.sum()), int(improved_seeds.sum())
+    reached = int(reached_seeds.sum())
+    no_target, unknown = ~has_target, has_target & ~known
+    compared = head["rollouts_ratio"].notna()
     lines = [f"Over {n} seed(s); each number is the mean over seeds with the min and max over seeds in brackets."]
-    if "target_acc" in head:
+    if n_target == 0:
+        lines.append("- GRPO's best test accuracy (the target): **not measurable**: no GRPO run has a validation row "
+                     "(trainer.test_freq, trainer.val_before_train).")  # fmt: skip
+    else:
         lines += [
-            f"- GRPO's best test accuracy (the target): {_spread(head['target_acc'], '{:.3f}')}; "
-            f"GRPO improved on its initial accuracy in {improved} of {n} seed(s).",
-            f"- SFPO reached it in {reached} of {n} seed(s)"
-            + ("" if reached == n else f" (not reached: seed(s) {', '.join(str(s) for s in head.loc[~head['sfpo_reached'], 'seed'])})") + ".",
+            f"- GRPO's best test accuracy (the target): {_spread(head['target_acc'], '{:.3f}')}"
+            + (f" over {n_target} seed(s); not measurable in seed(s) {_seeds(head, no_target)}, whose GRPO run has no "
+               "validation row" if no_target.any() else "") + ".",
+            (f"- GRPO improved on its initial accuracy (step 0) in {improved} of {n_known} seed(s)"
+             + (f"; its initial accuracy is unknown in seed(s) {_seeds(head, unknown)} (no step-0 validation: "
+                "trainer.val_before_train=false), so there it is not known whether GRPO improved and no GRPO/SFPO "
+                "ratio is taken" if unknown.any() else "") + "."
+             if n_known else "- GRPO's initial accuracy is unknown (no step-0 validation: trainer.val_before_train="
+             "false), so it is not known whether GRPO improved and no GRPO/SFPO ratio is taken."),
+            f"- SFPO reached it in {reached} of {n_target} seed(s)"
+            + ("" if reached == n_target else f" (not reached: seed(s) {_seeds(head, has_target & ~reached_seeds)})") + ".",
             f"- Rollouts to reach it: GRPO {_spread(head['grpo_rollouts'], '{:.0f}')}, SFPO {_spread(head['sfpo_rollouts'], '{:.0f}')}; "
             f"GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x')} over the {int(compared.sum())} seed(s) where both are "
-            "defined (SFPO reached the target, GRPO improved on its start).",
+            "defined (SFPO reached the target, GRPO improved on its known initial accuracy).",
             f"- Wall-clock to reach it: GRPO {_spread(head['grpo_time_s'], '{:.1f} s')}, SFPO {_spread(head['sfpo_time_s'], '{:.1f} s')}; "
             f"GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x')}.",
             f"- Final test accuracy: GRPO {_spread(head['grpo_final_acc'], '{:.3f}')}, SFPO {_spread(head['sfpo_final_acc'], '{:.3f}')}.",
@@ -372,25 +414,32 @@ def headline_lines(head: pd.DataFrame) -> tuple[list[str], list[str]]:
         f"its snapshot of theta_0 (held from before the fast passes to the reposition): {_spread(head['sfpo_snapshot_mb'], '{:.2f} MB')}.",
     ]  # fmt: skip
 
+    # why each seed left out of the rollouts / wall-clock verdicts is not measurable
+    why = [f"seed(s) {_seeds(head, mask)}: {reason}" for mask, reason in (
+        (no_target, "GRPO's run has no validation row (validate with trainer.test_freq)"),
+        (unknown, "GRPO's initial accuracy unknown (no step-0 validation; set trainer.val_before_train=true)"),
+        (known & ~improved_seeds, "GRPO never improved on its initial accuracy, so both arms 'reach' it before "
+                                  "training (train longer, --steps, or on a task with room to learn)"),
+    ) if mask.any()]  # fmt: skip
     verdicts = []
-    if "rollouts_ratio" in head and improved == 0:
-        verdicts.append("- Rollouts and wall-clock to GRPO's best: **not measurable here**: GRPO never improved on its "
-                        "initial test accuracy, so both arms 'reach' it before training. Train longer (--steps) or on "
-                        "a task with room to learn.")  # fmt: skip
-    elif "rollouts_ratio" in head:
-        r = head["rollouts_ratio"]
-        if reached < n or compared.sum() == 0 or (r.dropna() <= 1).any():
-            verdicts.append(f"- Rollouts: **does not show the paper's direction in every seed** (paper: {PAPER['rollouts']}): "
-                            f"SFPO reached GRPO's best in {reached} of {n} seed(s) and needed fewer rollouts in "
-                            f"{int((r > 1).sum())} of {n}.")  # fmt: skip
+    if improved == 0:
+        verdicts.append(f"- Rollouts and wall-clock to GRPO's best: **not measurable here**: {'; '.join(why)}.")
+    else:
+        left_out = f" ({n - improved} seed(s) not measurable: {'; '.join(why)})" if why else ""
+        reached_m = int((improved_seeds & reached_seeds).sum())
+        r, t = head.loc[improved_seeds, "rollouts_ratio"], head.loc[improved_seeds, "time_ratio"]
+        if reached_m == improved and r.notna().all() and (r > 1).all():
+            verdicts.append(f"- Rollouts: same direction as the paper ({PAPER['rollouts']}): SFPO needed {_spread(r)}x "
+                            f"fewer in {improved} measurable seed(s){left_out}.")  # fmt: skip
         else:
-            verdicts.append(f"- Rollouts: same direction as the paper ({PAPER['rollouts']}): SFPO needed {_spread(r)}x fewer.")
-        t = head["time_ratio"]
-        if reached < n or t.dropna().empty or (t.dropna() <= 1).any():
-            verdicts.append(f"- Wall-clock: **does not show the paper's direction in every seed** (paper: {PAPER['wall_clock']}): "
-                            f"SFPO got there sooner in {int((t > 1).sum())} of {n} seed(s).")  # fmt: skip
-        else:
+            verdicts.append(f"- Rollouts: **does not show the paper's direction in every measurable seed** (paper: "
+                            f"{PAPER['rollouts']}): SFPO reached GRPO's best in {reached_m} of {improved} measurable "
+                            f"seed(s) and needed fewer rollouts in {int((r > 1).sum())} of {improved}{left_out}.")  # fmt: skip
+        if reached_m == improved and t.notna().all() and (t > 1).all():
             verdicts.append(f"- Wall-clock: same direction as the paper ({PAPER['wall_clock']}): {_spread(t)}x less.")
+        else:
+            verdicts.append(f"- Wall-clock: **does not show the paper's direction in every measurable seed** (paper: "
+                            f"{PAPER['wall_clock']}): SFPO got there sooner in {int((t > 1).sum())} of {improved}.")  # fmt: skip
     ratio = head["active_step_time_ratio"].mean()
     if math.isnan(ratio):  # the trigger fired before the first timed step: no SFPO step ran its fast passes
         ratio = head["step_time_ratio"].mean()
@@ -496,8 +545,8 @@ def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None
         measures, verdicts = headline_lines(head)
         sections.append(("Headline: SFPO against GRPO (paper Fig. 4, appendix C.5)", measures))
         sections.append(("Against the paper", verdicts))
-        cols = [c for c in ("seed", "target_acc", "grpo_rollouts", "sfpo_rollouts", "rollouts_ratio", "grpo_time_s",
-                            "sfpo_time_s", "time_ratio", "step_time_ratio", "active_step_time_ratio", "extra_memory_gb") if c in head]  # fmt: skip
+        cols = [c for c in ("seed", "grpo_initial_acc", "target_acc", "grpo_rollouts", "sfpo_rollouts", "rollouts_ratio",
+                            "grpo_time_s", "sfpo_time_s", "time_ratio", "step_time_ratio", "active_step_time_ratio", "extra_memory_gb") if c in head]  # fmt: skip
         sections.append(("Per seed (headline.csv)", [markdown_table(head[cols])]))
     sections.append(("Runs (runs.csv)", [markdown_table(summary)]))
     sections.append(("Time per stage (stage_time.csv, in seconds; milliseconds per step below)", [

@@ -72,6 +72,38 @@ def test_a_stage_that_raises_is_still_recorded():
     assert out["timing_s/gen"] <= out["timing_s/step"]
 
 
+class _QueuedWorkProfiler(StageProfiler):
+    """The CUDA code path on the CPU: a sync sleeps for the "GPU work" queued so far; memory hooks are no-ops."""
+
+    def __init__(self):
+        super().__init__(torch.device("cpu"), use_nvml=False)
+        self.cuda = True
+        self.queued_s = 0.0
+
+    def _sync(self) -> None:
+        time.sleep(self.queued_s)
+        self.queued_s = 0.0
+
+    def _reset_peaks(self) -> None:
+        pass
+
+    def _fold_peaks(self, stages) -> None:
+        pass
+
+
+def test_sync_waits_are_not_counted_as_overhead():
+    prof = _QueuedWorkProfiler()
+    with prof.stage("step"):
+        with prof.stage("update_actor"):
+            prof.queued_s = 0.05  # the backward, still running on the device
+            with prof.stage("optimizer"):  # entering waits for it
+                pass
+    out = prof.collect()
+    assert out["timing_s/update_actor"] >= 0.05  # the wait is the enclosing stage's work
+    assert out["timing_s/optimizer"] < 0.05
+    assert out["perf/profiler_overhead_s"] < 0.01  # bookkeeping only: microseconds here
+
+
 def test_no_nvml_off_cuda():
     assert nvml_handle(torch.device("cpu")) is None
     assert not StageProfiler(torch.device("cpu")).has_nvml

@@ -8,6 +8,7 @@ run's metrics.jsonl.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pandas as pd
@@ -15,7 +16,7 @@ import pytest
 
 from sfpo_train import cli
 from sfpo_train.compare import run_compare
-from sfpo_train.report import EXTRA_STAGES, STACKED_STAGES, build_report
+from sfpo_train.report import EXTRA_STAGES, STACKED_STAGES, build_report, headline_lines, headline_table, load_run
 from tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -150,6 +151,59 @@ def test_a_single_grpo_run_reports_without_a_headline(compared, tmp_path):
     times = pd.read_csv(files["stage_time.csv"], index_col="stage")
     assert list(times.columns) == ["GRPO"]
     assert "## Headline" not in open(files["report.md"]).read()
+
+
+def write_run(root, name: str, seed: int, sfpo: bool, accuracies: list[float | None], steps: int = 4) -> str:
+    """A run directory with logged metrics, no training: validation at step 0 (None: none) and every 2nd step."""
+    d = root / name
+    d.mkdir()
+    (d / "config.yaml").write_text(f"trainer:\n  seed: {seed}\nactor_rollout_ref:\n  actor:\n    sfpo:\n"
+                                   f"      enable: {str(sfpo).lower()}\n      alpha: 0.8\n")  # fmt: skip
+    rows = [{"training/global_step": 0, "val-core/x/reward/mean@1": accuracies[0]}] if accuracies[:1] != [None] else []
+    for step in range(1, steps + 1):
+        row = {"training/global_step": step, "timing_s/step": 1.0 + sfpo, "timing_s/gen": 0.5,
+               "train/rollouts_total": 8 * step, "train/elapsed_s": (1.0 + sfpo) * step,
+               "sfpo/inner_steps_run": 3.0 * sfpo, "perf/cpu_memory_used_gb": 1.0}  # fmt: skip
+        if step % 2 == 0 and len(accuracies) > step // 2:
+            row["val-core/x/reward/mean@1"] = accuracies[step // 2]
+        rows.append(row)
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(d)
+
+
+def test_headline_names_a_seed_whose_grpo_run_never_validated(tmp_path):
+    paths = [write_run(tmp_path, "grpo-s1", 1, False, [0.2, 0.3, 0.4]), write_run(tmp_path, "sfpo-s1", 1, True, [0.2, 0.5, 0.6]),
+             write_run(tmp_path, "grpo-s2", 2, False, [None]), write_run(tmp_path, "sfpo-s2", 2, True, [0.2, 0.1, 0.1])]  # fmt: skip
+    head = headline_table([load_run(p) for p in paths])
+    measures, verdicts = headline_lines(head)  # raised TypeError: NaN in sfpo_reached made it an object column
+    text = "\n".join(measures + verdicts)
+    head = head.set_index("seed")
+    assert head["sfpo_reached"].tolist() == [True, False] and head["target_known"].tolist() == [True, False]
+    assert head.loc[1, "rollouts_ratio"] == 32 / 16 and math.isnan(head.loc[2, "target_acc"])
+    assert "not measurable in seed(s) 2, whose GRPO run has no validation row" in text
+    assert "SFPO reached it in 1 of 1 seed(s)." in text  # seed 2 is neither reached nor not reached
+    assert "SFPO needed 2.00x fewer in 1 measurable seed(s) (1 seed(s) not measurable: seed(s) 2:" in text
+    files = build_report(paths, str(tmp_path / "report"))
+    assert "not measurable in seed(s) 2" in open(files["report.md"]).read()
+
+
+def test_headline_claims_no_improvement_without_the_step0_accuracy(tmp_path):
+    # trainer.val_before_train=false: the first validation is at step 2, and accuracy never changes
+    paths = [write_run(tmp_path, "grpo-s1", 1, False, [None, 0.3, 0.3]), write_run(tmp_path, "sfpo-s1", 1, True, [None, 0.3, 0.3])]
+    head = headline_table([load_run(p) for p in paths])
+    row = head.iloc[0]
+    assert not row["grpo_improved"]  # was claimed: the first validation (step 2) was taken for the start
+    assert math.isnan(row["rollouts_ratio"]) and math.isnan(row["time_ratio"])
+    assert (row["grpo_rollouts"], row["sfpo_rollouts"]) == (16, 16)  # still measured: the first validated hit
+    assert row["target_known"] and not row["initial_known"] and math.isnan(row["grpo_initial_acc"])
+    measures, verdicts = headline_lines(head)
+    text = "\n".join(measures + verdicts)
+    assert "improved on its initial accuracy" not in text
+    assert "GRPO's initial accuracy is unknown (no step-0 validation" in text
+    assert "**not measurable here**: seed(s) 1: GRPO's initial accuracy unknown" in text
+    assert "same direction as the paper" not in text and "does not show" not in text
+    files = build_report(paths, str(tmp_path / "report"))
+    assert pd.read_csv(files["runs.csv"])["initial_acc"].isna().all()  # not the step-2 accuracy
 
 
 def test_report_cli_rejects_a_directory_without_runs(tmp_path, capsys):
