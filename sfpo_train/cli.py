@@ -8,6 +8,19 @@ import sys
 from sfpo_train import compare, demo, report, train_cli
 
 
+# (name, module with add_arguments/main, one-line help, extra add_parser keywords)
+SUBCOMMANDS = (
+    ("demo", demo, "run SFPO's Stage II (snapshot -> K optimizer steps -> reposition) on a tiny real Qwen2 model "
+                   "with every backend that can run here, and check it bit for bit against the reference", dict),
+    ("train", train_cli, "train GRPO/SFPO with verl's config keys; with no arguments SFPO on the embedded default "
+                         "task (CPU, minutes)", lambda: {"epilog": train_cli.epilog()}),
+    ("report", report, "per-stage time/memory tables and plots of runs, and SFPO vs GRPO headline measures "
+                       "(Markdown + HTML)", dict),
+    ("compare", compare, "train GRPO and SFPO on a preset over several seeds (same seeds, same data order), "
+                         "then report", dict),
+)  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sfpo",
@@ -17,40 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    demo_parser = sub.add_parser(
-        "demo",
-        help="run SFPO's Stage II (snapshot -> K optimizer steps -> reposition) on a tiny real Qwen2 model "
-        "with every backend that can run here, and check it bit for bit against the reference",
-        description=demo.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.main)
-    train_parser = sub.add_parser(
-        "train",
-        help="train GRPO/SFPO with verl's config keys; with no arguments SFPO on the embedded default task (CPU, minutes)",
-        description=train_cli.__doc__,
-        epilog=train_cli.epilog(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    train_cli.add_arguments(train_parser)
-    train_parser.set_defaults(run=train_cli.main)
-    report_parser = sub.add_parser(
-        "report",
-        help="per-stage time/memory tables and plots of runs, and SFPO vs GRPO headline measures (Markdown + HTML)",
-        description=report.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    report.add_arguments(report_parser)
-    report_parser.set_defaults(run=report.main)
-    compare_parser = sub.add_parser(
-        "compare",
-        help="train GRPO and SFPO on a preset over several seeds (same seeds, same data order), then report",
-        description=compare.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    compare.add_arguments(compare_parser)
-    compare_parser.set_defaults(run=compare.main)
+    for name, module, help_text, extra in SUBCOMMANDS:
+        command = sub.add_parser(name, help=help_text, description=module.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, **extra())  # fmt: skip
+        module.add_arguments(command)
+        command.set_defaults(run=module.main)
     return parser
 
 
