@@ -25,7 +25,8 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from sfpo_train.sfpo import DECAYS, TRIGGERS
+from sfpo_kernels.fused_loss import GRPOLossOptions
+from sfpo_train.sfpo import SFPOConfig
 
 ADV_ESTIMATORS = ("grpo",)
 ROLLOUT_NAMES = ("hf", "vllm")
@@ -269,7 +270,8 @@ def config_keys() -> list[str]:
     return _leaf_keys(OmegaConf.structured(TrainerConfig))
 
 
-def _merge(cfg: DictConfig, items: dict[str, Any] | list[str], source: str) -> DictConfig:
+def apply_overrides(cfg: DictConfig, items: dict[str, Any] | list[str], source: str) -> DictConfig:
+    """``cfg`` with ``items`` merged (a dict, or ``key=value`` strings); errors name ``source`` and the key."""
     if isinstance(items, dict):
         pairs = list(items.items())
     else:
@@ -311,9 +313,9 @@ def load_config(preset: str = "default", overrides: list[str] | None = None, alg
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     cfg = OmegaConf.structured(TrainerConfig)
-    cfg = _merge(cfg, PRESETS[preset], f"preset {preset!r}")
-    cfg = _merge(cfg, ALGORITHMS[algorithm], f"algorithm {algorithm!r}")
-    cfg = _merge(cfg, list(overrides or []), "command line")
+    cfg = apply_overrides(cfg, PRESETS[preset], f"preset {preset!r}")
+    cfg = apply_overrides(cfg, ALGORITHMS[algorithm], f"algorithm {algorithm!r}")
+    cfg = apply_overrides(cfg, list(overrides or []), "command line")
     return cfg
 
 
@@ -368,22 +370,39 @@ def validate(cfg: DictConfig) -> None:
     need(0 <= optim.lr_warmup_steps_ratio <= 1, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "in [0, 1]")
     need(0 <= optim.min_lr_ratio <= 1, "actor_rollout_ref.actor.optim.min_lr_ratio", "in [0, 1]")
     need(optim.clip_grad > 0, "actor_rollout_ref.actor.optim.clip_grad", "> 0")
-    sfpo = actor.sfpo
-    need(sfpo.trigger in TRIGGERS, "actor_rollout_ref.actor.sfpo.trigger", f"one of {', '.join(TRIGGERS)}")
-    need(sfpo.decay in DECAYS, "actor_rollout_ref.actor.sfpo.decay", f"one of {', '.join(DECAYS)}")
     need(cfg.trainer.device in DEVICES, "trainer.device", f"one of {', '.join(DEVICES)}")
     need(not actor.use_kl_loss or actor.kl_loss_coef >= 0, "actor_rollout_ref.actor.kl_loss_coef", ">= 0")
     for key in ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "custom_reward_function.path"):
         value = OmegaConf.select(cfg, key)
         need(value is None or os.path.exists(value), key, "an existing path")
     # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work.
-    from sfpo_train import trainer  # local: trainer imports this module
-
     try:
-        trainer.loss_options(cfg)
-        trainer.sfpo_config(cfg)
+        loss_options(cfg)
+        sfpo_config(cfg)
     except ValueError as e:
         raise ValueError(f"{e} (from the actor_rollout_ref.actor.* keys)") from None
+
+
+# --------------------------------------------------------------------------- config -> the parts it builds
+
+
+def loss_options(cfg: DictConfig) -> GRPOLossOptions:
+    actor = cfg.actor_rollout_ref.actor
+    return GRPOLossOptions(
+        temperature=cfg.actor_rollout_ref.rollout.temperature, clip_ratio_low=actor.clip_ratio_low,
+        clip_ratio_high=actor.clip_ratio_high, clip_ratio_c=actor.clip_ratio_c,
+        kl_coef=actor.kl_loss_coef if actor.use_kl_loss else 0.0, kl_type=actor.kl_loss_type,
+        entropy_coef=actor.entropy_coeff, loss_agg_mode=actor.loss_agg_mode,
+    )  # fmt: skip
+
+
+def sfpo_config(cfg: DictConfig) -> SFPOConfig:
+    """SFPO's settings; with ``sfpo.enable=false`` the same rule with alpha 0 (plain GRPO)."""
+    keys = dict(OmegaConf.to_container(cfg.actor_rollout_ref.actor.sfpo))
+    enable = keys.pop("enable")
+    if not enable:
+        keys.update(alpha=0.0, entropy_control=False)
+    return SFPOConfig(**keys)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -41,41 +41,18 @@ from omegaconf import DictConfig, OmegaConf
 
 import sfpo_kernels
 from sfpo_kernels import reference
-from sfpo_kernels.fused_loss import GRPOLossOptions
 from sfpo_train import config as config_lib
 from sfpo_train.data import PromptSampler, left_pad, load_prompts
 from sfpo_train.profiler import StageProfiler
 from sfpo_train.reward import load_reward_fn, score_one
 from sfpo_train.rollout import HFRollout, RolloutBatch, SamplingSettings, VLLMRollout
-from sfpo_train.sfpo import SFPO, SFPOConfig
+from sfpo_train.sfpo import SFPO
 
 GRPO_EPS = 1e-6
 CHECKPOINT_PREFIX = "global_step_"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-# --------------------------------------------------------------------------- config -> parts
-
-
-def loss_options(cfg: DictConfig) -> GRPOLossOptions:
-    actor = cfg.actor_rollout_ref.actor
-    return GRPOLossOptions(
-        temperature=cfg.actor_rollout_ref.rollout.temperature, clip_ratio_low=actor.clip_ratio_low,
-        clip_ratio_high=actor.clip_ratio_high, clip_ratio_c=actor.clip_ratio_c,
-        kl_coef=actor.kl_loss_coef if actor.use_kl_loss else 0.0, kl_type=actor.kl_loss_type,
-        entropy_coef=actor.entropy_coeff, loss_agg_mode=actor.loss_agg_mode,
-    )  # fmt: skip
-
-
-def sfpo_config(cfg: DictConfig) -> SFPOConfig:
-    """SFPO's settings; with ``sfpo.enable=false`` the same rule with alpha 0 (plain GRPO)."""
-    keys = dict(OmegaConf.to_container(cfg.actor_rollout_ref.actor.sfpo))
-    enable = keys.pop("enable")
-    if not enable:
-        keys.update(alpha=0.0, entropy_control=False)
-    return SFPOConfig(**keys)
 
 
 def grpo_advantages(scores: torch.Tensor, group_size: int, norm_by_std: bool) -> torch.Tensor:
@@ -263,8 +240,8 @@ class Trainer:
         warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(total, warmup, optim.lr_scheduler_type, optim.min_lr_ratio))
-        self.sfpo = SFPO(self.model, sfpo_config(cfg))
-        self.loss_options = loss_options(cfg)
+        self.sfpo = SFPO(self.model, config_lib.sfpo_config(cfg))
+        self.loss_options = config_lib.loss_options(cfg)
         self.rollout = self._build_rollout()
         self.profiler = StageProfiler(self.device)
         self.log = MetricsLog(run_dir)
@@ -278,7 +255,6 @@ class Trainer:
     @classmethod
     def create(cls, cfg: DictConfig, *, preset: str = "default") -> Trainer:
         """A new run under ``trainer.default_local_dir/<experiment_name>``; refuses to overwrite one."""
-        config_lib.validate(cfg)
         if cfg.trainer.experiment_name is None:
             kind = "sfpo" if cfg.actor_rollout_ref.actor.sfpo.enable else "grpo"
             cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -303,7 +279,7 @@ class Trainer:
             key = item.split("=", 1)[0].lstrip("+")
             if key not in RESUMABLE_KEYS:
                 raise ValueError(f"--resume: {key} cannot change in a resumed run (only {', '.join(RESUMABLE_KEYS)})")
-        cfg = config_lib._merge(cfg, list(overrides or []), "command line")
+        cfg = config_lib.apply_overrides(cfg, list(overrides or []), "command line")
         checkpoint = latest_checkpoint(run_dir)
         if checkpoint is None:
             raise ValueError(f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq)")
