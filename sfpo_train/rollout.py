@@ -48,11 +48,15 @@ def response_mask_from(responses: torch.Tensor, eos_token_id: int) -> torch.Tens
     return before_or_at_first_eos.long()
 
 
-def _finish(prompts: list[list[int]], responses: list[list[int]] | torch.Tensor, settings: SamplingSettings,
-            pad_id: int, eos_id: int, device) -> RolloutBatch:  # fmt: skip
-    repeated = [p for p in prompts for _ in range(settings.n)]
-    prompt_ids, prompt_mask = left_pad(repeated, pad_id, device)
-    out = torch.full((len(repeated), settings.max_new_tokens), pad_id, dtype=torch.long, device=device)
+def _repeated_prompts(prompts: list[list[int]], n: int, pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each prompt ``n`` times in a row, left-padded: ``[B*n, P]`` ids and mask."""
+    return left_pad([p for p in prompts for _ in range(n)], pad_id, device)
+
+
+def _finish(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: list[list[int]] | torch.Tensor,
+            settings: SamplingSettings, pad_id: int, eos_id: int) -> RolloutBatch:  # fmt: skip
+    """Responses right-padded to ``max_new_tokens``, masked after the first EOS, pad written there."""
+    out = torch.full((prompt_ids.shape[0], settings.max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     if isinstance(responses, torch.Tensor):
         width = min(responses.shape[1], settings.max_new_tokens)
         out[:, :width] = responses[:, :width]
@@ -83,8 +87,7 @@ class HFRollout:
 
         device = next(self.model.parameters()).device
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        repeated = [p for p in prompts for _ in range(settings.n)]
-        ids, mask = left_pad(repeated, pad_id, device)
+        ids, mask = _repeated_prompts(prompts, settings.n, pad_id, device)
         sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
                         top_k=settings.top_k if settings.top_k > 0 else 0) if settings.do_sample else \
             dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # fmt: skip
@@ -97,7 +100,7 @@ class HFRollout:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         finally:
             self.model.train(was_training)
-        return _finish(prompts, out[:, ids.shape[1]:], settings, pad_id, eos_id, device)
+        return _finish(ids, mask, out[:, ids.shape[1]:], settings, pad_id, eos_id)
 
 
 class VLLMRollout:
@@ -140,5 +143,6 @@ class VLLMRollout:
         )  # fmt: skip
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses = [list(o.token_ids) for out in outputs for o in out.outputs]
-        device = torch.device("cuda")
-        return _finish(prompts, responses, settings, self.tokenizer.pad_token_id, self.tokenizer.eos_token_id, device)
+        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        ids, mask = _repeated_prompts(prompts, settings.n, pad_id, torch.device("cuda"))
+        return _finish(ids, mask, responses, settings, pad_id, eos_id)
