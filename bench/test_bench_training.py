@@ -3,7 +3,7 @@
 Each round is one ``Trainer.train_step()``: generation, reward, old log-probs,
 advantages, the update (GRPO: one pass; SFPO: snapshot, K fast passes,
 reposition, slow pass), weight sync -- timed per stage by the trainer's own
-:class:`sfpo_train.profiler.StageProfiler` (the GPU synchronised at every stage
+:class:`sfpo_train.trainer.profiler.StageProfiler` (the GPU synchronised at every stage
 boundary). ``extra_info`` holds the mean seconds of every stage over the
 measured rounds (``timing_s/<stage>``), each stage's largest memory reading
 (``memory/<stage>/<reading>``: torch's peak allocated on CUDA, process RSS on the
@@ -41,7 +41,7 @@ def setup(tmp_path_factory):
     if ON_GPU:
         return "qwen2.5-0.5b", common, "qwen2.5-0.5b-shaped bf16"
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny_setup import tiny_overrides, write_data, write_tiny_model  # the tests' tiny model and data
+    from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model  # the tests' tiny model and data
 
     paths = tiny_overrides(write_tiny_model(str(root / "model")), write_data(str(root))) + ["trainer.device=cpu"]
     return "smoke", common + paths, "tiny qwen2 fp32 (hidden 32, 1 layer)"
@@ -51,7 +51,7 @@ def setup(tmp_path_factory):
 def test_training_step(benchmark, setup, algo):
     if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
         pytest.skip("run bench/ in a pytest process of its own (tests/conftest.py poisons allocations)")
-    from sfpo_train import config as config_lib
+    import sfpo_train.trainer.config as config_lib
     from sfpo_train.trainer import Trainer
 
     preset, overrides, model = setup

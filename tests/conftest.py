@@ -15,13 +15,3 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["SFPO_POISON_ALLOCATIONS"] = "1"
-
-import pytest  # noqa: E402
-
-HAS_CUDA = torch.cuda.is_available()
-requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
-
-
-def kernel_devices() -> list[str]:
-    """Where the Triton kernels can run in this process: the GPU, or the CPU through the interpreter."""
-    return ["cuda"] if HAS_CUDA else ["cpu"]

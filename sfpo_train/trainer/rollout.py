@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sfpo_train.data import left_pad
+from sfpo_train.trainer.data import left_pad
 
 
 @dataclass

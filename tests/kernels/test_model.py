@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_reposition import assert_bit_equal
+from helpers.bits import assert_bit_equal
 
 import sfpo_kernels
 from sfpo_kernels import reference

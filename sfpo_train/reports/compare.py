@@ -22,13 +22,12 @@ e.g. after an interrupted compare.
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from dataclasses import dataclass
 
-from sfpo_train import config as config_lib
-from sfpo_train import report
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.reports import report
 
 # Keys compare sets per run; an override of one would break the pairing.
 RESERVED = ("actor_rollout_ref.actor.sfpo.enable", "trainer.seed", "data.seed", "trainer.experiment_name",
@@ -105,39 +104,3 @@ def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = 
     files = report.build_report(run_dirs, report_dir, title=f"sfpo compare: GRPO vs SFPO on preset {preset!r} "
                                                             f"({algorithm}), {seeds} seed(s)")  # fmt: skip
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="verl-style config overrides applied to both arms (see sfpo train --help for the keys); "
-                             f"not {', '.join(RESERVED)}")  # fmt: skip
-    parser.add_argument("--preset", choices=sorted(config_lib.PRESETS), default="default",
-                        help="starting configuration of both arms (default: the embedded task on CPU)")  # fmt: skip
-    parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
-                        help="verl's recipe for both arms: grpo, drgrpo or dapo; the SFPO arm wraps the same one")  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 3)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training iterations per run (default: the preset's trainer.total_training_steps; "
-                             "300 on the default preset)")  # fmt: skip
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="directory for the runs (DIR/grpo-s1, DIR/sfpo-s1, ...) and the report (DIR/report); "
-                             "default runs/compare-<preset>-<time>")  # fmt: skip
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
-
-
-def main(args: argparse.Namespace) -> int:
-    print(f"sfpo compare: GRPO vs SFPO on preset {args.preset!r} ({args.algorithm}), seeds 1..{args.seeds}, "
-          f"{len(ARMS) * args.seeds} runs", flush=True)  # fmt: skip
-    result = run_compare(args.preset, seeds=args.seeds, steps=args.steps, out_dir=args.out, algorithm=args.algorithm,
-                         overrides=args.overrides, progress=not args.no_progress)  # fmt: skip
-    print(f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "
-          f"and {result.files['report.html']}")  # fmt: skip
-    headline = os.path.join(result.report_dir, "report.md")
-    with open(headline) as f:
-        text = f.read()
-    start = text.find("## Headline")
-    end = text.find("## Per seed")
-    if start >= 0:
-        print(text[start:end if end > start else None].rstrip())
-    return 0

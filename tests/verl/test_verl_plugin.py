@@ -27,7 +27,7 @@ import torch
 
 pytest.importorskip("verl")
 
-import verl_scenarios as vs  # noqa: E402
+from helpers import verl_scenarios as vs  # noqa: E402
 
 TOL_DISTRIBUTED = {"atol": 1e-5, "rtol": 1e-4}
 TOL_FUSED = {"atol": 2e-5, "rtol": 1e-4}
@@ -131,7 +131,7 @@ def test_two_gloo_processes_match_one(model_dir, tmp_path):
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, str(TESTS / "verl_scenarios.py"), "sfpo-iteration",
+        procs.append(subprocess.Popen([sys.executable, str(TESTS.parent / "helpers" / "verl_scenarios.py"), "sfpo-iteration",
                                        model_dir, str(out)], env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True))  # fmt: skip
     logs = [p.communicate(timeout=300)[0] for p in procs]

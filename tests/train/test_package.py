@@ -11,7 +11,7 @@ import pytest
 
 from sfpo_train import cli
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_imports_without_gpu_only_packages():

@@ -1,6 +1,6 @@
 """Compile the multi-tensor Triton kernels for a GPU target without a GPU; print what the PTX holds.
 
-Run as a script (``python tests/triton_aot.py 90``) with ``TRITON_INTERPRET`` unset:
+Run as a script (``python tests/helpers/triton_aot.py 90``) with ``TRITON_INTERPRET`` unset:
 the interpreter replaces ``triton.jit`` functions, so this cannot run inside
 the test process, which interprets. Prints one JSON object per compiled
 variant: kernel, dtype, aligned, and counts of global loads/stores by width.

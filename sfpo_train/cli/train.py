@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import argparse
 
-from sfpo_train import config as config_lib
+import sfpo_train.trainer.config as config_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

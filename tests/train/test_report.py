@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 from sfpo_train import cli
-from sfpo_train.compare import run_compare
-from sfpo_train.report import EXTRA_STAGES, STACKED_STAGES, build_report, headline_lines, headline_table, load_run
-from tiny_setup import tiny_overrides, write_data, write_tiny_model
+from sfpo_train.reports.compare import run_compare
+from sfpo_train.reports.report import EXTRA_STAGES, STACKED_STAGES, build_report, headline_lines, headline_table, load_run
+from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUNS = ("grpo-s1", "sfpo-s1", "grpo-s2", "sfpo-s2")

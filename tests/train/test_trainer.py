@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import torch
 
-from sfpo_train import config as config_lib
-from sfpo_train.data import PromptSampler
-from sfpo_train.rollout import response_mask_from
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer.data import PromptSampler
+from sfpo_train.trainer.rollout import response_mask_from
 from sfpo_train.tasks import default_paths
 from sfpo_train.trainer import Trainer, grpo_advantages, latest_checkpoint, lr_lambda
-from tiny_setup import write_data, write_tiny_model
+from helpers.tiny_setup import write_data, write_tiny_model
 
 VERL_METRICS = (
     "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy", "actor/grad_norm",

@@ -1,6 +1,6 @@
 """Real verl 0.9.1 actor workers on CPU with a tiny random Qwen2, shared by ``test_verl_plugin.py``.
 
-Also a script: ``python tests/verl_scenarios.py sfpo-iteration MODEL_DIR OUT.pt``
+Also a script: ``python tests/helpers/verl_scenarios.py sfpo-iteration MODEL_DIR OUT.pt``
 runs one SFPO iteration in each of ``WORLD_SIZE`` gloo processes (FSDP2 shards
 the parameters across them) and rank 0 saves the full parameters to ``OUT.pt``.
 """

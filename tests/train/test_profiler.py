@@ -13,11 +13,11 @@ import time
 import pytest
 import torch
 
-from conftest import requires_cuda
-from sfpo_train import config as config_lib
-from sfpo_train.profiler import GB, StageProfiler, nvml_handle
+from helpers.devices import requires_cuda
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer.profiler import GB, StageProfiler, nvml_handle
 from sfpo_train.trainer import Trainer
-from tiny_setup import tiny_overrides, write_data, write_tiny_model
+from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 OTHER_SLACK = 0.25  # the largest share of a step the top-level stages may leave unattributed
 TOP_LEVEL = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sync_weights")

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA, requires_cuda
-from test_reposition import assert_bit_equal
+from helpers.devices import HAS_CUDA, requires_cuda
+from helpers.bits import assert_bit_equal
 
 import sfpo_kernels
 from sfpo_kernels import _cuda_lib, reference

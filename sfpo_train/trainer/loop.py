@@ -41,11 +41,11 @@ from omegaconf import DictConfig, OmegaConf
 
 import sfpo_kernels
 from sfpo_kernels import reference
-from sfpo_train import config as config_lib
-from sfpo_train.data import PromptSampler, left_pad, load_prompts
-from sfpo_train.profiler import StageProfiler
-from sfpo_train.reward import load_reward_fn, score_one
-from sfpo_train.rollout import HFRollout, RolloutBatch, SamplingSettings, VLLMRollout
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer.data import PromptSampler, left_pad, load_prompts
+from sfpo_train.trainer.profiler import StageProfiler
+from sfpo_train.trainer.reward import load_reward_fn, score_one
+from sfpo_train.trainer.rollout import HFRollout, RolloutBatch, SamplingSettings, VLLMRollout
 from sfpo_train.sfpo import SFPO
 
 GRPO_EPS = 1e-6

@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from test_reposition import assert_bit_equal
+from helpers.bits import assert_bit_equal
 from torch import nn
 
 import sfpo_kernels

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from sfpo_train.report import ARM_COLORS, STACKED_STAGES, STAGE_COLORS, Run, _arms, _col, _nested, stage_times
+from sfpo_train.reports.report import ARM_COLORS, STACKED_STAGES, STAGE_COLORS, Run, _arms, _col, _nested, stage_times
 
 
 def _plt():

@@ -39,10 +39,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import kernel_devices
-from test_logprob_entropy import FP32_TINY
-from test_logprob_entropy import oracle as token_oracle
-from test_reposition import assert_bit_equal, ulp
+from helpers.devices import kernel_devices
+from helpers.oracles import FP32_TINY
+from helpers.oracles import token_oracle
+from helpers.bits import assert_bit_equal, ulp
 
 import sfpo_kernels
 from sfpo_kernels import reference

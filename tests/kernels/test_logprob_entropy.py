@@ -41,8 +41,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import kernel_devices
-from test_reposition import assert_bit_equal, ulp
+from helpers.devices import kernel_devices
+from helpers.bits import assert_bit_equal, ulp
+from helpers.oracles import FP32_TINY, Oracle, token_oracle
 
 import sfpo_kernels
 from sfpo_kernels import fused_loss, reference
@@ -55,7 +56,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
 ]
 EPS32 = 2.0**-23
-FP32_TINY = 2.0**-126  # smallest normal fp32
 
 
 @dataclass(frozen=True)
@@ -82,43 +82,6 @@ VOCABS = [1, 7, 64, 65, 200]
 
 
 # --------------------------------------------------------------------------- oracle
-
-
-@dataclass
-class Oracle:
-    log_probs: torch.Tensor  # float64, shaped like labels
-    entropy: torch.Tensor
-    grad: torch.Tensor  # float64, shaped like logits
-    row_scale: torch.Tensor  # S, shaped like labels
-    grad_scale: torch.Tensor  # S * G, shaped like logits
-    flush_scale: torch.Tensor  # what an element can lose when p flushes to zero, shaped like logits
-
-
-def oracle(logits, labels, temperature, g_logp, g_h) -> Oracle:
-    """float64 log-prob, entropy and dlogits (analytic) for upstream gradients ``g_logp``/``g_h`` (None = 0)."""
-    z = logits.detach().double() / temperature
-    vocab = z.shape[-1]
-    valid = (labels >= 0) & (labels < vocab)
-    safe = torch.where(valid, labels, torch.zeros_like(labels))
-    lse = torch.logsumexp(z, dim=-1, keepdim=True)
-    p = torch.exp(z - lse)
-    mu = torch.where(p > 0, p * z, torch.zeros_like(z)).sum(-1, keepdim=True)  # p = 0 at z = -inf: no 0 * inf
-    z_label = z.gather(-1, safe.unsqueeze(-1))
-    log_probs = torch.where(valid, (z_label - lse).squeeze(-1), torch.zeros_like(lse.squeeze(-1)))
-    entropy = (lse - mu).squeeze(-1)
-    onehot = torch.nn.functional.one_hot(safe, vocab).double() * valid.unsqueeze(-1)
-    g_logp = torch.zeros_like(log_probs) if g_logp is None else g_logp.double()
-    g_h = torch.zeros_like(entropy) if g_h is None else g_h.double()
-    g_logp = (g_logp * valid).unsqueeze(-1)  # a padding label's log-prob is the constant 0
-    g_h = g_h.unsqueeze(-1)
-    p_mu_z = torch.where(p > 0, p * (mu - z), torch.zeros_like(z))
-    grad = (g_logp * (onehot - p) + g_h * p_mu_z) / temperature
-    finite_z = torch.where(torch.isfinite(z), z.abs(), torch.zeros_like(z))
-    row_scale = 1.0 + finite_z.amax(-1) + math.log(vocab)
-    mu_z = torch.where(p > 0, (mu - z).abs(), torch.zeros_like(z))
-    grad_scale = (g_logp.abs() * (p + onehot) + g_h.abs() * p * (mu_z + 1.0)) / temperature
-    flush_scale = torch.where(p < FP32_TINY, (g_logp.abs() + g_h.abs() * (mu_z + 1.0)) / temperature, 0.0)
-    return Oracle(log_probs, entropy, grad, row_scale, grad_scale * row_scale.unsqueeze(-1), flush_scale)
 
 
 def assert_values_close(name: str, got: torch.Tensor, exact: torch.Tensor, row_scale: torch.Tensor, dtype) -> None:
@@ -183,7 +146,7 @@ def run(logits, labels, temperature, g_logp, g_h, **kwargs):
 
 def check_against_oracle(logits, labels, temperature, g_logp, g_h, dtype, **kwargs) -> None:
     log_probs, entropy, grad = run(logits, labels, temperature, g_logp, g_h, **kwargs)
-    want = oracle(logits, labels, temperature, g_logp, g_h)
+    want = token_oracle(logits, labels, temperature, g_logp, g_h)
     assert_values_close("log_probs", log_probs, want.log_probs, want.row_scale, dtype)
     assert_values_close("entropy", entropy, want.entropy, want.row_scale, dtype)
     assert_grad_close("logits.grad", grad, want, dtype)
@@ -206,7 +169,7 @@ def test_oracle_gradient_formula_matches_float64_autograd():
         lp = torch.where(valid, log_softmax.gather(-1, labels.clamp(0, 64).unsqueeze(-1)).squeeze(-1), 0.0)
         h = -(log_softmax.exp() * torch.where(log_softmax.isfinite(), log_softmax, 0.0)).sum(-1)
         (want,) = torch.autograd.grad([lp, h], [x], [g_logp.double(), g_h.double()])
-        got = oracle(logits, labels, temperature, g_logp, g_h)
+        got = token_oracle(logits, labels, temperature, g_logp, g_h)
         torch.testing.assert_close(got.log_probs, lp.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.entropy, h.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(got.grad, want, rtol=1e-10, atol=1e-13)
@@ -229,7 +192,7 @@ def test_matches_float64_oracle(dtype, vocab, layout, temperature):
     g_logp, g_h = upstream(shape, seed=vocab)
     log_probs, entropy, grad = run(logits, labels, temperature, g_logp, g_h)
     assert log_probs.shape == labels.shape and entropy.shape == labels.shape
-    want = oracle(logits, labels, temperature, g_logp, g_h)
+    want = token_oracle(logits, labels, temperature, g_logp, g_h)
     assert_values_close("log_probs", log_probs, want.log_probs, want.row_scale, dtype)
     assert_values_close("entropy", entropy, want.entropy, want.row_scale, dtype)
     assert_grad_close("logits.grad", grad, want, dtype)
@@ -298,7 +261,7 @@ def test_strided_batch_dims_equal_contiguous_copy(dtype, vocab, view):
     outside = leaf.grad.clone()
     strided(outside).zero_()
     assert bool((outside == 0).all()), "logits.grad: rows outside the view must get no gradient"
-    want = oracle(contiguous, labels, 0.7, g_logp, g_h)
+    want = token_oracle(contiguous, labels, 0.7, g_logp, g_h)
     assert_values_close("log_probs", want_lp, want.log_probs, want.row_scale, dtype)
 
 
@@ -317,7 +280,7 @@ def test_padding_labels_give_zero_log_prob_and_no_gradient_through_it(dtype):
     g_other = torch.where(padded, 100.0 * g_logp + 3.0, g_logp)
     _, _, grad_other = run(logits, labels, 1.3, g_other, g_h)
     assert_bit_equal("logits.grad with other g_logp at padding", grad_other, grad)
-    want = oracle(logits, labels, 1.3, g_logp, g_h)
+    want = token_oracle(logits, labels, 1.3, g_logp, g_h)
     assert_values_close("entropy", entropy, want.entropy, want.row_scale, dtype)
     assert_grad_close("logits.grad", grad, want, dtype)
 
@@ -361,7 +324,7 @@ def test_rows_with_minus_inf_logits(backend, dtype):
     x = logits.clone().requires_grad_()
     log_probs, entropy = sfpo_kernels.logprob_entropy(x, labels, 0.7, backend=backend)
     (grad,) = torch.autograd.grad([log_probs, entropy], [x], [g_logp, g_h])
-    want = oracle(logits, labels, 0.7, g_logp, g_h)
+    want = token_oracle(logits, labels, 0.7, g_logp, g_h)
     assert log_probs[1, 1].item() == float("-inf"), f"log_probs at a -inf label: {log_probs[1, 1].item()}"
     finite = torch.ones(shape, dtype=torch.bool, device=DEVICE)
     finite[1, 1] = False
@@ -390,7 +353,7 @@ def test_nonfinite_logits_poison_only_their_row(dtype):
     assert not bool(log_probs[poisoned].isfinite().any()), f"log_probs of poisoned rows: {log_probs[poisoned]}"
     assert not bool(entropy[poisoned].isfinite().any()), f"entropy of poisoned rows: {entropy[poisoned]}"
     clean = ~poisoned
-    want = oracle(logits, labels, 1.0, g_logp, g_h)
+    want = token_oracle(logits, labels, 1.0, g_logp, g_h)
     assert_values_close("log_probs", log_probs[clean], want.log_probs[clean], want.row_scale[clean], dtype)
     assert_values_close("entropy", entropy[clean], want.entropy[clean], want.row_scale[clean], dtype)
     assert_grad_close("logits.grad", grad[clean], want, dtype, clean)
@@ -438,7 +401,7 @@ def test_backward_kernel_variants(dtype, has_logp, has_h):
     log_probs, entropy, lse, mu = (x.view(shape) for x in flat)  # the host functions work on [rows]
     grad = fused_loss.logprob_entropy_bwd(logits, labels_flat, g_logp, g_h, flat[2], flat[3], temperature,
                                           inplace=False)  # fmt: skip
-    want = oracle(logits, labels, temperature, g_logp, g_h)
+    want = token_oracle(logits, labels, temperature, g_logp, g_h)
     assert_values_close("log_probs", log_probs, want.log_probs, want.row_scale, dtype)
     assert_values_close("entropy", entropy, want.entropy, want.row_scale, dtype)
     z = logits.double() / temperature
@@ -490,7 +453,7 @@ def test_torch_backend_is_the_reference(dtype):
         outputs[name] = (log_probs.detach(), entropy.detach(), grad)
     for i, what in enumerate(("log_probs", "entropy", "logits.grad")):
         assert_bit_equal(f"{what}: backend='torch' vs reference", outputs["torch"][i], outputs["reference"][i])
-    want = oracle(logits, labels, 0.7, g_logp, g_h)  # and the reference is right
+    want = token_oracle(logits, labels, 0.7, g_logp, g_h)  # and the reference is right
     assert_values_close("log_probs", outputs["torch"][0], want.log_probs, want.row_scale, dtype)
     assert_values_close("entropy", outputs["torch"][1], want.entropy, want.row_scale, dtype)
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import requires_cuda
+from helpers.devices import requires_cuda
 
 pytestmark = [pytest.mark.gpu, requires_cuda]
 
 
 def test_vllm_greedy_rollouts_follow_the_synced_weights(tmp_path):
     pytest.importorskip("vllm")
-    from sfpo_train.config import load_config
-    from sfpo_train.rollout import HFRollout
+    from sfpo_train.trainer.config import load_config
+    from sfpo_train.trainer.rollout import HFRollout
     from sfpo_train.trainer import Trainer
 
     cfg = load_config("smoke", ["trainer.device=cuda", "actor_rollout_ref.rollout.name=vllm",

@@ -20,7 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def variants() -> list[dict]:
-    proc = subprocess.run([sys.executable, str(HERE / "triton_aot.py"), "90"], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, str(HERE.parent / "helpers" / "triton_aot.py"), "90"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 

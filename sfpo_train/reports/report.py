@@ -31,7 +31,6 @@ step (warm-up: lazy allocation, kernel compilation) when a run has 3 or more.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
@@ -526,7 +525,7 @@ def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None
     head = headline_table(runs)
     if len(head):
         head.to_csv(path("headline.csv"), index=False)
-    from sfpo_train.report_plots import plot_curves, plot_dynamics, plot_memory, plot_stage_share, plot_stage_time
+    from sfpo_train.reports.plots import plot_curves, plot_dynamics, plot_memory, plot_stage_share, plot_stage_time
 
     plot_stage_time(runs, path("stage_time_per_step.png"))
     plot_stage_share(share, path("stage_share.png"))
@@ -622,30 +621,9 @@ def _md_table_to_html(block: str) -> str:
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells[1:])
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
-
-# --------------------------------------------------------------------------- command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run directories (holding metrics.jsonl, as sfpo train writes them); a directory whose "
-                             "subdirectories are runs (e.g. an sfpo compare output) stands for all of them")  # fmt: skip
-    parser.add_argument("--out", metavar="DIR",
-                        help="where the report goes (default: RUN/report for one run, else report/ in the runs' common parent "
-                             "directory)")
-    parser.add_argument("--title", help="the report's title")
-
-
 def default_out(run_paths: list[str]) -> str:
     """``<RUN>/report`` for one run, else ``report/`` in the runs' common parent directory."""
     runs = [os.path.abspath(os.path.normpath(p)) for p in expand_run_paths(run_paths)]
     if len(runs) == 1:
         return os.path.join(runs[0], "report")
     return os.path.join(os.path.commonpath([os.path.dirname(r) for r in runs]), "report")
-
-
-def main(args: argparse.Namespace) -> int:
-    out = args.out or default_out(args.runs)
-    written = build_report(args.runs, out, title=args.title)
-    print(f"sfpo report: {len(written)} files in {out}; open {written['report.html']} or read {written['report.md']}")
-    return 0

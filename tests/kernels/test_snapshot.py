@@ -13,8 +13,8 @@ import sys
 
 import pytest
 import torch
-from conftest import kernel_devices
-from test_reposition import assert_bit_equal, make_tensors
+from helpers.devices import kernel_devices
+from helpers.bits import assert_bit_equal, make_tensors
 
 import sfpo_kernels
 from sfpo_kernels import Snapshot

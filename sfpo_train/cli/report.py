@@ -1,0 +1,31 @@
+"""``sfpo report RUN [RUN ...]``: per-stage time and memory, training curves, and SFPO against GRPO.
+
+Reads each run directory's ``config.yaml`` and ``metrics.jsonl`` (what ``sfpo
+train`` and ``sfpo compare`` write) and writes report.md and report.html (tables
+and plots), CSV tables (runs.csv, stage_time.csv, stage_share.csv,
+stage_memory.csv and, with both arms, headline.csv) and PNG plots into --out.
+What each file holds and how each measure is defined: ``sfpo_train.reports``.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from sfpo_train.reports.report import build_report, default_out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", metavar="RUN",
+                        help="run directories (holding metrics.jsonl, as sfpo train writes them); a directory whose "
+                             "subdirectories are runs (e.g. an sfpo compare output) stands for all of them")  # fmt: skip
+    parser.add_argument("--out", metavar="DIR",
+                        help="where the report goes (default: RUN/report for one run, else report/ in the runs' common parent "
+                             "directory)")
+    parser.add_argument("--title", help="the report's title")
+
+
+def main(args: argparse.Namespace) -> int:
+    out = args.out or default_out(args.runs)
+    written = build_report(args.runs, out, title=args.title)
+    print(f"sfpo report: {len(written)} files in {out}; open {written['report.html']} or read {written['report.md']}")
+    return 0

@@ -1,0 +1,1 @@
+"""Reports on training runs: ``sfpo report`` and ``sfpo compare``."""

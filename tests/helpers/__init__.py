@@ -1,0 +1,1 @@
+"""Shared test helpers: bit/ulp checks, float64 oracles, devices, the tiny model setup, verl scenarios, Triton AOT."""
