@@ -13,19 +13,10 @@ import os
 
 import torch
 
+from sfpo_kernels._triton_utils import triton_interpreting
+
 BACKENDS = ("triton", "cuda", "torch")
 ENV_VAR = "SFPO_BACKEND"
-
-
-def triton_interpreting() -> bool:
-    """True when sfpo's Triton kernels run in the CPU interpreter.
-
-    That is decided when :mod:`sfpo_kernels` is first imported (``triton.jit``
-    reads ``TRITON_INTERPRET`` then): set the variable before the import.
-    """
-    from sfpo_kernels.multi_tensor import KERNELS_INTERPRETED
-
-    return KERNELS_INTERPRETED
 
 
 def requested_backend(backend: str | None) -> str | None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from sfpo_kernels.multi_tensor import PointerTable
+from sfpo_kernels._pointer_table import PointerTable
 
 SOURCE_NAME = "multi_tensor.cu"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}

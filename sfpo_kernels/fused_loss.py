@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from sfpo_kernels import reference
-from sfpo_kernels._backend import empty_for_kernel, resolve_backend, triton_interpreting
-from sfpo_kernels.multi_tensor import store_rounded
+from sfpo_kernels._backend import empty_for_kernel, resolve_backend
+from sfpo_kernels._triton_utils import store_rounded, triton_interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 GPU_BLOCK_V, GPU_NUM_WARPS = 4096, 8

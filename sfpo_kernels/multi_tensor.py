@@ -1,25 +1,15 @@
-"""Multi-tensor copy and lerp: one kernel launch for any number of tensors.
+"""Multi-tensor copy and lerp: one Triton kernel launch for any number of tensors.
 
 SFPO's Stage II touches every trainable parameter twice per iteration: a copy
 into the snapshot before the fast trajectory, and the reposition
 ``t <- snap + alpha * (t - snap)`` after it. A model has hundreds to thousands
 of parameter tensors, so a Python loop of per-tensor ops is launch-bound and a
-concatenate-then-split copy doubles the traffic. Instead, for each
-(device, dtype) group we build a device-side **pointer table** once (the
-technique of Triton's grouped-GEMM tutorial) and launch one kernel whose
-programs each handle one chunk of one tensor:
-
-    table (int64, on the tensors' device), n tensors and c chunks:
-        a_addr[n]        data_ptr of tensor i in list a (e.g. the parameters)
-        b_addr[n]        address paired with tensor i (e.g. its slot in the snapshot buffer)
-        numel[n]         elements of tensor i
-        chunk_tensor[c]  which tensor chunk j belongs to
-        chunk_start[c]   first element of chunk j within that tensor
-
-Program ``j`` processes elements ``[chunk_start[j], min(chunk_start[j] + CHUNK,
-numel))`` of tensor ``chunk_tensor[j]`` in blocks of ``BLOCK``. Chunks
-sit on grid axis 0, so there is no 65535 limit. The same table drives the CUDA
-C++ kernels in ``csrc/multi_tensor.cu``.
+concatenate-then-split copy doubles the traffic. Instead each (device, dtype)
+group gets a device-side **pointer table** (:mod:`sfpo_kernels._pointer_table`
+describes its layout and builds it) and one launch of the kernels here, whose
+program ``j`` handles chunk ``j`` of the table: up to ``CHUNK`` elements of one
+tensor, in blocks of ``BLOCK``. The same table drives the CUDA C++ kernels in
+``csrc/multi_tensor.cu``; :mod:`sfpo_kernels.reposition` picks the backend.
 
 Byte traffic per element (the limit both kernels are measured against):
 copy reads 1 and writes 1 element; lerp reads 2 and writes 1.
@@ -27,12 +17,12 @@ copy reads 1 and writes 1 element; lerp reads 2 and writes 1.
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
+
+from sfpo_kernels._pointer_table import PointerTable
+from sfpo_kernels._triton_utils import KERNELS_INTERPRETED, store_rounded
 
 # GPU launch shape: 64Ki elements per program keeps the grid small for
 # billion-parameter models (~23k programs at 1.5B) while a single tiny tensor
@@ -40,10 +30,6 @@ import triton.language as tl
 # tensors still cross block and chunk boundaries.
 GPU_BLOCK, GPU_CHUNK, GPU_NUM_WARPS = 4096, 65536, 8
 INTERPRETER_BLOCK, INTERPRETER_CHUNK = 64, 256
-
-# Offsets of tensors inside a flat snapshot buffer are rounded up to this many
-# bytes so every view starts 16-byte aligned (vector loads in csrc/).
-STORAGE_ALIGN_BYTES = 64
 
 
 def launch_shape(device: torch.device) -> tuple[int, int]:
@@ -57,19 +43,6 @@ def launch_shape(device: torch.device) -> tuple[int, int]:
 
 
 @triton.jit
-def _fp32_to_bf16_rtne(x):
-    """Round fp32 to bf16, to nearest even, NaN to the canonical 0x7FC0 (as torch does).
-
-    Done on the bits so the GPU and the Triton interpreter (whose own bf16
-    cast truncates) give identical results.
-    """
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    out = tl.where(x != x, 0x7FC0, rounded)
-    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _chunk_of_program(a_addr, b_addr, numel, chunk_tensor, chunk_start, type_witness, CHUNK: tl.constexpr,
                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
     """This program's chunk: typed pointers to tensor i of lists a and b, and its element range.
@@ -80,7 +53,7 @@ def _chunk_of_program(a_addr, b_addr, numel, chunk_tensor, chunk_start, type_wit
     """
     i_c = tl.program_id(0).to(tl.int64)
     i_t = tl.load(chunk_tensor + i_c)
-    # Chunks start at multiples of CHUNK by construction (build_pointer_table).
+    # Chunks start at multiples of CHUNK by construction (_pointer_table.build_pointer_table).
     start = tl.multiple_of(tl.load(chunk_start + i_c), CHUNK)
     stop = tl.minimum(start + CHUNK, tl.load(numel + i_t))
     p_a = tl.load(a_addr + i_t).to(type_witness.dtype)
@@ -90,20 +63,6 @@ def _chunk_of_program(a_addr, b_addr, numel, chunk_tensor, chunk_start, type_wit
         p_b = tl.multiple_of(p_b, 16)
     full_stop = start + (stop - start) // BLOCK * BLOCK
     return p_a, p_b, start, full_stop, stop
-
-
-@triton.jit
-def store_rounded(p, b_value, m, MASKED: tl.constexpr):
-    """Store an fp32/fp64 block into ``p``'s element type, rounded once to nearest even."""
-    elem_ty = p.dtype.element_ty
-    if elem_ty == tl.bfloat16:
-        b_out = _fp32_to_bf16_rtne(b_value)
-    else:
-        b_out = b_value.to(elem_ty)
-    if MASKED:
-        tl.store(p, b_out, mask=m)
-    else:
-        tl.store(p, b_out)
 
 
 @triton.jit
@@ -184,82 +143,6 @@ def _mt_lerp_kernel(
         _lerp_block(p_param, p_snap, o_k, o_k < stop, coeff, small, MASKED=True)
 
 
-# triton.jit reads TRITON_INTERPRET when it wraps a kernel, i.e. at import: what
-# counts is how these kernels were built, not the variable's value now.
-KERNELS_INTERPRETED = not isinstance(_mt_copy_kernel, triton.runtime.JITFunction)
-
-
-# --------------------------------------------------------------------------- pointer table
-
-
-@dataclass(frozen=True)
-class PointerTable:
-    """The device-side table for one (device, dtype) group; see the module docstring."""
-
-    data: torch.Tensor  # int64 [3n + 2c] on the group's device
-    n_tensors: int
-    n_chunks: int
-    block: int
-    chunk: int
-    aligned: bool  # every address 16-byte aligned: the kernels use 128-bit accesses
-
-    @property
-    def columns(self) -> tuple[torch.Tensor, ...]:
-        """Views ``(a_addr, b_addr, numel, chunk_tensor, chunk_start)``."""
-        n, c = self.n_tensors, self.n_chunks
-        return tuple(self.data.narrow(0, off, size) for off, size in ((0, n), (n, n), (2 * n, n), (3 * n, c), (3 * n + c, c)))
-
-
-def build_pointer_table(a: list[torch.Tensor], b_addr: list[int], device: torch.device) -> PointerTable:
-    """Table pairing tensor ``a[i]`` with the memory at address ``b_addr[i]`` (same numel and dtype).
-
-    ``a`` are contiguous, non-empty tensors; ``b_addr`` are typically offsets
-    into a snapshot's flat buffer, which needs no tensor view to be addressed.
-
-    Built on the host with vectorised torch ops (a 1.5B-parameter model has
-    ~23k chunks) and copied to ``device`` asynchronously from pinned memory.
-    """
-    block, chunk = launch_shape(device)
-    n = len(a)
-    numel = torch.tensor([t.numel() for t in a], dtype=torch.int64)
-    chunks_per_tensor = (numel + chunk - 1) // chunk
-    chunk_tensor = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), chunks_per_tensor)
-    first_chunk = torch.cumsum(chunks_per_tensor, 0) - chunks_per_tensor
-    chunk_start = (torch.arange(chunk_tensor.numel(), dtype=torch.int64) - first_chunk[chunk_tensor]) * chunk
-    addresses = torch.tensor([t.data_ptr() for t in a] + list(b_addr), dtype=torch.int64)
-    host = torch.cat([addresses, numel, chunk_tensor, chunk_start])
-    aligned = bool((addresses % 16 == 0).all())
-    if device.type == "cuda":
-        host = host.pin_memory()
-        data = torch.empty_like(host, device=device)
-        data.copy_(host, non_blocking=True)
-    else:
-        data = host
-    return PointerTable(data, n, chunk_tensor.numel(), block, chunk, aligned)
-
-
-_TABLE_CACHE: OrderedDict[tuple, PointerTable] = OrderedDict()
-TABLE_CACHE_SIZE = 8
-
-
-def pointer_table(a: list[torch.Tensor], b_addr: list[int], device: torch.device) -> PointerTable:
-    """:func:`build_pointer_table`, cached by content (addresses and sizes).
-
-    SFPO snapshots the same parameters every iteration and the caching
-    allocator usually hands back the same snapshot buffer, so the table for
-    iteration s+1 is byte-identical to iteration s's: rebuild only on change.
-    """
-    key = (device, tuple(t.data_ptr() for t in a), tuple(b_addr), tuple(t.numel() for t in a))
-    table = _TABLE_CACHE.get(key)
-    if table is None:
-        table = _TABLE_CACHE[key] = build_pointer_table(a, b_addr, device)
-        if len(_TABLE_CACHE) > TABLE_CACHE_SIZE:
-            _TABLE_CACHE.popitem(last=False)
-    else:
-        _TABLE_CACHE.move_to_end(key)
-    return table
-
-
 # --------------------------------------------------------------------------- launchers
 
 
@@ -290,17 +173,3 @@ def triton_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> N
         ALIGNED=table.aligned,
         num_warps=GPU_NUM_WARPS,
     )
-
-
-def cuda_copy_(table: PointerTable, src_is_a: bool, witness: torch.Tensor) -> None:
-    """The same copy through the CUDA C++ kernels of ``csrc/`` (built lazily with nvcc)."""
-    from sfpo_kernels import _cuda_lib
-
-    _cuda_lib.copy_(table, src_is_a, witness.element_size(), witness.device)
-
-
-def cuda_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> None:
-    """The same lerp through the CUDA C++ kernels of ``csrc/``."""
-    from sfpo_kernels import _cuda_lib
-
-    _cuda_lib.lerp_(table, weight, witness.dtype, witness.device)

@@ -1,7 +1,10 @@
 """SFPO Stage II on a list of tensors: ``snapshot``, ``Snapshot.restore_`` and ``reposition_``.
 
-The public face of the multi-tensor kernels in :mod:`sfpo_kernels.multi_tensor`:
-validation, grouping by (device, dtype), snapshot storage, backend dispatch.
+The public face of the multi-tensor kernels: validation, grouping by
+(device, dtype), snapshot storage, and all backend dispatch -- ``torch``
+(``torch._foreach_*``), ``triton`` (:mod:`sfpo_kernels.multi_tensor`), ``cuda``
+(:mod:`sfpo_kernels._cuda_lib`), the last two driven by the pointer table of
+:mod:`sfpo_kernels._pointer_table`.
 
     snap = snapshot(params)            # theta_0, one fused copy per (device, dtype) group
     ...K fast optimizer steps...       # theta_K
@@ -24,8 +27,10 @@ from dataclasses import dataclass
 
 import torch
 
+from sfpo_kernels import _cuda_lib
 from sfpo_kernels import multi_tensor as mt
 from sfpo_kernels._backend import empty_for_kernel, resolve_backend
+from sfpo_kernels._pointer_table import STORAGE_ALIGN_BYTES, PointerTable, pointer_table
 
 OFFLOAD_MODES = ("none", "cpu")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -122,10 +127,11 @@ class _Group:
             ]
         return self._views
 
-    def table(self, tensors: list[torch.Tensor]) -> mt.PointerTable:
+    def table(self, tensors: list[torch.Tensor]) -> PointerTable:
         """Pointer table pairing ``tensors`` with their copies (cached by content)."""
         base, elem = self.storage.data_ptr(), self.storage.element_size()
-        return mt.pointer_table(tensors, [base + off * elem for off in self.offsets], self.device)
+        block, chunk = mt.launch_shape(self.device)
+        return pointer_table(tensors, [base + off * elem for off in self.offsets], self.device, block=block, chunk=chunk)
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -244,8 +250,11 @@ def _copy_group(g: _Group, members: list[torch.Tensor], backend: str, *, to_snap
             for d, s in zip(dst, src):
                 d.copy_(s, non_blocking=True)
         return
-    copy = mt.triton_copy_ if backend == "triton" else mt.cuda_copy_
-    copy(g.table(members), to_snapshot, members[0])
+    table, witness = g.table(members), members[0]
+    if backend == "triton":
+        mt.triton_copy_(table, to_snapshot, witness)
+    else:  # the CUDA C++ kernels of csrc/ (built lazily with nvcc)
+        _cuda_lib.copy_(table, to_snapshot, witness.element_size(), witness.device)
     _keep_host_storage_until_done(g)
 
 
@@ -262,8 +271,11 @@ def _lerp_group(g: _Group, members: list[torch.Tensor], weight: float, backend: 
             staged = [v.to(g.device, non_blocking=True) for v in g.views[lo:hi]]
             torch._foreach_lerp_(members[lo:hi], staged, weight)
         return
-    lerp = mt.triton_lerp_ if backend == "triton" else mt.cuda_lerp_
-    lerp(g.table(members), weight, members[0])
+    table, witness = g.table(members), members[0]
+    if backend == "triton":
+        mt.triton_lerp_(table, weight, witness)
+    else:  # the CUDA C++ kernels of csrc/
+        _cuda_lib.lerp_(table, weight, witness.dtype, witness.device)
     _keep_host_storage_until_done(g)
 
 
@@ -305,7 +317,7 @@ def _allocate_groups(tensors: list[torch.Tensor], offload: str) -> list[_Group]:
             by_key.setdefault((t.device, t.dtype), []).append(i)
     groups = []
     for (device, dtype), indices in by_key.items():
-        align = max(1, mt.STORAGE_ALIGN_BYTES // tensors[indices[0]].element_size())
+        align = max(1, STORAGE_ALIGN_BYTES // tensors[indices[0]].element_size())
         offsets, total = [], 0
         for i in indices:
             offsets.append(total)

@@ -16,6 +16,8 @@ Tolerances (one table for the file):
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,18 +36,50 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@pytest.fixture(scope="module")
-def mesh():
-    """A gloo process group of one rank and its 1-D CPU device mesh."""
+def _init_default_group() -> None:
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+
+
+@contextlib.contextmanager
+def _own_mesh():
+    """A one-rank gloo group of our own and its 1-D CPU device mesh, whatever groups the process has.
+
+    The group comes from ``new_group`` with local synchronisation (no other rank takes part), so it
+    works the same beside a default group that something else initialised (an earlier test, say):
+    that one is neither used nor destroyed. Only without any default group is one made (``new_group``
+    needs it), and destroyed again afterwards.
+    """
     from torch.distributed.device_mesh import DeviceMesh
 
-    if dist.is_initialized():
-        pytest.skip("another process group is already initialised in this process")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    made_default = not dist.is_initialized()
+    if made_default:
+        _init_default_group()
+    group = dist.new_group([dist.get_rank()], backend="gloo", use_local_synchronization=True)
     try:
-        yield DeviceMesh("cpu", [0])
+        mesh = DeviceMesh.from_group(group, "cpu")
+        assert mesh.get_group() is group and mesh.size() == 1
+        yield mesh
     finally:
-        dist.destroy_process_group()
+        dist.destroy_process_group(group)
+        if made_default:
+            dist.destroy_process_group()
+    assert dist.is_initialized() != made_default, "the default process group was not left as it was found"
+
+
+@pytest.fixture(scope="module", params=["alone", "beside-a-default-group"])
+def mesh(request):
+    """Every test runs in both situations, whatever ran before in this process: ``alone`` (a default
+    group only if one exists already) and ``beside-a-default-group`` (one made here first, standing
+    for a group another test left behind, and destroyed after)."""
+    stand_in = request.param == "beside-a-default-group" and not dist.is_initialized()
+    if stand_in:
+        _init_default_group()
+    try:
+        with _own_mesh() as mesh:
+            yield mesh
+    finally:
+        if stand_in:
+            dist.destroy_process_group()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -173,7 +207,8 @@ def test_fsdp1_flat_parameter_step_then_reposition(mesh, backend):
     # One rank cannot shard; FSDP1 would switch FULL_SHARD to NO_SHARD with a
     # warning. NO_SHARD still flattens every parameter into one FlatParameter.
     model = FullyShardedDataParallel(
-        module, device_id=torch.device("cpu"), use_orig_params=False, sharding_strategy=ShardingStrategy.NO_SHARD
+        module, process_group=mesh.get_group(), device_id=torch.device("cpu"), use_orig_params=False,
+        sharding_strategy=ShardingStrategy.NO_SHARD,
     )
     params = list(model.parameters())
     assert len(params) == 1 and isinstance(params[0], FlatParameter), [type(p) for p in params]

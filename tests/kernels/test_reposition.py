@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers.bits import assert_bit_equal, make_tensors, ulp
 from helpers.devices import kernel_devices
 
 import sfpo_kernels
