@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from sfpo_train.reports.report import build_report, default_out
+from sfpo_train.reports.build import build_report, default_out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

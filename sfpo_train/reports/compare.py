@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.reports import report
+from sfpo_train.reports.build import build_report
 
 # Keys compare sets per run; an override of one would break the pairing.
 RESERVED = ("actor_rollout_ref.actor.sfpo.enable", "trainer.seed", "data.seed", "trainer.experiment_name",
@@ -101,6 +101,6 @@ def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = 
     finally:
         bar.close()
     report_dir = os.path.join(out_dir, "report")
-    files = report.build_report(run_dirs, report_dir, title=f"sfpo compare: GRPO vs SFPO on preset {preset!r} "
-                                                            f"({algorithm}), {seeds} seed(s)")  # fmt: skip
+    files = build_report(run_dirs, report_dir, title=f"sfpo compare: GRPO vs SFPO on preset {preset!r} "
+                                                     f"({algorithm}), {seeds} seed(s)")  # fmt: skip
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

@@ -1,7 +1,7 @@
 """The PNG plots of ``sfpo report`` (matplotlib, Agg backend: files only, no display).
 
-Each function draws one figure from the runs or tables :mod:`sfpo_train.report`
-builds and saves it to ``path``.
+Each function draws one figure from the runs or tables :mod:`sfpo_train.reports.runs` and
+:mod:`sfpo_train.reports.tables` build and saves it to ``path``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,12 @@ import math
 import numpy as np
 import pandas as pd
 
-from sfpo_train.reports.report import ARM_COLORS, STACKED_STAGES, STAGE_COLORS, Run, _arms, _col, _nested, stage_times
+from sfpo_train.reports.runs import ARMS, Run, arms, column, nested
+from sfpo_train.reports.tables import STACKED_STAGES, stage_times
+
+ARM_COLORS = {"GRPO": "#4C72B0", "SFPO": "#DD8452"}
+STAGE_COLORS = ["#4C72B0", "#55A868", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#DD8452", "#CCB974", "#C44E52",
+                "#64B5CD", "#DDDDDD"]  # one per stacked stage, in order  # fmt: skip
 
 
 def _plt():
@@ -26,9 +31,9 @@ def _plt():
 def plot_stage_time(runs: list[Run], path: str) -> None:
     """Stacked per-stage seconds per step, one panel per arm (mean over the arm's seeds at each step)."""
     plt = _plt()
-    arms = _arms(runs)
-    fig, axes = plt.subplots(1, len(arms), figsize=(6.5 * len(arms), 4.2), sharey=True, squeeze=False)
-    for ax, arm in zip(axes[0], arms):
+    present = arms(runs)
+    fig, axes = plt.subplots(1, len(present), figsize=(6.5 * len(present), 4.2), sharey=True, squeeze=False)
+    for ax, arm in zip(axes[0], present):
         frames = [stage_times(r) for r in runs if r.arm == arm]
         mean = pd.concat(frames).groupby("global_step")[list(STACKED_STAGES)].mean()
         bottom = np.zeros(len(mean))
@@ -87,12 +92,12 @@ def plot_memory(memory: pd.DataFrame, path: str) -> None:
         ax.text(0.5, 0.5, "no memory readings in these runs", ha="center", va="center")
     else:
         table = memory[memory["reading"] == reading].set_index("stage")
-        arms = [a for a in ("GRPO", "SFPO") if a in table]
+        shown = [a for a in ARMS if a in table]
         x = np.arange(len(table))
-        width = 0.8 / max(1, len(arms))
-        for i, arm in enumerate(arms):
+        width = 0.8 / max(1, len(shown))
+        for i, arm in enumerate(shown):
             ax.bar(x + i * width, table[arm].to_numpy(), width, label=arm, color=ARM_COLORS[arm])
-        ax.set_xticks(x + width * (len(arms) - 1) / 2, table.index, rotation=30, ha="right", fontsize=8)
+        ax.set_xticks(x + width * (len(shown) - 1) / 2, table.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{reading} (GB)")
         ax.set_title("peak memory per stage" if reading == "max_allocated_gb" else "process RSS at the end of each stage")
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
@@ -112,8 +117,8 @@ def plot_curves(runs: list[Run], head: pd.DataFrame, path: str) -> None:
         label = f"{run.arm} seed {run.seed}"
         train = run.train
         window = max(1, len(train) // 20)
-        reward = _col(train, "critic/score/mean").rolling(window, min_periods=1).mean()
-        for col, x in ((0, _col(train, "train/rollouts_total")), (1, _col(train, "train/elapsed_s"))):
+        reward = column(train, "critic/score/mean").rolling(window, min_periods=1).mean()
+        for col, x in ((0, column(train, "train/rollouts_total")), (1, column(train, "train/elapsed_s"))):
             axes[0][col].plot(x, reward, color=color, ls=ls, lw=1.2, label=label)
         val = run.val
         for col, x in ((0, val["rollouts"]), (1, val["elapsed_s"])):
@@ -124,7 +129,7 @@ def plot_curves(runs: list[Run], head: pd.DataFrame, path: str) -> None:
     for col, xlabel in ((0, "rollouts (generated responses)"), (1, "wall-clock (s, sum of step times)")):
         axes[0][col].set_xlabel(xlabel)
         axes[1][col].set_xlabel(xlabel)
-        axes[0][col].set_ylabel(f"training reward (rolling mean)")
+        axes[0][col].set_ylabel("training reward (rolling mean)")
         axes[1][col].set_ylabel("test accuracy (greedy)")
     axes[1][1].legend(fontsize=7)
     fig.tight_layout()
@@ -143,18 +148,18 @@ def plot_dynamics(runs: list[Run], path: str) -> None:
         step = train["training/global_step"]
         color, ls = ARM_COLORS[run.arm], styles[seeds.index(run.seed) % len(styles)]
         label = f"{run.arm} seed {run.seed}"
-        axes[0].plot(step, _col(train, "actor/entropy"), color=color, ls=ls, lw=1, label=label)
+        axes[0].plot(step, column(train, "actor/entropy"), color=color, ls=ls, lw=1, label=label)
         if run.arm == "SFPO":
-            axes[1].plot(step, _col(train, "sfpo/zscore"), color=color, ls=ls, lw=1, label=label)
-            axes[2].plot(step, _col(train, "sfpo/alpha"), color=color, ls=ls, lw=1.2, label=label)
-            fired = train[_col(train, "sfpo/triggered").fillna(0) > 0]
+            axes[1].plot(step, column(train, "sfpo/zscore"), color=color, ls=ls, lw=1, label=label)
+            axes[2].plot(step, column(train, "sfpo/alpha"), color=color, ls=ls, lw=1.2, label=label)
+            fired = train[column(train, "sfpo/triggered").fillna(0) > 0]
             if len(fired):
                 s = fired["training/global_step"].iloc[0]
                 for ax in axes:
                     ax.axvline(s, color=color, ls=ls, lw=0.8, alpha=0.6)
                 axes[2].annotate(f"trigger (seed {run.seed})", (s, 0), xytext=(3, 4 + 10 * seeds.index(run.seed)),
                                  textcoords="offset points", fontsize=7, color=color)  # fmt: skip
-    thresholds = {float(_nested(r.config, "actor_rollout_ref.actor.sfpo.zscore_threshold", math.nan)) for r in runs if r.arm == "SFPO"}
+    thresholds = {float(nested(r.config, "actor_rollout_ref.actor.sfpo.zscore_threshold", math.nan)) for r in runs if r.arm == "SFPO"}
     for tau in thresholds:
         if math.isfinite(tau):
             axes[1].axhline(tau, color="gray", ls=":", lw=1, label=f"threshold {tau:g}")
