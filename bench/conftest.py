@@ -38,6 +38,7 @@ import torch
 import triton
 
 from sfpo_kernels import triton_interpreting
+from sfpo_train.clock import StageClock, synchronize
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SIZE_ENV = "SFPO_BENCH_SIZE"
@@ -172,22 +173,16 @@ def device_slug() -> str:
 # --------------------------------------------------------------------------- timing
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_call(fn: Callable[[], object], device: torch.device, *, rounds: int, warmup: int) -> float:
     """Median seconds of ``fn()`` (synchronised), outside pytest-benchmark: for the copy probes."""
     for _ in range(warmup):
         fn()
-    synchronize(device)
+    clock = StageClock(device)
     times = []
     for _ in range(rounds):
-        start = time.perf_counter()
+        clock.lap()
         fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(clock.lap())
     return statistics.median(times)
 
 

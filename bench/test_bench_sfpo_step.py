@@ -19,6 +19,7 @@ import torch
 
 import sfpo_kernels
 from sfpo_train import SFPO, SFPOConfig
+from sfpo_train.clock import synchronize
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("SFPO_BENCH_SIZE") != "tiny"
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -82,12 +83,12 @@ def test_sfpo_step(benchmark, algo, config):
 
     def one_iteration():
         if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+            synchronize(DEVICE)
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         metrics = sfpo.step(update_pass, None)
         if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+            synchronize(DEVICE)
             peak_extra.append(torch.cuda.max_memory_allocated() - base)
         stages.append(metrics)
 

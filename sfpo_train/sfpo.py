@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import math
 import numbers
-import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, NamedTuple, Optional
 
 import torch
 
 import sfpo_kernels
+from sfpo_train.clock import StageClock
 
 TRIGGERS = ("up", "abs", "down")
 DECAYS = ("hard", "linear")
@@ -40,39 +41,41 @@ ZSCORE_EPS = 1e-9
 STATE_VERSION = 1
 
 
+def _setting(default, help: str, choices: tuple | None = None):
+    """A config field with its help text (and allowed values): the one place each SFPO setting is described.
+
+    The standalone trainer's ``actor_rollout_ref.actor.sfpo.*`` keys, ``sfpo train
+    --help``, the verl plugin's keys and its YAML are all derived from these fields
+    (:func:`settings_schema`).
+    """
+    metadata = {"help": help} if choices is None else {"help": help, "choices": choices}
+    return field(default=default, metadata=metadata)
+
+
 @dataclass(frozen=True)
 class SFPOConfig:
-    """SFPO's hyperparameters (paper notation in brackets).
+    """SFPO's hyperparameters (paper notation in each help text); every value is checked on construction."""
 
-    Attributes:
-        inner_steps: K, fast-trajectory passes per iteration (>= 0).
-        alpha: alpha_0, reposition step in [0, 1] (1 = keep theta_K, 0 = plain GRPO).
-        zscore_window: omega, entropies in the rolling window (>= 2).
-        zscore_threshold: tau, the z-score that fires the trigger (> 0).
-        trigger: "up" fires on z >= tau (the authors' code), "abs" on |z| >= tau
-            (the paper's Algorithm 1), "down" on z <= -tau.
-        decay: after the trigger, "hard" sets alpha to 0 at once, "linear" takes it
-            to 0 over ``decay_steps`` iterations.
-        decay_steps: iterations of the linear decay (>= 1 with ``decay="linear"``).
-        slow_correction: run Stage III (ablation: False skips it while alpha > 0).
-        snapshot_offload: "none" or "cpu" (pinned host memory, no GPU memory).
-        reposition: run Stage II (ablation: False keeps theta_K, i.e. alpha = 1 there).
-        entropy_control: the entropy trigger (ablation: False keeps alpha constant).
-        backend: kernel backend for snapshot / reposition (None: the default).
-    """
-
-    inner_steps: int = 3
-    alpha: float = 0.8
-    zscore_window: int = 30
-    zscore_threshold: float = 1.0
-    trigger: str = "up"
-    decay: str = "hard"
-    decay_steps: int = 0
-    slow_correction: bool = True
-    snapshot_offload: str = "none"
-    reposition: bool = True
-    entropy_control: bool = True
-    backend: str | None = None
+    inner_steps: int = _setting(3, "K, fast-trajectory update passes per iteration (>= 0)")
+    alpha: float = _setting(0.8, "alpha_0, the reposition step theta <- theta_0 + alpha (theta_K - theta_0), in [0, 1] "
+                                 "(1 keeps theta_K, 0 is plain GRPO)")
+    zscore_window: int = _setting(30, "omega, entropies in the trigger's rolling window (>= 2)")
+    zscore_threshold: float = _setting(1.0, "tau, the entropy z-score that switches SFPO off (> 0)")
+    trigger: str = _setting("up", "up fires on z >= tau (the authors' code), abs on |z| >= tau (the paper's "
+                                  "Algorithm 1), down on z <= -tau", TRIGGERS)
+    decay: str = _setting("hard", "after the trigger: hard (alpha 0 at once) or linear (to 0 over decay_steps "
+                                  "iterations)", DECAYS)
+    decay_steps: int = _setting(0, "iterations of the linear decay (>= 1 with decay=linear)")
+    slow_correction: bool = _setting(True, "run Stage III, the slow correction pass (ablation: false skips it while "
+                                           "alpha > 0)")
+    snapshot_offload: str = _setting("none", "where theta_0 lives during the iteration: none (beside the "
+                                             "parameters) or cpu (pinned host memory, no GPU memory)",
+                                     sfpo_kernels.reposition.OFFLOAD_MODES)
+    reposition: bool = _setting(True, "run Stage II, the reposition (ablation: false keeps theta_K)")
+    entropy_control: bool = _setting(True, "the entropy trigger (ablation: false keeps alpha constant)")
+    backend: Optional[str] = _setting(None, "kernel backend of the snapshot and reposition: triton, cuda or torch "
+                                            "(null: triton for CUDA tensors, torch for CPU tensors)",
+                                      sfpo_kernels.BACKENDS)
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str) -> None:
@@ -91,13 +94,38 @@ class SFPOConfig:
         need(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]")
         need(self.zscore_window >= 2, "zscore_window", ">= 2")
         need(self.zscore_threshold > 0, "zscore_threshold", "> 0")
-        need(self.trigger in TRIGGERS, "trigger", f"one of {', '.join(TRIGGERS)}")
-        need(self.decay in DECAYS, "decay", f"one of {', '.join(DECAYS)}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices is not None and not (value is None and f.default is None):
+                need(value in choices, f.name, f"one of {', '.join(map(str, choices))}")
         need(self.decay != "linear" or self.decay_steps >= 1, "decay_steps", ">= 1 with decay='linear'")
         need(self.decay_steps >= 0, "decay_steps", ">= 0")
-        need(self.snapshot_offload in sfpo_kernels.reposition.OFFLOAD_MODES, "snapshot_offload", "'none' or 'cpu'")
-        need(self.backend is None or self.backend in sfpo_kernels.BACKENDS, "backend",
-             f"None or one of {', '.join(sfpo_kernels.BACKENDS)}")  # fmt: skip
+
+
+class Setting(NamedTuple):
+    """One SFPO setting as the trainers and the verl plugin expose it."""
+
+    name: str
+    type: Any  # the resolved annotation, e.g. int, Optional[str]
+    default: Any
+    help: str
+    choices: tuple | None
+
+
+ENABLE_HELP = "wrap the actor update in SFPO (false: plain GRPO)"
+
+
+def settings_schema(enable_default: bool) -> tuple[Setting, ...]:
+    """``enable`` plus every :class:`SFPOConfig` field with its type, default, help text and allowed values.
+
+    The single source of the ``actor_rollout_ref.actor.sfpo.*`` keys of both
+    trainers (the standalone one defaults ``enable`` to true, verl's plugin to false).
+    """
+    hints = typing.get_type_hints(SFPOConfig)
+    own = Setting("enable", bool, enable_default, ENABLE_HELP, None)
+    return (own, *(Setting(f.name, hints[f.name], f.default, f.metadata["help"], f.metadata.get("choices"))
+                   for f in fields(SFPOConfig)))  # fmt: skip
 
 
 # --------------------------------------------------------------------------- functional core
@@ -187,6 +215,18 @@ class SFPO:
             if self.fired_at is None and self.config.entropy_control and trigger_fires(self.config, self.last_zscore):
                 self.fired_at = self.iteration
 
+    def planned_passes(self) -> tuple[str, ...]:
+        """The update passes the next :meth:`step` makes, in order.
+
+        ``("fast",) * K + ("slow",)`` while alpha > 0 (no ``"slow"`` with
+        ``slow_correction=False``), ``("slow",)`` once alpha is 0 (plain GRPO). A
+        caller whose pass must behave differently on the last one (verl's
+        worker steps its LR scheduler there) counts on this plan.
+        """
+        if self.alpha <= 0:
+            return ("slow",)
+        return ("fast",) * self.config.inner_steps + (("slow",) if self.config.slow_correction else ())
+
     # ----------------------------------------------------------------- the step
 
     def step(self, update_pass: Callable[[Any], dict], batch: Any, entropy: float | torch.Tensor | None = None) -> dict:
@@ -194,13 +234,14 @@ class SFPO:
         if entropy is not None:
             entropy = _as_entropy(entropy, "entropy")
         alpha = self.alpha
+        plan = self.planned_passes()
         cfg = self.config
         params = self._params()
         device = params[0].device if params else torch.device("cpu")
         timings = {"sfpo_snapshot": 0.0, "sfpo_fast": 0.0, "sfpo_reposition": 0.0, "sfpo_slow": 0.0}
         passes: list[dict] = []
         snapshot_bytes = 0
-        clock = _StageClock(device)
+        clock = StageClock(device)
 
         if alpha > 0:
             snap = sfpo_kernels.snapshot(params, offload=cfg.snapshot_offload, backend=cfg.backend)
@@ -208,7 +249,7 @@ class SFPO:
             timings["sfpo_snapshot"] = clock.lap()
             try:
                 try:
-                    for _ in range(cfg.inner_steps):  # Stage I: the fast trajectory
+                    for _ in range(plan.count("fast")):  # Stage I: the fast trajectory
                         passes.append(_metrics_of(update_pass(batch)))
                 except BaseException:
                     snap.restore_(params, backend=cfg.backend)  # never leave the model half-way
@@ -219,10 +260,7 @@ class SFPO:
                 timings["sfpo_reposition"] = clock.lap()
             finally:
                 snap.release()
-            if cfg.slow_correction:  # Stage III
-                passes.append(_metrics_of(update_pass(batch)))
-                timings["sfpo_slow"] = clock.lap()
-        else:  # plain GRPO: the slow pass alone
+        if "slow" in plan:  # Stage III; with alpha 0 the only pass: plain GRPO
             passes.append(_metrics_of(update_pass(batch)))
             timings["sfpo_slow"] = clock.lap()
 
@@ -241,7 +279,7 @@ class SFPO:
             "sfpo/alpha": alpha,
             "sfpo/zscore": self.last_zscore,
             "sfpo/triggered": float(self.fired_at is not None),
-            "sfpo/inner_steps_run": float(cfg.inner_steps if alpha > 0 else 0),
+            "sfpo/inner_steps_run": float(plan.count("fast")),
             "sfpo/snapshot_bytes": float(snapshot_bytes),
         })  # fmt: skip
         metrics.update({f"timing_s/{k}": v for k, v in timings.items()})
@@ -308,23 +346,3 @@ def _combine(passes: list[dict]) -> dict:
     for key, value in (passes[-1].items() if passes else ()):
         out[f"sfpo/last/{key}"] = float(value)
     return out
-
-
-class _StageClock:
-    """Wall-clock laps; on CUDA it synchronises first so a lap holds the GPU work, not its launch."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self._sync()
-        self.last = time.perf_counter()
-
-    def _sync(self) -> None:
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-
-    def lap(self) -> float:
-        self._sync()
-        now = time.perf_counter()
-        elapsed, self.last = now - self.last, now
-        return elapsed

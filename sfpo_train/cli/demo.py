@@ -20,13 +20,13 @@ theta_0 and theta_K.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import sfpo_kernels
 from sfpo_kernels import reference
 from sfpo_kernels import triton_interpreting
+from sfpo_train.clock import StageClock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -99,11 +99,6 @@ def build_model(args: argparse.Namespace, device: torch.device) -> torch.nn.Modu
     return Qwen2ForCausalLM(config).to(device=device, dtype=DTYPES[args.dtype])
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_backend(args: argparse.Namespace, device: torch.device, backend: str) -> dict:
     model = build_model(args, device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -111,11 +106,9 @@ def run_backend(args: argparse.Namespace, device: torch.device, backend: str) ->
     tokens = torch.randint(0, args.vocab, (4, 32), generator=gen).to(device)
     optimizer = torch.optim.AdamW(params, lr=args.lr)
 
-    _sync(device)
-    t0 = time.perf_counter()
+    clock = StageClock(device)
     snap = sfpo_kernels.snapshot(params, offload=args.offload, backend=backend)
-    _sync(device)
-    t_snapshot = time.perf_counter() - t0
+    t_snapshot = clock.lap()
     theta_0 = [v.detach().to(device, copy=True) for v in snap.values()]
 
     losses = []
@@ -127,11 +120,9 @@ def run_backend(args: argparse.Namespace, device: torch.device, backend: str) ->
         losses.append(loss.item())
     theta_k = [p.detach().clone() for p in params]
 
-    _sync(device)
-    t0 = time.perf_counter()
+    clock.lap()
     sfpo_kernels.reposition_(params, snap, args.alpha, backend=backend)  # Stage II
-    _sync(device)
-    t_reposition = time.perf_counter() - t0
+    t_reposition = clock.lap()
 
     expected = [t.clone() for t in theta_k]
     reference.reposition_(expected, theta_0, args.alpha)

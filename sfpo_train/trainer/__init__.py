@@ -1,8 +1,16 @@
 """The standalone GRPO / SFPO trainer (``sfpo train``): verl's config keys, one process, CPU or one GPU.
 
-- :mod:`~sfpo_train.trainer.loop`: :class:`Trainer` (wiring, ``train_step``, ``validate``, ``fit``)
+- :mod:`.loop`: :class:`Trainer` (wiring, ``train_step``, ``validate``, ``fit``)
+- :mod:`.actor`: log-probs and the PPO update pass SFPO wraps (verl's actor counterpart)
+- :mod:`.collect`: rollouts, rewards, dynamic sampling; :mod:`.rollout` the engines (HF generate, vLLM)
+- :mod:`.algos`: advantages, micro-batch weights, LR schedule
+- :mod:`.checkpoint`, :mod:`.metrics_log`: what a run writes
+- :mod:`.config`: the config tree (verl's key names), presets, validation
+- :mod:`.data`, :mod:`.reward`, :mod:`.batch`, :mod:`.profiler`
 """
 
-from sfpo_train.trainer.loop import Trainer, grpo_advantages, latest_checkpoint, lr_lambda
+from sfpo_train.trainer.algos import grpo_advantages, lr_lambda
+from sfpo_train.trainer.checkpoint import latest_checkpoint
+from sfpo_train.trainer.loop import Trainer
 
 __all__ = ["Trainer", "grpo_advantages", "latest_checkpoint", "lr_lambda"]

@@ -19,14 +19,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sfpo_kernels.fused_loss import GRPOLossOptions
-from sfpo_train.sfpo import SFPOConfig
+from sfpo_train.sfpo import SFPOConfig, settings_schema
 
 ADV_ESTIMATORS = ("grpo",)
 ROLLOUT_NAMES = ("hf", "vllm")
@@ -77,22 +77,15 @@ class OptimConfig:
     clip_grad: float = 1.0  # max grad norm per optimizer step (verl: actor.grad_clip)
 
 
-@dataclass
-class SFPOKeys:
-    """``actor_rollout_ref.actor.sfpo.*``: :class:`sfpo_train.SFPOConfig` plus the on/off switch."""
+def _sfpo_keys_dataclass() -> type:
+    """``actor_rollout_ref.actor.sfpo.*``: :func:`sfpo_train.sfpo.settings_schema`, ``enable`` defaulting to true."""
+    entries = [(s.name, s.type, field(default=s.default)) for s in settings_schema(enable_default=True)]
+    keys = make_dataclass("SFPOKeys", entries)
+    keys.__doc__ = "``actor_rollout_ref.actor.sfpo.*``: the fields of :class:`sfpo_train.SFPOConfig` plus ``enable``."
+    return keys
 
-    enable: bool = True
-    inner_steps: int = 3
-    alpha: float = 0.8
-    zscore_window: int = 30
-    zscore_threshold: float = 1.0
-    trigger: str = "up"
-    decay: str = "hard"
-    decay_steps: int = 0
-    slow_correction: bool = True
-    reposition: bool = True
-    entropy_control: bool = True
-    snapshot_offload: str = "none"
+
+SFPOKeys = _sfpo_keys_dataclass()
 
 
 @dataclass
@@ -451,18 +444,6 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.actor.optim.lr_scheduler_type": "after warm-up: constant | cosine",
     "actor_rollout_ref.actor.optim.min_lr_ratio": "cosine floor as a fraction of lr",
     "actor_rollout_ref.actor.optim.clip_grad": "max gradient norm per optimizer step",
-    "actor_rollout_ref.actor.sfpo.enable": "SFPO on; off is plain GRPO (the same code with alpha 0)",
-    "actor_rollout_ref.actor.sfpo.inner_steps": "K, fast-trajectory update passes per iteration",
-    "actor_rollout_ref.actor.sfpo.alpha": "reposition step in [0, 1]: theta <- theta0 + alpha (thetaK - theta0)",
-    "actor_rollout_ref.actor.sfpo.zscore_window": "entropies in the trigger's rolling window",
-    "actor_rollout_ref.actor.sfpo.zscore_threshold": "z-score that switches SFPO off (alpha -> 0)",
-    "actor_rollout_ref.actor.sfpo.trigger": "up (z >= tau, the authors' code) | abs (|z| >= tau, the paper) | down",
-    "actor_rollout_ref.actor.sfpo.decay": "after the trigger: hard (alpha 0 at once) | linear",
-    "actor_rollout_ref.actor.sfpo.decay_steps": "iterations of the linear decay",
-    "actor_rollout_ref.actor.sfpo.slow_correction": "run Stage III (ablation)",
-    "actor_rollout_ref.actor.sfpo.reposition": "run Stage II (ablation)",
-    "actor_rollout_ref.actor.sfpo.entropy_control": "use the entropy trigger (ablation)",
-    "actor_rollout_ref.actor.sfpo.snapshot_offload": "where theta0 lives: none (device) | cpu (pinned host memory)",
     "actor_rollout_ref.rollout.name": "rollout engine: hf (transformers generate) | vllm (optional extra, GPU)",
     "actor_rollout_ref.rollout.n": "responses per prompt (the GRPO group size)",
     "actor_rollout_ref.rollout.temperature": "sampling temperature (also divides the logits in the loss)",
@@ -494,6 +475,8 @@ KEY_HELP: dict[str, str] = {
     "trainer.device": "auto | cpu | cuda",
     "trainer.seed": "seed of sampling and initialisation",
     "trainer.progress_bar": "show the progress bar",
+    # SFPO's keys: the help text of sfpo_train.SFPOConfig's fields
+    **{f"actor_rollout_ref.actor.sfpo.{s.name}": s.help for s in settings_schema(enable_default=True)},
 }
 
 

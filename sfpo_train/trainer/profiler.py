@@ -40,6 +40,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sfpo_train.clock import synchronize
+
 GB = 1024**3
 STEP = "step"  # the stage whose unattributed remainder is timing_s/other
 
@@ -133,8 +135,7 @@ class StageProfiler:
 
     def _sync(self) -> None:
         """Wait for the work queued on the device (CUDA only); the wait is never counted as overhead."""
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     def _reset_peaks(self) -> None:
         torch.cuda.reset_peak_memory_stats(self.device)

@@ -2,9 +2,9 @@
 
 Two spellings are accepted under ``actor_rollout_ref.actor``:
 
-- ours, a block ``sfpo.{enable, inner_steps, alpha, zscore_window,
-  zscore_threshold, trigger, decay, decay_steps, snapshot_offload,
-  fused_kernels}`` (defaults in ``config/sfpo_trainer.yaml``);
+- ours, a block ``sfpo.{enable, <every field of sfpo_train.SFPOConfig>,
+  fused_kernels}`` (defaults and help in ``conf/sfpo_trainer.yaml``, which
+  :func:`render_yaml` writes from :func:`sfpo_train.sfpo.settings_schema`);
 - the paper authors' flat keys, added with ``+`` in their scripts:
   ``use_sfpo`` -> enable, ``sfpo_inner_steps`` -> inner_steps,
   ``sfpo_step_size`` -> alpha, ``zscore_w`` -> zscore_window,
@@ -20,11 +20,14 @@ receives, so a worker built from a hand-made config works too.
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from sfpo_train.sfpo import SFPOConfig
+from sfpo_train.sfpo import SFPOConfig, settings_schema
 
 # authors' flat key -> our key
 AUTHOR_KEYS = {
@@ -34,10 +37,13 @@ AUTHOR_KEYS = {
     "zscore_w": "zscore_window",
     "zscore_threshold": "zscore_threshold",
 }
-# keys of the sfpo block that are not SFPOConfig fields
+# The block's keys: enable and every SFPOConfig field (the rule's schema), then the verl-only fused_kernels.
+SCHEMA = settings_schema(enable_default=False)
+FUSED_KERNELS_HELP = ("sfpo_kernels.logprob_entropy for the actor's log-probs and the sfpo_vanilla policy loss: "
+                      "auto (on for CUDA), true, false")  # fmt: skip
 _OWN_KEYS = ("enable", "fused_kernels")
-_CONFIG_KEYS = ("inner_steps", "alpha", "zscore_window", "zscore_threshold", "trigger", "decay", "decay_steps",
-                "snapshot_offload")  # fmt: skip
+_CONFIG_KEYS = tuple(s.name for s in SCHEMA if s.name != "enable")
+_FLOAT_KEYS = tuple(s.name for s in SCHEMA if s.type is float)
 
 
 @dataclass(frozen=True)
@@ -57,8 +63,7 @@ class VerlSFPOSettings:
     fused_kernels: bool | str = "auto"
 
     def to_dict(self) -> dict:
-        return {"enable": self.enable, "fused_kernels": self.fused_kernels,
-                **{k: v for k, v in asdict(self.sfpo).items() if k in _CONFIG_KEYS}}  # fmt: skip
+        return {"enable": self.enable, **asdict(self.sfpo), "fused_kernels": self.fused_kernels}
 
 
 def _as_bool(name: str, value) -> bool:
@@ -80,9 +85,9 @@ def settings_from_dict(block: dict, where: str = "actor_rollout_ref.sfpo") -> Ve
         fused = fused.lower() == "true"
     if not (fused == "auto" or isinstance(fused, bool)):
         raise ValueError(f"{where}.fused_kernels must be auto, true or false, got {fused!r}")
-    kwargs = {k: block[k] for k in _CONFIG_KEYS if k in block and block[k] is not None}
+    kwargs = {k: block[k] for k in _CONFIG_KEYS if k in block and (block[k] is not None or k == "backend")}
     # YAML and the command line give ints for float fields (alpha=1); SFPOConfig wants numbers either way.
-    for name in ("alpha", "zscore_threshold"):
+    for name in _FLOAT_KEYS:
         if name in kwargs and isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool):
             kwargs[name] = float(kwargs[name])
     return VerlSFPOSettings(enable=enable, sfpo=SFPOConfig(**kwargs), fused_kernels=fused)
@@ -129,3 +134,40 @@ def normalize_sfpo_config(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
                     actor.pop(key, None)
         actor_rollout_ref["sfpo"] = settings.to_dict()
     return settings
+
+
+# --------------------------------------------------------------------------- conf/sfpo_trainer.yaml
+
+YAML_PATH = Path(__file__).resolve().parent / "conf" / "sfpo_trainer.yaml"
+_YAML_HEAD = """\
+# verl 0.9.1's ppo_trainer.yaml plus SFPO's keys (python -m sfpo_train.verl.main <verl overrides>).
+# Every verl key keeps its meaning; the authors' flat keys (+actor_rollout_ref.actor.use_sfpo=True,
+# sfpo_inner_steps, sfpo_step_size, zscore_w, zscore_threshold) are accepted too, added with "+".
+# Written by `python -m sfpo_train.verl.config` from sfpo_train.SFPOConfig's fields: edit those, not this file.
+hydra:
+  searchpath:
+    - pkg://verl.trainer.config
+
+defaults:
+  - ppo_trainer
+  - _self_
+
+actor_rollout_ref:
+  actor:
+    sfpo:
+"""
+
+
+def render_yaml() -> str:
+    """``conf/sfpo_trainer.yaml``: verl's config plus the sfpo block, each key under a comment with its help."""
+    lines = [_YAML_HEAD.rstrip("\n")]
+    entries = [(s.name, s.default, s.help) for s in SCHEMA] + [("fused_kernels", "auto", FUSED_KERNELS_HELP)]
+    for name, default, help_text in entries:
+        value = "null" if default is None else json.dumps(default) if isinstance(default, bool) else default
+        lines += [f"      # {help_text}", f"      {name}: {value}"]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":  # python -m sfpo_train.verl.config: rewrite the YAML after SFPOConfig changed
+    YAML_PATH.write_text(render_yaml())
+    print(f"wrote {YAML_PATH}", file=sys.stderr)

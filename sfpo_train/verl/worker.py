@@ -69,13 +69,6 @@ class SFPOTrainingWorker(TrainingWorker):
         """Wrap the actor's parameters (FSDP2 ``DTensor`` shards included) in :class:`SFPO`."""
         self.sfpo = SFPO(self.engine.module, config)
 
-    def _passes(self) -> int:
-        """How many ``train_mini_batch`` calls the next ``SFPO.step`` makes (mirrors ``SFPO.step``)."""
-        cfg = self.sfpo.config
-        if self.sfpo.alpha <= 0:
-            return 1
-        return cfg.inner_steps + (1 if cfg.slow_correction else 0)
-
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_mini_batch(self, data):
         """One SFPO iteration on ``data`` (verl's update batch plus ``sfpo_entropy``); verl's metrics plus ``sfpo/*``.
@@ -90,7 +83,7 @@ class SFPOTrainingWorker(TrainingWorker):
                 f"SFPO needs this iteration's entropy in the update batch (non-tensor key {ENTROPY_KEY!r}, "
                 "verl's actor/entropy); run through sfpo_train.verl.main / SFPOTrainer, or assign it yourself"
             )
-        n_passes = self._passes()
+        n_passes = len(self.sfpo.planned_passes())  # the rule's plan: only its last pass steps the LR scheduler
         outputs: list = []
 
         def update_pass(batch) -> dict:

@@ -20,6 +20,17 @@ def test_imports_without_gpu_only_packages():
     assert out.strip() == "[]"
 
 
+def test_top_level_help_imports_no_subcommand():
+    """``sfpo --help`` answers without importing the kernels, pandas, transformers or any subcommand's module."""
+    code = ("import sys\nfrom sfpo_train import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "heavy = ('triton', 'pandas', 'transformers', 'matplotlib', 'sfpo_kernels', 'sfpo_train.cli.demo', "
+            "'sfpo_train.cli.train', 'sfpo_train.cli.report', 'sfpo_train.cli.compare')\n"
+            "print(sorted(m for m in heavy if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    assert "compare" in out and "train" in out  # the subcommands are listed all the same
+
+
 def test_readme_has_exactly_the_two_setup_commands_and_ci_runs_the_test_one():
     readme = (ROOT / "README.md").read_text()
     commands = {}
