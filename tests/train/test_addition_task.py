@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen2ForCausalLM
 
 from sfpo_train import tasks
 from sfpo_train.tasks import addition
@@ -270,8 +270,15 @@ def test_scripts_run_end_to_end_and_train_deterministically(tmp_path, capsys):
     assert tokenizer.encode("1+2=") == [3, 12, 4, 13] and model.config.num_hidden_layers == 2
     a, b = (load_file(out / "model.safetensors") for out in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    fresh = AutoModelForCausalLM.from_config(addition.build_model_config())
-    assert not torch.equal(a["model.embed_tokens.weight"], fresh.model.embed_tokens.weight)  # it did train
+    with torch.random.fork_rng(devices=[]):  # the weights the script starts from (its default --seed 0)
+        torch.manual_seed(0)
+        start = Qwen2ForCausalLM(addition.build_model_config()).state_dict()
+    untrained = [k for k in a if torch.equal(a[k], start[k])]
+    assert not untrained, f"left at their initial values: {untrained}"  # it did train (AdamW decays every tensor)
+    # ... from those weights: 3 warm-up steps at lr 1e-5, 2e-5, 3e-5 move an element by ~6e-5 (an Adam step is
+    # ~lr; measured 6.1e-5), while seed 1's initialisation is 0.13 away, so 1e-3 tells the two apart
+    moved = {k: float((a[k] - start[k]).abs().max()) for k in a}
+    assert max(moved.values()) < 1e-3, moved
     with pytest.raises(SystemExit):
         train.main(["--data", str(tmp_path / "missing"), "--out", str(tmp_path / "x")])
     assert "has no train.parquet" in capsys.readouterr().err

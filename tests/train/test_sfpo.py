@@ -80,18 +80,24 @@ class Counter:
         return {"entropy": self.entropies[0], "pg_loss": float(self.calls)}
 
 
+SFPO_STAGES = ("snapshot", "fast", "reposition", "slow")
+
+
+# idle: the stages step() skips entirely, so their timing is exactly 0.0 (no lap was taken). With
+# reposition=False the reposition lap is still taken (it is simply empty), so it is not listed there.
 @pytest.mark.parametrize(
-    "config,calls,final",
+    "config,calls,final,idle",
     [
-        pytest.param(SFPOConfig(inner_steps=3, alpha=0.5, entropy_control=False), 4, 0.5 * 3 + 1, id="sfpo"),
-        pytest.param(SFPOConfig(inner_steps=3, alpha=0.0, entropy_control=False), 1, 1.0, id="alpha0-is-grpo"),
+        pytest.param(SFPOConfig(inner_steps=3, alpha=0.5, entropy_control=False), 4, 0.5 * 3 + 1, (), id="sfpo"),
+        pytest.param(SFPOConfig(inner_steps=3, alpha=0.0, entropy_control=False), 1, 1.0,
+                     ("snapshot", "fast", "reposition"), id="alpha0-is-grpo"),
         pytest.param(SFPOConfig(inner_steps=2, alpha=0.5, slow_correction=False, entropy_control=False), 2, 1.0,
-                     id="no-slow-correction"),
-        pytest.param(SFPOConfig(inner_steps=2, alpha=0.5, reposition=False, entropy_control=False), 3, 3.0,
+                     ("slow",), id="no-slow-correction"),
+        pytest.param(SFPOConfig(inner_steps=2, alpha=0.5, reposition=False, entropy_control=False), 3, 3.0, (),
                      id="no-reposition"),
     ],
 )  # fmt: skip
-def test_passes_and_stages(config, calls, final):
+def test_passes_and_stages(config, calls, final, idle):
     p = torch.nn.Parameter(torch.zeros(3))
     update = Counter(p, [2.0])
     metrics = SFPO([p], config).step(update, batch=None)
@@ -101,8 +107,14 @@ def test_passes_and_stages(config, calls, final):
     assert metrics["sfpo/inner_steps_run"] == (config.inner_steps if config.alpha > 0 else 0)
     assert metrics["pg_loss"] == sum(range(1, calls + 1)) / calls  # averaged over the passes
     assert metrics["sfpo/last/pg_loss"] == calls
-    for stage in ("snapshot", "fast", "reposition", "slow"):
-        assert metrics[f"timing_s/sfpo_{stage}"] >= 0.0
+    assert sorted(k for k in metrics if k.startswith("timing_s/")) == sorted(f"timing_s/sfpo_{s}" for s in SFPO_STAGES)
+    for stage in SFPO_STAGES:
+        seconds = metrics[f"timing_s/sfpo_{stage}"]
+        assert type(seconds) is float, (stage, type(seconds))  # a plain float: loggable without a sync
+        if stage in idle:
+            assert seconds == 0.0, f"{stage} did not run but reports {seconds} s"
+        else:
+            assert math.isfinite(seconds), (stage, seconds)
     one_copy = sfpo_kernels.snapshot([torch.zeros(3)]).nbytes  # 12 bytes, padded to the storage alignment
     assert metrics["sfpo/snapshot_bytes"] == (one_copy if config.alpha > 0 else 0)
 

@@ -143,14 +143,14 @@ def test_dynamic_sampling_refills_the_batch_with_informative_groups(tiny_model_d
                       "trainer.val_before_train=false", algorithm="dapo")  # fmt: skip
     assert cfg.actor_rollout_ref.actor.clip_ratio_high == 0.28 and cfg.algorithm.filter_groups.enable
     trainer = Trainer.create(cfg)
-    batch, metrics = trainer._collect()
+    batch, metrics, generated = trainer.collector.collect()
     n, want = cfg.actor_rollout_ref.rollout.n, cfg.data.train_batch_size
     groups = batch.scores.view(-1, n)
     assert groups.shape == (want, n)
     assert bool((groups.amax(1) != groups.amin(1)).all())
     assert metrics["train/num_gen_batches"] >= 2  # half of every generation batch is dropped
     assert trainer.sampler.position == want * int(metrics["train/num_gen_batches"])
-    assert trainer.rollouts_total == want * n * int(metrics["train/num_gen_batches"])
+    assert generated == want * n * int(metrics["train/num_gen_batches"])  # dropped groups count as generated
     history = trainer.fit()
     assert all(h["train/num_gen_batches"] >= 2 for h in history)
 
@@ -336,30 +336,45 @@ def test_random_init_with_override_config_shapes_a_fresh_model(tiny_model_dir, d
 
 
 def test_resume_after_a_real_kill(tiny_model_dir, data_files, tmp_path):
-    """SIGKILL a real ``sfpo train`` once a checkpoint exists; ``--resume`` must land on the uninterrupted weights."""
+    """SIGKILL a real ``sfpo train`` mid-run, once its first checkpoint exists; ``--resume`` must land on the
+    uninterrupted weights.
+
+    The kill is sent as soon as the poll sees the step-2 checkpoint (every 10 ms), with 14 of the 16 steps
+    still to run (~30 ms each on this model, plus 7 checkpoints), so it lands mid-run; the test then checks
+    that it did: the child died of the SIGKILL and the run's final checkpoint was never written.
+    """
     import signal
     import time
 
     from safetensors.torch import load_file
 
+    steps = 16
     args = ["train", "--preset", "smoke", f"actor_rollout_ref.model.path={tiny_model_dir}",
-            f"data.train_files={data_files[0]}", f"data.val_files={data_files[1]}", "trainer.total_training_steps=8",
-            "trainer.save_freq=2", "trainer.progress_bar=false", f"trainer.default_local_dir={tmp_path}"]  # fmt: skip
+            f"data.train_files={data_files[0]}", f"data.val_files={data_files[1]}",
+            f"trainer.total_training_steps={steps}", "trainer.save_freq=2", "trainer.progress_bar=false",
+            f"trainer.default_local_dir={tmp_path}"]  # fmt: skip
     assert run_cli(*args, "trainer.experiment_name=whole").returncode == 0
-    proc = subprocess.Popen([sys.executable, "-m", "sfpo_train.cli", *args, "trainer.experiment_name=killed"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.monotonic() + 300
-    while latest_checkpoint(str(tmp_path / "killed")) is None and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    out = run_cli("train", "--resume", str(tmp_path / "killed"))
+    killed = tmp_path / "killed"
+    final = f"checkpoints/global_step_{steps}/model/model.safetensors"
+    with open(tmp_path / "killed.stderr", "w+") as stderr:
+        proc = subprocess.Popen([sys.executable, "-m", "sfpo_train.cli", *args, "trainer.experiment_name=killed"],
+                                stdout=subprocess.DEVNULL, stderr=stderr, stdin=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + 300
+        while latest_checkpoint(str(killed)) is None and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        stderr.seek(0)
+        assert proc.returncode == -signal.SIGKILL, f"it ended before the kill (rc {proc.returncode}):\n{stderr.read()}"
+    reached = latest_checkpoint(str(killed))
+    assert reached is not None, "killed before the first checkpoint: nothing to resume from"
+    assert not (killed / "checkpoints" / f"global_step_{steps}").exists(), f"the run finished (latest: {reached})"
+    out = run_cli("train", "--resume", str(killed))
     assert out.returncode == 0, out.stderr
-    final = "checkpoints/global_step_8/model/model.safetensors"
-    a, b = load_file(str(tmp_path / "whole" / final)), load_file(str(tmp_path / "killed" / final))
+    a, b = load_file(str(tmp_path / "whole" / final)), load_file(str(killed / final))
     assert_same_weights(a, b)
-    rows = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["training/global_step"] for r in rows] == list(range(9))
+    rows = [json.loads(line) for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["training/global_step"] for r in rows] == list(range(steps + 1))
 
 
 @pytest.mark.parametrize("mode", ["token-mean", "token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
@@ -373,16 +388,16 @@ def test_gradient_does_not_depend_on_the_micro_batch_size(tiny_model_dir, data_f
                       "actor_rollout_ref.actor.optim.lr=0", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
                       "actor_rollout_ref.actor.optim.clip_grad=1e9")  # fmt: skip
     trainer = Trainer.create(cfg)
-    batch, _ = trainer._collect()
+    batch, _, _ = trainer.collector.collect()
     lengths = torch.arange(len(batch.scores)) % 5 + 1
     batch.response_mask = (torch.arange(batch.responses.shape[1])[None, :] < lengths[:, None]).long()
-    batch.old_log_probs, _ = trainer._log_probs(trainer.model, batch, 16)
+    batch.old_log_probs, _ = trainer.actor.log_probs(trainer.model, batch, 16)
     batch.old_log_probs = batch.old_log_probs - 0.1 * torch.rand_like(batch.old_log_probs)  # some ratios clip
     batch.advantages = torch.randn(len(batch.scores))[:, None] * batch.response_mask
     results = {}
     for micro in (1, 4, 16):
         trainer.cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu = micro
-        metrics = trainer.update_pass(batch)
+        metrics = trainer.actor.update_pass(batch)
         results[micro] = (metrics["actor/grad_norm"], metrics["actor/pg_loss"], metrics["actor/pg_clipfrac"])
     assert results[1][0] > 0
     for micro in (4, 16):
@@ -398,7 +413,7 @@ def test_dynamic_sampling_filters_on_a_reward_dicts_acc(tiny_model_dir, data_fil
               "algorithm.filter_groups.max_num_gen_batches=2")
     trainer = Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, *common, "algorithm.filter_groups.metric=acc",
                                          algorithm="dapo", name="acc"))  # fmt: skip
-    batch, _ = trainer._collect()
+    batch, _, _ = trainer.collector.collect()
     assert batch.scores.shape == (16,) and float(batch.scores.abs().sum()) == 0.0  # kept: acc differs, score does not
     with pytest.raises(RuntimeError, match="kept 0 of the 4 groups"):
         Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, *common, "algorithm.filter_groups.metric=score",
