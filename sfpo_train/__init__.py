@@ -15,6 +15,11 @@ The rule's names are loaded on first use, so that ``sfpo --help`` (which imports
 this package) does not pull in the kernels and Triton.
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers and IDEs resolve the names to
+    from sfpo_train.sfpo import SFPO, SFPOConfig, entropy_zscore, scheduled_alpha
+
 __all__ = ["SFPO", "SFPOConfig", "entropy_zscore", "scheduled_alpha"]
 
 
@@ -24,3 +29,7 @@ def __getattr__(name: str):
 
         return getattr(sfpo, name)
     raise AttributeError(f"module 'sfpo_train' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

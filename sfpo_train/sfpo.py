@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import math
 import numbers
+import typing
 from collections import deque
 from collections.abc import Callable, Iterable
-import typing
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Optional
 
@@ -73,6 +73,7 @@ class SFPOConfig:
                                      sfpo_kernels.reposition.OFFLOAD_MODES)
     reposition: bool = _setting(True, "run Stage II, the reposition (ablation: false keeps theta_K)")
     entropy_control: bool = _setting(True, "the entropy trigger (ablation: false keeps alpha constant)")
+    # Optional[...] rather than "str | None": the trainer's omegaconf 2.3 structured config reads only the former.
     backend: Optional[str] = _setting(None, "kernel backend of the snapshot and reposition: triton, cuda or torch "
                                             "(null: triton for CUDA tensors, torch for CPU tensors)",
                                       sfpo_kernels.BACKENDS)
@@ -94,13 +95,13 @@ class SFPOConfig:
         need(0.0 <= self.alpha <= 1.0, "alpha", "in [0, 1]")
         need(self.zscore_window >= 2, "zscore_window", ">= 2")
         need(self.zscore_threshold > 0, "zscore_threshold", "> 0")
-        for f in fields(self):
-            choices = f.metadata.get("choices")
-            value = getattr(self, f.name)
-            if choices is not None and not (value is None and f.default is None):
-                need(value in choices, f.name, f"one of {', '.join(map(str, choices))}")
         need(self.decay != "linear" or self.decay_steps >= 1, "decay_steps", ">= 1 with decay='linear'")
         need(self.decay_steps >= 0, "decay_steps", ">= 0")
+        for f in fields(self):
+            choices, value = f.metadata.get("choices"), getattr(self, f.name)
+            if choices is not None and not (value is None and f.default is None):
+                allowed = ", ".join(map(str, choices))
+                need(value in choices, f.name, f"None or one of {allowed}" if f.default is None else f"one of {allowed}")
 
 
 class Setting(NamedTuple):

@@ -66,7 +66,3 @@ def main(argv: list[str] | None = None) -> int:
         return args.run(args)
     except ValueError as e:
         parser.exit(2, f"sfpo {args.command}: error: {e}\n")
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,7 +17,7 @@ import argparse
 import os
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.reports.compare import ARMS, RESERVED, run_compare
+from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, run_compare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     print(f"sfpo compare: GRPO vs SFPO on preset {args.preset!r} ({args.algorithm}), seeds 1..{args.seeds}, "
-          f"{len(ARMS) * args.seeds} runs", flush=True)  # fmt: skip
+          f"{len(ARM_SLUGS) * args.seeds} runs", flush=True)  # fmt: skip
     result = run_compare(args.preset, seeds=args.seeds, steps=args.steps, out_dir=args.out, algorithm=args.algorithm,
                          overrides=args.overrides, progress=not args.no_progress)  # fmt: skip
     print(f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "

@@ -31,13 +31,13 @@ step (warm-up: lazy allocation, kernel compilation) when a run has 3 or more.
 Modules, each importing only those above it: ``runs`` (run directories),
 ``tables`` (stage, memory and per-run tables), ``headline`` (SFPO against
 GRPO and its prose), ``plots`` (the PNGs), ``render`` (CSV, Markdown, HTML),
-``build`` (:func:`build_report`), ``compare`` (:func:`run_compare`).
+``build`` (:func:`build_report`), ``compare`` (:func:`~sfpo_train.reports.compare.run_compare`,
+which trains runs, so it is not imported with the package).
 """
 
 from sfpo_train.reports.build import build_report
-from sfpo_train.reports.compare import run_compare
 from sfpo_train.reports.headline import headline_lines, headline_table
 from sfpo_train.reports.runs import load_run
 from sfpo_train.reports.tables import EXTRA_STAGES, STACKED_STAGES
 
-__all__ = ["EXTRA_STAGES", "STACKED_STAGES", "build_report", "headline_lines", "headline_table", "load_run", "run_compare"]
+__all__ = ["EXTRA_STAGES", "STACKED_STAGES", "build_report", "headline_lines", "headline_table", "load_run"]

@@ -32,7 +32,7 @@ from sfpo_train.reports.build import build_report
 # Keys compare sets per run; an override of one would break the pairing.
 RESERVED = ("actor_rollout_ref.actor.sfpo.enable", "trainer.seed", "data.seed", "trainer.experiment_name",
             "trainer.default_local_dir", "trainer.total_training_steps")  # fmt: skip
-ARMS = ("grpo", "sfpo")
+ARM_SLUGS = ("grpo", "sfpo")  # run names <slug>-s<seed>, in the order compare trains them
 
 
 @dataclass
@@ -46,7 +46,7 @@ class CompareResult:
 
 def run_names(seeds: int) -> list[tuple[str, int, str]]:
     """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ..."""
-    return [(f"{arm}-s{seed}", seed, arm) for seed in range(1, seeds + 1) for arm in ARMS]
+    return [(f"{arm}-s{seed}", seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
 
 
 def arm_config(preset: str, algorithm: str, overrides: list[str], *, arm: str, seed: int, steps: int | None,

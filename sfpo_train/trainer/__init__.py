@@ -9,8 +9,12 @@
 - :mod:`.data`, :mod:`.reward`, :mod:`.batch`, :mod:`.profiler`
 """
 
-from sfpo_train.trainer.algos import grpo_advantages, lr_lambda
+from sfpo_train.trainer.actor import Actor
+from sfpo_train.trainer.algos import grpo_advantages, lr_lambda, micro_batch_weights
+from sfpo_train.trainer.batch import TrainBatch
 from sfpo_train.trainer.checkpoint import latest_checkpoint
 from sfpo_train.trainer.loop import Trainer
+from sfpo_train.trainer.metrics_log import MetricsLog
 
-__all__ = ["Trainer", "grpo_advantages", "latest_checkpoint", "lr_lambda"]
+__all__ = ["Actor", "MetricsLog", "TrainBatch", "Trainer", "grpo_advantages", "latest_checkpoint", "lr_lambda",
+           "micro_batch_weights"]

@@ -82,6 +82,7 @@ def _sfpo_keys_dataclass() -> type:
     entries = [(s.name, s.type, field(default=s.default)) for s in settings_schema(enable_default=True)]
     keys = make_dataclass("SFPOKeys", entries)
     keys.__doc__ = "``actor_rollout_ref.actor.sfpo.*``: the fields of :class:`sfpo_train.SFPOConfig` plus ``enable``."
+    keys.__module__ = __name__  # make_dataclass would say "types" (its module= needs Python 3.12): pickling finds it here
     return keys
 
 

@@ -214,8 +214,8 @@ class Trainer:
                 mean_entropy = float(reference.agg_loss(entropy, mask, self.actor.loss_options.loss_agg_mode))
             if self.ref_model is not None:
                 with self.profiler.stage("ref"):
-                    batch.ref_log_probs, _ = self.actor.log_probs(self.ref_model, batch,
-                                                             cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu)
+                    ref_micro = cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu
+                    batch.ref_log_probs, _ = self.actor.log_probs(self.ref_model, batch, ref_micro)
             with self.profiler.stage("adv"):
                 adv = grpo_advantages(batch.scores, cfg.actor_rollout_ref.rollout.n, cfg.algorithm.norm_adv_by_std_in_grpo)
                 batch.advantages = adv[:, None] * mask

@@ -85,7 +85,7 @@ def settings_from_dict(block: dict, where: str = "actor_rollout_ref.sfpo") -> Ve
         fused = fused.lower() == "true"
     if not (fused == "auto" or isinstance(fused, bool)):
         raise ValueError(f"{where}.fused_kernels must be auto, true or false, got {fused!r}")
-    kwargs = {k: block[k] for k in _CONFIG_KEYS if k in block and (block[k] is not None or k == "backend")}
+    kwargs = {k: block[k] for k in _CONFIG_KEYS if k in block and block[k] is not None}  # null: the default
     # YAML and the command line give ints for float fields (alpha=1); SFPOConfig wants numbers either way.
     for name in _FLOAT_KEYS:
         if name in kwargs and isinstance(kwargs[name], int) and not isinstance(kwargs[name], bool):

@@ -81,3 +81,18 @@ def test_demo_rejects_bad_options(argv, pattern, capsys):
         cli.main(argv)
     assert exit_info.value.code == 2
     assert re.search(pattern, capsys.readouterr().err)
+
+
+def test_ci_requires_the_extras_the_test_command_installs(monkeypatch):
+    """CI cannot pass with the verl tests skipped: a package SFPO_REQUIRE names fails when missing."""
+    from helpers.optional import import_or_skip
+
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "export SFPO_REQUIRE=verl" in ci
+    assert "verl" in re.search(r"<!-- test-command -->\n```bash\n(.+)\n```", (ROOT / "README.md").read_text()).group(1)
+    monkeypatch.setenv("SFPO_REQUIRE", "verl,sfpo_no_such_package")
+    with pytest.raises(ModuleNotFoundError):
+        import_or_skip("sfpo_no_such_package")
+    monkeypatch.setenv("SFPO_REQUIRE", "")
+    with pytest.raises(pytest.skip.Exception):
+        import_or_skip("sfpo_no_such_package")

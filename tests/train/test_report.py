@@ -21,7 +21,8 @@ import pandas as pd
 import pytest
 
 from sfpo_train import cli
-from sfpo_train.reports import EXTRA_STAGES, STACKED_STAGES, build_report, headline_lines, headline_table, load_run, run_compare
+from sfpo_train.reports import EXTRA_STAGES, STACKED_STAGES, build_report, headline_lines, headline_table, load_run
+from sfpo_train.reports.compare import run_compare
 from sfpo_train.reports.render import format_cell
 from sfpo_train.reports.tables import run_summary
 from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model

@@ -100,8 +100,11 @@ SFPO_STAGES = ("snapshot", "fast", "reposition", "slow")
 def test_passes_and_stages(config, calls, final, idle):
     p = torch.nn.Parameter(torch.zeros(3))
     update = Counter(p, [2.0])
-    metrics = SFPO([p], config).step(update, batch=None)
-    assert update.calls == calls
+    sfpo = SFPO([p], config)
+    plan = sfpo.planned_passes()
+    metrics = sfpo.step(update, batch=None)
+    assert update.calls == calls == len(plan)  # the plan the verl worker reads is the passes step() makes
+    assert plan == ("fast",) * int(metrics["sfpo/inner_steps_run"]) + ("slow",) * (calls - plan.count("fast"))
     assert torch.equal(p.detach(), torch.full((3,), final))
     assert metrics["sfpo/alpha"] == config.alpha
     assert metrics["sfpo/inner_steps_run"] == (config.inner_steps if config.alpha > 0 else 0)
@@ -117,6 +120,17 @@ def test_passes_and_stages(config, calls, final, idle):
             assert math.isfinite(seconds), (stage, seconds)
     one_copy = sfpo_kernels.snapshot([torch.zeros(3)]).nbytes  # 12 bytes, padded to the storage alignment
     assert metrics["sfpo/snapshot_bytes"] == (one_copy if config.alpha > 0 else 0)
+
+
+def test_the_plan_follows_the_schedule():
+    """Once the trigger fires the plan is the slow pass alone; K = 0 without slow correction plans nothing."""
+    sfpo = SFPO([torch.nn.Parameter(torch.zeros(1))], SFPOConfig(inner_steps=2, alpha=0.5, zscore_window=2,
+                                                                  zscore_threshold=0.5))  # fmt: skip
+    assert sfpo.planned_passes() == ("fast", "fast", "slow")
+    sfpo.fired_at = sfpo.iteration - 1  # fired at the previous iteration: alpha is 0 from now on
+    assert sfpo.alpha == 0.0 and sfpo.planned_passes() == ("slow",)
+    empty = SFPO([torch.nn.Parameter(torch.zeros(1))], SFPOConfig(inner_steps=0, slow_correction=False))
+    assert empty.planned_passes() == ()
 
 
 def test_frozen_parameters_untouched_and_module_input():

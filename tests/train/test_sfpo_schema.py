@@ -8,6 +8,9 @@ derived from the dataclass fields; these tests fail when one of them drifts.
 from __future__ import annotations
 
 import dataclasses
+import pickle
+import re
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -17,6 +20,7 @@ from sfpo_train import SFPOConfig
 from sfpo_train.verl import config as verl_config
 
 FIELDS = [f.name for f in dataclasses.fields(SFPOConfig)]
+README = Path(__file__).resolve().parents[2] / "README.md"
 
 
 def test_the_shipped_yaml_is_the_rendered_schema():
@@ -59,3 +63,17 @@ def test_every_field_is_settable_through_the_verl_keys(name):
 def test_unknown_verl_key_names_the_known_ones():
     with pytest.raises(ValueError, match="unknown keys.*slow_correction"):
         verl_config.settings_from_dict({"enable": True, "slow_corection": False})
+
+
+def test_the_trainer_config_with_the_derived_keys_pickles():
+    cfg = trainer_config.load_config("default", ["actor_rollout_ref.actor.sfpo.slow_correction=false"])
+    again = pickle.loads(pickle.dumps(cfg))
+    assert again == cfg and again.actor_rollout_ref.actor.sfpo.slow_correction is False
+
+
+def test_the_readme_key_table_names_every_key():
+    text = README.read_text()
+    table = text[text.index("### Config keys (`actor_rollout_ref.actor.sfpo.*`)"):]
+    table = table[:table.index("\n\n", table.index("| key |"))]
+    named = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
+    assert named == {"enable", *FIELDS, "fused_kernels"}
