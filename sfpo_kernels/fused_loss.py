@@ -10,13 +10,17 @@ and V = 151936 that is ~10 GB of fp32 temporaries per micro-batch. Here:
   token are kept (log-prob, entropy, lse, ``mu = sum p z``);
 - backward, one pass over V writes ``dlogits`` in the logits' dtype:
   ``dz = g_logp (onehot(y) - p) + g_H p (mu - z)``, ``dlogits = dz / temperature``;
+  a row whose upstream gradients are both exactly 0 (every masked position:
+  the loss masks with ``where``) gets ``dlogits = 0`` without its logits being
+  read -- no ``0 * NaN`` from whatever a masked row holds, and no traffic;
 - the policy-gradient math on those per-token values (ratio, clipping, KL,
   aggregation, metrics) is O(N) elementwise work done by
   :func:`sfpo_kernels.reference.grpo_loss_from_log_probs` under autograd,
   which hands the kernel the exact ``g_logp`` and ``g_H``.
 
 Byte limit per call (what the benchmark compares against): forward reads the
-logits once; backward reads them once more and writes ``dlogits`` once.
+logits once; backward reads them once more (response rows only) and writes
+``dlogits`` once.
 Tokens sit on grid axis 0 (no 65535 limit); V is streamed in blocks, so any V
 up to 2^31 works, multiple of the block or not.
 """
@@ -156,25 +160,45 @@ def _logprob_entropy_bwd_kernel(
     BLOCK_V: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature, p = exp(z - lse)."""
+    """dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature, p = exp(z - lse).
+
+    A row with ``g_logp == g_H == 0`` (a masked position; a padding label without
+    entropy gradient) is written as zeros and its logits are never loaded:
+    exact for any finite row, and NaN/inf there cannot leak in.
+    """
     i_row = tl.program_id(0).to(tl.int64)
     p_row = _row_pointer(logits, i_row, rows_per_batch, stride_b, stride_t, ALIGNED)
     p_drow = _row_pointer(dlogits, i_row, rows_per_batch, d_stride_b, d_stride_t, ALIGNED)
     b_lse = tl.load(lse + i_row)
     b_mu = tl.load(mu + i_row)
-    g_logp = tl.load(grad_log_probs + i_row) if HAS_GRAD_LOGP else 0.0
-    g_h = tl.load(grad_entropy + i_row) if HAS_GRAD_H else 0.0
+    if HAS_GRAD_LOGP:
+        g_logp = tl.load(grad_log_probs + i_row)
+    else:
+        g_logp = tl.zeros([], tl.float32)
+    if HAS_GRAD_H:
+        g_h = tl.load(grad_entropy + i_row)
+    else:
+        g_h = tl.zeros([], tl.float32)
     label = tl.load(labels + i_row)
     valid = (label >= 0) & (label < V)
     g_logp = tl.where(valid, g_logp, 0.0)  # a padding label's log-prob is the constant 0
     label = tl.where(valid, label, -1)
     v_full = V // BLOCK_V * BLOCK_V
-    for v0 in range(0, v_full, BLOCK_V):
-        o_v = v0 + tl.arange(0, BLOCK_V)
-        _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, False)
-    if v_full < V:
-        o_v = v_full + tl.arange(0, BLOCK_V)
-        _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, True)
+    if (g_logp != 0.0) | (g_h != 0.0):
+        for v0 in range(0, v_full, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, False)
+        if v_full < V:
+            o_v = v_full + tl.arange(0, BLOCK_V)
+            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, True)
+    else:  # no gradient flows into this row
+        b_zero = tl.zeros([BLOCK_V], tl.float32)
+        for v0 in range(0, v_full, BLOCK_V):
+            o_v = v0 + tl.arange(0, BLOCK_V)
+            store_rounded(p_drow + o_v, b_zero, o_v < V, False)
+        if v_full < V:
+            o_v = v_full + tl.arange(0, BLOCK_V)
+            store_rounded(p_drow + o_v, b_zero, o_v < V, True)
 
 
 # --------------------------------------------------------------------------- host functions
@@ -223,17 +247,33 @@ def logprob_entropy_fwd(logits: torch.Tensor, labels_flat: torch.Tensor, tempera
     return log_probs, entropy, lse, mu
 
 
-def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool):
-    """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``)."""
+def _row_gradient(grad: torch.Tensor | None, keep_flat: torch.Tensor | None) -> torch.Tensor | None:
+    """An upstream gradient as the fp32 ``[rows]`` vector the kernel reads, 0 where ``keep_flat`` is False."""
+    if grad is None:
+        return None
+    grad = grad.reshape(-1).float()
+    if keep_flat is not None:  # where, not a product: a NaN gradient at a masked row becomes 0 too
+        grad = torch.where(keep_flat, grad, torch.zeros_like(grad))
+    return grad.contiguous()
+
+
+def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool,
+                        keep_flat: torch.Tensor | None = None):  # fmt: skip
+    """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``).
+
+    Rows where ``keep_flat`` (bool ``[rows]``) is False, and rows whose upstream
+    gradients are both 0, get zeros and are not read.
+    """
     rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
     dlogits = logits if inplace else empty_for_kernel(logits.shape, dtype=logits.dtype, device=logits.device)
     _, _, d_stride_b, d_stride_t = _as_rows(dlogits)
+    grad_log_probs, grad_entropy = _row_gradient(grad_log_probs, keep_flat), _row_gradient(grad_entropy, keep_flat)
     dummy = lse
     if rows:
         _logprob_entropy_bwd_kernel[(rows,)](
             logits, stride_b, stride_t, rows_per_batch, labels_flat,
-            dummy if grad_log_probs is None else grad_log_probs.reshape(-1).contiguous().float(),
-            dummy if grad_entropy is None else grad_entropy.reshape(-1).contiguous().float(),
+            dummy if grad_log_probs is None else grad_log_probs,
+            dummy if grad_entropy is None else grad_entropy,
             lse, mu, dlogits, d_stride_b, d_stride_t, float(temperature), logits.shape[-1],
             HAS_GRAD_LOGP=grad_log_probs is not None, HAS_GRAD_H=grad_entropy is not None,
             BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits, dlogits), num_warps=GPU_NUM_WARPS,
@@ -245,10 +285,11 @@ class LogProbEntropyFunction(torch.autograd.Function):
     """``(log_probs, entropy) = f(logits)`` with the fused Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, logits, labels, temperature, inplace_backward):
+    def forward(ctx, logits, labels, temperature, inplace_backward, keep):
         labels_flat = flat_labels(labels)  # once: the backward reads the same vector
         log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels_flat, temperature)
-        ctx.save_for_backward(logits, labels_flat, lse, mu)
+        keep_flat = None if keep is None else keep.reshape(-1)
+        ctx.save_for_backward(logits, labels_flat, lse, mu, keep_flat)
         # An unused output (e.g. entropy with entropy_coef 0) then arrives as None and the
         # backward kernel skips its term instead of streaming a vector of zeros.
         ctx.set_materialize_grads(False)
@@ -258,11 +299,11 @@ class LogProbEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
-        logits, labels_flat, lse, mu = ctx.saved_tensors
+        logits, labels_flat, lse, mu, keep_flat = ctx.saved_tensors
         dlogits = logprob_entropy_bwd(
-            logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, ctx.temperature, ctx.inplace_backward
+            logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, ctx.temperature, ctx.inplace_backward, keep_flat
         )
-        return dlogits, None, None, None
+        return dlogits, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -337,11 +378,22 @@ def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
 
 
+def _check_like(name: str, t, logits: torch.Tensor) -> None:
+    """``t`` is a tensor shaped like ``logits`` without V, on its device."""
+    shape = logits.shape[:-1]
+    if not isinstance(t, torch.Tensor) or t.shape != shape:
+        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{name} must have shape {tuple(shape)} (logits without V), got {got}")
+    if t.device != logits.device:
+        raise ValueError(f"{name} is on {t.device} but logits on {logits.device}")
+
+
 def logprob_entropy(
     logits: torch.Tensor,
     labels: torch.Tensor,
     temperature: float = 1.0,
     *,
+    response_mask: torch.Tensor | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -350,26 +402,35 @@ def logprob_entropy(
     Args:
         logits: ``[N, V]`` or ``[B, T, V]``, fp32/bf16/fp16, contiguous in V
             (batch dims may be strided, e.g. ``logits[:, :-1]``).
-        labels: integer ``[N]`` / ``[B, T]``; entries outside ``[0, V)`` get log-prob 0.
+        labels: integer (any integer dtype) ``[N]`` / ``[B, T]``; entries outside
+            ``[0, V)`` get log-prob 0.
         temperature: > 0.
+        response_mask: optional, shaped like ``labels``: rows where it is 0 get an
+            exactly zero gradient whatever their logits hold (NaN, inf), and the
+            Triton backward does not read them. Their outputs are still computed.
         backend: ``"triton"`` (default for CUDA) or ``"torch"`` (eager, the CPU default).
         inplace_backward: write ``dlogits`` into ``logits``' memory (saves one
             ``[N, V]`` buffer; only when nothing else reads the logits afterwards).
 
     Returns:
         ``(log_probs, entropy)``, fp32, shaped like ``labels``, differentiable
-        w.r.t. ``logits``.
+        w.r.t. ``logits``. A row whose upstream gradients are both 0 gets zero
+        ``dlogits`` from the Triton backward without being read.
     """
     _check_logits(logits, labels)
     _check_real("temperature", temperature)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if response_mask is not None:
+        _check_like("response_mask", response_mask, logits)
     name = resolve_backend(backend, logits.device)
     if name == "cuda":
         raise ValueError("backend 'cuda' has no fused loss (csrc/ holds the multi-tensor kernels); use triton or torch")
+    labels = labels.to(torch.int64)  # one conversion, one behaviour for every integer dtype and backend
+    keep = None if response_mask is None else reference.response_positions(response_mask)
     if name == "torch":
-        return reference.logprob_entropy(logits, labels, temperature)
-    return LogProbEntropyFunction.apply(logits, labels, float(temperature), bool(inplace_backward))
+        return reference.logprob_entropy(logits, labels, temperature, response_mask=keep)
+    return LogProbEntropyFunction.apply(logits, labels, float(temperature), bool(inplace_backward), keep)
 
 
 def grpo_loss(
@@ -396,13 +457,22 @@ def grpo_loss(
 
     ``loss = agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)``, every term as
     verl computes it (``compute_policy_loss_vanilla``, ``agg_loss``,
-    ``kl_penalty``); see ``DESIGN.md`` "Math conventions".
+    ``kl_penalty``); see ``DESIGN.md`` "Math conventions". With token weights
+    ``w = response_mask``: ``token-mean`` is ``sum w x / sum w``, the ``seq-*``
+    modes average ``sum_t w x`` (or ``sum_t w x / sum_t w``) over the rows that
+    hold a response position (``w != 0``), as verl's ``masked_sum`` weights.
+
+    Masked positions (``w == 0``) never affect the loss, the metrics or any
+    gradient, whatever they hold (NaN and inf included): their ``dlogits`` are
+    exact zeros, and the Triton backward does not read their logits.
 
     Args:
         logits: ``[B, T, V]`` (or packed ``[N, V]``), fp32/bf16/fp16, requires grad.
-        labels: the sampled tokens, integer, ``logits.shape[:-1]``; values at
-            masked positions (padding, -100) are ignored.
-        old_log_probs, advantages, response_mask: ``logits.shape[:-1]``.
+        labels: the sampled tokens, any integer dtype, ``logits.shape[:-1]``;
+            values at masked positions (padding, -100) are ignored.
+        old_log_probs, advantages: ``logits.shape[:-1]``.
+        response_mask: ``logits.shape[:-1]``; bool, 0/1, or float token weights
+            (0.5 counts half a token everywhere, as in verl).
         ref_log_probs: reference-policy log-probs, needed when ``kl_coef != 0``;
             when given, the ``kl`` metric is reported.
         temperature, clip_ratio_low, clip_ratio_high: as in verl (DAPO's clip-higher:
@@ -418,34 +488,33 @@ def grpo_loss(
     Returns:
         :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``; metrics are 0-d
         tensors: ``pg_loss``, ``pg_clipfrac``, ``pg_clipfrac_lower``, ``ppo_kl``,
-        ``entropy``, ``kl`` (with ``ref_log_probs``), ``nonfinite_tokens`` (response
-        tokens whose log-prob or entropy is not finite; such a loss is not finite either).
+        ``entropy``, ``kl`` (with ``ref_log_probs``; NaN if a response position's
+        log-prob or ref log-prob is not finite), ``nonfinite_tokens``: response
+        tokens with a non-finite log-prob, entropy, old log-prob, advantage or
+        weight (or ref log-prob when ``kl_coef != 0``). Each of them makes the
+        loss NaN: the ratio's clamp no longer hides ``log p = -inf``.
     """
     options = GRPOLossOptions(temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type,
                               entropy_coef, loss_agg_mode)  # fmt: skip
     _check_logits(logits, labels)
-    shape = logits.shape[:-1]
     named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask}
     if ref_log_probs is not None:
         named["ref_log_probs"] = ref_log_probs
     for name, t in named.items():
-        if not isinstance(t, torch.Tensor) or t.shape != shape:
-            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            raise ValueError(f"{name} must have shape {tuple(shape)} (logits without V), got {got}")
-        if t.device != logits.device:
-            raise ValueError(f"{name} is on {t.device} but logits on {logits.device}")
+        _check_like(name, t, logits)
     if kl_coef != 0.0 and ref_log_probs is None:
         raise ValueError(f"kl_coef={kl_coef!r} needs ref_log_probs")
     if loss_agg_mode.startswith("seq-") and logits.dim() != 3:
         raise ValueError(f"loss_agg_mode={loss_agg_mode!r} needs [B, T, V] logits (sequences), got packed {tuple(logits.shape)}")
-    mask = response_mask.bool()
+    labels = labels.to(torch.int64)
+    keep = reference.response_positions(response_mask)
     if check_labels:
         vocab = logits.shape[-1]
-        bad = mask & ((labels < 0) | (labels >= vocab))
+        bad = keep & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
             raise ValueError(f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})")
-    log_probs, entropy = logprob_entropy(logits, labels, options.temperature, backend=backend,
+    log_probs, entropy = logprob_entropy(logits, labels, options.temperature, response_mask=keep, backend=backend,
                                          inplace_backward=inplace_backward)  # fmt: skip
     loss, metrics = reference.grpo_loss_from_log_probs(
         log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,

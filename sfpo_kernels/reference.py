@@ -36,12 +36,18 @@ def restore_(tensors: Iterable[torch.Tensor], snap: list[torch.Tensor]) -> None:
 def reposition_(tensors: Iterable[torch.Tensor], snap: list[torch.Tensor], alpha: float) -> None:
     """``t <- snap + alpha * (t - snap)`` for each pair, as ``torch.lerp(t, snap, 1 - alpha)``.
 
-    Computed in ``promote(dtype, fp32)`` and rounded once to ``t.dtype``; the
-    two-branch lerp makes ``alpha`` 1 and 0 exact. Traffic: read 2N, write N
-    (the limit a fused kernel can reach).
+    Computed in ``promote(dtype, fp32)`` and rounded once to ``t.dtype``. ``alpha``
+    1 leaves ``t`` as it is and 0 copies ``snap``: exact for every bit pattern
+    (a lerp with weight 0 or 1 is exact for finite values only: ``-0.0`` and NaN).
+    Traffic: read 2N, write N (the limit a fused kernel can reach).
     """
+    if alpha == 1.0:
+        return
     with torch.no_grad():
         for t, s in zip(tensors, snap, strict=True):
+            if alpha == 0.0:
+                t.copy_(s)
+                continue
             ct = _opmath(t.dtype)
             t.copy_(torch.lerp(t.to(ct), s.to(device=t.device, dtype=ct), 1.0 - alpha))
 
@@ -58,16 +64,24 @@ KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
 AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 
-def logprob_entropy(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def logprob_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, *, response_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token ``log p(label)`` and entropy of ``softmax(logits / temperature)``, as verl's eager path.
 
-    ``logits`` ``[..., V]``, ``labels`` ``[...]``; both outputs ``[...]`` in
-    ``promote(logits.dtype, fp32)``, differentiable w.r.t. ``logits``. Labels
-    outside ``[0, V)`` (padding, -100) give log-prob 0. Traffic: the
-    upcast, log-softmax and softmax each write and re-read an fp32
-    ``[..., V]`` temporary -- the memory the fused kernel never allocates.
+    ``logits`` ``[..., V]``, ``labels`` ``[...]`` (any integer dtype); both outputs
+    ``[...]`` in ``promote(logits.dtype, fp32)``, differentiable w.r.t. ``logits``.
+    Labels outside ``[0, V)`` (padding, -100) give log-prob 0. Rows where
+    ``response_mask`` (``[...]``) is 0 get an exactly zero gradient whatever their
+    values (their outputs are still computed): ``where``, not a product, so a
+    NaN/inf there never meets the 0. Traffic: the upcast, log-softmax and softmax
+    each write and re-read an fp32 ``[..., V]`` temporary -- the memory the fused
+    kernel never allocates.
     """
+    labels = labels.to(torch.int64)  # gather takes int64 indices; uint8/int16/int32 labels are as good
     z = logits.to(_opmath(logits.dtype)) / temperature
+    if response_mask is not None:  # same values; backward: where() hands the masked rows exact zeros
+        z = torch.where(response_positions(response_mask).unsqueeze(-1), z, z.detach())
     vocab = z.shape[-1]
     valid = (labels >= 0) & (labels < vocab)
     log_softmax = torch.log_softmax(z, dim=-1)
@@ -99,39 +113,77 @@ def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: st
     return value
 
 
+def response_positions(mask: torch.Tensor) -> torch.Tensor:
+    """The positions that count: ``mask != 0`` (a NaN weight included), as bool."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def response_weights(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(keep, w)``: :func:`response_positions` and the token weights.
+
+    ``w`` is None for a bool mask (every weight 1, nothing to multiply), else
+    ``mask`` in ``dtype``: verl's ``masked_sum`` is ``sum(where(m, x, 0) * m)``,
+    so a float mask weights its tokens (0.5 counts half a token, everywhere).
+    """
+    return response_positions(mask), None if mask.dtype == torch.bool else mask.to(dtype)
+
+
+def _weighted(values: torch.Tensor, keep: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """``where(keep, values, 0) * w``: NaN / inf at a masked position never leaks in (NaN * 0 = NaN)."""
+    masked = torch.where(keep, values, torch.zeros_like(values))
+    return masked if w is None else masked * w
+
+
+def _nonzero(count: torch.Tensor) -> torch.Tensor:
+    """``count``, or 1 where it is 0: a mean over nothing is 0 (verl divides 0 by 0 + 1e-8)."""
+    return torch.where(count == 0, torch.ones_like(count), count)
+
+
 def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     """verl's ``agg_loss`` on one micro-batch; ``values``/``mask`` ``[B, T]`` (or ``[N]`` for the token modes).
 
-    token-mean: sum / #tokens (0 when there are none); token-sum: sum;
-    seq-mean-token-sum: mean over non-empty rows of row sums; seq-mean-token-mean:
-    mean over non-empty rows of row means; seq-mean-token-sum-norm (Dr. GRPO):
-    seq-mean-token-sum / T, T the padded length.
+    With weights ``w = mask`` (bool: 1 and 0) and ``R`` the rows holding a
+    response position (``w != 0``):
+
+    - token-mean: ``sum w x / sum w`` (0 when ``sum w`` is 0); token-sum: ``sum w x``;
+    - seq-mean-token-sum: ``mean over R of sum_t w x``; seq-mean-token-mean:
+      ``mean over R of (sum_t w x / sum_t w)``; seq-mean-token-sum-norm (Dr. GRPO):
+      seq-mean-token-sum / T, T the padded length.
+
+    Positions with ``w == 0`` never count, whatever ``values`` holds there; a
+    non-finite weight makes the result non-finite.
     """
-    # where, not a product: a NaN / inf at a masked position must not leak in (NaN * 0 = NaN).
-    masked = torch.where(mask.bool(), values, torch.zeros_like(values))
-    mask = mask.to(values.dtype)
+    keep, w = response_weights(mask, values.dtype)
+    masked = _weighted(values, keep, w)
+    count = keep.to(values.dtype) if w is None else w
     if mode == "token-mean":
-        return masked.sum() / mask.sum().clamp_min(1.0)
+        return masked.sum() / _nonzero(count.sum())
     if mode == "token-sum":
         return masked.sum()
     if values.dim() != 2:
         raise ValueError(f"loss_agg_mode={mode!r} needs [B, T] inputs (sequences), got shape {tuple(values.shape)}")
-    tokens_per_row = mask.sum(-1)
-    rows = (tokens_per_row > 0).to(values.dtype)
+    rows = keep.any(-1).to(values.dtype)  # a NaN weight keeps its row (verl's sum(m) > 0 would drop it)
     if mode in ("seq-mean-token-sum", "seq-mean-token-sum-norm"):
         row_values = masked.sum(-1)
     elif mode == "seq-mean-token-mean":
-        row_values = masked.sum(-1) / tokens_per_row.clamp_min(1.0)
+        row_values = masked.sum(-1) / _nonzero(count.sum(-1))
     else:
         raise ValueError(f"loss_agg_mode={mode!r} is not supported; expected one of {', '.join(AGG_MODES)}")
-    loss = (row_values * rows).sum() / rows.sum().clamp_min(1.0)
+    loss = (row_values * rows).sum() / _nonzero(rows.sum())
     return loss / values.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over ``mask``; 0 when the mask is empty; values at masked positions never leak in."""
-    total = torch.where(mask.bool(), values, torch.zeros_like(values)).sum()
-    return total / mask.to(values.dtype).sum().clamp_min(1.0)
+    """verl's ``masked_mean``: ``sum w x / sum w`` (0 when ``sum w`` is 0), NaN-safe at ``w == 0``."""
+    return agg_loss(values, mask, "token-mean")
+
+
+def nonfinite_at(keep: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+    """The positions in ``keep`` where any of ``values`` is not finite."""
+    finite = torch.ones_like(keep)
+    for v in values:
+        finite = finite & torch.isfinite(v)
+    return keep & ~finite
 
 
 def policy_loss_terms(
@@ -147,7 +199,16 @@ def policy_loss_terms(
 
     ``ratio = exp(clamp(logp - old, -20, 20))``; ``max(-A ratio, -A clip(ratio, 1-low, 1+high))``;
     for ``A < 0`` also ``min(., -A clip_ratio_c)`` unless ``clip_ratio_c`` is None.
+    Two departures from verl, neither visible on finite inputs: masked positions
+    (``response_mask == 0``) enter as 0 before any arithmetic (so no NaN / inf
+    there reaches the loss or, as ``0 * NaN``, its gradient), and a response
+    position whose ``logp`` or ``old`` is not finite gets a NaN loss (the clamp
+    would turn ``logp = -inf`` into the finite ratio ``e^-20``).
     """
+    keep = response_positions(response_mask)
+    zero = torch.zeros_like(log_probs)
+    bad = nonfinite_at(keep, log_probs, old_log_probs)
+    log_probs, old_log_probs, advantages = (torch.where(keep, t, zero) for t in (log_probs, old_log_probs, advantages))
     negative_approx_kl = torch.clamp(log_probs - old_log_probs, min=-20.0, max=20.0)
     ratio = torch.exp(negative_approx_kl)
     pg_losses1 = -advantages * ratio
@@ -165,7 +226,7 @@ def policy_loss_terms(
         lower = torch.gt(clipped, pg_losses3) & (advantages < 0)
         metrics["pg_clipfrac_lower"] = masked_mean(lower.to(ratio.dtype), response_mask)
         pg_losses = torch.where(advantages < 0, torch.minimum(pg_losses3, clipped), clipped)
-    return pg_losses, metrics
+    return torch.where(bad, torch.full_like(pg_losses, float("nan")), pg_losses), metrics
 
 
 def grpo_loss_from_log_probs(
@@ -184,24 +245,42 @@ def grpo_loss_from_log_probs(
     entropy_coef: float,
     loss_agg_mode: str,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)`` and the metrics, from per-token values."""
+    """``agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)`` and the metrics, from per-token values.
+
+    Masked positions (``response_mask == 0``) enter nothing, forward or backward,
+    whatever they hold: every per-token input is replaced there by ``where``
+    before any arithmetic, so their gradients are exact zeros. A response token
+    with a non-finite input to the loss (log-prob, entropy, old log-prob,
+    advantage, weight; the reference log-prob when ``kl_coef != 0``) is counted in
+    ``nonfinite_tokens`` and makes its pg loss, hence the loss, NaN. For finite
+    inputs every value is verl's, bit for bit as before.
+    """
     old_log_probs = old_log_probs.to(log_probs.dtype)
     advantages = advantages.to(log_probs.dtype)
+    keep, w = response_weights(response_mask, log_probs.dtype)
+    checked = [log_probs, entropy, old_log_probs, advantages, *(() if w is None else (w,))]
+    if kl_coef and ref_log_probs is not None:
+        checked.append(ref_log_probs)
+    bad = nonfinite_at(keep, *checked)
     pg_losses, metrics = policy_loss_terms(
         log_probs, old_log_probs, advantages, response_mask, clip_ratio_low, clip_ratio_high, clip_ratio_c
     )
+    pg_losses = torch.where(bad, torch.full_like(pg_losses, float("nan")), pg_losses)
     pg_loss = agg_loss(pg_losses, response_mask, loss_agg_mode)
-    entropy_agg = agg_loss(entropy, response_mask, loss_agg_mode)
+    entropy_agg = agg_loss(entropy, response_mask, loss_agg_mode)  # where-masked: nothing to clean first
     loss = pg_loss - entropy_coef * entropy_agg if entropy_coef else pg_loss
     metrics["pg_loss"] = pg_loss
     metrics["entropy"] = entropy_agg
     if ref_log_probs is not None:
-        kl = agg_loss(kl_penalty(log_probs, ref_log_probs.to(log_probs.dtype), kl_type), response_mask, loss_agg_mode)
+        ref_log_probs = ref_log_probs.to(log_probs.dtype)
+        zero = torch.zeros_like(log_probs)
+        kl = kl_penalty(torch.where(keep, log_probs, zero), torch.where(keep, ref_log_probs, zero), kl_type)
+        kl = torch.where(nonfinite_at(keep, log_probs, ref_log_probs), torch.full_like(kl, float("nan")), kl)
+        kl = agg_loss(kl, response_mask, loss_agg_mode)
         metrics["kl"] = kl
         if kl_coef:
             loss = loss + kl_coef * kl
-    finite = torch.isfinite(log_probs) & torch.isfinite(entropy)
-    metrics["nonfinite_tokens"] = ((~finite) & response_mask.bool()).sum()
+    metrics["nonfinite_tokens"] = bad.sum()
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 
@@ -226,7 +305,7 @@ def grpo_loss(
 
     Returns ``(loss, log_probs, entropy, metrics)`` like ``sfpo_kernels.grpo_loss``.
     """
-    log_probs, entropy = logprob_entropy(logits, labels, temperature)
+    log_probs, entropy = logprob_entropy(logits, labels, temperature, response_mask=response_mask)
     loss, metrics = grpo_loss_from_log_probs(
         log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
         clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef,

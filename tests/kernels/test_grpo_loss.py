@@ -1,20 +1,13 @@
-"""grpo_loss: every backend against a float64 oracle written here from verl (and verl itself, when importable).
+"""grpo_loss: every backend against a float64 oracle written from verl (and verl itself, when importable).
 
-The oracle (``verl_oracle``) is written from DESIGN.md "Math conventions" and
-verl 0.9.1's ``compute_policy_loss_vanilla``, ``kl_penalty`` and ``agg_loss``:
-per-row Python loops for the sequence modes, ``where``-masking like verl's
-``masked_sum``, entropy as ``-sum p log p``, gradients by float64 autograd. It
-departs from verl where sfpo documents it does: ``clip_ratio_c=None`` turns the
-dual clip off, and a mean over zero tokens or zero rows is 0 (verl divides 0 by
-0); verl's ``+ 1e-8`` guards in its means are left out (a relative 1e-8, far
-below every tolerance here). When verl is importable, a separate test compares
-with verl's own functions.
+The oracle, ``helpers.oracles.verl_oracle``, is written from DESIGN.md "Math
+conventions" and verl 0.9.1's ``compute_policy_loss_vanilla``, ``kl_penalty``
+and ``agg_loss`` (its docstring lists where it departs from verl, as sfpo
+documents). When verl is importable, a separate test compares with verl's own
+functions, with a bool mask and with fractional token weights.
 
-Old and reference log-probs are the exact log-probs moved by fixed offsets, so
-the ratios sit well inside or outside every clip bound (never within 1e-2 of
-one) and the fp32 and float64 paths clip the same tokens: the clip fractions
-must then agree exactly, and the tests assert that some tokens clip and some
-do not.
+Inputs come from ``helpers.oracles.make_batch``; the tests assert that some
+tokens clip and some do not.
 
 Tolerances (eps = 2^-23; the kernel and the O(N) loss math run in fp32 whatever
 the logits' dtype; S is the row scale 1 + max|z| + log V):
@@ -34,15 +27,27 @@ the logits' dtype; S is the row scale 1 + max|z| + log V):
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import pytest
 import torch
 from helpers.bits import assert_bit_equal, ulp
 from helpers.devices import kernel_devices
 from helpers.optional import import_or_skip
-from helpers.oracles import FP32_TINY, token_oracle
+from helpers.oracles import (
+    ALL_METRICS,
+    EPS32,
+    FLOAT_METRICS,
+    FP32_TINY,
+    FRACTION_METRICS,
+    Batch,
+    Tol,
+    check_close,
+    check_output,
+    make_batch,
+    verl_oracle,
+)
 
 import sfpo_kernels
 from sfpo_kernels import reference
@@ -50,16 +55,6 @@ from sfpo_kernels import reference
 DEVICE = kernel_devices()[0]
 # The interpreter evaluates masked-off lanes too; numpy warns about their 0 * -inf, which the kernel discards.
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-EPS32 = 2.0**-23
-
-
-@dataclass(frozen=True)
-class Tol:
-    value: float  # log-prob, entropy per token: multiples of eps * S
-    agg: float  # loss/metrics: fp32 arithmetic of the O(N) part, multiples of eps * M
-    grad: float  # logits.grad, fp32 arithmetic: multiples of eps * S * G
-    rounding: float  # logits.grad, final rounding: multiples of ulp_dtype(exact)
-
 
 TOL = {
     # Measured worst cases over this file's inputs (interpreter): at most 1/6 of each bound (per-token values
@@ -72,204 +67,8 @@ TOL = {
     torch.bfloat16: Tol(value=8.0, agg=8.0, grad=8.0, rounding=0.5),
 }
 DTYPES = [torch.float32, torch.bfloat16]
-FLOAT_METRICS = ("pg_loss", "ppo_kl", "entropy", "kl")
-FRACTION_METRICS = ("pg_clipfrac", "pg_clipfrac_lower")
-ALL_METRICS = {*FLOAT_METRICS, *FRACTION_METRICS, "nonfinite_tokens"}
 
-# log-prob - old log-prob: inside the clip range, outside it on either side, beyond the dual clip (3 = e^1.1)
-# and beyond the +-20 clamp of the ratio's exponent.
-RATIO_OFFSETS = (0.05, -0.05, 0.12, -0.15, 0.4, -0.4, 1.5, -1.2, 1.3, 25.0, -25.0)
-# log-prob - reference log-prob: small and large, both signs; -3 puts low_var_kl past its clamp at 10.
-REF_OFFSETS = (0.1, -0.1, 0.5, -0.5, 1.0, -3.0)
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass
-class Batch:
-    logits: torch.Tensor  # [B, T, V] or [N, V], logits dtype
-    labels: torch.Tensor
-    old_log_probs: torch.Tensor  # fp32, shaped like labels
-    advantages: torch.Tensor
-    response_mask: torch.Tensor  # bool
-    ref_log_probs: torch.Tensor
-
-    def args(self):
-        return self.logits, self.labels, self.old_log_probs, self.advantages, self.response_mask
-
-
-def make_batch(shape, vocab, dtype, temperature, seed=0, masked_row=True) -> Batch:
-    """Random logits, labels, a response mask with holes (and row 1 fully masked when there are 3+ rows)."""
-    g = torch.Generator().manual_seed(seed)
-    logits = (2.0 * torch.randn(*shape, vocab, generator=g, dtype=torch.float64)).to(dtype)
-    labels = torch.randint(0, vocab, shape, generator=g)
-    mask = torch.rand(shape, generator=g) > 0.25
-    mask.view(-1)[0] = True
-    if masked_row and len(shape) == 2 and shape[0] >= 3:
-        mask[1] = False
-    labels[~mask & (torch.rand(shape, generator=g) > 0.3)] = -100  # padding labels where masked
-    exact_log_probs = token_oracle(logits, labels, temperature, None, None).log_probs
-    n = labels.numel()
-    def pick(values):
-        return torch.tensor(values, dtype=torch.float64)[torch.randint(len(values), (n,), generator=g)]
-
-    ratio_offsets, ref_offsets = pick(RATIO_OFFSETS), pick(REF_OFFSETS)
-    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
-    advantages = sign * (0.5 + 1.5 * torch.rand(n, generator=g))
-    return Batch(
-        logits=logits.to(DEVICE),
-        labels=labels.to(DEVICE),
-        old_log_probs=(exact_log_probs - ratio_offsets.view(shape)).float().to(DEVICE),
-        advantages=advantages.view(shape).float().to(DEVICE),
-        response_mask=mask.to(DEVICE),
-        ref_log_probs=(exact_log_probs - ref_offsets.view(shape)).float().to(DEVICE),
-    )
-
-
-# --------------------------------------------------------------------------- oracle
-
-
-def _masked_sum(values, mask):
-    return torch.where(mask, values, torch.zeros_like(values)).sum()
-
-
-def _masked_mean(values, mask):
-    """Mean over the response tokens (verl's masked_mean less its 1e-8); 0 when there are none."""
-    count = int(mask.sum())
-    return _masked_sum(values, mask) / count if count else _masked_sum(values, mask) * 0.0
-
-
-def oracle_agg(values, mask, mode):
-    """verl 0.9.1 agg_loss on one micro-batch, dp_size 1; empty means are 0."""
-    if mode == "token-mean":
-        return _masked_mean(values, mask)
-    if mode == "token-sum":
-        return _masked_sum(values, mask)
-    assert values.dim() == 2
-    per_row = []
-    for row_values, row_mask in zip(values, mask):
-        if not bool(row_mask.any()):
-            continue  # fully masked sequences never count
-        row = _masked_sum(row_values, row_mask)
-        per_row.append(row / int(row_mask.sum()) if mode == "seq-mean-token-mean" else row)
-    loss = torch.stack(per_row).mean() if per_row else _masked_sum(values, mask) * 0.0
-    return loss / values.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
-
-
-def oracle_kl(log_probs, ref_log_probs, kl_type):
-    """verl 0.9.1 kl_penalty: the estimate of kl_type; with '+', its value but k2's gradient."""
-    base = kl_type.rstrip("+")
-    d = log_probs - ref_log_probs
-    if base in ("kl", "k1"):
-        value = d
-    elif base == "abs":
-        value = d.abs()
-    elif base in ("mse", "k2"):
-        value = 0.5 * d * d
-    else:  # low_var_kl / k3: exp(k) - k - 1 for k = ref - logp, both clamped for stability
-        k = torch.clamp(-d, -20.0, 20.0)
-        value = torch.clamp(torch.exp(k) - k - 1.0, -10.0, 10.0)
-    if kl_type.endswith("+") and base not in ("mse", "k2"):
-        k2 = 0.5 * d * d
-        value = value.detach() + (k2 - k2.detach())
-    return value
-
-
-@dataclass
-class Expected:
-    loss: torch.Tensor
-    log_probs: torch.Tensor
-    entropy: torch.Tensor
-    metrics: dict
-    grad: torch.Tensor  # d loss / d logits, float64
-    tol: dict  # name -> absolute tolerance (0-d) for loss and float metrics
-    row_scale: torch.Tensor
-    grad_scale: torch.Tensor
-    flush_scale: torch.Tensor
-
-
-def verl_oracle(batch: Batch, tol: Tol, *, temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2,
-                clip_ratio_c=3.0, kl_coef=0.0, kl_type="low_var_kl", entropy_coef=0.0,
-                loss_agg_mode="token-mean", with_ref=True) -> Expected:  # fmt: skip
-    x = batch.logits.detach().double().requires_grad_()
-    z = x / temperature
-    log_softmax = z - torch.logsumexp(z, dim=-1, keepdim=True)
-    vocab = z.shape[-1]
-    valid = (batch.labels >= 0) & (batch.labels < vocab)
-    picked = log_softmax.gather(-1, torch.where(valid, batch.labels, 0).unsqueeze(-1)).squeeze(-1)
-    log_probs = torch.where(valid, picked, torch.zeros_like(picked))
-    p = log_softmax.exp()
-    entropy = -(p * torch.where(p > 0, log_softmax, torch.zeros_like(log_softmax))).sum(-1)
-    mask = batch.response_mask.bool()
-    old = batch.old_log_probs.double()
-    adv = batch.advantages.double()
-
-    # compute_policy_loss_vanilla
-    negative_approx_kl = torch.clamp(log_probs - old, -20.0, 20.0)
-    ratio = torch.exp(negative_approx_kl)
-    pg_losses1 = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
-    clip_pg_losses1 = torch.maximum(pg_losses1, pg_losses2)
-    metrics = {
-        "pg_clipfrac": _masked_mean((pg_losses2 > pg_losses1).double(), mask),
-        "ppo_kl": _masked_mean(-negative_approx_kl, mask),
-    }
-    if clip_ratio_c is None:
-        pg_losses = clip_pg_losses1
-        metrics["pg_clipfrac_lower"] = torch.zeros((), dtype=torch.float64)
-    else:
-        pg_losses3 = -adv * clip_ratio_c
-        metrics["pg_clipfrac_lower"] = _masked_mean(((clip_pg_losses1 > pg_losses3) & (adv < 0)).double(), mask)
-        pg_losses = torch.where(adv < 0, torch.minimum(pg_losses3, clip_pg_losses1), clip_pg_losses1)
-
-    metrics["pg_loss"] = oracle_agg(pg_losses, mask, loss_agg_mode)
-    metrics["entropy"] = oracle_agg(entropy, mask, loss_agg_mode)
-    loss = metrics["pg_loss"] - entropy_coef * metrics["entropy"]
-    magnitude = {
-        "pg_loss": oracle_agg(pg_losses.abs(), mask, loss_agg_mode),
-        "entropy": oracle_agg(entropy.abs(), mask, loss_agg_mode),
-        "ppo_kl": _masked_mean(negative_approx_kl.abs(), mask),
-    }
-    magnitude["loss"] = magnitude["pg_loss"] + abs(entropy_coef) * magnitude["entropy"]
-    if with_ref:
-        kl = oracle_kl(log_probs, batch.ref_log_probs.double(), kl_type)
-        metrics["kl"] = oracle_agg(kl, mask, loss_agg_mode)
-        magnitude["kl"] = oracle_agg(kl.abs(), mask, loss_agg_mode)
-        loss = loss + kl_coef * metrics["kl"]
-        magnitude["loss"] = magnitude["loss"] + abs(kl_coef) * magnitude["kl"]
-    finite = torch.isfinite(log_probs) & torch.isfinite(entropy)
-    metrics["nonfinite_tokens"] = (mask & ~finite).sum()
-
-    # float64 sensitivities of each scalar to the per-token log-prob and entropy (for the tolerances)
-    row_scale = token_oracle(batch.logits, batch.labels, temperature, None, None).row_scale
-    tols = {}
-    for name in ("loss", *(m for m in FLOAT_METRICS if m in metrics)):
-        value = loss if name == "loss" else metrics[name]
-        g_lp, g_h = torch.autograd.grad(value, [log_probs, entropy], retain_graph=True, allow_unused=True)
-        sens = sum(((g.abs() * row_scale).sum() if g is not None else 0.0) for g in (g_lp, g_h))
-        tols[name] = tol.value * EPS32 * sens + tol.agg * EPS32 * magnitude[name].detach()
-    g_logp, g_h = torch.autograd.grad(loss, [log_probs, entropy], retain_graph=True, create_graph=True)
-    # d g_logp_i / d logp_i (g_logp_i depends on no other token's log-prob)
-    (dg_logp,) = torch.autograd.grad(g_logp.sum(), [log_probs], retain_graph=True, allow_unused=True)
-    dg_logp = torch.zeros_like(g_logp) if dg_logp is None else dg_logp
-    (grad,) = torch.autograd.grad(loss, [x])
-    scales = token_oracle(batch.logits, batch.labels, temperature, g_logp.detach().abs() + dg_logp.abs(),
-                          g_h.detach())  # fmt: skip
-    return Expected(
-        loss=loss.detach(),
-        log_probs=log_probs.detach(),
-        entropy=entropy.detach(),
-        metrics={k: v.detach() for k, v in metrics.items()},
-        grad=grad,
-        tol=tols,
-        row_scale=row_scale,
-        grad_scale=scales.grad_scale,
-        flush_scale=scales.flush_scale,
-    )
-
-
-# --------------------------------------------------------------------------- checks
+# --------------------------------------------------------------------------- runs
 
 
 def fused(batch: Batch, backend="triton", **settings):
@@ -286,50 +85,6 @@ def reference64(batch: Batch, **settings):
     loss, log_probs, entropy, metrics = reference.grpo_loss(x, *batch.args()[1:], **settings)
     (grad,) = torch.autograd.grad(loss, [x])
     return loss.detach(), log_probs.detach(), entropy.detach(), metrics, grad
-
-
-def _fail(name, got, exact, tol, bad):
-    idx = bad.nonzero()[0].tolist() if bad.dim() else []
-    return (f"{name}: {int(bad.sum())} of {bad.numel()} off; first at {idx}: got {got[bad].flatten()[0].item()!r}, "
-            f"exact {exact[bad].flatten()[0].item()!r}, tol {tol[bad].flatten()[0].item():.3g}")  # fmt: skip
-
-
-def check_close(name, got, exact, tol):
-    got, exact = got.detach().double(), exact.detach().double()
-    assert got.shape == exact.shape, f"{name}: shape {tuple(got.shape)} != {tuple(exact.shape)}"
-    tol = torch.as_tensor(tol, dtype=torch.float64).expand_as(exact)
-    bad = ~((got - exact).abs() <= tol)
-    assert not bool(bad.any()), _fail(name, got, exact, tol, bad)
-
-
-def check_grad(name, got, want: Expected, dtype, index=...):
-    exact = want.grad[index]
-    assert got.dtype == dtype and got.shape == exact.shape, f"{name}: {got.dtype} {tuple(got.shape)}"
-    t = TOL[dtype]
-    tol = t.rounding * ulp(exact.to(dtype)) + t.grad * EPS32 * want.grad_scale[index]
-    tol = tol + FP32_TINY * want.flush_scale[index]
-    check_close(name, got, exact, tol)
-
-
-def check_output(label, out, grad, want: Expected, dtype):
-    """Every output of grpo_loss and its gradient against ``want``, each by name."""
-    t = TOL[dtype]
-    loss, log_probs, entropy, metrics = out
-    assert loss.dim() == 0 and loss.dtype == torch.float32, f"{label} loss: {loss.dtype} {tuple(loss.shape)}"
-    for name, got, exact in (("log_probs", log_probs, want.log_probs), ("entropy", entropy, want.entropy)):
-        assert got.dtype == torch.float32, f"{label} {name}: {got.dtype}"
-        check_close(f"{label} {name}", got, exact, t.value * EPS32 * want.row_scale)
-    check_close(f"{label} loss", loss, want.loss, want.tol["loss"])
-    assert set(metrics) == set(want.metrics), f"{label} metrics: {sorted(metrics)} != {sorted(want.metrics)}"
-    for name, value in metrics.items():
-        assert value.dim() == 0 and not value.requires_grad, f"{label} metric {name} must be a detached 0-d tensor"
-    for name in FLOAT_METRICS:
-        if name in want.metrics:
-            check_close(f"{label} metric {name}", metrics[name], want.metrics[name], want.tol[name])
-    for name in FRACTION_METRICS:
-        check_close(f"{label} metric {name}", metrics[name], want.metrics[name], EPS32)
-    assert int(metrics["nonfinite_tokens"]) == int(want.metrics["nonfinite_tokens"]), f"{label} nonfinite_tokens"
-    check_grad(f"{label} logits.grad", grad, want, dtype)
 
 
 # --------------------------------------------------------------------------- against the oracle
@@ -370,7 +125,7 @@ def test_each_backend_matches_verl_oracle(backend, dtype, settings, shape, vocab
     batch = _case_batch(settings, shape, vocab, dtype)
     want = verl_oracle(batch, TOL[dtype], **settings)
     out, grad = fused(batch, backend=backend, ref_log_probs=batch.ref_log_probs, **settings)
-    check_output(f"{backend} vs oracle:", out, grad, want, dtype)
+    check_output(f"{backend} vs oracle:", out, grad, want, TOL[dtype], dtype)
 
     if settings == dict(FULL, loss_agg_mode="token-mean") and len(shape) == 2:
         # The inputs do what they are for: some tokens clip, some do not, and the dual clip acts.
@@ -467,34 +222,76 @@ def test_nonfinite_logits_at_response_positions_are_counted(dtype):
         check_close(name, got[~poisoned], exact[~poisoned], TOL[dtype].value * EPS32 * want.row_scale[~poisoned])
 
 
+NAN, INF = float("nan"), float("inf")
 MASKED_POISON = [
-    pytest.param("logits", float("nan"), id="logits-nan"),
-    pytest.param("logits", float("inf"), id="logits-inf"),
-    pytest.param("old_log_probs", float("nan"), id="old_log_probs-nan"),
-    pytest.param("advantages", float("inf"), id="advantages-inf"),
+    pytest.param("logits", NAN, id="logits-nan"),
+    pytest.param("logits", INF, id="logits-inf"),
+    pytest.param("logits-row", NAN, id="logits-row-nan"),
+    pytest.param("logits-row", -INF, id="logits-row-minus-inf"),
+    pytest.param("old_log_probs", NAN, id="old_log_probs-nan"),
+    pytest.param("old_log_probs", -INF, id="old_log_probs-minus-inf"),
+    pytest.param("advantages", NAN, id="advantages-nan"),
+    pytest.param("advantages", INF, id="advantages-inf"),
+    pytest.param("ref_log_probs", NAN, id="ref_log_probs-nan"),
+    pytest.param("ref_log_probs", INF, id="ref_log_probs-inf"),
 ]
 
 
-@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-sum"])
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the forward still reads the row
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
 @pytest.mark.parametrize("field,value", MASKED_POISON)
-def test_nonfinite_values_at_masked_positions_change_nothing(mode, field, value):
+def test_nonfinite_values_at_masked_positions_change_nothing(backend, field, value):
+    """Loss, every metric and the whole logits.grad bit for bit as without the poison; the masked row's
+    gradient exact zeros (the backward once computed 0 * NaN there). Every agg mode: the property suite."""
+    mode = "seq-mean-token-sum"
     batch = make_batch((3, 5), 65, torch.float32, 1.0, seed=59)
     b, t = (~batch.response_mask).nonzero()[0].tolist()
-    settings = dict(FULL, loss_agg_mode=mode, ref_log_probs=batch.ref_log_probs)
+    batch.labels[b, t] = 3  # a label in the vocabulary: a padding label's zero gradient would hide a NaN
+    settings = dict(FULL, loss_agg_mode=mode, ref_log_probs=batch.ref_log_probs, backend=backend)
     clean, clean_grad = fused(batch, **settings)
-    target = getattr(batch, field)
     if field == "logits":
-        target[b, t, 5] = value
+        batch.logits[b, t, 5] = value
+    elif field == "logits-row":
+        batch.logits[b, t] = value
     else:
-        target[b, t] = value
+        getattr(batch, field)[b, t] = value
     out, grad = fused(batch, **settings)
     assert math.isfinite(out.loss.item()), f"loss {out.loss.item()} with {field}={value} at a masked position"
     assert_bit_equal("loss", out.loss.detach(), clean.loss.detach())
     for name in ALL_METRICS:
         assert_bit_equal(f"metric {name}", out.metrics[name], clean.metrics[name])
-    others = torch.ones(batch.labels.shape, dtype=torch.bool, device=DEVICE)
-    others[b, t] = False
-    assert_bit_equal("logits.grad elsewhere", grad[others], clean_grad[others])
+    assert bool((grad[b, t] == 0).all()), f"logits.grad of the masked row: {grad[b, t]}"
+    assert_bit_equal("logits.grad", grad, clean_grad)
+
+
+RESPONSE_POISON = [
+    pytest.param("label-logit", -INF, id="label-logit-minus-inf"),
+    pytest.param("old_log_probs", INF, id="old_log_probs-inf"),
+    pytest.param("old_log_probs", -INF, id="old_log_probs-minus-inf"),
+    pytest.param("old_log_probs", NAN, id="old_log_probs-nan"),
+    pytest.param("advantages", NAN, id="advantages-nan"),
+    pytest.param("ref_log_probs", -INF, id="ref_log_probs-minus-inf"),
+]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("field,value", RESPONSE_POISON)
+def test_nonfinite_inputs_at_a_response_position_give_a_nonfinite_loss(backend, field, value):
+    """One poisoned response token: loss and pg_loss NaN, nonfinite_tokens 1 (as the oracle counts). The ratio's
+    clamp used to hide log p = -inf (ratio e^-20) and old = +-inf, and low_var_kl's clamp ref = -inf."""
+    batch = make_batch((3, 5), 65, torch.float32, 1.0, seed=83)
+    b, t = batch.response_mask.nonzero()[-1].tolist()
+    if field == "label-logit":
+        batch.logits[b, t, batch.labels[b, t]] = value
+    else:
+        getattr(batch, field)[b, t] = value
+    out, _ = fused(batch, ref_log_probs=batch.ref_log_probs, **FULL, backend=backend)
+    assert not math.isfinite(out.loss.item()), f"loss {out.loss.item()} with {field}={value} at a response position"
+    assert not math.isfinite(float(out.metrics["pg_loss"])), f"pg_loss {float(out.metrics['pg_loss'])}"
+    assert int(out.metrics["nonfinite_tokens"]) == 1, f"nonfinite_tokens {int(out.metrics['nonfinite_tokens'])}"
+    want = verl_oracle(batch, TOL[torch.float32], **FULL)
+    assert int(want.metrics["nonfinite_tokens"]) == 1 and not math.isfinite(float(want.loss))
 
 
 @pytest.mark.parametrize("bad_label", [-1, -100, 65, 1000])
@@ -515,6 +312,60 @@ def test_padding_labels_at_masked_positions_are_fine():
     out, _ = fused(batch, **FULL, ref_log_probs=batch.ref_log_probs)
     assert math.isfinite(out.loss.item())
     assert bool((out.log_probs[~batch.response_mask] == 0).all())
+
+
+# --------------------------------------------------------------------------- token weights
+
+# A float response_mask weights its tokens, as verl's masked_sum does: sum(where(w != 0, x, 0) * w) / sum(w).
+# Dyadic weights: fp32 sums of up to 30 of them are exact, so weighted clip fractions round once.
+TOKEN_WEIGHTS = (0.25, 0.5, 1.0, 1.5, 2.0)
+
+
+def with_weights(batch: Batch, seed: int) -> Batch:
+    """``batch`` with its bool mask replaced by weights from TOKEN_WEIGHTS at response positions, 0 elsewhere."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.tensor(TOKEN_WEIGHTS)[torch.randint(len(TOKEN_WEIGHTS), tuple(batch.labels.shape), generator=g)]
+    return dataclasses.replace(batch, response_mask=torch.where(batch.response_mask.cpu(), w, 0.0).to(DEVICE))
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", reference.AGG_MODES)
+def test_token_weights_match_verl_oracle(backend, mode):
+    batch = with_weights(make_batch((3, 6), 65, torch.float32, 0.7, seed=89), seed=89)
+    settings = dict(FULL, loss_agg_mode=mode)
+    want = verl_oracle(batch, TOL[torch.float32], **settings)
+    out, grad = fused(batch, backend=backend, ref_log_probs=batch.ref_log_probs, **settings)
+    check_output(f"{backend} weights vs oracle:", out, grad, want, TOL[torch.float32], torch.float32)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", reference.AGG_MODES)
+def test_uniform_half_weights_halve_sums_and_keep_means(backend, mode):
+    """w = 0.5 at every response position: the means are those of the bool mask and the sums half of them,
+    bit for bit (halving is exact). A token mean over an unweighted sum once came out doubled."""
+    batch = make_batch((3, 5), 65, torch.float32, 1.0, seed=97)
+    half = dataclasses.replace(batch, response_mask=batch.response_mask.float() * 0.5)
+    settings = dict(FULL, loss_agg_mode=mode, ref_log_probs=batch.ref_log_probs, backend=backend)
+    (full_out, full_grad), (half_out, half_grad) = fused(batch, **settings), fused(half, **settings)
+    scale = 0.5 if mode in ("token-sum", "seq-mean-token-sum", "seq-mean-token-sum-norm") else 1.0
+    assert_bit_equal("loss", half_out.loss.detach(), scale * full_out.loss.detach())
+    assert_bit_equal("logits.grad", half_grad, scale * full_grad)
+    for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl", "nonfinite_tokens"):  # means over tokens always
+        assert_bit_equal(f"metric {name}", half_out.metrics[name], full_out.metrics[name])
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("value", [NAN, INF], ids=["nan", "inf"])
+def test_nonfinite_weight_gives_a_nonfinite_loss(backend, mode, value):
+    """A NaN / inf weight is a response position with a non-finite input: counted, and the loss not finite
+    (once a NaN weight's row silently dropped out of the seq-* means)."""
+    batch = with_weights(make_batch((3, 5), 65, torch.float32, 1.0, seed=101), seed=101)
+    b, t = batch.response_mask.nonzero()[-1].tolist()
+    batch.response_mask[b, t] = value
+    out, _ = fused(batch, **dict(FULL, loss_agg_mode=mode), ref_log_probs=batch.ref_log_probs, backend=backend)
+    assert not math.isfinite(out.loss.item()), f"loss {out.loss.item()} with weight {value}"
+    assert int(out.metrics["nonfinite_tokens"]) == 1, f"nonfinite_tokens {int(out.metrics['nonfinite_tokens'])}"
 
 
 # --------------------------------------------------------------------------- verl itself
@@ -540,15 +391,29 @@ VERL_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("settings", VERL_CASES)
 def test_matches_verl_core_algos(dtype, settings):
+    compare_with_verl(dtype, settings, weighted=False)
+
+
+@pytest.mark.parametrize("mode", reference.AGG_MODES)
+def test_token_weights_match_verl_core_algos(mode):
+    """A fractional response_mask: verl weights every token (masked_sum = sum(x * m)); so must we."""
+    compare_with_verl(torch.float32, dict(FULL, loss_agg_mode=mode), weighted=True)
+
+
+def compare_with_verl(dtype, settings, weighted):
+    """Loss, metrics, log-probs, entropy and logits.grad against verl's own functions, on float64 logits."""
     import_or_skip("verl")
     from verl.trainer.ppo import core_algos
     from verl.utils import torch_functional as verl_F
 
     batch = make_batch((3, 6), 65, dtype, settings["temperature"], seed=73)
+    if weighted:
+        batch = with_weights(batch, seed=73)
+    keep = batch.response_mask != 0
     mask = batch.response_mask.float()
     x = batch.logits.detach().double().requires_grad_()
     z = x / settings["temperature"]
-    labels = torch.where(batch.response_mask, batch.labels, 0)  # verl gathers every position
+    labels = torch.where(keep, batch.labels, 0)  # verl gathers every position
     log_probs = verl_F.logprobs_from_logits_naive(z, labels)
     entropy = verl_F.entropy_from_logits(z)
     config = _verl_actor_config(settings["clip_ratio_low"], settings["clip_ratio_high"], settings["clip_ratio_c"])
@@ -575,8 +440,8 @@ def test_matches_verl_core_algos(dtype, settings):
         tol = want.tol[name] if name in want.tol else EPS32
         check_close(f"metric {name} vs verl", out.metrics[name], verl_value, tol + 1e-7 * verl_value.abs())
     # verl's log-probs at masked positions are those of label 0 (it has no padding label): compare the rest
-    check_close("log_probs vs verl", out.log_probs[batch.response_mask], log_probs.detach()[batch.response_mask],
-                TOL[dtype].value * EPS32 * want.row_scale[batch.response_mask])  # fmt: skip
+    check_close("log_probs vs verl", out.log_probs[keep], log_probs.detach()[keep],
+                TOL[dtype].value * EPS32 * want.row_scale[keep])  # fmt: skip
     check_close("entropy vs verl", out.entropy, entropy.detach(), TOL[dtype].value * EPS32 * want.row_scale)
     exact = verl_grad  # masked positions get no gradient in either
     check_close("logits.grad vs verl", grad.double(), exact,

@@ -105,3 +105,15 @@ def test_invalid_arguments_raise_value_error_naming_them(call, match):
 def test_packed_token_modes_are_accepted():
     for mode in ("token-mean", "token-sum"):
         assert math.isfinite(_packed(loss_agg_mode=mode).loss.item())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("label_dtype", [torch.uint8, torch.int8, torch.int16, torch.int32], ids=str)
+def test_every_integer_label_dtype_is_accepted_as_int64(backend, label_dtype):
+    """Any integer labels, both backends, the int64 result bit for bit (torch's gather once raised for uint8)."""
+    batch = _batch()
+    args = (batch.old_log_probs, batch.advantages, batch.response_mask)
+    want = sfpo_kernels.grpo_loss(batch.logits, batch.labels, *args, backend=backend)
+    got = sfpo_kernels.grpo_loss(batch.logits, batch.labels.to(label_dtype), *args, backend=backend)
+    for name in ("loss", "log_probs", "entropy"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), f"{name} with {label_dtype} labels"

@@ -450,6 +450,70 @@ def test_each_backend_matches_float64_oracle(backend, dtype, vocab):
     check_against_oracle(logits, labels, 0.7, *upstream(shape, seed=31), dtype, backend=backend)
 
 
+LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32]
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("label_dtype", LABEL_DTYPES, ids=str)
+def test_every_integer_label_dtype_gives_the_int64_result(backend, label_dtype):
+    """One behaviour for every integer dtype and both backends (torch's gather once rejected uint8/int16)."""
+    shape, vocab = (2, 3), 65
+    logits = make_logits(shape, vocab, torch.float32, seed=37)
+    labels = make_labels(shape, vocab, seed=37, padding=False)
+    g_logp, g_h = upstream(shape, seed=37)
+    want = run(logits, labels, 0.7, g_logp, g_h, backend=backend)
+    got = run(logits, labels.to(label_dtype), 0.7, g_logp, g_h, backend=backend)
+    for name, a, b in zip(("log_probs", "entropy", "logits.grad"), got, want, strict=True):
+        assert_bit_equal(f"{name} ({label_dtype} labels)", a, b)
+
+
+ROW_POISON = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")  # the forward still reads the rows
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("poison", ROW_POISON, ids=str)
+def test_response_mask_rows_get_exact_zero_gradient_whatever_they_hold(backend, poison):
+    """Rows with response_mask 0 holding NaN/inf logits and NaN upstream gradients: their dlogits exact zeros,
+    every other row's outputs and gradient bit for bit those of the same call without a mask."""
+    shape, vocab = (2, 4), 65
+    logits = make_logits(shape, vocab, torch.float32, seed=39)
+    labels = make_labels(shape, vocab, seed=39, padding=False)
+    keep = torch.tensor([[True, False, True, True], [False, True, True, False]], device=DEVICE)
+    g_logp, g_h = upstream(shape, seed=39)
+    want_lp, want_h, want_grad = run(logits, labels, 0.7, g_logp, g_h, backend=backend)
+    poisoned = torch.where(keep.unsqueeze(-1), logits, poison)
+    nan = torch.full_like(g_logp, float("nan"))
+    lp, h, grad = run(poisoned, labels, 0.7, torch.where(keep, g_logp, nan), torch.where(keep, g_h, nan),
+                      backend=backend, response_mask=keep)  # fmt: skip
+    assert bool((grad[~keep] == 0).all()), f"logits.grad of masked rows: {grad[~keep]}"
+    assert_bit_equal("logits.grad of response rows", grad[keep], want_grad[keep])
+    assert_bit_equal("log_probs of response rows", lp[keep], want_lp[keep])
+    assert_bit_equal("entropy of response rows", h[keep], want_h[keep])
+
+
+@pytest.mark.filterwarnings("ignore:All-NaN slice encountered:RuntimeWarning")
+@pytest.mark.parametrize("used", [pytest.param("both", id="both"), *ONE_OUTPUT])
+def test_rows_without_upstream_gradient_get_zeros_from_the_triton_backward(used):
+    """g_logp = g_H = 0 for a row: dlogits = 0 without the row being read (a NaN row gave 0 * NaN = NaN)."""
+    shape, vocab = (2, 3), 65
+    logits = make_logits(shape, vocab, torch.float32, seed=43)
+    labels = make_labels(shape, vocab, seed=43, padding=False)
+    g_logp, g_h = upstream(shape, seed=43)
+    g_logp, g_h = (None if used == "entropy" else g_logp), (None if used == "log_probs" else g_h)
+    _, _, want = run(logits, labels, 1.0, g_logp, g_h)
+    logits[0, 1] = float("nan")
+    for g in (g_logp, g_h):
+        if g is not None:
+            g[0, 1] = 0.0
+    _, _, grad = run(logits, labels, 1.0, g_logp, g_h)
+    assert bool((grad[0, 1] == 0).all()), f"logits.grad of the row without gradient: {grad[0, 1]}"
+    others = torch.ones(shape, dtype=torch.bool, device=DEVICE)
+    others[0, 1] = False
+    assert_bit_equal("logits.grad of the other rows", grad[others], want[others])
+
+
 def _logits(shape=(2, 3), vocab=7, dtype=torch.float32):
     return torch.zeros(*shape, vocab, dtype=dtype, device=DEVICE)
 
@@ -473,6 +537,10 @@ INVALID = [
     pytest.param(lambda: (_logits(), _labels(dtype=torch.float32)), {}, "labels", id="labels-float"),
     pytest.param(lambda: (_logits(), _labels(dtype=torch.bool)), {}, "labels", id="labels-bool"),
     pytest.param(lambda: (_logits(), [[0, 1, 2], [0, 1, 2]]), {}, "labels", id="labels-not-a-tensor"),
+    pytest.param(lambda: (_logits(), _labels()), {"response_mask": _labels((2, 4)).bool()}, "response_mask",
+                 id="response_mask-shape"),  # fmt: skip
+    pytest.param(lambda: (_logits(), _labels()), {"response_mask": [[1, 1, 1]] * 2}, "response_mask",
+                 id="response_mask-not-a-tensor"),  # fmt: skip
     pytest.param(lambda: (_logits(), _labels()), {"temperature": 0.0}, "temperature", id="temperature-0"),
     pytest.param(lambda: (_logits(), _labels()), {"temperature": -1.0}, "temperature", id="temperature-negative"),
     pytest.param(lambda: (_logits(), _labels()), {"temperature": float("nan")}, "temperature", id="temperature-nan"),
