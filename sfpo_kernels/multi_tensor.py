@@ -120,10 +120,12 @@ def _mt_lerp_kernel(
     """param = torch.lerp(param, snap, weight), i.e. snap + (1 - weight) * (param - snap).
 
     Two-branch lerp exactly as ATen evaluates it: for ``w < 0.5``
-    ``fma(w, snap - t, t)``, else ``fma(w - 1, snap - t, snap)``. So ``w == 0``
-    (alpha 1) returns ``t`` and ``w == 1`` (alpha 0) returns ``snap`` bit for bit,
-    and fp32 results equal ``torch._foreach_lerp_``. Low-precision inputs are
-    widened, computed in fp32 and rounded once.
+    ``fma(w, snap - t, t)``, else ``fma(w - 1, snap - t, snap)``, so fp32 results
+    equal ``torch._foreach_lerp_``. Low-precision inputs are widened, computed in
+    fp32 and rounded once. ``w == 0`` and ``w == 1`` equal ``t`` / ``snap`` for
+    finite values but not for every bit pattern (``-0.0 + 0`` is ``+0.0``, a NaN in
+    ``snap - t`` survives), which is why ``reposition_`` never launches this kernel
+    at alpha 1 or 0: it leaves the tensors alone, or copies the snapshot back.
     """
     p_param, p_snap, start, full_stop, stop = _chunk_of_program(
         param_addr, snap_addr, numel, chunk_tensor, chunk_start, type_witness, CHUNK, BLOCK, ALIGNED

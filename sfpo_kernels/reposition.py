@@ -13,9 +13,14 @@ The public face of the multi-tensor kernels: validation, grouping by
 
 Every call validates all of its arguments before it writes anything: a bad
 call raises ``ValueError`` saying what was expected and what came, and leaves
-every tensor as it was. Parameters (``requires_grad=True``) are written in
-place without autograd, FSDP2 ``DTensor`` parameters through their local
-shard, FSDP1 flat parameters as the plain 1-D tensors they are.
+every tensor as it was. That includes the backend name (even when every tensor
+is empty and no kernel would run), inference tensors (made under
+``torch.inference_mode()``: torch refuses their in-place update, the kernels
+would write them behind autograd's back) and tensors with the neg or conj bit
+set (lazy views whose memory does not hold their values). Parameters
+(``requires_grad=True``) are written in place without autograd, FSDP2
+``DTensor`` parameters through their local shard, FSDP1 flat parameters as the
+plain 1-D tensors they are.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import torch
 
 from sfpo_kernels import _cuda_lib
 from sfpo_kernels import multi_tensor as mt
-from sfpo_kernels._backend import empty_for_kernel, resolve_backend
+from sfpo_kernels._backend import empty_for_kernel, requested_backend, resolve_backend
 from sfpo_kernels._pointer_table import STORAGE_ALIGN_BYTES, PointerTable, pointer_table
 
 OFFLOAD_MODES = ("none", "cpu")
@@ -53,9 +58,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Tensor]:
-    """Validated local tensors: dense, contiguous, a supported dtype, no two sharing memory.
+    """Validated local tensors: dense, contiguous, a supported dtype, no two sharing memory,
+    no inference tensor, no neg or conj bit.
 
-    Runs on every call with hundreds of tensors, so each check is one cheap
+    Runs on every call with thousands of tensors, so each check is one cheap
     attribute read; the messages are built only on failure.
     """
     if isinstance(tensors, torch.Tensor):
@@ -75,6 +81,8 @@ def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Te
             raise ValueError(f"{name}[{i}] has dtype {t.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
         if t.is_meta or t.layout != torch.strided:
             raise ValueError(f"{name}[{i}] is a {t.layout} tensor on {t.device}; need dense memory")
+        if t.is_inference() or t.is_neg() or t.is_conj():
+            raise ValueError(_unwritable_message(t, f"{name}[{i}]"))
         if not t.is_contiguous():
             raise ValueError(f"{name}[{i}] (shape {tuple(t.shape)}) is not contiguous; pass contiguous tensors")
         nbytes = t.nbytes
@@ -84,6 +92,15 @@ def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Te
         out.append(t)
     _check_no_overlap(spans, name)
     return out
+
+
+def _unwritable_message(t: torch.Tensor, where: str) -> str:
+    if t.is_inference():
+        return (f"{where} is an inference tensor (made under torch.inference_mode()), which cannot be updated in "
+                "place outside it; pass a normal tensor (clone it outside inference mode)")
+    bit = "neg" if t.is_neg() else "conj"
+    return (f"{where} has its {bit} bit set (a lazy view, its memory does not hold its values); "
+            f"pass torch.resolve_{bit}(t) or a plain tensor")
 
 
 def _check_no_overlap(spans: list[tuple[int, int, int]], name: str) -> None:
@@ -100,10 +117,15 @@ def _check_alpha(alpha: float) -> float:
             alpha = alpha.item()
         else:
             raise ValueError(f"alpha must be a real number in [0, 1], got {alpha!r}")
-    alpha = float(alpha)
-    if not math.isfinite(alpha) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a finite number in [0, 1], got {alpha!r}")
-    return alpha
+    try:
+        value = float(alpha)
+    except OverflowError:  # an int (or Fraction) beyond the float range
+        value = math.inf
+    if not math.isfinite(value) or not 0.0 <= value <= 1.0:
+        shown = repr(alpha)
+        shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
+        raise ValueError(f"alpha must be a finite number in [0, 1], got {shown}")
+    return value
 
 
 @dataclass
@@ -192,7 +214,10 @@ class Snapshot:
         self._groups = None
 
     def restore_(self, tensors: Iterable[torch.Tensor], *, backend: str | None = None) -> None:
-        """Copy the snapshot back into ``tensors`` (same count, shapes, dtypes, devices), in place."""
+        """Copy the snapshot back into ``tensors`` (same count, shapes, dtypes, devices), in place.
+
+        Validates as :func:`reposition_` does: a bad call raises ``ValueError`` before any tensor is written.
+        """
         tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
         local = self._check_tensors(tensors)
         backends = self._backends(backend)
@@ -208,6 +233,7 @@ class Snapshot:
         return self._groups
 
     def _backends(self, backend: str | None) -> list[str]:
+        requested_backend(backend)  # a bad name fails even with no group to run (every tensor empty)
         return [resolve_backend(backend, g.device) for g in self._live_groups()]
 
     def _check_tensors(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
@@ -336,7 +362,8 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
     Args:
         tensors: list (or iterable) of contiguous fp32/bf16/fp16/fp64 tensors of
             any shapes, devices and sizes, 0-d and empty included, e.g.
-            ``[p for p in model.parameters() if p.requires_grad]``.
+            ``[p for p in model.parameters() if p.requires_grad]``; no
+            inference tensors, none with the neg or conj bit set.
         offload: ``"none"`` keeps the copy beside each tensor; ``"cpu"`` keeps the
             copy of CUDA tensors in pinned host memory (no GPU memory).
         backend: ``"triton"``, ``"cuda"`` or ``"torch"``; default ``$SFPO_BACKEND``,
@@ -352,6 +379,7 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
     """
     if offload not in OFFLOAD_MODES:
         raise ValueError(f"offload={offload!r} is not supported; expected one of {', '.join(map(repr, OFFLOAD_MODES))}")
+    requested_backend(backend)  # a bad name fails even when every tensor is empty (no group to resolve it for)
     local = _as_tensor_list(tensors, "tensors")
     backends = {d: resolve_backend(backend, d) for d in {t.device for t in local if t.numel()}}  # before allocating
     groups = _allocate_groups(local, offload)
@@ -365,20 +393,25 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
 def reposition_(tensors: Iterable[torch.Tensor], snap: Snapshot, alpha: float, *, backend: str | None = None) -> None:
     """In place, for every tensor: ``t <- snap + alpha * (t - snap)`` (SFPO Stage II).
 
-    Evaluated as ``torch.lerp(t, snap, 1 - alpha)`` in ``promote(dtype, fp32)``
-    with one rounding: ``alpha == 1`` leaves ``t`` bit-identical, ``alpha == 0``
-    restores the snapshot bit-identically, and fp32 results equal
-    ``torch._foreach_lerp_(tensors, snap.values(), 1 - alpha)``.
+    ``alpha == 1`` leaves every tensor as it is (nothing is read or written) and
+    ``alpha == 0`` copies the snapshot back (:meth:`Snapshot.restore_`): both
+    bit-exact for every value, signed zeros, inf and NaN included, where a lerp
+    is not (``0 * inf`` is NaN, ``-0.0 + 0.0`` is ``+0.0``). Any other alpha is
+    evaluated as ``torch.lerp(t, snap, 1 - alpha)`` in ``promote(dtype, fp32)``
+    with one rounding (the two-branch, fma-based lerp of ATen's vectorised
+    kernels); fp32 results equal ``torch._foreach_lerp_(tensors, snap.values(),
+    1 - alpha)``.
 
     Args:
         tensors: the same list the snapshot was taken of (or one with the same
             shapes, dtypes and devices), contiguous.
         snap: a :class:`Snapshot` from :func:`snapshot`.
-        alpha: finite, in ``[0, 1]``.
+        alpha: a finite real number (or a one-element floating tensor) in ``[0, 1]``.
         backend: as in :func:`snapshot`.
 
     Raises:
-        ValueError: on any mismatch, before any tensor is written.
+        ValueError: on any mismatch or any argument :func:`snapshot` would refuse
+            (backend name included), before any tensor is written.
     """
     if not isinstance(snap, Snapshot):
         raise ValueError(f"snap must be a Snapshot from sfpo_kernels.snapshot(), got {type(snap).__name__}")
@@ -386,8 +419,13 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: Snapshot, alpha: float, *
     tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
     local = snap._check_tensors(tensors)
     backends = snap._backends(backend)
-    weight = 1.0 - alpha
+    if alpha == 1.0:  # theta_K as it is; a lerp with weight 0 would still turn -0.0 into +0.0
+        return
     with torch.no_grad():
         for g, name in zip(snap._live_groups(), backends):
-            _lerp_group(g, [local[i] for i in g.indices], weight, name)
+            members = [local[i] for i in g.indices]
+            if alpha == 0.0:  # theta_0 exactly, whatever the tensors hold now (a lerp keeps their NaNs)
+                _copy_group(g, members, name, to_snapshot=False)
+            else:
+                _lerp_group(g, members, 1.0 - alpha, name)
     _mark_modified(tensors, local)

@@ -16,8 +16,11 @@ One call of :meth:`SFPO.step` is one outer iteration s on one batch of rollouts:
 ``update_pass(batch) -> dict`` is one ordinary policy-gradient pass including
 its ``optimizer.step()``; optimizer state (Adam moments) carries through all
 passes and is never repositioned. The learning-rate scheduler is the caller's,
-stepped once per outer iteration. The snapshot is freed before ``step``
-returns: between iterations SFPO holds no memory beyond its entropy window.
+stepped once per outer iteration. While ``alpha_s > 0`` a step is all or
+nothing: any exception leaves the parameters at theta_0 and the schedule
+untouched (:meth:`SFPO.step` says what it cannot undo). The snapshot is freed
+before ``step`` returns: between iterations SFPO holds no memory beyond its
+entropy window.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import math
 import numbers
 import typing
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple, Optional
 
@@ -39,6 +42,9 @@ TRIGGERS = ("up", "abs", "down")
 DECAYS = ("hard", "linear")
 ZSCORE_EPS = 1e-9
 STATE_VERSION = 1
+# SFPOConfig fields that do not change the schedule or the math (where theta_0 lives, which kernels copy it):
+# a resume may change them, e.g. to offload the snapshot on a smaller GPU.
+RESUMABLE_CHANGES = ("snapshot_offload", "backend")
 
 
 def _setting(default, help: str, choices: tuple | None = None):
@@ -208,13 +214,16 @@ class SFPO:
         """alpha the next :meth:`step` will use."""
         return scheduled_alpha(self.config, self.iteration, self.fired_at)
 
-    def _record_entropy(self, entropy: float) -> None:
-        self.entropies.append(entropy)
-        self.last_zscore = math.nan
-        if len(self.entropies) == self.config.zscore_window:
-            self.last_zscore = entropy_zscore(self.entropies)
-            if self.fired_at is None and self.config.entropy_control and trigger_fires(self.config, self.last_zscore):
-                self.fired_at = self.iteration
+    def _with_entropy(self, entropy: float) -> tuple[deque, float, int | None]:
+        """``(entropies, last_zscore, fired_at)`` once this iteration's entropy is recorded; changes nothing."""
+        window = deque(self.entropies, maxlen=self.config.zscore_window)
+        window.append(entropy)
+        zscore, fired_at = math.nan, self.fired_at
+        if len(window) == self.config.zscore_window:
+            zscore = entropy_zscore(window)
+            if fired_at is None and self.config.entropy_control and trigger_fires(self.config, zscore):
+                fired_at = self.iteration
+        return window, zscore, fired_at
 
     def planned_passes(self) -> tuple[str, ...]:
         """The update passes the next :meth:`step` makes, in order.
@@ -231,7 +240,43 @@ class SFPO:
     # ----------------------------------------------------------------- the step
 
     def step(self, update_pass: Callable[[Any], dict], batch: Any, entropy: float | torch.Tensor | None = None) -> dict:
-        """Run one SFPO iteration on ``batch``; returns metrics (see the module docstring)."""
+        """Run one SFPO iteration on ``batch`` (the module docstring lists the stages).
+
+        Args:
+            update_pass: ``update_pass(batch) -> dict | None``, one policy-gradient pass including its
+                ``optimizer.step()``. The dict maps metric names (str) to numbers ``float()`` converts
+                (Python or numpy numbers, one-element tensors); NaN and inf pass through (a skipped
+                step's ``grad_norm``), except for the entropy below.
+            batch: handed to every pass as is.
+            entropy: this iteration's entropy for the trigger, finite; ``None``: the ``"entropy"``
+                of the first pass's metrics (required when ``config.entropy_control`` is on).
+
+        Returns:
+            every metric averaged over the passes that reported it, the last pass's values as
+            ``sfpo/last/<key>``, ``sfpo/alpha``, ``sfpo/zscore``, ``sfpo/triggered``,
+            ``sfpo/inner_steps_run``, ``sfpo/snapshot_bytes`` and the stage times
+            ``timing_s/sfpo_{snapshot,fast,reposition,slow}`` (0.0 for a stage that did not run).
+
+        Failures (``alpha_s > 0``): the step is all or nothing. An exception from a pass
+        (``KeyboardInterrupt`` included), from the check of a pass's metrics (made right after
+        that pass), from the reposition, or an unknown or non-finite entropy (checked right after
+        the first pass), restores the parameters to theta_0 and propagates; ``iteration``, the
+        entropy window and the trigger are untouched, so calling ``step`` again retries the
+        iteration and applies its update once. The snapshot is therefore held until Stage III and
+        the entropy check are done: one copy of the trainable parameters stays allocated through
+        Stage III too (``snapshot_offload="cpu"`` keeps it in pinned host memory, none on the GPU).
+
+        What SFPO cannot restore is the caller's: when pass ``j`` fails, the caller's optimizer
+        has taken the steps of passes 1..j-1 and whatever pass ``j`` did before it raised (its
+        step too when its metrics or entropy were rejected): AdamW's moments and step count
+        have advanced by those ``k`` steps, and so has anything else the passes changed
+        (gradients, RNG, an LR scheduler they step). Reload them from a checkpoint for a retry
+        bit-identical to a run that never failed.
+
+        With ``alpha_s == 0`` (plain GRPO) no snapshot is taken: if the single pass fails, or its
+        metrics or entropy are rejected, its update is not undone, exactly as in plain GRPO; the
+        schedule is still untouched.
+        """
         if entropy is not None:
             entropy = _as_entropy(entropy, "entropy")
         alpha = self.alpha
@@ -240,42 +285,44 @@ class SFPO:
         params = self._params()
         device = params[0].device if params else torch.device("cpu")
         timings = {"sfpo_snapshot": 0.0, "sfpo_fast": 0.0, "sfpo_reposition": 0.0, "sfpo_slow": 0.0}
-        passes: list[dict] = []
+        passes: list[dict[str, float]] = []
         snapshot_bytes = 0
         clock = StageClock(device)
 
-        if alpha > 0:
-            snap = sfpo_kernels.snapshot(params, offload=cfg.snapshot_offload, backend=cfg.backend)
-            snapshot_bytes = snap.nbytes
-            timings["sfpo_snapshot"] = clock.lap()
-            try:
-                try:
-                    for _ in range(plan.count("fast")):  # Stage I: the fast trajectory
-                        passes.append(_metrics_of(update_pass(batch)))
-                except BaseException:
-                    snap.restore_(params, backend=cfg.backend)  # never leave the model half-way
-                    raise
+        def run_pass() -> None:
+            nonlocal entropy
+            passes.append(_pass_metrics(update_pass(batch), len(passes) + 1, len(plan)))
+            if entropy is None and cfg.entropy_control:  # known before any later pass's result is accepted
+                entropy = _pass_entropy(passes[0])
+
+        snap = sfpo_kernels.snapshot(params, offload=cfg.snapshot_offload, backend=cfg.backend) if alpha > 0 else None
+        try:
+            if snap is not None:
+                snapshot_bytes = snap.nbytes
+                timings["sfpo_snapshot"] = clock.lap()
+                for _ in range(plan.count("fast")):  # Stage I: the fast trajectory
+                    run_pass()
                 timings["sfpo_fast"] = clock.lap()
                 if cfg.reposition and alpha < 1.0:  # Stage II
                     sfpo_kernels.reposition_(params, snap, alpha, backend=cfg.backend)
                 timings["sfpo_reposition"] = clock.lap()
-            finally:
+            if "slow" in plan:  # Stage III; with alpha 0 the only pass: plain GRPO
+                run_pass()
+                timings["sfpo_slow"] = clock.lap()
+            if entropy is None and cfg.entropy_control:  # no pass ran (K = 0 without slow correction)
+                entropy = _pass_entropy({})
+            schedule = self._with_entropy(entropy) if entropy is not None else None
+            metrics = _combine(passes)
+        except BaseException:
+            if snap is not None:
+                snap.restore_(params, backend=cfg.backend)  # never leave the model half-way
+            raise
+        finally:
+            if snap is not None:
                 snap.release()
-        if "slow" in plan:  # Stage III; with alpha 0 the only pass: plain GRPO
-            passes.append(_metrics_of(update_pass(batch)))
-            timings["sfpo_slow"] = clock.lap()
 
-        if entropy is None and cfg.entropy_control:
-            first = passes[0] if passes else {}
-            if "entropy" not in first:
-                raise ValueError(
-                    "SFPO needs this iteration's entropy: pass entropy= to step() or return 'entropy' from update_pass"
-                )
-            entropy = _as_entropy(first["entropy"], "update_pass()['entropy']")
-        if entropy is not None:
-            self._record_entropy(entropy)
-
-        metrics = _combine(passes)
+        if schedule is not None:
+            self.entropies, self.last_zscore, self.fired_at = schedule
         metrics.update({
             "sfpo/alpha": alpha,
             "sfpo/zscore": self.last_zscore,
@@ -299,24 +346,78 @@ class SFPO:
             "last_zscore": self.last_zscore,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore the schedule; the saved config must equal this one (a changed schedule cannot resume exactly)."""
-        if not isinstance(state, dict) or "iteration" not in state:
-            raise ValueError("state is not an SFPO state_dict (no 'iteration')")
-        saved = {**asdict(SFPOConfig()), **state.get("config", {})}  # older states: defaults for new fields
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore the schedule from :meth:`state_dict`, all or nothing: every entry is checked first.
+
+        ``version`` must equal :data:`STATE_VERSION`; ``iteration`` a non-negative integer;
+        ``entropies`` a list of finite numbers, at most ``zscore_window`` of them; ``fired_at``
+        None or an integer in ``[0, iteration)``; ``last_zscore`` a finite float or NaN (NaN until
+        the window fills). The saved ``config`` must equal this one in every field that shapes the schedule
+        and the update (a changed schedule cannot resume exactly); :data:`RESUMABLE_CHANGES`
+        (``snapshot_offload``, ``backend``) may differ, e.g. to offload the snapshot when resuming
+        on a smaller GPU. Older states: missing config fields take their defaults; missing
+        ``entropies`` / ``fired_at`` / ``last_zscore`` mean empty / None / NaN.
+
+        Raises:
+            ValueError: naming the offending key and value; nothing is applied.
+        """
+        if not isinstance(state, Mapping) or "iteration" not in state:
+            raise ValueError(f"state is not an SFPO state_dict (no 'iteration'), got {type(state).__name__}")
+        version = state.get("version")
+        if not _is_int(version) or version != STATE_VERSION:
+            raise ValueError(f"state['version'] is {version!r}; expected {STATE_VERSION} (a state_dict() of this SFPO)")
+        self._check_saved_config(state.get("config", {}))
+        iteration = state["iteration"]
+        if not _is_int(iteration) or iteration < 0:
+            raise ValueError(f"state['iteration'] must be a non-negative integer, got {iteration!r}")
+        entropies = state.get("entropies", [])
+        if not isinstance(entropies, (list, tuple)):
+            raise ValueError(f"state['entropies'] must be a list of finite numbers, got {entropies!r}")
+        window = [_finite_float(h) for h in entropies]
+        for i, (h, value) in enumerate(zip(entropies, window)):
+            if value is None:
+                raise ValueError(f"state['entropies'][{i}] must be a finite number, got {h!r}")
+        if len(entropies) > self.config.zscore_window:
+            raise ValueError(f"state['entropies'] holds {len(entropies)} entries, more than "
+                             f"zscore_window={self.config.zscore_window}")  # fmt: skip
+        fired_at = state.get("fired_at")
+        if fired_at is not None and not (_is_int(fired_at) and 0 <= fired_at < iteration):
+            raise ValueError(f"state['fired_at'] must be None or an integer in [0, {iteration}), got {fired_at!r}")
+        last_zscore = state.get("last_zscore", math.nan)
+        zscore = _finite_float(last_zscore, allow_nan=True)
+        if zscore is None:
+            raise ValueError(f"state['last_zscore'] must be a float or NaN, got {last_zscore!r}")
+
+        self.iteration = int(iteration)
+        self.entropies = deque(window, maxlen=self.config.zscore_window)
+        self.fired_at = None if fired_at is None else int(fired_at)
+        self.last_zscore = zscore
+
+    def _check_saved_config(self, saved) -> None:
+        if not isinstance(saved, Mapping):
+            raise ValueError(f"state['config'] must be a dict of SFPOConfig fields, got {saved!r}")
+        saved = {**asdict(SFPOConfig()), **saved}  # older states: defaults for new fields
         current = asdict(self.config)
-        names = {f.name for f in fields(SFPOConfig)}
+        names = {f.name for f in fields(SFPOConfig)} - set(RESUMABLE_CHANGES)
         diff = {k: (saved.get(k), current[k]) for k in names if saved.get(k) != current[k]}
         if diff:
             listed = ", ".join(f"{k}: saved {a!r} vs now {b!r}" for k, (a, b) in sorted(diff.items()))
             raise ValueError(f"the saved SFPO state was made with a different config ({listed})")
-        entropies = [float(x) for x in state.get("entropies", [])]
-        if len(entropies) > self.config.zscore_window or not all(math.isfinite(x) for x in entropies):
-            raise ValueError("state['entropies'] holds more entries than the window, or non-finite ones")
-        self.iteration = int(state["iteration"])
-        self.entropies = deque(entropies, maxlen=self.config.zscore_window)
-        self.fired_at = None if state.get("fired_at") is None else int(state["fired_at"])
-        self.last_zscore = float(state.get("last_zscore", math.nan))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _finite_float(value, allow_nan: bool = False) -> float | None:
+    """``float(value)`` for a real number (not a bool) that is finite (or NaN, if allowed); else None."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        x = float(value)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) or (allow_nan and math.isnan(x)) else None
 
 
 def _as_entropy(value, name: str) -> float:
@@ -329,12 +430,44 @@ def _as_entropy(value, name: str) -> float:
     return float(value)
 
 
-def _metrics_of(result) -> dict:
+def _pass_metrics(result, number: int, total: int) -> dict[str, float]:
+    """The metrics update pass ``number`` (of ``total``) returned, as floats; ``ValueError`` unless numbers."""
     if result is None:
         return {}
     if not isinstance(result, dict):
-        raise ValueError(f"update_pass must return a dict of metrics (or None), got {type(result).__name__}")
-    return result
+        raise ValueError(f"update_pass must return a dict of metrics (or None), got {type(result).__name__} "
+                         f"from update pass {number} of {total}")  # fmt: skip
+    out = {}
+    for key, value in result.items():
+        if not isinstance(key, str):
+            raise ValueError(f"update pass {number} of {total} returned a metric named {key!r}; names must be strings")
+        converted = _as_float(value)
+        if converted is None:
+            raise ValueError(f"update pass {number} of {total} returned {key}={value!r}; a metric must be a number "
+                             "(int, float, a one-element tensor)")  # fmt: skip
+        out[key] = converted
+    return out
+
+
+def _as_float(value) -> float | None:
+    """``float(value)`` for a number or a one-element real tensor; None for anything else (strings included)."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_complex()):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        return None
+
+
+def _pass_entropy(first: dict[str, float]) -> float:
+    """This iteration's entropy from the first pass's metrics, for the trigger."""
+    if "entropy" not in first:
+        raise ValueError(
+            "SFPO needs this iteration's entropy: pass entropy= to step() or return 'entropy' from update_pass"
+        )
+    return _as_entropy(first["entropy"], "update_pass()['entropy']")
 
 
 def _combine(passes: list[dict]) -> dict:

@@ -16,6 +16,8 @@ magnitude.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers.bits import assert_bit_equal, make_tensors, ulp
@@ -129,6 +131,22 @@ def test_nan_and_inf_propagate_like_torch_lerp():
         assert torch.equal(p[0].isnan(), e[0].isnan()), backend
         finite = ~e[0].isnan()
         assert torch.equal(p[0][finite], e[0][finite]), backend
+
+
+@pytest.mark.parametrize("device", kernel_devices())
+@pytest.mark.parametrize("backend", backends_here())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_alpha_zero_and_one_exact_for_signed_zeros_inf_and_nan(device, backend, dtype):
+    """A lerp is not exact here: weight 0 gives t + 0 * (snap - t) (NaN where snap is inf, +0.0 for t = -0.0)."""
+    special = [-0.0, 0.0, -0.0, math.nan, 1.0, math.inf, -math.inf, 2.0]
+    other = [0.0, -0.0, 1.0, 1.0, math.nan, 3.0, 1.0, math.inf]
+    for theta0, theta_k in ((special, other), (other, special)):
+        t0 = torch.tensor(theta0 * 9, dtype=dtype, device=device)  # 72 elements: crosses a block
+        tk = torch.tensor(theta_k * 9, dtype=dtype, device=device)
+        for alpha, want in ((0.0, t0), (1.0, tk), (0, t0), (1, tk)):
+            params = [tk.clone()]
+            sfpo_kernels.reposition_(params, sfpo_kernels.snapshot([t0], backend=backend), alpha, backend=backend)
+            assert_bit_equal(f"alpha={alpha!r}", params[0], want)
 
 
 def test_requires_grad_parameters_updated_in_place_without_autograd():

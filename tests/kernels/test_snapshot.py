@@ -137,6 +137,82 @@ def test_rejected_calls_raise_and_leave_every_tensor_unchanged(call, pattern):
         assert_bit_equal(f"snapshot value[{i}] after the rejected call", v, b)
 
 
+def _inference_tensor(t):
+    with torch.inference_mode():
+        return t.clone()
+
+
+# Tensors that pass every shape / dtype / device check but that a kernel must not write (an
+# inference tensor: torch refuses the in-place write part way through a call, Triton writes it
+# behind autograd's back) or read as raw memory (the neg bit: Triton would copy the un-negated values).
+_UNWRITABLE = [
+    pytest.param(_inference_tensor, r"tensors\[1\] is an inference tensor", id="inference"),
+    pytest.param(torch._neg_view, r"tensors\[1\] has its neg bit set", id="neg-bit"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_bad,pattern", _UNWRITABLE)
+@pytest.mark.parametrize("op", ["reposition_", "restore_"])
+def test_unwritable_tensors_rejected_before_any_write(backend, make_bad, pattern, op):
+    params = _params()
+    snap = sfpo_kernels.snapshot(params, backend=backend)
+    with torch.no_grad():
+        for p in params:
+            p.add_(1.0)
+    params[1] = make_bad(params[1])
+    before = [p.clone() for p in params]  # clone() resolves the neg bit: the values the caller sees
+    with pytest.raises(ValueError, match=pattern):
+        if op == "reposition_":
+            sfpo_kernels.reposition_(params, snap, 0.5, backend=backend)
+        else:
+            snap.restore_(params, backend=backend)
+    for i, (p, b) in enumerate(zip(params, before)):
+        assert_bit_equal(f"tensor[{i}] after the rejected {op}", p.clone(), b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("make_bad,pattern", _UNWRITABLE)
+def test_snapshot_rejects_unwritable_tensors(backend, make_bad, pattern):
+    params = _params()
+    params[1] = make_bad(params[1])
+    with pytest.raises(ValueError, match=pattern):
+        sfpo_kernels.snapshot(params, backend=backend)
+
+
+def test_conj_bit_rejected():
+    z = torch.randn(3, dtype=torch.complex64).conj()
+    assert z.is_conj()
+    with pytest.raises(ValueError, match=r"tensors\[0\]"):
+        sfpo_kernels.snapshot([z])
+
+
+@pytest.mark.parametrize("alpha", [10**400, -(10**400)], ids=["huge-int", "huge-negative-int"])
+def test_alpha_too_large_for_a_float_is_a_value_error(alpha):
+    params = _params()
+    snap = sfpo_kernels.snapshot(params)
+    with pytest.raises(ValueError, match=r"alpha must be a finite number in \[0, 1\]"):
+        sfpo_kernels.reposition_(params, snap, alpha)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda t, s, b: sfpo_kernels.snapshot(t, backend=b), id="snapshot"),
+        pytest.param(lambda t, s, b: s.restore_(t, backend=b), id="restore_"),
+        pytest.param(lambda t, s, b: sfpo_kernels.reposition_(t, s, 0.5, backend=b), id="reposition_"),
+    ],
+)
+def test_bad_backend_rejected_even_when_every_tensor_is_empty(call, monkeypatch):
+    empty = [torch.zeros(0), torch.zeros(0, 3, dtype=torch.bfloat16)]
+    snap = sfpo_kernels.snapshot(empty)
+    with pytest.raises(ValueError, match=r"backend='numba'.*triton, cuda, torch"):
+        call(empty, snap, "numba")
+    monkeypatch.setenv("SFPO_BACKEND", "pytorch")
+    with pytest.raises(ValueError, match=r"SFPO_BACKEND='pytorch'"):
+        call(empty, snap, None)
+
+
 def test_snapshot_reused_after_its_tensors_changed_shape():
     w = torch.nn.Parameter(torch.randn(6, 2))
     snap = sfpo_kernels.snapshot([w])

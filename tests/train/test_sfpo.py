@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import math
 
 import numpy as np
@@ -171,6 +172,109 @@ def test_exception_in_stage_one_restores_theta0_and_frees_the_snapshot():
     assert not [o for o in gc.get_objects() if type(o) is sfpo_kernels.Snapshot], "a snapshot outlived step()"
 
 
+def _assert_untouched(sfpo, p, theta0):
+    assert torch.equal(p.detach(), theta0), "the parameters were not restored to theta_0"
+    assert (sfpo.iteration, list(sfpo.entropies), sfpo.fired_at) == (0, [], None), "the schedule moved"
+    assert math.isnan(sfpo.last_zscore)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is sfpo_kernels.Snapshot], "a snapshot outlived step()"
+
+
+class Scripted(Counter):
+    """A :class:`Counter` pass (the parameter moves by +1) that returns (or raises) what its script says for the call."""
+
+    def __init__(self, param, script):
+        super().__init__(param, [1.0])
+        self.script = list(script)
+
+    def __call__(self, batch):
+        super().__call__(batch)
+        result = self.script[min(self.calls, len(self.script)) - 1]
+        if isinstance(result, BaseException):  # a fresh one: a raised instance keeps the step's frame alive
+            raise type(result)(*result.args)
+        return result
+
+
+OK = {"entropy": 1.0, "pg_loss": 0.5}
+
+
+# (script of pass results, calls expected before the failure surfaces, error, pattern); K = 3, so 4 passes.
+FAILURES = [
+    pytest.param([{"entropy": math.nan}], 1, ValueError, r"update_pass\(\)\['entropy'\] must be a finite number",
+                 id="nan-entropy-first-pass"),
+    pytest.param([{"pg_loss": 0.1}], 1, ValueError, "pass entropy= to step", id="missing-entropy"),
+    pytest.param([OK, {"entropy": 1.0, "pg_loss": "high"}], 2, ValueError,
+                 r"update pass 2 of 4 returned pg_loss='high'", id="non-numeric-metric"),
+    pytest.param([OK, {"pg_loss": torch.ones(3)}], 2, ValueError, r"update pass 2 of 4 returned pg_loss=",
+                 id="tensor-metric"),
+    pytest.param([OK, OK, ["not", "a", "dict"]], 3, ValueError, "must return a dict", id="not-a-dict"),
+    pytest.param([OK, OK, OK, RuntimeError("CUDA out of memory in the slow pass")], 4, RuntimeError,
+                 "slow pass", id="stage-three-raises"),
+    pytest.param([OK, OK, OK, KeyboardInterrupt()], 4, KeyboardInterrupt, None, id="stage-three-interrupted"),
+    pytest.param([OK, OK, OK, {"entropy": 1.0, "pg_loss": None}], 4, ValueError, r"update pass 4 of 4 returned pg_loss",
+                 id="bad-metric-in-stage-three"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("script,calls,error,pattern", FAILURES)
+@pytest.mark.parametrize("offload", ["none", "cpu"])
+def test_any_failure_in_a_step_restores_theta0_and_keeps_the_schedule(script, calls, error, pattern, offload):
+    p = torch.nn.Parameter(torch.arange(5.0))
+    theta0 = p.detach().clone()
+    update = Scripted(p, script)
+    sfpo = SFPO([p], SFPOConfig(inner_steps=3, alpha=0.5, zscore_window=2, snapshot_offload=offload))
+    with pytest.raises(error, match=pattern):
+        sfpo.step(update, None)
+    assert update.calls == calls, "the failure must surface right after the pass that caused it"
+    _assert_untouched(sfpo, p, theta0)
+
+
+def test_a_retry_after_a_failed_step_applies_the_update_once():
+    def run(failing_calls):
+        p = torch.nn.Parameter(torch.arange(4.0, dtype=torch.float64))
+        opt = torch.optim.SGD([p], lr=0.1)  # stateless: a retry must land exactly where a clean step does
+        calls = []
+
+        def update_pass(_batch):
+            opt.zero_grad()
+            (p * p).sum().backward()
+            opt.step()
+            calls.append(1)
+            if len(calls) in failing_calls:
+                raise RuntimeError("transient failure")
+            return {"entropy": 1.0}
+
+        sfpo = SFPO([p], SFPOConfig(inner_steps=2, alpha=0.5))
+        for _ in failing_calls:
+            with pytest.raises(RuntimeError, match="transient"):
+                sfpo.step(update_pass, None)
+        sfpo.step(update_pass, None)
+        return p.detach().clone(), sfpo.state_dict()
+
+    clean = run(())
+    for failing in [(3,), (1, 3)]:  # Stage III fails; the first fast pass fails, then the retry's second one
+        retried = run(failing)
+        assert torch.equal(retried[0], clean[0]) and retried[1] == clean[1], failing
+
+
+def test_alpha0_failure_is_not_undone_but_the_schedule_is_untouched():
+    """Documented: with alpha 0 (plain GRPO) no snapshot is taken, so a failing pass's update stays."""
+    p = torch.nn.Parameter(torch.arange(3.0))
+    update = Scripted(p, [{"pg_loss": "nan?"}])
+    sfpo = SFPO([p], SFPOConfig(alpha=0.0, zscore_window=2))
+    with pytest.raises(ValueError, match=r"update pass 1 of 1 returned pg_loss"):
+        sfpo.step(update, None)
+    assert update.calls == 1 and torch.equal(p.detach(), torch.arange(3.0) + 1)
+    assert (sfpo.iteration, list(sfpo.entropies), sfpo.fired_at) == (0, [], None)
+
+
+def test_non_finite_metrics_other_than_entropy_pass_through():
+    """A skipped optimizer step reports grad_norm=inf (verl's rule): a metric, not an error."""
+    p = torch.nn.Parameter(torch.zeros(2))
+    metrics = SFPO([p], SFPOConfig(inner_steps=1)).step(lambda _b: {"entropy": 1.0, "grad_norm": math.inf}, None)
+    assert metrics["grad_norm"] == math.inf and metrics["sfpo/last/grad_norm"] == math.inf
+
+
 def test_no_snapshot_survives_a_step():
     p = torch.nn.Parameter(torch.zeros(1000))
     SFPO([p], SFPOConfig()).step(Counter(p, [1.0]), None)
@@ -281,6 +385,68 @@ def test_missing_entropy_is_an_error_with_entropy_control():
     with pytest.raises(ValueError, match="pass entropy= to step"):
         SFPO([p], SFPOConfig(alpha=0.0)).step(lambda _b: {"pg_loss": 0.0}, None)
     SFPO([p], SFPOConfig(entropy_control=False)).step(lambda _b: {"pg_loss": 0.0}, None)  # no entropy needed
+
+
+def _state(**changes):
+    sfpo = SFPO([torch.nn.Parameter(torch.zeros(2))], SFPOConfig(zscore_window=3))
+    for h in (1.0, 2.0, 1.5, 1.2):
+        sfpo.step(lambda _b: {}, None, entropy=h)
+    state = sfpo.state_dict()
+    state.update(changes)
+    return state
+
+
+@pytest.mark.parametrize(
+    "changes,pattern",
+    [
+        ({"iteration": -7}, r"state\['iteration'\] must be a non-negative integer, got -7"),
+        ({"iteration": 3.7}, r"state\['iteration'\] must be a non-negative integer, got 3.7"),
+        ({"iteration": True}, r"state\['iteration'\]"),
+        ({"iteration": "4"}, r"state\['iteration'\]"),
+        ({"entropies": "12"}, r"state\['entropies'\] must be a list of finite numbers, got '12'"),
+        ({"entropies": 5}, r"state\['entropies'\] must be a list"),
+        ({"entropies": [1.0, "x"]}, r"state\['entropies'\]\[1\] must be a finite number, got 'x'"),
+        ({"entropies": [1.0, math.nan]}, r"state\['entropies'\]\[1\] must be a finite number, got nan"),
+        ({"entropies": [1.0] * 4}, r"state\['entropies'\] holds 4 entries, more than zscore_window=3"),
+        ({"version": 999}, r"state\['version'\] is 999.*expected 1"),
+        ({"version": None}, r"state\['version'\]"),
+        ({"fired_at": 4}, r"state\['fired_at'\] must be None or an integer in \[0, 4\), got 4"),
+        ({"fired_at": -1}, r"state\['fired_at'\].*got -1"),
+        ({"fired_at": 1.5}, r"state\['fired_at'\].*got 1.5"),
+        ({"last_zscore": "big"}, r"state\['last_zscore'\] must be a float or NaN, got 'big'"),
+        ({"last_zscore": 10**400}, r"state\['last_zscore'\] must be a float or NaN"),
+        ({"entropies": [10**400]}, r"state\['entropies'\]\[0\] must be a finite number"),
+        ({"config": None}, r"state\['config'\] must be a dict"),
+        ({"config": {"zscore_window": 4}}, r"zscore_window: saved 4 vs now 3"),
+    ],
+)  # fmt: skip
+def test_load_state_dict_validates_everything_before_applying(changes, pattern):
+    target = SFPO([torch.nn.Parameter(torch.zeros(2))], SFPOConfig(zscore_window=3))
+    target.step(lambda _b: {}, None, entropy=0.25)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=pattern):
+        target.load_state_dict(_state(**changes))
+    after = target.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k] == before[k] or (k == "last_zscore" and math.isnan(after[k]) and math.isnan(before[k]))
+               for k in before), "a rejected state was half-applied"  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", [None, [1, 2], "state"], ids=["none", "list", "str"])
+def test_load_state_dict_rejects_non_mappings(bad):
+    with pytest.raises(ValueError, match="not an SFPO state_dict"):
+        SFPO([torch.nn.Parameter(torch.zeros(2))]).load_state_dict(bad)
+
+
+def test_load_state_dict_accepts_another_offload_and_backend():
+    """Where theta_0 lives and which kernels copy it do not change the schedule: resuming on a smaller GPU works."""
+    state = _state()
+    resumed = SFPO([torch.nn.Parameter(torch.zeros(2))], SFPOConfig(zscore_window=3, snapshot_offload="cpu",
+                                                                     backend="torch"))  # fmt: skip
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # through JSON, as the verl worker stores it
+    got = resumed.state_dict()
+    assert {k: v for k, v in got.items() if k != "config"} == {k: v for k, v in state.items() if k != "config"}
+    assert got["config"]["snapshot_offload"] == "cpu" and got["config"]["backend"] == "torch"
 
 
 def test_load_state_dict_rejects_another_config():
