@@ -6,17 +6,30 @@ current stream, so it builds without torch headers and loads into any torch
 build. It is compiled on first use for the current GPU's architecture and
 cached under ``$SFPO_CACHE_DIR`` (default ``~/.cache/sfpo``), keyed by the
 source hash, the architecture and the nvcc version.
+
+The cache is code this process will run, so it is guarded: the directory is
+created with mode 0700 (one that others may write to is refused), each library
+has its sha256 recorded beside it (``<lib>.sha256``) when it is built, and a
+library whose bytes no longer match (or that has no record) is rebuilt, with a
+warning, before it is loaded. A per-library ``<lib>.lock`` (``fcntl.flock``)
+serialises the check and the build, so concurrent processes build it once and
+never see a library without its record (nvcc's output differs from build to
+build, so two unsynchronised builds could pair one's library with the other's hash).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import os
 import re
 import shutil
+import stat
 import subprocess
 import tempfile
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -57,8 +70,9 @@ def cache_dir() -> Path:
 def build(arch: str, out_dir: Path | None = None) -> Path:
     """Compile ``csrc/multi_tensor.cu`` for ``arch`` (e.g. ``"sm_90"``) and return the ``.so`` path.
 
-    Reuses a cached build with the same source, architecture and nvcc; writes
-    atomically so concurrent processes never load a half-written library.
+    Reuses a cached build with the same source, architecture and nvcc whose
+    bytes match its recorded sha256; writes atomically, under a lock, so
+    concurrent processes never load a half-written or unrecorded library.
     """
     if not (isinstance(arch, str) and re.fullmatch(r"sm_\d+a?", arch)):
         raise ValueError(f"arch={arch!r} is not a CUDA architecture like 'sm_90'")
@@ -67,25 +81,80 @@ def build(arch: str, out_dir: Path | None = None) -> Path:
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(src.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
     out_dir = Path(out_dir) if out_dir is not None else cache_dir()
+    _private_dir(out_dir)
     lib = out_dir / f"libsfpo_multi_tensor-{arch}-{key}.so"
-    if lib.is_file():
-        return lib
-    out_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(lib.with_name(lib.name + ".lock")):
+        problem = _cached_problem(lib)
+        if problem is None:
+            return lib
+        if problem != "missing":
+            warnings.warn(f"sfpo cuda backend: the cached library {lib} {problem}; rebuilding it", stacklevel=2)
+        _compile(nvcc, src, arch, lib)
+    return lib
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` with mode 0700; refuse an existing one that others may write to."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = path.stat().st_mode
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"the sfpo cache directory {path} is writable by other users (mode {stat.filemode(mode)}): "
+                           f"a library there could be replaced; chmod 700 it or set SFPO_CACHE_DIR to a private one")
+
+
+def _digest_path(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _cached_problem(lib: Path) -> str | None:
+    """Why the cached ``lib`` cannot be loaded ("missing", ...), or None when it matches its recorded sha256."""
+    if not lib.is_file():
+        return "missing"
+    digest = _digest_path(lib)
+    if not digest.is_file():
+        return f"has no recorded sha256 ({digest.name})"
+    recorded = digest.read_text().strip()
+    actual = _sha256(lib)
+    if actual != recorded:
+        return f"does not match its recorded sha256 (recorded {recorded[:16]}..., found {actual[:16]}...)"
+    return None
+
+
+def _compile(nvcc: str, src: Path, arch: str, lib: Path) -> None:
+    """nvcc into a temporary directory, then the sha256 record and the library renamed into place."""
     compute = "compute_" + arch[3:]
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+    with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         tmp_lib = Path(tmp) / lib.name
         cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
                f"-gencode=arch={compute},code={arch}", "-o", str(tmp_lib), str(src)]  # fmt: skip
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed building {src} for {arch}:\n{proc.stderr}")
+        tmp_digest = Path(tmp) / _digest_path(lib).name
+        tmp_digest.write_text(_sha256(tmp_lib) + "\n")
+        os.replace(tmp_digest, _digest_path(lib))
         os.replace(tmp_lib, lib)
-    return lib
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """Hold an exclusive ``flock`` on ``path`` (created 0600) for the ``with`` block."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 @lru_cache(maxsize=None)
 def load(arch: str) -> ctypes.CDLL:
-    """Build if needed and load the library for ``arch``; cached per process."""
+    """Build if needed (or if the cached copy fails its sha256 check) and load the library for ``arch``; cached per
+    process."""
     lib = ctypes.CDLL(str(build(arch)))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.sfpo_mt_copy.argtypes = [ptr, i64, i64, i64, ctypes.c_int, ctypes.c_int, ptr]

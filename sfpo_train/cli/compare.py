@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, run_compare
@@ -42,8 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     print(f"sfpo compare: GRPO vs SFPO on preset {args.preset!r} ({args.algorithm}), seeds 1..{args.seeds}, "
           f"{len(ARM_SLUGS) * args.seeds} runs", flush=True)  # fmt: skip
-    result = run_compare(args.preset, seeds=args.seeds, steps=args.steps, out_dir=args.out, algorithm=args.algorithm,
-                         overrides=args.overrides, progress=not args.no_progress)  # fmt: skip
+    from sfpo_train.trainer.run_guard import StopInterrupt
+
+    try:
+        result = run_compare(args.preset, seeds=args.seeds, steps=args.steps, out_dir=args.out,
+                             algorithm=args.algorithm, overrides=args.overrides, progress=not args.no_progress)  # fmt: skip
+    except StopInterrupt as e:  # the run in progress saved a checkpoint; the finished ones are complete
+        print(f"sfpo compare: {e}\nsfpo compare: finish that run with: sfpo train --resume {shlex.quote(e.run_dir)}; "
+              f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))}",
+              file=sys.stderr)  # fmt: skip
+        return e.exit_code
     print(f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "
           f"and {result.files['report.html']}")  # fmt: skip
     headline = os.path.join(result.report_dir, "report.md")

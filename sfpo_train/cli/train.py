@@ -16,12 +16,25 @@ Each run writes runs/<experiment_name>/: config.yaml (the resolved config),
 metrics.jsonl and metrics.csv (one row per iteration, verl's metric names:
 critic/score/mean, actor/pg_loss, actor/entropy, timing_s/gen, sfpo/alpha, ...),
 and checkpoints/global_step_<N>/ (a transformers model directory plus the
-optimizer, LR scheduler, SFPO, RNG and data-order state).
+optimizer, LR scheduler, SFPO, RNG and data-order state, and the config).
+
+One process at a time per run directory: a second sfpo train on it (new or
+--resume) fails at once naming the holder's pid (an flock on <run>/.lock, which
+the kernel drops when its holder dies, so a killed run never leaves a stale lock).
+Ctrl-C or SIGTERM finishes the current iteration, saves a checkpoint, prints the
+--resume command and exits with 130 (SIGINT) or 143 (SIGTERM); a second signal
+aborts at once. --resume continues from the newest intact checkpoint (warning
+about any newer one it skips). A run stopped before its first checkpoint (killed,
+crashed) has nothing to resume: run the same command again (same
+trainer.experiment_name) and it starts over from step 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
+import warnings
 
 import sfpo_train.trainer.config as config_lib
 
@@ -36,8 +49,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="verl's recipe applied after the preset: grpo, drgrpo (no std, seq-mean-token-sum-norm), "
                              "dapo (clip-higher 0.28, token-mean, dynamic sampling); SFPO wraps any of them")  # fmt: skip
     parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its latest checkpoint (its saved config is used; "
-                             "only trainer.total_training_steps/save_freq/test_freq/progress_bar may be overridden)")  # fmt: skip
+                        help="continue the run in RUN_DIR from its newest intact checkpoint (its saved config is used "
+                             "and must match the checkpoint's; only trainer.total_training_steps/save_freq/test_freq/"
+                             "progress_bar may be overridden). A run stopped before its first checkpoint cannot be "
+                             "resumed: run its sfpo train command again (same trainer.experiment_name) to restart it "
+                             "from step 0")  # fmt: skip
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML and exit without training")  # fmt: skip
 
@@ -48,6 +64,34 @@ def epilog() -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    from sfpo_train.trainer.run_guard import RunWarning, StopInterrupt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RunWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RunWarning):
+                print(f"sfpo train: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            return _train(args)
+        except StopInterrupt as e:
+            if e.checkpoint is None:
+                print(f"sfpo train: {e}; run the same command again to start over", file=sys.stderr)
+            else:
+                print(f"sfpo train: {e}\nsfpo train: continue with: sfpo train --resume {shlex.quote(e.run_dir)}",
+                      file=sys.stderr)  # fmt: skip
+            return e.exit_code
+        except KeyboardInterrupt:
+            print("\nsfpo train: interrupted; no checkpoint was written for the current step", file=sys.stderr)
+            return 130
+
+
+def _train(args: argparse.Namespace) -> int:
     from sfpo_train.trainer import Trainer
 
     if args.resume:

@@ -151,7 +151,7 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
         f"(before the entropy trigger) {_spread(head['active_step_time_ratio'], '{:.2f}x')}. Generation is "
         f"{_spread(head['grpo_gen_share_pct'], '{:.0f}%')} of a GRPO step here.",
         f"Extra memory of SFPO ({head['memory_reading'].iloc[0]}): {_spread(head['extra_memory_gb'], '{:+.3f} GB')}; "
-        f"its snapshot of theta_0 (held from before the fast passes to the reposition): {_spread(head['sfpo_snapshot_mb'], '{:.2f} MB')}.",
+        f"its snapshot of theta_0 (held from the fast passes through the slow one): {_spread(head['sfpo_snapshot_mb'], '{:.2f} MB')}.",
     ]  # fmt: skip
 
     # why each seed left out of the rollouts / wall-clock verdicts is not measurable
@@ -191,7 +191,7 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
     extra = head["extra_memory_gb"].max()
     verdicts.append(f"Memory: paper: {PAPER['memory']}; here SFPO's peak is {extra:+.3f} GB against GRPO's "
                     f"({head['memory_reading'].iloc[0]}); by design SFPO holds one copy of the trainable parameters "
-                    "(the snapshot) during the fast passes, 0 with snapshot_offload=cpu."
+                    "(the snapshot) from the fast passes through the slow one, 0 with snapshot_offload=cpu."
                     + ("" if head["memory_reading"].iloc[0].startswith("GPU") else
                        " On the CPU the RSS difference is only indicative (the runs of one compare share a process "
                        "and the allocator keeps freed memory); the snapshot's size is exact."))  # fmt: skip

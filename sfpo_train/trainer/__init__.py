@@ -4,7 +4,8 @@
 - :mod:`.actor`: log-probs and the PPO update pass SFPO wraps (verl's actor counterpart)
 - :mod:`.collect`: rollouts, rewards, dynamic sampling; :mod:`.rollout` the engines (HF generate, vLLM)
 - :mod:`.algos`: advantages, micro-batch weights, LR schedule
-- :mod:`.checkpoint`, :mod:`.metrics_log`: what a run writes
+- :mod:`.checkpoint`, :mod:`.metrics_log`: what a run writes; :mod:`.run_guard`: one process per run,
+  atomic writes, Ctrl-C / SIGTERM
 - :mod:`.config`: the config tree (verl's key names), presets, validation
 - :mod:`.data`, :mod:`.reward`, :mod:`.batch`, :mod:`.profiler`
 """

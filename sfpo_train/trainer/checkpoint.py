@@ -3,70 +3,247 @@
 Each holds what a resumed run needs to reach the same weights as an
 uninterrupted one: ``model/`` (a transformers directory with the tokenizer) and
 ``trainer_state.pt`` (optimizer, LR scheduler, SFPO state, RNG states, data
-position, counters). A checkpoint is written under a temporary name and renamed
-into place, then ``latest_checkpointed_iteration.txt`` (verl's marker) is
-replaced atomically, so a kill never leaves half a checkpoint behind.
+position, counters, and the run's resolved config as YAML text). A checkpoint
+is written under a per-process temporary name and renamed into place, then
+``latest_checkpointed_iteration.txt`` (verl's marker) is replaced atomically,
+so a kill never leaves half a checkpoint behind.
+
+``trainer_state.pt`` holds only tensors and plain data (the RNG states as
+tensors and numbers, not numpy or Python objects) and is read with
+``torch.load(weights_only=True)``: a planted or older file that needs
+unpickling of arbitrary objects is refused, never executed.
+
+Resuming (:func:`find_resumable`) does not trust the marker: it tries the
+``global_step_*`` directories newest first and takes the first whose model
+directory and state both load, warning about each one it skips and why.
 """
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import pickle
 import random
+import re
 import shutil
+import warnings
 
 import numpy as np
 import torch
 
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic
+
+CONFIG_FILE = "config.yaml"
 CHECKPOINT_PREFIX = "global_step_"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "trainer_state.pt"
+STATE_FORMAT = 2  # 2: weights-only (tensors and plain data) with the config; 1 (unversioned): pickled RNG objects
+_STEP_DIR = re.compile(rf"{CHECKPOINT_PREFIX}(\d+)")
 
 
 def rng_state() -> dict:
-    """Python's, numpy's and torch's (CPU and every CUDA device's) RNG states."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Python's, numpy's and torch's (CPU and every CUDA device's) RNG states, as tensors and plain numbers."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }  # fmt: skip
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py = state["python"]
+    random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["cached_gaussian"]))  # fmt: skip
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(run_dir: str, global_step: int, model, tokenizer, state: dict) -> str:
-    """Write ``checkpoints/global_step_<global_step>/`` (model, tokenizer, ``state``) and mark it the latest."""
+    """Write ``checkpoints/global_step_<global_step>/`` (model, tokenizer, ``state``) and mark it the latest.
+
+    The caller holds the run's lock (:func:`~sfpo_train.trainer.run_guard.lock_run_dir`), so temporary
+    directories left by an earlier, killed process are removed here.
+    """
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"{CHECKPOINT_PREFIX}{global_step}")
-    tmp = final + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in glob.glob(os.path.join(root, f"{CHECKPOINT_PREFIX}*.tmp*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    for stale in glob.glob(os.path.join(root, f"{LATEST_FILE}.tmp*")):
+        os.remove(stale)
+    tmp = tmp_name(final)
     os.makedirs(tmp)
     model.save_pretrained(os.path.join(tmp, "model"))
     tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save(state, os.path.join(tmp, STATE_FILE))
+    torch.save({**state, "format": STATE_FORMAT}, os.path.join(tmp, STATE_FILE))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    with open(os.path.join(root, LATEST_FILE + ".tmp"), "w") as f:
-        f.write(str(global_step))
-    os.replace(os.path.join(root, LATEST_FILE + ".tmp"), os.path.join(root, LATEST_FILE))
+    write_atomic(os.path.join(root, LATEST_FILE), str(global_step))
     return final
 
 
 def load_state(checkpoint: str) -> dict:
-    """The ``trainer_state.pt`` of a checkpoint directory."""
-    return torch.load(os.path.join(checkpoint, STATE_FILE), map_location="cpu", weights_only=False)
+    """The ``trainer_state.pt`` of a checkpoint directory, read weights-only; ``ValueError`` naming the file."""
+    path = os.path.join(checkpoint, STATE_FILE)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file's name
+        needs = re.search(r"GLOBAL (\S+)", str(e))
+        if isinstance(e, pickle.UnpicklingError) and needs:
+            raise ValueError(f"{path} is not a weights-only trainer state (it needs {needs[1]}), so it is not loaded: "
+                             f"unpickling it could run code. Checkpoints of sfpo before state format {STATE_FORMAT} "
+                             "cannot be resumed; one you did not write should be deleted") from None  # fmt: skip
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {first}); truncated or not a torch file?") from None
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        found = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{path} has state format {found!r}, this sfpo reads format {STATE_FORMAT}")
+    return state
 
 
 def latest_checkpoint(run_dir: str) -> str | None:
     """The checkpoint the latest marker names, or None (no marker, or its directory is gone)."""
     root = os.path.join(run_dir, "checkpoints")
-    marker = os.path.join(root, LATEST_FILE)
+    step = _marker_step(os.path.join(root, LATEST_FILE))
+    if step is None:
+        return None
+    path = os.path.join(root, f"{CHECKPOINT_PREFIX}{step}")
+    return path if os.path.isdir(path) else None
+
+
+def _marker_step(marker: str) -> int | None:
     if not os.path.isfile(marker):
         return None
     with open(marker) as f:
-        path = os.path.join(root, f"{CHECKPOINT_PREFIX}{int(f.read().strip())}")
-    return path if os.path.isdir(path) else None
+        text = f.read().strip()
+    if not text.isdigit():
+        raise ValueError(f"{marker} holds {text[:40]!r}, not a step number")
+    return int(text)
+
+
+def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
+    """``(step, path)`` of every ``checkpoints/global_step_<N>`` directory, newest first (temporaries excluded)."""
+    root = os.path.join(run_dir, "checkpoints")
+    found = []
+    for name in os.listdir(root) if os.path.isdir(root) else []:
+        match = _STEP_DIR.fullmatch(name)
+        if match and os.path.isdir(os.path.join(root, name)):
+            found.append((int(match[1]), os.path.join(root, name)))
+    return sorted(found, reverse=True)
+
+
+def find_resumable(run_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint whose model directory and state both load, with its state; None if there is none.
+
+    Each newer one skipped (and a marker naming something else) is reported with a :class:`RunWarning`;
+    ``ValueError`` listing every checkpoint and its problem when none of them loads.
+    """
+    skipped = []
+    marker = os.path.join(run_dir, "checkpoints", LATEST_FILE)
+    try:
+        marked = _marker_step(marker)
+    except ValueError as e:
+        marked = None
+        skipped.append(f"ignored {e}")
+    candidates = checkpoint_dirs(run_dir)
+    if marked is not None and marked not in [step for step, _ in candidates]:
+        skipped.append(f"{marker} names {CHECKPOINT_PREFIX}{marked}, which does not exist")
+    for step, path in candidates:
+        try:
+            _check_model_dir(os.path.join(path, "model"))
+            state = load_state(path)
+            if state.get("global_step") != step:
+                raise ValueError(f"{os.path.join(path, STATE_FILE)} is for step {state.get('global_step')!r}, not {step}")
+        except ValueError as e:
+            skipped.append(f"skipped {path}: {e}")
+            continue
+        if skipped:
+            warnings.warn(f"resuming {run_dir} from {path}; " + "; ".join(skipped), RunWarning, stacklevel=2)
+        return path, state
+    if candidates:
+        raise ValueError(f"no checkpoint of {run_dir} can be resumed: " + "; ".join(skipped))
+    if skipped:
+        warnings.warn(f"{run_dir}: " + "; ".join(skipped), RunWarning, stacklevel=2)
+    return None
+
+
+def _check_model_dir(model_dir: str) -> None:
+    """``ValueError`` naming the file unless ``model_dir`` has a readable config.json and complete weights."""
+    config = os.path.join(model_dir, "config.json")
+    try:
+        with open(config) as f:
+            json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config} cannot be read ({type(e).__name__}: {e})") from None
+    from safetensors import safe_open
+
+    weights = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+    if not weights and not glob.glob(os.path.join(model_dir, "pytorch_model*.bin")):
+        raise ValueError(f"{model_dir} holds no model weights (*.safetensors)")
+    for path in weights:
+        try:
+            with safe_open(path, "pt"):  # reads the header; a truncated file does not cover its tensors
+                pass
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+            raise ValueError(f"{path} cannot be read ({e})") from None
+
+
+# ----------------------------------------------------------------- a run directory without a checkpoint
+
+
+def restart_reason(run_dir: str) -> str | None:
+    """Why a new run may reuse ``run_dir`` (None: it holds no run); ``ValueError`` if it holds one to keep.
+
+    A run with ``config.yaml`` but no checkpoint that did not finish was stopped before its first
+    checkpoint (killed, or it crashed): there is nothing to resume, so it is started again.
+    """
+    config_path = os.path.join(run_dir, CONFIG_FILE)
+    if not os.path.exists(config_path):
+        return None
+    keep = ValueError(f"run directory {run_dir!r} already holds a run: continue it with --resume {run_dir}, "
+                      "or choose another trainer.experiment_name")  # fmt: skip
+    if checkpoint_dirs(run_dir):
+        raise keep
+    logged, total = logged_steps(run_dir), None
+    try:
+        total = config_lib.config_from_yaml(config_path).trainer.total_training_steps
+    except ValueError:
+        pass  # an unreadable config.yaml and no checkpoint: nothing there can be resumed
+    if logged is not None and total is not None and logged >= total:
+        raise keep  # it finished without checkpoints (trainer.save_freq <= 0): its metrics are its result
+    return (f"{run_dir} holds a run stopped before its first checkpoint ({logged if logged is not None else '?'} of "
+            f"{total if total is not None else '?'} steps logged, nothing to resume): starting it again from step 0, "
+            "replacing its config.yaml and metrics")  # fmt: skip
+
+
+def logged_steps(run_dir: str) -> int | None:
+    """The last training step in ``metrics.jsonl`` (0 if none), or None if the file cannot be read."""
+    from sfpo_train.trainer.metrics_log import MetricsLog
+
+    try:
+        rows = MetricsLog(run_dir).read()
+    except ValueError:
+        return None
+    return max((int(r.get("training/global_step", 0)) for r in rows), default=0)
+
+
+def clear_run(run_dir: str) -> None:
+    """Remove what a stopped run wrote before its first checkpoint (metrics, temporaries, the vLLM copy)."""
+    for name in ("metrics.jsonl", "metrics.csv"):
+        path = os.path.join(run_dir, name)
+        if os.path.exists(path):
+            os.remove(path)
+    for name in ("checkpoints", "rollout_model"):
+        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)

@@ -22,9 +22,11 @@ import re
 from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
+import torch
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from sfpo_kernels._backend import BACKENDS, resolve_backend
 from sfpo_kernels.fused_loss import GRPOLossOptions
 from sfpo_train.sfpo import SFPOConfig, settings_schema
 
@@ -33,6 +35,17 @@ ROLLOUT_NAMES = ("hf", "vllm")
 LR_SCHEDULERS = ("constant", "cosine")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+LOSS_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # csrc/ has the multi-tensor kernels, no fused loss
+# The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's.
+RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar")
+# The fields of the loss options and of SFPOConfig, as the keys that set them (their errors name the key).
+LOSS_OPTION_KEYS = {
+    "temperature": "actor_rollout_ref.rollout.temperature", "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
+    "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high", "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
+    "kl_coef": "actor_rollout_ref.actor.kl_loss_coef", "kl_type": "actor_rollout_ref.actor.kl_loss_type",
+    "entropy_coef": "actor_rollout_ref.actor.entropy_coeff", "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
+}  # fmt: skip
+SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
 
 
 # --------------------------------------------------------------------------- the tree (verl's names)
@@ -315,12 +328,38 @@ def load_config(preset: str = "default", overrides: list[str] | None = None, alg
 
 def config_from_yaml(path: str) -> DictConfig:
     """A run's saved ``config.yaml`` checked against the current schema."""
-    loaded = OmegaConf.load(path)
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    return parse_config(text, path)
+
+
+def parse_config(text: str, source: str) -> DictConfig:
+    """The YAML ``text`` of a resolved config (``source`` names it in errors) merged onto the schema."""
     cfg = OmegaConf.structured(TrainerConfig)
     try:
+        loaded = OmegaConf.create(text)
+        if not isinstance(loaded, DictConfig):
+            raise ValueError(f"a mapping of config sections, got {type(loaded).__name__}")
         return OmegaConf.merge(cfg, loaded)
-    except OmegaConfBaseException as e:
-        raise ValueError(f"{path} is not a config this trainer can read: {str(e).splitlines()[0]}") from None
+    except (OmegaConfBaseException, ValueError) as e:  # yaml's errors are ValueErrors too
+        raise ValueError(f"{source} is not a config this trainer can read: {str(e).splitlines()[0]}") from None
+
+
+def config_diff(a: DictConfig, b: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """``key: (value in a, value in b)`` for every key whose values differ."""
+    out = {}
+    for key in config_keys():
+        va, vb = (_plain(OmegaConf.select(c, key)) for c in (a, b))
+        if va != vb:
+            out[key] = (va, vb)
+    return out
+
+
+def _plain(value):
+    return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def validate(cfg: DictConfig) -> None:
@@ -369,12 +408,32 @@ def validate(cfg: DictConfig) -> None:
     for key in ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "custom_reward_function.path"):
         value = OmegaConf.select(cfg, key)
         need(value is None or os.path.exists(value), key, "an existing path")
-    # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work.
+    need(actor.kernel_backend is None or actor.kernel_backend in LOSS_BACKENDS, "actor_rollout_ref.actor.kernel_backend",
+         f"null or one of {', '.join(LOSS_BACKENDS)} (the cuda backend has no fused loss)")
+    # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work,
+    # named by the key that set it.
     try:
         loss_options(cfg)
+    except ValueError as e:
+        field_name = str(e).split("=")[0].split(" ")[0]
+        if field_name not in LOSS_OPTION_KEYS:
+            raise
+        raise ValueError(LOSS_OPTION_KEYS[field_name] + str(e)[len(field_name):]) from None
+    try:
         sfpo_config(cfg)
     except ValueError as e:
-        raise ValueError(f"{e} (from the actor_rollout_ref.actor.* keys)") from None
+        raise ValueError(re.sub(r"\bSFPOConfig\.", SFPO_KEY_PREFIX, str(e))) from None
+    device = cfg.trainer.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    for key in ("actor_rollout_ref.actor.kernel_backend", "actor_rollout_ref.actor.sfpo.backend"):
+        backend = OmegaConf.select(cfg, key)
+        if backend is not None:
+            try:
+                resolve_backend(backend, torch.device(device))
+            except ValueError as e:
+                raise ValueError(f"{key}={backend!r} cannot run with trainer.device={cfg.trainer.device} "
+                                 f"({device}): {e}") from None  # fmt: skip
 
 
 # --------------------------------------------------------------------------- config -> the parts it builds
@@ -464,7 +523,9 @@ KEY_HELP: dict[str, str] = {
     "algorithm.filter_groups.enable": "DAPO dynamic sampling: drop groups with equal rewards, refill the batch",
     "algorithm.filter_groups.metric": "what must differ within a group: score, or acc (a reward dict's 'acc' entry, else the score)",
     "algorithm.filter_groups.max_num_gen_batches": "give up after this many generation batches (<= 0: never)",
-    "custom_reward_function.path": "a .py file with compute_score(data_source, solution_str, ground_truth, extra_info)",
+    "custom_reward_function.path": "a .py file with compute_score(data_source, solution_str, ground_truth, extra_info); "
+                                   "it is imported, so its code runs as the user running sfpo train (as in verl): "
+                                   "only give a file you trust",
     "custom_reward_function.name": "the function's name in that file",
     "trainer.project_name": "project name (recorded in the run's config)",
     "trainer.experiment_name": "run name; the run lives in default_local_dir/experiment_name (default: preset-kind-time)",

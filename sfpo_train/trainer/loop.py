@@ -22,6 +22,7 @@ import contextlib
 import os
 import random
 import time
+import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -32,6 +33,7 @@ import sfpo_train.trainer.config as config_lib
 from sfpo_kernels import reference
 from sfpo_train.sfpo import SFPO
 from sfpo_train.trainer import checkpoint as ckpt
+from sfpo_train.trainer import run_guard
 from sfpo_train.trainer.actor import Actor
 from sfpo_train.trainer.algos import grpo_advantages, lr_lambda
 from sfpo_train.trainer.batch import TrainBatch
@@ -42,7 +44,7 @@ from sfpo_train.trainer.profiler import StageProfiler
 from sfpo_train.trainer.reward import load_reward_fn
 from sfpo_train.trainer.rollout import HFRollout, VLLMRollout
 
-RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar")
+RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -117,44 +119,67 @@ class Trainer:
         self.rollouts_total = 0
         self.elapsed_s = 0.0
         self.last_val: dict = {}
+        self._saved_step: int | None = None  # the step of this run's newest checkpoint, written or resumed from
 
     # ----------------------------------------------------------------- construction
 
     @classmethod
     def create(cls, cfg: DictConfig, *, preset: str = "default") -> Trainer:
-        """A new run under ``trainer.default_local_dir/<experiment_name>``; refuses to overwrite one."""
+        """A new run under ``trainer.default_local_dir/<experiment_name>``; refuses to overwrite one.
+
+        Every key is validated before anything is created; then the run directory is locked
+        (:func:`~sfpo_train.trainer.run_guard.lock_run_dir`). A run directory whose run was stopped
+        before its first checkpoint is started again (with a warning); one with a checkpoint, or a
+        finished one, is refused.
+        """
         if cfg.trainer.experiment_name is None:
             kind = "sfpo" if cfg.actor_rollout_ref.actor.sfpo.enable else "grpo"
             cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+        config_lib.validate(cfg)
         run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
-        if os.path.exists(os.path.join(run_dir, "config.yaml")):
-            raise ValueError(f"run directory {run_dir!r} already holds a run: continue it with --resume {run_dir}, "
-                             "or choose another trainer.experiment_name")  # fmt: skip
-        trainer = cls(cfg, run_dir)
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(config_lib.to_yaml(cfg))
+        created = run_guard.lock_run_dir(run_dir)
+        try:
+            restart = ckpt.restart_reason(run_dir)
+            if restart is not None:
+                warnings.warn(restart, run_guard.RunWarning, stacklevel=2)
+            trainer = cls(cfg, run_dir)
+            if restart is not None:
+                ckpt.clear_run(run_dir)
+            run_guard.write_atomic(os.path.join(run_dir, ckpt.CONFIG_FILE), config_lib.to_yaml(cfg))
+        except BaseException:
+            if created:  # leave nothing behind a failed start
+                run_guard.unlock_run_dir(run_dir, remove=True)
+            raise
         return trainer
 
     @classmethod
     def resume(cls, run_dir: str, overrides: list[str] | None = None) -> Trainer:
-        """Continue the run in ``run_dir`` from its latest checkpoint (``overrides`` limited to RESUMABLE_KEYS)."""
-        path = os.path.join(run_dir, "config.yaml")
+        """Continue the run in ``run_dir`` from its newest intact checkpoint (``overrides`` limited to RESUMABLE_KEYS).
+
+        ``config.yaml`` must still equal the checkpoint's config except for RESUMABLE_KEYS.
+        """
+        path = os.path.join(run_dir, ckpt.CONFIG_FILE)
         if not os.path.isfile(path):
             raise ValueError(f"--resume {run_dir!r}: not a run directory (no config.yaml)")
-        cfg = config_lib.config_from_yaml(path)
         for item in overrides or []:
             key = item.split("=", 1)[0].lstrip("+")
             if key not in RESUMABLE_KEYS:
                 raise ValueError(f"--resume: {key} cannot change in a resumed run (only {', '.join(RESUMABLE_KEYS)})")
+        run_guard.lock_run_dir(run_dir)
+        cfg = config_lib.config_from_yaml(path)
         cfg = config_lib.apply_overrides(cfg, list(overrides or []), "command line")
-        checkpoint = ckpt.latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise ValueError(f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq)")
+        found = ckpt.find_resumable(run_dir)
+        if found is None:
+            raise ValueError(f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq); one stopped "
+                             f"before its first checkpoint ({ckpt.logged_steps(run_dir)} steps logged) starts again "
+                             "from step 0 when you run its sfpo train command again (same "
+                             "trainer.experiment_name)")  # fmt: skip
+        checkpoint, state = found
+        _check_same_config(config_lib.parse_config(state.get("config", ""), os.path.join(checkpoint, ckpt.STATE_FILE)),
+                           cfg, path)  # fmt: skip
         trainer = cls(cfg, run_dir, checkpoint=checkpoint)
-        trainer._load_checkpoint(checkpoint)
-        with open(path, "w") as f:
-            f.write(config_lib.to_yaml(cfg))
+        trainer._load_checkpoint(state)
+        run_guard.write_atomic(path, config_lib.to_yaml(cfg))
         return trainer
 
     def _build_model(self, checkpoint: str | None):
@@ -286,12 +311,14 @@ class Trainer:
             "global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(), "sfpo": self.sfpo.state_dict(),
             "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "rollouts_total": self.rollouts_total,
-            "elapsed_s": self.elapsed_s, "last_val": self.last_val,
+            "elapsed_s": self.elapsed_s, "last_val": self.last_val, "config": config_lib.to_yaml(self.cfg),
         }  # fmt: skip
-        return ckpt.save_checkpoint(self.run_dir, self.global_step, self.model, self.tokenizer, state)
+        path = ckpt.save_checkpoint(self.run_dir, self.global_step, self.model, self.tokenizer, state)
+        self._saved_step = self.global_step
+        return path
 
-    def _load_checkpoint(self, path: str) -> None:
-        state = ckpt.load_state(path)
+    def _load_checkpoint(self, state: dict) -> None:
+        """Restore everything but the model (built from the checkpoint) from a :func:`ckpt.load_state` dict."""
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.sfpo.load_state_dict(state["sfpo"])
@@ -303,11 +330,20 @@ class Trainer:
         ckpt.set_rng_state(state["rng"])
         self.rollout.sync_weights(self.model)
         self.log.truncate_after(self.global_step)
+        self._saved_step = self.global_step
 
     # ----------------------------------------------------------------- the loop
 
     def fit(self, stop_after: int | None = None) -> list[dict]:
-        """Train to ``trainer.total_training_steps`` (or ``stop_after`` more steps); returns the steps' metrics."""
+        """Train to ``trainer.total_training_steps`` (or ``stop_after`` more steps); returns the steps' metrics.
+
+        SIGINT / SIGTERM stop it after the current step with a checkpoint there:
+        :class:`~sfpo_train.trainer.run_guard.StopInterrupt` says where. The previous handlers are back on return.
+        """
+        with run_guard.StopOnSignal() as stop:
+            return self._fit(stop_after, stop)
+
+    def _fit(self, stop_after: int | None, stop: run_guard.StopOnSignal) -> list[dict]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg.trainer
@@ -322,6 +358,8 @@ class Trainer:
                    desc=self.cfg.trainer.experiment_name)  # fmt: skip
         try:
             while self.global_step < total and (stop_after is None or len(history) < stop_after):
+                if stop.signum is not None:  # set by the handler during the previous step (or validation)
+                    raise self._stopped(stop.signum)
                 metrics = self.train_step()
                 last = self.global_step == total
                 if last or (cfg.test_freq > 0 and self.global_step % cfg.test_freq == 0):
@@ -345,6 +383,15 @@ class Trainer:
             self.log.write_csv()
         return history
 
+    def _stopped(self, signum: int) -> run_guard.StopInterrupt:
+        """The stop on ``signum``, with a checkpoint at the current step (saved now unless it exists)."""
+        checkpoint = None
+        if self.global_step > 0:
+            if self._saved_step != self.global_step:
+                self.save_checkpoint()
+            checkpoint = os.path.join(self.run_dir, "checkpoints", f"{ckpt.CHECKPOINT_PREFIX}{self.global_step}")
+        return run_guard.StopInterrupt(signum, self.global_step, self.run_dir, checkpoint)
+
     def _postfix(self, metrics: dict) -> dict:
         out = {"reward": f"{metrics['critic/score/mean']:.3f}", "entropy": f"{metrics['actor/entropy']:.3f}",
                "alpha": f"{metrics['sfpo/alpha']:.2f}"}  # fmt: skip
@@ -352,6 +399,17 @@ class Trainer:
         if val is not None:
             out["val"] = f"{val:.3f}"
         return out
+
+
+def _check_same_config(saved: DictConfig, cfg: DictConfig, path: str) -> None:
+    """``ValueError`` naming every key outside RESUMABLE_KEYS whose value in ``cfg`` differs from the checkpoint's."""
+    diff = {k: v for k, v in config_lib.config_diff(saved, cfg).items() if k not in RESUMABLE_KEYS}
+    if diff:
+        listed = "; ".join(f"{k}: checkpoint {a!r}, config.yaml {b!r}" for k, (a, b) in sorted(diff.items())[:12])
+        more = f" (and {len(diff) - 12} more)" if len(diff) > 12 else ""
+        raise ValueError(f"{path} does not match the run's checkpoint in {len(diff)} key(s) that cannot change in a "
+                         f"resumed run: {listed}{more}; restore it (only {', '.join(RESUMABLE_KEYS)} may change, as "
+                         "--resume overrides)")  # fmt: skip
 
 
 def _default_paths() -> dict:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
+
+from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic
 
 
 class MetricsLog:
@@ -19,23 +22,39 @@ class MetricsLog:
             f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
 
     def read(self) -> list[dict]:
+        """The rows; a torn (unparseable) last line, what a kill mid-write leaves, is dropped with a warning.
+
+        A bad line anywhere else is a ``ValueError`` naming the file and the line.
+        """
         if not os.path.exists(self.jsonl):
             return []
         with open(self.jsonl) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [(number, line) for number, line in enumerate(f, 1) if line.strip()]
+        rows = []
+        for i, (number, line) in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.jsonl}, line {number}: not a JSON row ({e}); only a torn last line "
+                                     "(a kill mid-write) is dropped on its own") from None  # fmt: skip
+                warnings.warn(f"{self.jsonl}, line {number}: dropped a torn last row ({len(line)} characters, {e})",
+                              RunWarning, stacklevel=2)  # fmt: skip
+        return rows
 
     def truncate_after(self, step: int) -> None:
-        """Drop rows past ``step`` (a resumed run re-does them)."""
+        """Drop rows past ``step`` (a resumed run re-does them), and a torn last line; one atomic rewrite."""
         rows = [r for r in self.read() if r.get("training/global_step", 0) <= step]
-        with open(self.jsonl, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+        write_atomic(self.jsonl, "".join(json.dumps(r) + "\n" for r in rows))
 
     def write_csv(self) -> None:
         import pandas as pd
 
         rows = self.read()
         if rows:
-            pd.DataFrame(rows).to_csv(self.csv, index=False)
+            tmp = tmp_name(self.csv)
+            pd.DataFrame(rows).to_csv(tmp, index=False)
+            os.replace(tmp, self.csv)
 
 
 def _jsonable(value):

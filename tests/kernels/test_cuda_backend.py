@@ -3,8 +3,9 @@
 Everywhere nvcc runs (CI included, no GPU needed): the library builds for more
 than one architecture, holds device code for exactly the architecture asked
 for, is reused from its cache, exports its three C symbols, loads without a
-GPU and reports its own errors; the backend refuses CPU tensors before it
-writes anything.
+GPU and reports its own errors; the cache is private (0700) and a cached
+library that does not match its recorded sha256 is rebuilt before it is loaded;
+the backend refuses CPU tensors before it writes anything.
 
 On a GPU: the cuda, triton and torch backends and ``sfpo_kernels.reference``
 agree bit for bit over every dtype, odd sizes and views that start off the
@@ -15,8 +16,11 @@ copy out of GPU memory.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import math
+import re
 import shutil
+import stat
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,9 +106,8 @@ def test_builds_one_library_per_architecture_with_that_architectures_code(built)
         sm = int(arch[3:])
         assert entries, f"{arch}: no device code embedded in {lib.name}"
         assert set(entries) == {("elf", sm)}, f"{arch}: expected only sm_{sm} cubins, found {entries}"
-    assert sorted(p.name for p in built["sm_90"].parent.iterdir()) == sorted(p.name for p in built.values()), (
-        "the build left temporary files behind"
-    )
+    expected = sorted(p.name + suffix for p in built.values() for suffix in ("", ".lock", ".sha256"))
+    assert sorted(p.name for p in built["sm_90"].parent.iterdir()) == expected, "the build left temporary files behind"
 
 
 def test_second_build_reuses_the_cached_library(built, monkeypatch):
@@ -116,6 +119,56 @@ def test_second_build_reuses_the_cached_library(built, monkeypatch):
     assert _cuda_lib.build("sm_90") == lib
     assert lib.stat().st_mtime_ns == before, "the cached library was rebuilt"
     assert sorted(lib.parent.iterdir()) == files_before
+
+
+def _recorded_sha256(lib: Path) -> str:
+    return lib.with_name(lib.name + ".sha256").read_text().strip()
+
+
+def test_build_records_the_sha256_in_a_private_cache_directory(tmp_path, monkeypatch):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not on the PATH: the cuda backend cannot be built here")
+    cache = tmp_path / "home" / "cache" / "sfpo"  # created by the build
+    monkeypatch.setenv("SFPO_CACHE_DIR", str(cache))
+    lib = _cuda_lib.build("sm_90")
+    assert stat.S_IMODE(cache.stat().st_mode) == 0o700, f"cache directory mode {stat.filemode(cache.stat().st_mode)}"
+    assert _recorded_sha256(lib) == hashlib.sha256(lib.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("tamper, message", [
+    pytest.param("flip-byte", "does not match its recorded sha256", id="library-changed"),
+    pytest.param("drop-record", "has no recorded sha256", id="record-missing"),
+])  # fmt: skip
+def test_a_tampered_cached_library_is_rebuilt_before_it_is_loaded(built, tmp_path, monkeypatch, tamper, message):
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o700)
+    src = built["sm_90"]
+    lib = cache / src.name
+    shutil.copy(src, lib)
+    shutil.copy(src.with_name(src.name + ".sha256"), cache)
+    monkeypatch.setenv("SFPO_CACHE_DIR", str(cache))
+    assert _cuda_lib.build("sm_90") == lib  # intact: reused as it is
+    data = bytearray(lib.read_bytes())
+    if tamper == "flip-byte":
+        data[len(data) // 2] ^= 0xFF  # what a planted library would look like: other bytes under the same name
+        lib.write_bytes(bytes(data))
+    else:
+        lib.with_name(lib.name + ".sha256").unlink()
+    with pytest.warns(UserWarning, match=re.escape(f"cached library {lib} {message}")):
+        loaded = _cuda_lib.load.__wrapped__("sm_90")
+    assert hasattr(loaded, "sfpo_mt_lerp")
+    rebuilt = lib.read_bytes()
+    assert rebuilt != bytes(data), "the tampered bytes are still there"
+    assert _recorded_sha256(lib) == hashlib.sha256(rebuilt).hexdigest()
+
+
+def test_a_cache_directory_others_can_write_is_refused(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    with pytest.raises(RuntimeError, match=f"cache directory {shared} is writable by other users"):
+        _cuda_lib.build("sm_90", out_dir=shared)
+    assert list(shared.iterdir()) == [], "a refused cache must not be written"
 
 
 def test_library_loads_without_a_gpu_and_exports_the_c_api(built):

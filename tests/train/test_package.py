@@ -88,7 +88,8 @@ def test_ci_requires_the_extras_the_test_command_installs(monkeypatch):
     from helpers.optional import import_or_skip
 
     ci = (ROOT / ".ci" / "run").read_text()
-    assert "export SFPO_REQUIRE=verl" in ci
+    required = re.search(r"export SFPO_REQUIRE=(\S+)", ci).group(1).split(",")
+    assert {"verl", "hypothesis"} <= set(required)
     assert "verl" in re.search(r"<!-- test-command -->\n```bash\n(.+)\n```", (ROOT / "README.md").read_text()).group(1)
     monkeypatch.setenv("SFPO_REQUIRE", "verl,sfpo_no_such_package")
     with pytest.raises(ModuleNotFoundError):

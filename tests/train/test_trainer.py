@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -186,7 +187,12 @@ def test_kl_loss_against_the_reference_model(tiny_model_dir, data_files, tmp_pat
     ("actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=3", "ppo_micro_batch_size_per_gpu must be a divisor"),
     ("data.train_files=/nonexistent/train.parquet", "data.train_files must be an existing path"),
     ("actor_rollout_ref.model.path=/nonexistent/model", "actor_rollout_ref.model.path must be an existing path"),
-    ("actor_rollout_ref.actor.sfpo.alpha=1.5", "SFPOConfig.alpha must be in"),
+    ("actor_rollout_ref.actor.sfpo.alpha=1.5", "actor_rollout_ref.actor.sfpo.alpha must be in [0, 1], got 1.5"),
+    ("actor_rollout_ref.actor.kernel_backend=bogus", "actor_rollout_ref.actor.kernel_backend must be null or one of "
+                                                     "triton, torch"),
+    ("actor_rollout_ref.actor.kernel_backend=cuda", "actor_rollout_ref.actor.kernel_backend must be null or one of"),
+    ("actor_rollout_ref.actor.clip_ratio_low=1.5", "actor_rollout_ref.actor.clip_ratio_low must be in [0, 1)"),
+    ("actor_rollout_ref.actor.kl_loss_type=k9", "actor_rollout_ref.actor.kl_loss_type='k9' is not supported"),
     ("actor_rollout_ref.actor.loss_agg_mode=mean", "loss_agg_mode='mean' is not supported"),
     ("actor_rollout_ref.rollout.n=0", "actor_rollout_ref.rollout.n must be >= 1"),
     ("trainer.device=tpu", "trainer.device must be one of"),
@@ -194,7 +200,7 @@ def test_kl_loss_against_the_reference_model(tiny_model_dir, data_files, tmp_pat
     ("not_a_key_value", "must look like key=value"),
 ])  # fmt: skip
 def test_bad_config_is_rejected_before_any_work(tiny_model_dir, data_files, tmp_path, override, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         Trainer.create(make_config(tiny_model_dir, data_files, tmp_path, override))
     assert not (tmp_path / "run").exists()  # nothing written
 
