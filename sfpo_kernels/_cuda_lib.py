@@ -76,12 +76,12 @@ def build(arch: str, out_dir: Path | None = None) -> Path:
     """
     if not (isinstance(arch, str) and re.fullmatch(r"sm_\d+a?", arch)):
         raise ValueError(f"arch={arch!r} is not a CUDA architecture like 'sm_90'")
+    out_dir = Path(out_dir) if out_dir is not None else cache_dir()
+    _private_dir(out_dir)  # before anything else: a directory others control is refused whatever else holds
     src = source_path()
     nvcc = nvcc_path()
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256(src.read_bytes() + arch.encode() + version.encode()).hexdigest()[:16]
-    out_dir = Path(out_dir) if out_dir is not None else cache_dir()
-    _private_dir(out_dir)
     lib = out_dir / f"libsfpo_multi_tensor-{arch}-{key}.so"
     with _locked(lib.with_name(lib.name + ".lock")):
         problem = _cached_problem(lib)
@@ -94,12 +94,22 @@ def build(arch: str, out_dir: Path | None = None) -> Path:
 
 
 def _private_dir(path: Path) -> None:
-    """Create ``path`` with mode 0700; refuse an existing one that others may write to."""
+    """Create ``path`` with mode 0700; refuse an existing one that is a symlink, another user's, or writable by others.
+
+    The recorded sha256 beside each library catches a corrupted or swapped file;
+    only this check keeps other users from replacing both the library and its record.
+    """
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
-    if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise RuntimeError(f"the sfpo cache directory {path} is writable by other users (mode {stat.filemode(mode)}): "
-                           f"a library there could be replaced; chmod 700 it or set SFPO_CACHE_DIR to a private one")
+    info = path.lstat()
+    hint = "; set SFPO_CACHE_DIR to a directory of your own (it is created 0700)"
+    if stat.S_ISLNK(info.st_mode):
+        raise RuntimeError(f"the sfpo cache directory {path} is a symlink: a library there could be replaced{hint}")
+    if hasattr(os, "getuid") and info.st_uid != os.getuid():
+        raise RuntimeError(f"the sfpo cache directory {path} belongs to uid {info.st_uid}, not to you "
+                           f"(uid {os.getuid()}): a library there could be replaced{hint}")  # fmt: skip
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise RuntimeError(f"the sfpo cache directory {path} is writable by other users (mode "
+                           f"{stat.filemode(info.st_mode)}): a library there could be replaced; chmod 700 it{hint}")  # fmt: skip
 
 
 def _digest_path(lib: Path) -> Path:

@@ -41,10 +41,11 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: list[torch.Tensor], alpha
     (a lerp with weight 0 or 1 is exact for finite values only: ``-0.0`` and NaN).
     Traffic: read 2N, write N (the limit a fused kernel can reach).
     """
+    pairs = list(zip(tensors, snap, strict=True))  # a count mismatch fails at every alpha, 1 included
     if alpha == 1.0:
         return
     with torch.no_grad():
-        for t, s in zip(tensors, snap, strict=True):
+        for t, s in pairs:
             if alpha == 0.0:
                 t.copy_(s)
                 continue

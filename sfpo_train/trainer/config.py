@@ -35,9 +35,13 @@ ROLLOUT_NAMES = ("hf", "vllm")
 LR_SCHEDULERS = ("constant", "cosine")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 LOSS_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # csrc/ has the multi-tensor kernels, no fused loss
 # The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's.
-RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar")
+# What may change when a run resumes: its length and bookkeeping, and where / with which kernels SFPO keeps
+# theta_0 (not schedule: SFPO.load_state_dict accepts them, e.g. offload to resume on a smaller GPU).
+RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar",
+                  "actor_rollout_ref.actor.sfpo.snapshot_offload", "actor_rollout_ref.actor.sfpo.backend")  # fmt: skip
 # The fields of the loss options and of SFPOConfig, as the keys that set them (their errors name the key).
 LOSS_OPTION_KEYS = {
     "temperature": "actor_rollout_ref.rollout.temperature", "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
@@ -389,6 +393,16 @@ def validate(cfg: DictConfig) -> None:
     need(rollout.temperature > 0, "actor_rollout_ref.rollout.temperature", "> 0 (it divides the logits)")
     need(0 < rollout.top_p <= 1, "actor_rollout_ref.rollout.top_p", "in (0, 1]")
     need(rollout.val_kwargs.n == 1, "actor_rollout_ref.rollout.val_kwargs.n", "1 (one response per test prompt)")
+    for prefix, sampling in (("actor_rollout_ref.rollout", rollout), ("actor_rollout_ref.rollout.val_kwargs",
+                                                                      rollout.val_kwargs)):  # fmt: skip
+        need(0 < sampling.top_p <= 1, f"{prefix}.top_p", "in (0, 1]")
+    need(rollout.val_kwargs.temperature >= 0, "actor_rollout_ref.rollout.val_kwargs.temperature", ">= 0")
+    need(arr.model.attn_implementation in ATTN_IMPLEMENTATIONS, "actor_rollout_ref.model.attn_implementation",
+         f"one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    name = cfg.trainer.experiment_name
+    need(name is None or (name.strip() not in ("", ".", "..") and "/" not in name and os.sep not in name),
+         "trainer.experiment_name", "a plain directory name (no path separators, not empty, '.' or '..')")
+    need(bool(cfg.custom_reward_function.name), "custom_reward_function.name", "the name of a function")
     need(0 < rollout.gpu_memory_utilization <= 1, "actor_rollout_ref.rollout.gpu_memory_utilization", "in (0, 1]")
     need(cfg.algorithm.adv_estimator in ADV_ESTIMATORS, "algorithm.adv_estimator", f"one of {', '.join(ADV_ESTIMATORS)}")
     need(cfg.algorithm.filter_groups.metric in ("acc", "score"), "algorithm.filter_groups.metric", "acc or score")
@@ -403,6 +417,8 @@ def validate(cfg: DictConfig) -> None:
     need(0 <= optim.lr_warmup_steps_ratio <= 1, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "in [0, 1]")
     need(0 <= optim.min_lr_ratio <= 1, "actor_rollout_ref.actor.optim.min_lr_ratio", "in [0, 1]")
     need(optim.clip_grad > 0, "actor_rollout_ref.actor.optim.clip_grad", "> 0")
+    need(optim.weight_decay >= 0, "actor_rollout_ref.actor.optim.weight_decay", ">= 0")
+    need(optim.eps > 0, "actor_rollout_ref.actor.optim.eps", "> 0")
     need(cfg.trainer.device in DEVICES, "trainer.device", f"one of {', '.join(DEVICES)}")
     need(not actor.use_kl_loss or actor.kl_loss_coef >= 0, "actor_rollout_ref.actor.kl_loss_coef", ">= 0")
     for key in ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "custom_reward_function.path"):

@@ -378,6 +378,8 @@ class Trainer:
                     save_seconds = time.perf_counter() - start
                 bar.update(1)
                 bar.set_postfix(self._postfix(metrics), refresh=False)
+            if stop.signum is not None:  # the signal came during the last step: still a stop, not a success
+                raise self._stopped(stop.signum)
         finally:
             bar.close()
             self.log.write_csv()

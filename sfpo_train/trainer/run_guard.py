@@ -66,7 +66,15 @@ def lock_run_dir(run_dir: str) -> bool:
         os.close(fd)
         raise ValueError(f"run directory {run_dir!r} is in use by another sfpo train (pid {_holder(path)}, "
                          f"see {path}); wait for it to finish or stop it first") from None  # fmt: skip
-    if os.fstat(fd).st_ino != os.stat(path).st_ino:  # the file was removed (unlock_run_dir) while we waited on it
+    except OSError as e:  # ENOLCK / EOPNOTSUPP: a file system without flock (some network mounts)
+        os.close(fd)
+        raise ValueError(f"run directory {run_dir!r}: cannot lock {path} ({e.strerror}); put runs on a local "
+                         "file system (trainer.default_local_dir)") from None  # fmt: skip
+    try:
+        same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:  # removed by unlock_run_dir between our open and flock
+        same_file = False
+    if not same_file:  # we hold a lock on a file that is no longer the run's lock: take the new one
         os.close(fd)
         return lock_run_dir(run_dir)
     os.ftruncate(fd, 0)

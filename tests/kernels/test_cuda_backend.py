@@ -171,6 +171,19 @@ def test_a_cache_directory_others_can_write_is_refused(tmp_path):
     assert list(shared.iterdir()) == [], "a refused cache must not be written"
 
 
+def test_a_symlinked_or_foreign_cache_directory_is_refused(tmp_path, monkeypatch):
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(private, target_is_directory=True)
+    with pytest.raises(RuntimeError, match=f"cache directory {link} is a symlink"):
+        _cuda_lib.build("sm_90", out_dir=link)
+    monkeypatch.setattr(_cuda_lib.os, "getuid", lambda: private.stat().st_uid + 1)  # as another user sees it
+    with pytest.raises(RuntimeError, match=f"cache directory {private} belongs to uid"):
+        _cuda_lib.build("sm_90", out_dir=private)
+    assert list(private.iterdir()) == []
+
+
 def test_library_loads_without_a_gpu_and_exports_the_c_api(built):
     for arch, path in built.items():
         lib = ctypes.CDLL(str(path))  # cudart is linked statically: no driver needed to load

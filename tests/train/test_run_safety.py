@@ -378,3 +378,41 @@ def test_pickle_payload_would_run_code_unguarded(tmp_path):
     marker = tmp_path / "ran"
     pickle.loads(pickle.dumps(_Payload(marker)))
     assert marker.exists()
+
+
+_DIE_IN_SAVE = """
+import os, signal, sys
+import torch
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer import Trainer
+
+real_save = torch.save
+
+def save_then_die(obj, path, *args, **kwargs):  # the kill lands while step 2's checkpoint is half written
+    if isinstance(obj, dict) and obj.get("global_step") == 2:
+        with open(path, "wb") as f:
+            f.write(b"half a trainer state")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(obj, path, *args, **kwargs)
+
+torch.save = save_then_die
+Trainer.create(config_lib.load_config("smoke", sys.argv[1:])).fit()
+"""
+
+
+def test_a_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny, three_checkpoints, tmp_path):
+    """The half-written checkpoint is never used, its leftovers go at the next save, the weights match."""
+    _, final = three_checkpoints
+    overrides = [*tiny, f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=run",
+                 "trainer.progress_bar=false", "trainer.save_freq=1", "trainer.val_before_train=false"]  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", _DIE_IN_SAVE, *overrides], capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert (checkpoints / "global_step_1").is_dir() and not (checkpoints / "global_step_2").exists()
+    assert any(".tmp" in p.name for p in checkpoints.iterdir()), "the kill should leave the half-written checkpoint"
+    resumed = Trainer.resume(str(tmp_path / "run"))
+    assert resumed.global_step == 1
+    resumed.fit()
+    assert_equal_weights(model_weights(resumed), final)
+    assert not [p.name for p in checkpoints.iterdir() if ".tmp" in p.name]

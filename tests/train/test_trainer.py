@@ -198,6 +198,13 @@ def test_kl_loss_against_the_reference_model(tiny_model_dir, data_files, tmp_pat
     ("trainer.device=tpu", "trainer.device must be one of"),
     ("actor_rollout_ref.actor.sfpo.trigger=sideways", "trigger must be one of up, abs, down"),
     ("not_a_key_value", "must look like key=value"),
+    ("actor_rollout_ref.actor.optim.eps=-1", "actor_rollout_ref.actor.optim.eps must be > 0"),
+    ("actor_rollout_ref.actor.optim.weight_decay=-1", "actor_rollout_ref.actor.optim.weight_decay must be >= 0"),
+    ("actor_rollout_ref.rollout.val_kwargs.top_p=7", "actor_rollout_ref.rollout.val_kwargs.top_p must be in (0, 1]"),
+    ("actor_rollout_ref.rollout.val_kwargs.temperature=-1", "val_kwargs.temperature must be >= 0"),
+    ("actor_rollout_ref.model.attn_implementation=bogus", "attn_implementation must be one of sdpa"),
+    ("trainer.experiment_name=../escape", "trainer.experiment_name must be a plain directory name"),
+    ("trainer.experiment_name=.", "trainer.experiment_name must be a plain directory name"),
 ])  # fmt: skip
 def test_bad_config_is_rejected_before_any_work(tiny_model_dir, data_files, tmp_path, override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
