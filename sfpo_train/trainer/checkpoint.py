@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer.metrics_log import MetricsLog
 from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic
 
 CONFIG_FILE = "config.yaml"
@@ -230,8 +231,6 @@ def restart_reason(run_dir: str) -> str | None:
 
 def logged_steps(run_dir: str) -> int | None:
     """The last training step in ``metrics.jsonl`` (0 if none), or None if the file cannot be read."""
-    from sfpo_train.trainer.metrics_log import MetricsLog
-
     try:
         rows = MetricsLog(run_dir).read()
     except ValueError:
@@ -240,10 +239,13 @@ def logged_steps(run_dir: str) -> int | None:
 
 
 def clear_run(run_dir: str) -> None:
-    """Remove what a stopped run wrote before its first checkpoint (metrics, temporaries, the vLLM copy)."""
+    """Remove what a stopped run wrote before its first checkpoint (metrics, checkpoint temporaries).
+
+    Called once the new run's trainer is built, so ``rollout_model/`` (the vLLM engine's copy of the
+    weights, just rewritten by that trainer and read by its live engine) is kept.
+    """
     for name in ("metrics.jsonl", "metrics.csv"):
         path = os.path.join(run_dir, name)
         if os.path.exists(path):
             os.remove(path)
-    for name in ("checkpoints", "rollout_model"):
-        shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+    shutil.rmtree(os.path.join(run_dir, "checkpoints"), ignore_errors=True)

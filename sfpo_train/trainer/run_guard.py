@@ -24,7 +24,6 @@ LOCK_FILE = ".lock"
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal number, as shells report it
 
 
-
 class RunWarning(UserWarning):
     """Something about a run directory the user should know (a skipped checkpoint, a dropped torn line, a restart)."""
 
