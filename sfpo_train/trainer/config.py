@@ -28,7 +28,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sfpo_kernels._backend import BACKENDS, resolve_backend
 from sfpo_kernels.fused_loss import GRPOLossOptions
-from sfpo_train.sfpo import SFPOConfig, settings_schema
+from sfpo_train.sfpo import RESUMABLE_CHANGES, SFPOConfig, settings_schema
 
 ADV_ESTIMATORS = ("grpo",)
 ROLLOUT_NAMES = ("hf", "vllm")
@@ -37,11 +37,12 @@ MODEL_DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
 LOSS_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # csrc/ has the multi-tensor kernels, no fused loss
-# The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's.
-# What may change when a run resumes: its length and bookkeeping, and where / with which kernels SFPO keeps
-# theta_0 (not schedule: SFPO.load_state_dict accepts them, e.g. offload to resume on a smaller GPU).
+SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
+# The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's:
+# its length and bookkeeping, and the SFPO settings that are not schedule (SFPO.load_state_dict accepts a
+# change of them, e.g. offloading the snapshot to resume on a smaller GPU).
 RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar",
-                  "actor_rollout_ref.actor.sfpo.snapshot_offload", "actor_rollout_ref.actor.sfpo.backend")  # fmt: skip
+                  *(SFPO_KEY_PREFIX + name for name in RESUMABLE_CHANGES))  # fmt: skip
 # The fields of the loss options and of SFPOConfig, as the keys that set them (their errors name the key).
 LOSS_OPTION_KEYS = {
     "temperature": "actor_rollout_ref.rollout.temperature", "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
@@ -49,7 +50,6 @@ LOSS_OPTION_KEYS = {
     "kl_coef": "actor_rollout_ref.actor.kl_loss_coef", "kl_type": "actor_rollout_ref.actor.kl_loss_type",
     "entropy_coef": "actor_rollout_ref.actor.entropy_coeff", "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
 }  # fmt: skip
-SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
 
 
 # --------------------------------------------------------------------------- the tree (verl's names)
@@ -456,13 +456,11 @@ def validate(cfg: DictConfig) -> None:
 
 
 def loss_options(cfg: DictConfig) -> GRPOLossOptions:
-    actor = cfg.actor_rollout_ref.actor
-    return GRPOLossOptions(
-        temperature=cfg.actor_rollout_ref.rollout.temperature, clip_ratio_low=actor.clip_ratio_low,
-        clip_ratio_high=actor.clip_ratio_high, clip_ratio_c=actor.clip_ratio_c,
-        kl_coef=actor.kl_loss_coef if actor.use_kl_loss else 0.0, kl_type=actor.kl_loss_type,
-        entropy_coef=actor.entropy_coeff, loss_agg_mode=actor.loss_agg_mode,
-    )  # fmt: skip
+    """The loss's options, each read from its key in :data:`LOSS_OPTION_KEYS` (no KL term without use_kl_loss)."""
+    values = {name: OmegaConf.select(cfg, key) for name, key in LOSS_OPTION_KEYS.items()}
+    if not cfg.actor_rollout_ref.actor.use_kl_loss:
+        values["kl_coef"] = 0.0
+    return GRPOLossOptions(**values)
 
 
 def sfpo_config(cfg: DictConfig) -> SFPOConfig:

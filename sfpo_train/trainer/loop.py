@@ -65,7 +65,7 @@ class Trainer:
     """Build with :meth:`create` (a new run) or :meth:`resume` (a run directory), then :meth:`fit`."""
 
     def __init__(self, cfg: DictConfig, run_dir: str, *, checkpoint: str | None = None):
-        config_lib.validate(cfg)
+        # cfg is validated: create() and resume() check every key before they touch the run directory
         self.cfg, self.run_dir = cfg, run_dir
         self.device = resolve_device(cfg.trainer.device)
         arr = cfg.actor_rollout_ref
@@ -168,6 +168,7 @@ class Trainer:
         run_guard.lock_run_dir(run_dir)
         cfg = config_lib.config_from_yaml(path)
         cfg = config_lib.apply_overrides(cfg, list(overrides or []), "command line")
+        config_lib.validate(cfg)
         found = ckpt.find_resumable(run_dir)
         if found is None:
             raise ValueError(f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq); one stopped "
