@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 
-from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic
+from sfpo_train.trainer.run_guard import RunWarning, write_atomic
 
 
 class MetricsLog:
@@ -52,9 +52,7 @@ class MetricsLog:
 
         rows = self.read()
         if rows:
-            tmp = tmp_name(self.csv)
-            pd.DataFrame(rows).to_csv(tmp, index=False)
-            os.replace(tmp, self.csv)
+            write_atomic(self.csv, pd.DataFrame(rows).to_csv(index=False))
 
 
 def _jsonable(value):
