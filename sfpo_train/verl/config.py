@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -134,6 +134,17 @@ def normalize_sfpo_config(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
                     actor.pop(key, None)
         actor_rollout_ref["sfpo"] = settings.to_dict()
     return settings
+
+
+def resolve_fused_kernels(settings: VerlSFPOSettings, device: str) -> VerlSFPOSettings:
+    """``fused_kernels="auto"`` settled for a run on ``device``: on for CUDA runs with SFPO on, off otherwise.
+
+    With SFPO off, auto stays off so that the run is verl's own; ``true``
+    still turns the kernels on.
+    """
+    if settings.fused_kernels != "auto":
+        return settings
+    return replace(settings, fused_kernels=settings.enable and device == "cuda")
 
 
 # --------------------------------------------------------------------------- conf/sfpo_trainer.yaml

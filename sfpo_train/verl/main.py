@@ -20,31 +20,53 @@ import hydra
 from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
 
 
-def prepare_config(config) -> None:
-    """Normalise the SFPO keys (out of verl's ``ActorConfig``) and check the run can host SFPO, in place."""
-    from sfpo_train.verl.config import normalize_sfpo_config
+def prepare_config(config):
+    """Normalise the SFPO keys (out of verl's ``ActorConfig``), settle ``fused_kernels``, check the run; in place.
+
+    ``fused_kernels="auto"`` becomes a plain bool here (on for CUDA runs with SFPO
+    on, off otherwise), so the driver and every worker agree on it. Returns the
+    :class:`~sfpo_train.verl.config.VerlSFPOSettings`.
+    """
+    from sfpo_train.verl.config import normalize_sfpo_config, resolve_fused_kernels
 
     settings = normalize_sfpo_config(config.actor_rollout_ref)
-    if not settings.enable:
-        return
+    settings = resolve_fused_kernels(settings, config.trainer.get("device", "cuda"))
+    config.actor_rollout_ref.sfpo.fused_kernels = settings.fused_kernels  # what every worker reads
+    if not needs_sfpo_runner(settings):
+        return settings
+    what = "SFPO" if settings.enable else "fused_kernels=true"
     if not config.trainer.get("use_v1", True):
-        raise ValueError("SFPO runs on verl's v1 trainer; trainer.use_v1=False (the legacy trainer) is not supported")
+        raise ValueError(f"{what} runs on verl's v1 trainer; trainer.use_v1=False (the legacy trainer) is not supported")
     mode = config.trainer.v1.get("trainer_mode", "sync")
     if mode != "sync":
-        raise ValueError(f"SFPO wraps verl's synchronous trainer; trainer.v1.trainer_mode={mode!r} is not supported")
+        raise ValueError(f"{what} wraps verl's synchronous trainer; trainer.v1.trainer_mode={mode!r} is not supported")
+    return settings
+
+
+def needs_sfpo_runner(settings) -> bool:
+    """Whether the run needs our worker (SFPO or the fused kernels on); otherwise it is exactly verl's run."""
+    return settings.enable or settings.fused_kernels is True
 
 
 def run(config) -> None:
-    """Validate like verl's ``main`` does, then ``run_ppo`` with :class:`~sfpo_train.verl.trainer.SFPOTaskRunner`."""
+    """SFPO or fused kernels on: validate like verl's ``main``, then ``run_ppo`` with our task runner.
+
+    Both off: verl's own ``main_ppo.main`` on the config (its ``use_v1`` and
+    ``trainer_mode`` honoured, its task runner, nothing of ours in the loop).
+    """
+    from verl.trainer.main_ppo import main as verl_main
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    auto_set_device(config)
+    settings = prepare_config(config)
+    if not needs_sfpo_runner(settings):
+        verl_main.__wrapped__(config)  # hydra.main keeps the undecorated function: verl's exact entry point
+        return
     from sfpo_train.verl.trainer import SFPOTaskRunner
 
-    auto_set_device(config)
-    prepare_config(config)
     validate_config(config=config, use_reference_policy=need_reference_policy(config), use_critic=need_critic(config))
     run_ppo(config, task_runner_class=SFPOTaskRunner)
 

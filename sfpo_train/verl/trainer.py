@@ -3,11 +3,11 @@
 Two small overrides of ``PPOTrainerSync`` (no change to verl's loop):
 
 - ``_init_resource_pool_mgr``: the actor (and reference) workers are
-  :class:`~sfpo_train.verl.worker.SFPOActorRolloutRefWorker` instead of verl's
-  ``ActorRolloutRefWorker``;
-- ``_update_actor``: the entropy verl just computed in the old-log-prob pass
-  (``metrics["actor/entropy"]``, the response-token aggregate with the actor's
-  ``loss_agg_mode``) goes to the workers as the non-tensor key
+  ``SFPOTrainer.worker_cls`` (:class:`~sfpo_train.verl.worker.SFPOActorRolloutRefWorker`
+  unless a subclass names another) instead of verl's ``ActorRolloutRefWorker``;
+- ``_update_actor``: with SFPO on, the entropy verl just computed in the
+  old-log-prob pass (``metrics["actor/entropy"]``, the response-token aggregate
+  with the actor's ``loss_agg_mode``) goes to the workers as the non-tensor key
   ``sfpo_entropy``: this is the entropy SFPO's trigger watches.
 
 :class:`SFPOTaskRunner` is verl's ``TaskRunnerV1`` running this trainer; hand
@@ -28,15 +28,21 @@ _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef, Role.RefPol
 
 
 class SFPOTrainer(PPOTrainerSync):
-    """verl's sync trainer with :class:`SFPOActorRolloutRefWorker` and the entropy handed to it."""
+    """verl's sync trainer with :attr:`worker_cls` as its actor worker and the entropy handed to it."""
+
+    #: the actor/rollout/ref worker class; a subclass of SFPOActorRolloutRefWorker (a CPU variant, a
+    #: worker with extra methods) is injected by subclassing the trainer and naming it here
+    worker_cls: type = SFPOActorRolloutRefWorker
 
     def _init_resource_pool_mgr(self):
         super()._init_resource_pool_mgr()
         for role in self.role_worker_mapping:
             if role in _ACTOR_ROLES:
-                self.role_worker_mapping[role] = ray.remote(SFPOActorRolloutRefWorker)
+                self.role_worker_mapping[role] = ray.remote(self.worker_cls)
 
     def _update_actor(self, batch, metrics: dict):
+        if not self.config.actor_rollout_ref.get("sfpo", {}).get("enable", False):
+            return super()._update_actor(batch, metrics)  # fused kernels only: verl's update, no trigger
         entropy = metrics.get("actor/entropy")
         if entropy is None:
             raise ValueError(

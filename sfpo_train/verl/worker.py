@@ -23,8 +23,11 @@ with three things verl would otherwise get wrong:
 The trigger reads the iteration's entropy as verl computes it (``actor/entropy``,
 the old-log-prob pass), which :class:`~sfpo_train.verl.trainer.SFPOTrainer`
 passes to the worker as the non-tensor key ``sfpo_entropy``. SFPO's schedule
-state is saved as ``sfpo_state.json`` beside the actor's checkpoint and loaded
-on resume.
+state is saved as ``sfpo_state.json`` beside the actor's checkpoint (rank 0) and,
+on resume, read by rank 0 and broadcast. Every iteration all ranks check with
+one tiny all-reduce that they hold the same schedule (alpha, trigger, window)
+and that the LR scheduler stepped exactly once; either failure raises
+(:mod:`sfpo_train.verl.ranks`).
 
 :class:`SFPOActorRolloutRefWorker` installs all of this: ``actor_worker_cls =
 SFPOTrainingWorker``, the SFPO keys taken out of the actor config (verl's
@@ -48,6 +51,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from sfpo_train.sfpo import SFPO, SFPOConfig
 from sfpo_train.verl import fused
 from sfpo_train.verl.config import VerlSFPOSettings, normalize_sfpo_config
+from sfpo_train.verl.ranks import broadcast_from_rank0, check_ranks_agree
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +87,10 @@ class SFPOTrainingWorker(TrainingWorker):
                 f"SFPO needs this iteration's entropy in the update batch (non-tensor key {ENTROPY_KEY!r}, "
                 "verl's actor/entropy); run through sfpo_train.verl.main / SFPOTrainer, or assign it yourself"
             )
+        self._check_schedule_agrees("before its iteration")
         n_passes = len(self.sfpo.planned_passes())  # the rule's plan: only its last pass steps the LR scheduler
+        scheduler = getattr(self.engine, "lr_scheduler", None)
+        epoch_before = getattr(scheduler, "last_epoch", None)
         outputs: list = []
 
         def update_pass(batch) -> dict:
@@ -97,6 +104,14 @@ class SFPOTrainingWorker(TrainingWorker):
             return {}
 
         sfpo_metrics = self.sfpo.step(update_pass, data, entropy=float(entropy))
+        self._check_schedule_agrees("after its iteration")
+        if epoch_before is not None and scheduler.last_epoch != epoch_before + 1:
+            # verl steps the scheduler in the last train_batch of a train_mini_batch call; SFPO holds it in
+            # every pass but the last. A verl change to either would step it 0 or K+1 times per iteration.
+            raise RuntimeError(
+                f"the LR scheduler stepped {scheduler.last_epoch - epoch_before} times in one SFPO iteration "
+                f"of {len(outputs)} passes; it must step exactly once (did verl's train_mini_batch change?)"
+            )
         if not any(out is not None for out in outputs):
             return None  # a rank that does not report outputs (verl's is_mp_src_rank_with_outputs)
         merged: dict[str, list] = {}
@@ -111,6 +126,12 @@ class SFPOTrainingWorker(TrainingWorker):
         merged["sfpo/entropy"] = [float(entropy)]
         merged["sfpo/passes"] = [float(len(outputs))]
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": merged}).cpu()
+
+    def _check_schedule_agrees(self, when: str) -> None:
+        """Every rank's rule holds the same schedule (see :mod:`sfpo_train.verl.ranks`), or all raise."""
+        rule = self.sfpo
+        check_ranks_agree(f"{when} {rule.iteration}", iteration=rule.iteration, alpha=rule.alpha,
+                          fired_at=rule.fired_at, window=len(rule.entropies), last_zscore=rule.last_zscore)  # fmt: skip
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_batch(self, data):
@@ -136,12 +157,18 @@ class SFPOTrainingWorker(TrainingWorker):
 
     @register(dispatch_mode=Dispatch.ONE_TO_ALL)
     def load_checkpoint(self, local_path, hdfs_path=None, del_local_after_load=False):
-        """SFPO's state first (verl may delete ``local_path`` after loading), then verl's checkpoint."""
+        """SFPO's state first (verl may delete ``local_path`` after loading), then verl's checkpoint.
+
+        Rank 0 reads ``sfpo_state.json`` and broadcasts it: on nodes without a
+        shared filesystem only rank 0's node has the file.
+        """
         state = None
         path = os.path.join(local_path, STATE_FILE) if local_path else None
-        if self.sfpo is not None and path and os.path.exists(path):
-            with open(path) as f:
-                state = json.load(f)
+        if self.sfpo is not None:
+            if _is_rank0() and path and os.path.exists(path):
+                with open(path) as f:
+                    state = json.load(f)
+            state = broadcast_from_rank0(state)
         result = super().load_checkpoint(local_path, hdfs_path, del_local_after_load)
         if state is not None:
             self.sfpo.load_state_dict(state)

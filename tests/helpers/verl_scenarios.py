@@ -2,7 +2,9 @@
 
 Also a script: ``python tests/helpers/verl_scenarios.py sfpo-iteration MODEL_DIR OUT.pt``
 runs one SFPO iteration in each of ``WORLD_SIZE`` gloo processes (FSDP2 shards
-the parameters across them) and rank 0 saves the full parameters to ``OUT.pt``.
+the parameters across them) and rank 0 saves the full parameters to ``OUT.pt``;
+then each rank resumes from a checkpoint only rank 0's copy of has
+``sfpo_state.json`` of, and changes its schedule (``OUT.pt.rank<r>.json``).
 """
 
 from __future__ import annotations
@@ -159,7 +161,50 @@ def _sfpo_iteration_script(model_dir: str, out_path: str) -> None:
     if int(os.environ["RANK"]) == 0:
         torch.save(params, out_path)
     torch.distributed.barrier()
+    _rank_agreement_script(worker, model_dir, out_path, rank)
     torch.distributed.destroy_process_group()
+
+
+def _rank_agreement_script(worker, model_dir: str, out_path: str, rank: int) -> None:
+    """Resume where only rank 0's node has ``sfpo_state.json``, then a schedule changed on one rank.
+
+    Writes ``OUT.pt.rank<r>.json``: the iteration each rank resumed at, the error
+    (if any) of the iteration after the change, and the LR scheduler's epochs.
+    """
+    import json
+    import shutil
+
+    from sfpo_train.verl.worker import STATE_FILE
+
+    dist = torch.distributed
+    root = os.path.dirname(out_path)
+    shared = os.path.join(root, "global_step_1", "actor")
+    worker.save_checkpoint(shared, global_step=1)
+    dist.barrier()
+    local = shared
+    if rank > 0:  # this rank's own copy of the checkpoint, as on a node without a shared filesystem
+        local = os.path.join(root, f"node{rank}", "actor")
+        shutil.copytree(shared, local)
+        os.remove(os.path.join(local, STATE_FILE))
+    dist.barrier()
+    resumed = make_worker(compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true"]))
+    resumed.load_checkpoint(local)
+    result = {"resumed_iteration": resumed.actor.sfpo.iteration, "entropies": list(resumed.actor.sfpo.entropies)}
+    share = BATCH // dist.get_world_size()
+    rows = list(range(rank * share, (rank + 1) * share))
+    scheduler = resumed.actor.engine.lr_scheduler
+    before = scheduler.last_epoch
+    resumed.update_actor(make_batch(2, rows=rows))  # every rank agrees: runs
+    result["lr_epochs"] = [before, scheduler.last_epoch]
+    if rank == 1:
+        resumed.actor.sfpo.fired_at = 0  # this rank alone now schedules alpha 0
+    try:
+        resumed.update_actor(make_batch(3, rows=rows))
+        result["error"] = None
+    except RuntimeError as exc:
+        result["error"] = str(exc)
+    with open(f"{out_path}.rank{rank}.json", "w") as f:
+        json.dump(result, f)
 
 
 if __name__ == "__main__":

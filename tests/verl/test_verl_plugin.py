@@ -16,6 +16,7 @@ What must hold, and why each comparison is exact or not:
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -146,6 +147,7 @@ def test_two_gloo_processes_match_one(model_dir, tmp_path):
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
     sharded = torch.load(out)
+    _check_rank_agreement([json.loads(Path(f"{out}.rank{r}.json").read_text()) for r in range(2)])
 
     # The same global mini-batches in one process: rank r held rows 4r..4r+3 and took 2 per mini-batch.
     single = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true"]))
@@ -154,6 +156,18 @@ def test_two_gloo_processes_match_one(model_dir, tmp_path):
     assert sharded.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(sharded[name], want[name], **TOL_DISTRIBUTED, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _check_rank_agreement(ranks: list[dict]) -> None:
+    """What the 2-process script saw after its first iteration (tests/helpers/verl_scenarios.py)."""
+    # rank 1's copy of the checkpoint had no sfpo_state.json: it resumed with rank 0's state, broadcast
+    assert [r["resumed_iteration"] for r in ranks] == [1, 1]
+    assert ranks[0]["entropies"] == ranks[1]["entropies"] == [vs.ITERATION_ENTROPY]
+    # one SFPO iteration (K + 1 passes) stepped the LR scheduler once on every rank
+    assert all(r["lr_epochs"][1] == r["lr_epochs"][0] + 1 for r in ranks), ranks
+    # rank 1's schedule changed by hand: every rank refused the iteration, naming the difference
+    for r in ranks:
+        assert r["error"] is not None and "differs across ranks" in r["error"] and "alpha in [0.0, 0.8]" in r["error"]
 
 
 # ---------------------------------------------------------------------------- checkpoints
@@ -384,3 +398,54 @@ def test_entry_point_rejects_unsupported_trainers(model_dir):
     config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true", "trainer.v1.trainer_mode=separate_async"])
     with pytest.raises(ValueError, match="trainer_mode='separate_async' is not supported"):
         prepare_config(config)
+
+
+def test_lr_scheduler_steps_once_per_iteration_or_the_worker_raises(model_dir, monkeypatch):
+    from verl.workers.engine_workers import TrainingWorker
+
+    from sfpo_train.verl.worker import SFPOTrainingWorker
+
+    worker = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true"]))
+    scheduler = worker.actor.engine.lr_scheduler
+    before = scheduler.last_epoch
+    worker.update_actor(vs.make_batch(1))  # K=3 fast passes and the slow one
+    assert scheduler.last_epoch == before + 1
+    # as if verl stepped the scheduler in every pass (our hold lost): 4 steps in one iteration, refused
+    monkeypatch.setattr(SFPOTrainingWorker, "train_batch", TrainingWorker.train_batch)
+    with pytest.raises(RuntimeError, match="stepped 4 times in one SFPO iteration of 4 passes"):
+        worker.update_actor(vs.make_batch(2))
+
+
+def test_sfpo_off_is_verls_own_run(model_dir):
+    from verl.trainer.main_ppo import main as verl_main
+
+    from sfpo_train.verl.main import needs_sfpo_runner, prepare_config
+
+    auto = ["actor_rollout_ref.actor.sfpo.fused_kernels=auto", "trainer.device=cuda"]
+    # SFPO off, fused_kernels auto: verl's entry point runs, whatever trainer it asks for
+    config = vs.compose(model_dir, [*auto, "trainer.v1.trainer_mode=separate_async"])
+    settings = prepare_config(config)
+    assert settings.fused_kernels is False and not needs_sfpo_runner(settings)
+    assert config.actor_rollout_ref.sfpo.fused_kernels is False  # settled once, for every worker
+    assert verl_main.__wrapped__.__module__ == "verl.trainer.main_ppo"  # what run() hands the config to
+    # SFPO on, on CUDA: auto turns the kernels on, and our runner is needed
+    settings = prepare_config(vs.compose(model_dir, [*auto, "actor_rollout_ref.actor.sfpo.enable=true"]))
+    assert settings.fused_kernels is True and needs_sfpo_runner(settings)
+    # the kernels alone, asked for explicitly, still need our (sync) runner
+    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.fused_kernels=true",
+                                    "trainer.v1.trainer_mode=separate_async"])  # fmt: skip
+    with pytest.raises(ValueError, match="fused_kernels=true wraps verl's synchronous trainer"):
+        prepare_config(config)
+
+
+def test_a_plugin_that_fails_to_load_says_so(tmp_path):
+    broken = tmp_path / "sfpo_kernels"  # found before the real package: a broken build of it
+    broken.mkdir()
+    (broken / "__init__.py").write_text("raise ImportError('simulated broken sfpo_kernels build')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "VERL_USE_EXTERNAL_PLUGINS": "auto"}
+    # run in tmp_path: python -c puts the working directory first on sys.path, and ours holds the real package
+    out = subprocess.run([sys.executable, "-c", "import verl"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=300, check=False)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]  # verl itself carries on without the plugin
+    assert "sfpo's verl plugin failed to load" in out.stderr, out.stderr[-2000:]
+    assert "simulated broken sfpo_kernels build" in out.stderr
