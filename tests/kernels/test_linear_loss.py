@@ -15,6 +15,7 @@ import math
 
 import pytest
 import torch
+from helpers.alloc_probe import LargestAllocation
 from helpers.bits import assert_bit_equal, ulp
 from helpers.devices import kernel_devices
 from helpers.linear_oracle import (
@@ -32,7 +33,6 @@ from helpers.oracles import (
     check_close,
     token_oracle,
 )
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import sfpo_kernels
 from sfpo_kernels import reference
@@ -213,22 +213,6 @@ def test_autocast_bf16_with_fp32_parameters():
     for name, g in zip(("hidden.grad", "weight.grad", "bias.grad"), grads):
         exact, tol = want.grads[name]
         check_close(f"autocast {name}", g, exact, 2 * unit(torch.bfloat16) * tol)
-
-
-class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor, in bytes, any op returns (every allocation goes through an op; the Triton
-    interpreter's host copies of kernel arguments show up as byte views of the same size)."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, (tuple, list)) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel() * t.element_size())
-        return out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
