@@ -81,7 +81,7 @@ class ModelConfig:
     random_init: bool = False
     attn_implementation: str = "sdpa"
     # auto | true | false: the LM head fused into the loss and log-prob passes (sfpo_kernels.linear_*),
-    # no [tokens, vocab] logits; auto: on for CUDA, off on CPU.
+    # no [tokens, vocab] logits; auto: on for CUDA, off on CPU (see KEY_HELP).
     fused_lm_head: Any = "auto"
 
 
@@ -504,9 +504,11 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.model.attn_implementation": "transformers attention: sdpa | eager | flash_attention_2",
     "actor_rollout_ref.model.fused_lm_head": "auto | true | false: run the base model and fuse the LM head into the "
                                              "loss and log-prob passes (no [tokens, vocab] logits, response tokens "
-                                             "only); auto: on for CUDA, off on CPU (there the chunked head's extra "
-                                             "matmul costs more than the logits' memory traffic it saves); true on a "
-                                             "model without a plain Linear head is an error",
+                                             "only); auto: on for CUDA, where the logits are the memory peak; off on "
+                                             "CPU, where the models are small (the embedded one has 14 tokens: its "
+                                             "logits are smaller than its hidden states) and runs stay bit-identical "
+                                             "to the model's-logits path; true on a model whose head cannot be fused "
+                                             "(not a plain Linear, soft-capped or scaled logits) is an error",
     "actor_rollout_ref.actor.ppo_mini_batch_size": "prompts per optimizer step (must divide data.train_batch_size)",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": "responses per forward/backward (gradient accumulation)",
     "actor_rollout_ref.actor.ppo_epochs": "passes over the batch per update pass",
