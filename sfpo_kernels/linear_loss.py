@@ -56,6 +56,7 @@ from sfpo_kernels.fused_loss import (
 
 CHUNK_BUDGET_BYTES = 256 * 2**20
 CHUNK_ROW_MULTIPLE = 128
+ACC_BLOCK_BYTES = 64 * 2**20  # fp32 output of one block of the dW product for low-precision inputs
 TORCH_TEMP_BYTES = 12  # fp32 bytes per logit the torch path's chunk math adds (z / T, p, one product)
 
 # --------------------------------------------------------------------------- the vocabulary pass on one chunk
@@ -95,17 +96,38 @@ def _head(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> t
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` possibly fp32 and ``a``, ``b`` bf16/fp16 (fp32 accumulation)."""
+    """``acc += a @ b`` with ``acc`` fp32 and ``a``, ``b`` possibly bf16/fp16: fp32 accumulation across chunks.
+
+    Low-precision inputs go through the product in blocks of ``acc``'s rows
+    (:data:`ACC_BLOCK_BYTES` of fp32 output each): cuBLAS' fp32-output matmul
+    where this torch has it (``out_dtype``), else an fp32 upcast of the block.
+    """
     if acc.dtype == a.dtype:
         acc.addmm_(a, b)
         return
-    if acc.is_cuda:
-        try:  # cuBLAS: low-precision inputs, fp32 accumulate and output, no upcast copies
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):
-            pass
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    rows = max(1, ACC_BLOCK_BYTES // (acc.shape[1] * acc.element_size()))
+    b_acc = None
+    for r0 in range(0, acc.shape[0], rows):
+        block, part = acc[r0 : r0 + rows], a[r0 : r0 + rows]
+        if acc.is_cuda and _mm_out_dtype_works(acc.device):
+            block += torch.mm(part, b, out_dtype=acc.dtype)
+        else:
+            b_acc = b.to(acc.dtype) if b_acc is None else b_acc
+            block.addmm_(part.to(acc.dtype), b_acc)
+
+
+_MM_OUT_DTYPE: dict[str, bool] = {}
+
+
+def _mm_out_dtype_works(device: torch.device) -> bool:
+    """Whether ``torch.mm(bf16, bf16, out_dtype=torch.float32)`` runs on ``device`` (torch >= 2.8 on CUDA)."""
+    if device.type not in _MM_OUT_DTYPE:
+        x = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+        try:
+            _MM_OUT_DTYPE[device.type] = torch.mm(x, x, out_dtype=torch.float32).dtype == torch.float32
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE[device.type] = False
+    return _MM_OUT_DTYPE[device.type]
 
 
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, on_torch: bool) -> int:

@@ -297,3 +297,14 @@ def test_labels_outside_the_vocabulary_are_rejected():
     batch.labels[0, 0] = 70
     with pytest.raises(ValueError, match=r"labels\[0, 0\] = 70 at a response position is outside \[0, 70\)"):
         sfpo_kernels.linear_grpo_loss(batch.hidden, batch.weight, *batch.loss_args())
+
+
+def test_weight_gradient_accumulates_in_blocks(monkeypatch):
+    """bf16: the fp32 dW accumulator fills in row blocks (here 5 rows of [V, H], V not a multiple of 5)."""
+    import sfpo_kernels.linear_loss as linear_loss
+
+    monkeypatch.setattr(linear_loss, "ACC_BLOCK_BYTES", 5 * 8 * 4)
+    batch = make_linear_batch((3, 4), 8, 71, torch.bfloat16, 1.0, seed=43)
+    want = linear_oracle(batch, TOL[torch.bfloat16], torch.bfloat16, **FULL)
+    out, grads = run(batch, "torch", 5, **FULL)
+    check_against("blocked dW", out, grads, want, torch.bfloat16, batch)
