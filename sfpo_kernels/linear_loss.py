@@ -176,7 +176,8 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
             w, b = weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
             dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
             dw = torch.zeros(weight.shape, dtype=acc_dtype, device=h.device) if ctx.needs_input_grad[1] else None
-            db = torch.zeros(w.shape[0], dtype=acc_dtype, device=h.device) if bias is not None else None
+            want_db = bias is not None and ctx.needs_input_grad[2]
+            db = torch.zeros(w.shape[0], dtype=acc_dtype, device=h.device) if want_db else None
             for start in range(0, h.shape[0], chunk):
                 rows = slice(start, start + chunk)
                 g_logp = None if grad_log_probs is None else grad_log_probs[rows]
@@ -190,12 +191,12 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
                     torch.mm(dz, w, out=dh[rows])
                 if dw is not None:
                     _accumulate(dw, dz.T, h[rows])
-                if db is not None and ctx.needs_input_grad[2]:
+                if db is not None:
                     db += dz.sum(0, dtype=acc_dtype)
                 del z, dz
         dh = None if dh is None else dh.to(ctx.hidden_dtype)
         dw = None if dw is None else dw.to(weight.dtype)
-        db = None if db is None or not ctx.needs_input_grad[2] else db.to(bias.dtype)
+        db = None if db is None else db.to(bias.dtype)
         return dh, dw, db, None, None, None, None, None
 
 

@@ -17,7 +17,7 @@ import torch
 from helpers.alloc_probe import LargestAllocation
 from helpers.optional import import_or_skip
 
-import sfpo_kernels.linear_loss as linear_loss
+from sfpo_kernels import linear_loss
 
 import_or_skip("verl")
 
