@@ -126,12 +126,13 @@ class Actor:
                 for micro_index, w_loss, w_token in zip(micro_batches, loss_weights, token_weights):
                     rows = batch.rows(micro_index)
                     loss_args = (rows["responses"], rows["old_log_probs"], rows["advantages"], rows["response_mask"])
-                    settings = dict(
-                        ref_log_probs=rows["ref_log_probs"], temperature=o.temperature,
-                        clip_ratio_low=o.clip_ratio_low, clip_ratio_high=o.clip_ratio_high, clip_ratio_c=o.clip_ratio_c,
-                        kl_coef=o.kl_coef, kl_type=o.kl_type, entropy_coef=o.entropy_coef,
-                        loss_agg_mode=o.loss_agg_mode, backend=actor.kernel_backend, check_labels=False,
-                    )  # fmt: skip
+                    settings = {
+                        "ref_log_probs": rows["ref_log_probs"], "temperature": o.temperature,
+                        "clip_ratio_low": o.clip_ratio_low, "clip_ratio_high": o.clip_ratio_high,
+                        "clip_ratio_c": o.clip_ratio_c, "kl_coef": o.kl_coef, "kl_type": o.kl_type,
+                        "entropy_coef": o.entropy_coef, "loss_agg_mode": o.loss_agg_mode,
+                        "backend": actor.kernel_backend, "check_labels": False,
+                    }  # fmt: skip
                     if self.fused_head:
                         out = self._head_call(sfpo_kernels.linear_grpo_loss, self.model, rows, *loss_args, **settings)
                     else:
