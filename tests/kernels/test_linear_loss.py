@@ -52,6 +52,8 @@ TOL = {
     torch.bfloat16: Tol(value=2.0 * unit(torch.bfloat16) + 8.0, agg=8.0, grad=2.0 * unit(torch.bfloat16) + 8.0,
                         rounding=0.5),  # fmt: skip
 }
+TOL[torch.float16] = Tol(value=2.0 * unit(torch.float16) + 8.0, agg=8.0, grad=2.0 * unit(torch.float16) + 8.0,
+                         rounding=0.5)  # the same argument with u = 2^-11  # fmt: skip
 DTYPES = [torch.float32, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
 
@@ -311,6 +313,14 @@ def test_labels_outside_the_vocabulary_are_rejected():
     batch.labels[0, 0] = 70
     with pytest.raises(ValueError, match=r"labels\[0, 0\] = 70 at a response position is outside \[0, 70\)"):
         sfpo_kernels.linear_grpo_loss(batch.hidden, batch.weight, *batch.loss_args())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16(backend):
+    batch = make_linear_batch((3, 5), 8, 70, torch.float16, 0.7, seed=47)
+    want = linear_oracle(batch, TOL[torch.float16], torch.float16, **FULL)
+    out, grads = run(batch, backend, 4, **FULL)
+    check_against(f"{backend} fp16", out, grads, want, torch.float16, batch)
 
 
 def test_weight_gradient_accumulates_in_blocks(monkeypatch):
