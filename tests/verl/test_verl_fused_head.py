@@ -72,6 +72,7 @@ def test_fused_forward_matches_verl_eager_math_with_one_chunk_of_logits(model, b
         out = forward_with_sfpo_kernels(model, input_ids=input_ids, position_ids=position_ids, temperature=temperature,
                                         shift_labels=rolled)  # fmt: skip
         grads = _grads(model, out.log_probs, out.entropy, weights)
+    assert "forward" not in model.lm_head.__dict__, "the head's own forward is back after the call"
 
     torch.testing.assert_close(out.log_probs, eager_lp, **TOL, msg=lambda m: f"log_probs: {m}")
     torch.testing.assert_close(out.entropy, eager_h, **TOL, msg=lambda m: f"entropy: {m}")
