@@ -9,7 +9,9 @@ the same run. The GRPO loss rows (``grpo_loss``, ``logprob_entropy``) get a
 table of their own below: mode, shape, effective GB/s, time over the byte
 limit, peak memory, and time / memory of the eager row of the same shape over
 theirs. The SFPO-step rows and the training-iteration rows (one GRPO vs one
-SFPO ``Trainer.train_step``, per stage) get tables of their own too.
+SFPO ``Trainer.train_step``, per stage) get tables of their own too, and so do the
+fused LM head rows (``linear_grpo_loss``): time and memory of the materialised
+row of the same shape over theirs.
 (pandas' ``to_markdown`` needs ``tabulate``; the tables are written here
 instead.)
 """
@@ -54,6 +56,22 @@ LOSS_COLUMNS = {  # the loss table: header -> column
     "eager/this mem": "memory_vs_eager",
     "launches": "extra_info.launches",
 }
+LINEAR_OP = "linear_grpo_loss"
+LINEAR_BASELINE = "materialised"
+LINEAR_COLUMNS = {  # the fused LM head table (test_bench_linear_loss.py): header -> column
+    "mode": "extra_info.mode",
+    "impl": "extra_info.impl",
+    "N": "extra_info.n_tokens",
+    "H": "extra_info.hidden",
+    "V": "extra_info.vocab",
+    "dtype": "extra_info.dtype",
+    "median ms": "median_ms",
+    "head TFLOP/s": "extra_info.head_tflops",
+    "peak MiB": "extra_info.peak_mem_mib",
+    "largest MiB": "extra_info.largest_tensor_mib",
+    "mat./this time": "_time_ratio",
+    "mat./this mem": "_memory_ratio",
+}
 STEP_COLUMNS = {  # the SFPO-step table (test_bench_sfpo_step.py): header -> column
     "algo": "extra_info.algo",
     "offload": "extra_info.offload",
@@ -82,10 +100,10 @@ TRAINING_COLUMNS = {
     "peak GB": "extra_info.peak_memory_gb",
     "profiler %": "_overhead_pct",
 }
-RATIOS = {"x limit", "eager/this time", "eager/this mem", "stage II / update", "extra copies", "vs authors' 2 copies"}
+RATIOS = {"x limit", "eager/this time", "eager/this mem", "mat./this time", "mat./this mem", "head TFLOP/s", "stage II / update", "extra copies", "vs authors' 2 copies"}
 NUMERIC |= {f"{stage} ms" for stage in STAGES} | {f"{h} ms" for h in TRAINING_STAGES} | {"profiler %"}
 RATIOS |= {"peak GB"}
-LOSS_NUMERIC = NUMERIC | RATIOS | {"peak MiB"}
+LOSS_NUMERIC = NUMERIC | RATIOS | {"peak MiB", "largest MiB"}
 EAGER_IMPL = "verl_eager"
 SAME_SHAPE = ["extra_info.op", "extra_info.mode", "extra_info.kl", "extra_info.n_tokens", "extra_info.vocab",
               "extra_info.dtype"]  # fmt: skip
@@ -114,7 +132,7 @@ def _cell(value, header: str) -> str:
     if header in RATIOS:
         value = float(value)
         return "<0.01" if value < 0.01 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
-    if header == "peak MiB":
+    if header in ("peak MiB", "largest MiB"):
         return f"{float(value):.1f}"
     if header in NUMERIC:
         value = float(value)
@@ -161,6 +179,44 @@ def split_loss_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     loss["_kl_order"] = (loss["extra_info.kl"] != "off").astype(int)
     order = ["_op_order", "_mode_order", "_kl_order", "extra_info.n_tokens", "median_ms"]
     return other, loss.sort_values(order, kind="stable", na_position="last")
+
+
+def split_linear_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(other rows, fused LM head rows)``; the latter with the materialised row's time and memory over theirs.
+
+    Memory: the GPU's peak allocation above the inputs where measured, else (CPU) the largest tensor.
+    """
+    if frame.empty or "extra_info.op" not in frame:
+        return frame, frame.iloc[0:0]
+    is_linear = frame["extra_info.op"] == LINEAR_OP
+    other, rows = frame[~is_linear], frame[is_linear].copy()
+    if rows.empty:
+        return other, rows
+    for col in [*LINEAR_COLUMNS.values(), "extra_info.peak_mem_bytes", "extra_info.largest_tensor_bytes"]:
+        if col not in rows and not col.startswith("_"):
+            rows[col] = None
+    peak = pd.to_numeric(rows["extra_info.peak_mem_bytes"], errors="coerce")
+    rows["_mem"] = peak.fillna(pd.to_numeric(rows["extra_info.largest_tensor_bytes"], errors="coerce"))
+    shape = ["extra_info.mode", "extra_info.n_tokens", "extra_info.vocab", "extra_info.dtype"]
+    base = rows.loc[rows["extra_info.impl"] == LINEAR_BASELINE, shape + ["median_ms", "_mem"]]
+    base = base.rename(columns={"median_ms": "_base_ms", "_mem": "_base_mem"}).drop_duplicates(shape)
+    rows = rows.merge(base, on=shape, how="left")
+    rows["_time_ratio"] = rows["_base_ms"] / rows["median_ms"]
+    rows["_memory_ratio"] = rows["_base_mem"] / rows["_mem"].where(rows["_mem"] > 0)
+    rows["_mode_order"] = rows["extra_info.mode"].map({"full": 0, "fwd": 1})
+    return other, rows.sort_values(["_mode_order", "extra_info.n_tokens", "median_ms"], kind="stable")
+
+
+def linear_section(rows: pd.DataFrame) -> str:
+    return "\n".join([
+        "## GRPO loss with the LM head fused in (no [N, V] logits)",
+        "",
+        "mat./this: the materialised row's (lm_head, then grpo_loss) time and memory over this row's, same",
+        "mode and shape (targets at N=16384, V=151936 bf16 on a GPU, full: time >= 0.95, memory >= 10). Memory:",
+        "peak MiB above the inputs on a GPU; on the CPU (peak n/a) the largest single tensor one call makes.",
+        "",
+        markdown_table(rows, LINEAR_COLUMNS),
+    ])  # fmt: skip
 
 
 def split_step_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -280,11 +336,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     frame, data = load(args.bench_json)
     other, loss = split_loss_rows(frame)
+    other, linear = split_linear_rows(other)
     other, training = split_training_rows(other)
     other, step = split_step_rows(other)
     parts = [markdown_table(other)] if not other.empty else []
     if not loss.empty:
         parts.append(loss_section(loss))
+    if not linear.empty:
+        parts.append(linear_section(linear))
     if not step.empty:
         parts.append(step_section(step))
     if not training.empty:

@@ -11,6 +11,8 @@ forward and one backward (no fp32 ``[tokens, vocab]`` temporaries):
 
 - :func:`grpo_loss` -> :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``
 - :func:`logprob_entropy`: the fused pass alone (old-policy / reference log-probs)
+- :func:`linear_grpo_loss`, :func:`linear_logprob_entropy`: the same with the LM head fused in
+  (``hidden @ weight.T`` chunk by chunk: no ``[tokens, vocab]`` logits at all)
 
 Backends: ``triton`` (default for CUDA tensors), ``cuda`` (the C++ kernels of
 ``csrc/``, built lazily with nvcc), ``torch`` (``torch._foreach_*``; default for
@@ -20,6 +22,7 @@ truth lives in :mod:`sfpo_kernels.reference`.
 
 from sfpo_kernels._backend import BACKENDS, triton_interpreting
 from sfpo_kernels.fused_loss import GRPOLossOutput, grpo_loss, logprob_entropy
+from sfpo_kernels.linear_loss import linear_grpo_loss, linear_logprob_entropy
 from sfpo_kernels.reposition import Snapshot, reposition_, snapshot
 
 __all__ = [
@@ -27,6 +30,8 @@ __all__ = [
     "GRPOLossOutput",
     "Snapshot",
     "grpo_loss",
+    "linear_grpo_loss",
+    "linear_logprob_entropy",
     "logprob_entropy",
     "reposition_",
     "snapshot",

@@ -313,3 +313,42 @@ def grpo_loss(
         kl_type=kl_type, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
     )  # fmt: skip
     return loss, log_probs, entropy, metrics
+
+
+# ----------------------------------------------------------------------------- the LM head fused in
+
+
+def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``hidden @ weight.T + bias``: the ``[..., V]`` logits the fused linear ops never materialise.
+
+    Traffic: writes ``N V`` logits (and their gradient backward), the memory
+    :mod:`sfpo_kernels.linear_loss` keeps to one chunk of rows.
+    """
+    return torch.nn.functional.linear(hidden, weight, bias)
+
+
+def linear_logprob_entropy(hidden, weight, labels, temperature=1.0, *, bias=None, chunk_size=None,
+                           response_mask=None):  # fmt: skip
+    """:func:`logprob_entropy` on :func:`lm_head_logits` (``chunk_size`` is accepted and ignored).
+
+    Positions where ``response_mask`` is 0 get log-prob and entropy 0 and a zero gradient.
+    """
+    log_probs, entropy = logprob_entropy(lm_head_logits(hidden, weight, bias), labels, temperature,
+                                         response_mask=response_mask)  # fmt: skip
+    if response_mask is None:
+        return log_probs, entropy
+    keep = response_positions(response_mask)
+    return torch.where(keep, log_probs, torch.zeros_like(log_probs)), torch.where(keep, entropy, torch.zeros_like(entropy))
+
+
+def linear_grpo_loss(hidden, weight, labels, old_log_probs, advantages, response_mask, *, bias=None,
+                     chunk_size=None, **loss_settings):  # fmt: skip
+    """:func:`grpo_loss` on :func:`lm_head_logits`; ``log_probs`` / ``entropy`` 0 at masked positions.
+
+    Returns ``(loss, log_probs, entropy, metrics)`` like ``sfpo_kernels.linear_grpo_loss``.
+    """
+    loss, log_probs, entropy, metrics = grpo_loss(lm_head_logits(hidden, weight, bias), labels, old_log_probs,
+                                                  advantages, response_mask, **loss_settings)  # fmt: skip
+    keep = response_positions(response_mask)
+    zero = torch.zeros_like(log_probs)
+    return loss, torch.where(keep, log_probs, zero), torch.where(keep, entropy, zero), metrics

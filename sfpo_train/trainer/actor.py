@@ -5,6 +5,11 @@ batch, entropy)``), exactly as the verl plugin wraps verl's
 ``train_mini_batch``: one ordinary policy-gradient pass over the batch, with its
 optimizer steps. Logits are the model's for the response positions only
 (``logits_to_keep``); the loss and log-probs come from :mod:`sfpo_kernels`.
+With ``actor_rollout_ref.model.fused_lm_head`` on there are no logits at all:
+the base model's last hidden state at those positions and the LM head's
+weight and bias go to :func:`sfpo_kernels.linear_grpo_loss` /
+:func:`sfpo_kernels.linear_logprob_entropy`, which run the head chunk by chunk
+over the response tokens only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import sfpo_kernels
 from sfpo_kernels.fused_loss import GRPOLossOptions
 from sfpo_train.trainer.algos import micro_batch_weights
 from sfpo_train.trainer.batch import TrainBatch
+from sfpo_train.trainer.lm_head import base_model, use_fused_head
 from sfpo_train.trainer.profiler import StageProfiler
 
 
@@ -29,6 +35,7 @@ class Actor:
                  compute_dtype: torch.dtype, device: torch.device, profiler: StageProfiler):  # fmt: skip
         self.cfg, self.model, self.optimizer, self.loss_options = cfg, model, optimizer, loss_options
         self.compute_dtype, self.device, self.profiler = compute_dtype, device, profiler
+        self.fused_head = use_fused_head(cfg.actor_rollout_ref.model.fused_lm_head, model, device)
 
     def autocast(self):
         """The compute dtype's autocast (parameters stay fp32, the optimizer's master copy)."""
@@ -36,16 +43,34 @@ class Actor:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.compute_dtype)
 
-    def response_logits(self, model, rows: dict) -> torch.Tensor:
-        """``[b, R, V]`` logits predicting each response token (a strided view of the model's output)."""
+    @staticmethod
+    def _inputs(rows: dict) -> dict:
         input_ids = torch.cat([rows["prompt_ids"], rows["responses"]], dim=1)
         attention_mask = torch.cat([rows["prompt_mask"], rows["response_mask"]], dim=1)
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+                "use_cache": False}  # fmt: skip
+
+    def response_logits(self, model, rows: dict) -> torch.Tensor:
+        """``[b, R, V]`` logits predicting each response token (a strided view of the model's output)."""
         length = rows["responses"].shape[1]
         with self.autocast():
-            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                        logits_to_keep=length + 1)  # fmt: skip
+            out = model(**self._inputs(rows), logits_to_keep=length + 1)
         return out.logits[:, :-1]
+
+    def response_hidden(self, model, rows: dict) -> torch.Tensor:
+        """``[b, R, H]`` last hidden states predicting each response token (the LM head's inputs)."""
+        length = rows["responses"].shape[1]
+        with self.autocast():
+            out = base_model(model)(**self._inputs(rows))
+        return out.last_hidden_state[:, -(length + 1) : -1]
+
+    def _head_call(self, fn, model, rows: dict, *args, **kwargs):
+        """``fn(hidden, weight, *args, bias=..., **kwargs)`` under the compute dtype's autocast (as the head ran)."""
+        head = model.get_output_embeddings()
+        hidden = self.response_hidden(model, rows)
+        with self.autocast():
+            return fn(hidden, head.weight, *args, bias=head.bias, **kwargs)
 
     @torch.no_grad()
     def log_probs(self, model, batch: TrainBatch, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,9 +81,14 @@ class Actor:
         try:
             for index in torch.arange(len(batch.scores), device=self.device).split(micro):
                 rows = batch.rows(index)
-                lp, h = sfpo_kernels.logprob_entropy(self.response_logits(model, rows), rows["responses"],
-                                                     self.loss_options.temperature,
-                                                     backend=self.cfg.actor_rollout_ref.actor.kernel_backend)  # fmt: skip
+                backend = self.cfg.actor_rollout_ref.actor.kernel_backend
+                if self.fused_head:  # response positions only: padding gets 0, which nothing reads unmasked
+                    lp, h = self._head_call(sfpo_kernels.linear_logprob_entropy, model, rows, rows["responses"],
+                                            self.loss_options.temperature, response_mask=rows["response_mask"],
+                                            backend=backend)  # fmt: skip
+                else:
+                    lp, h = sfpo_kernels.logprob_entropy(self.response_logits(model, rows), rows["responses"],
+                                                         self.loss_options.temperature, backend=backend)  # fmt: skip
                 log_probs.append(lp)
                 entropy.append(h)
         finally:
@@ -95,13 +125,18 @@ class Actor:
                 totals: dict[str, torch.Tensor] = defaultdict(float)
                 for micro_index, w_loss, w_token in zip(micro_batches, loss_weights, token_weights):
                     rows = batch.rows(micro_index)
-                    out = sfpo_kernels.grpo_loss(
-                        self.response_logits(self.model, rows), rows["responses"], rows["old_log_probs"],
-                        rows["advantages"], rows["response_mask"], ref_log_probs=rows["ref_log_probs"],
-                        temperature=o.temperature, clip_ratio_low=o.clip_ratio_low, clip_ratio_high=o.clip_ratio_high,
-                        clip_ratio_c=o.clip_ratio_c, kl_coef=o.kl_coef, kl_type=o.kl_type, entropy_coef=o.entropy_coef,
-                        loss_agg_mode=o.loss_agg_mode, backend=actor.kernel_backend, check_labels=False,
-                    )  # fmt: skip
+                    loss_args = (rows["responses"], rows["old_log_probs"], rows["advantages"], rows["response_mask"])
+                    settings = {
+                        "ref_log_probs": rows["ref_log_probs"], "temperature": o.temperature,
+                        "clip_ratio_low": o.clip_ratio_low, "clip_ratio_high": o.clip_ratio_high,
+                        "clip_ratio_c": o.clip_ratio_c, "kl_coef": o.kl_coef, "kl_type": o.kl_type,
+                        "entropy_coef": o.entropy_coef, "loss_agg_mode": o.loss_agg_mode,
+                        "backend": actor.kernel_backend, "check_labels": False,
+                    }  # fmt: skip
+                    if self.fused_head:
+                        out = self._head_call(sfpo_kernels.linear_grpo_loss, self.model, rows, *loss_args, **settings)
+                    else:
+                        out = sfpo_kernels.grpo_loss(self.response_logits(self.model, rows), *loss_args, **settings)
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
                         if key == "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)

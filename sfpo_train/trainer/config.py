@@ -42,6 +42,7 @@ SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
 # its length and bookkeeping, and the SFPO settings that are not schedule (SFPO.load_state_dict accepts a
 # change of them, e.g. offloading the snapshot to resume on a smaller GPU).
 RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar",
+                  "actor_rollout_ref.model.fused_lm_head",  # the same math either way, to fp32 rounding
                   *(SFPO_KEY_PREFIX + name for name in RESUMABLE_CHANGES))  # fmt: skip
 # The fields of the loss options and of SFPOConfig, as the keys that set them (their errors name the key).
 LOSS_OPTION_KEYS = {
@@ -79,6 +80,9 @@ class ModelConfig:
     override_config: dict = field(default_factory=dict)
     random_init: bool = False
     attn_implementation: str = "sdpa"
+    # auto | true | false: the LM head fused into the loss and log-prob passes (sfpo_kernels.linear_*),
+    # no [tokens, vocab] logits; auto: on for CUDA, off on CPU (see KEY_HELP).
+    fused_lm_head: Any = "auto"
 
 
 @dataclass
@@ -397,6 +401,9 @@ def validate(cfg: DictConfig) -> None:
                                                                       rollout.val_kwargs)):  # fmt: skip
         need(0 < sampling.top_p <= 1, f"{prefix}.top_p", "in (0, 1]")
     need(rollout.val_kwargs.temperature >= 0, "actor_rollout_ref.rollout.val_kwargs.temperature", ">= 0")
+    fused = arr.model.fused_lm_head
+    need(isinstance(fused, bool) or fused == "auto", "actor_rollout_ref.model.fused_lm_head",
+         "auto, true or false")
     need(arr.model.attn_implementation in ATTN_IMPLEMENTATIONS, "actor_rollout_ref.model.attn_implementation",
          f"one of {', '.join(ATTN_IMPLEMENTATIONS)}")
     name = cfg.trainer.experiment_name
@@ -495,6 +502,13 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.model.override_config": "transformers config entries to override, e.g. {num_hidden_layers: 4}",
     "actor_rollout_ref.model.random_init": "start from random weights (model.path gives config and tokenizer)",
     "actor_rollout_ref.model.attn_implementation": "transformers attention: sdpa | eager | flash_attention_2",
+    "actor_rollout_ref.model.fused_lm_head": "auto | true | false: run the base model and fuse the LM head into the "
+                                             "loss and log-prob passes (no [tokens, vocab] logits, response tokens "
+                                             "only); auto: on for CUDA, where the logits are the memory peak; off on "
+                                             "CPU, where the models are small (the embedded one has 14 tokens: its "
+                                             "logits are smaller than its hidden states) and runs stay bit-identical "
+                                             "to the model's-logits path; true on a model whose head cannot be fused "
+                                             "(not a plain Linear, soft-capped or scaled logits) is an error",
     "actor_rollout_ref.actor.ppo_mini_batch_size": "prompts per optimizer step (must divide data.train_batch_size)",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": "responses per forward/backward (gradient accumulation)",
     "actor_rollout_ref.actor.ppo_epochs": "passes over the batch per update pass",

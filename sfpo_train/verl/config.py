@@ -39,8 +39,8 @@ AUTHOR_KEYS = {
 }
 # The block's keys: enable and every SFPOConfig field (the rule's schema), then the verl-only fused_kernels.
 SCHEMA = settings_schema(enable_default=False)
-FUSED_KERNELS_HELP = ("sfpo_kernels.logprob_entropy for the actor's log-probs and the sfpo_vanilla policy loss: "
-                      "auto (on for CUDA), true, false")  # fmt: skip
+FUSED_KERNELS_HELP = ("sfpo_kernels.linear_logprob_entropy (the LM head fused in, one chunk of logits at a time) for "
+                      "the actor's log-probs and the sfpo_vanilla policy loss: auto (on for CUDA), true, false")  # fmt: skip
 _OWN_KEYS = ("enable", "fused_kernels")
 _CONFIG_KEYS = tuple(s.name for s in SCHEMA if s.name != "enable")
 _FLOAT_KEYS = tuple(s.name for s in SCHEMA if s.type is float)

@@ -6,10 +6,14 @@ entropy) or, with ``model.use_fused_kernels=True``, through a patched
 ``forward`` of the HF model that returns ``log_probs`` and ``entropy``
 directly. We take the second door: :func:`install_logprob_forward` replaces
 the forward verl installed (its dense text-model one) with
-:func:`forward_with_sfpo_kernels`, which runs the base model and the LM head
-and then ``sfpo_kernels.logprob_entropy`` -- one Triton pass over the
-vocabulary forward and one backward, no fp32 ``[tokens, V]`` temporaries. The
-same forward serves the old-log-prob pass, the reference pass and training.
+:func:`forward_with_sfpo_kernels`, which runs the base model and hands its
+last hidden state and the LM head's weight (and bias) to
+``sfpo_kernels.linear_logprob_entropy``: the head runs chunk by chunk, each
+chunk's logits go through one Triton pass over the vocabulary forward and one
+backward (dlogits written in place), so no more than one chunk of logits ever
+exists -- never more than verl's own ``FusedLinearForPPO`` holds (512 rows of
+fp32 logits; ours: the rows that fit 256 MiB in the compute dtype). The same
+forward serves the old-log-prob pass, the reference pass and training.
 
 The per-token policy-gradient math runs in :func:`compute_policy_loss_sfpo`,
 registered with verl as the policy loss ``"sfpo_vanilla"``: our
@@ -88,7 +92,8 @@ def forward_with_sfpo_kernels(
     Labels: ``shift_labels`` when verl passes them (already rolled over the
     packed sequence), else ``labels`` or ``input_ids`` rolled left by one, as
     verl's own fused forwards do. ``log_probs[t] = log softmax(z_t / T)[y_t]``,
-    ``entropy[t] = H(softmax(z_t / T))`` by ``sfpo_kernels.logprob_entropy``.
+    ``entropy[t] = H(softmax(z_t / T))``, ``z = lm_head(hidden)``, by
+    ``sfpo_kernels.linear_logprob_entropy`` (the logits exist one chunk at a time).
     """
     from verl.models.transformers import dense_common
 
@@ -107,14 +112,36 @@ def forward_with_sfpo_kernels(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise ValueError("forward_with_sfpo_kernels needs input_ids, labels or shift_labels")
-    logits = self.lm_head(outputs[0])
-    # Nothing else reads these logits (the LM head's backward needs its input, not its output),
-    # so the kernel's backward may write dlogits into their memory: one [tokens, V] buffer less.
-    log_probs, entropy = sfpo_kernels.logprob_entropy(logits, rolled, float(temperature), inplace_backward=True)
+    log_probs, entropy = call_as_forward(self.lm_head, sfpo_kernels.linear_logprob_entropy, outputs[0], rolled,
+                                         float(temperature))  # fmt: skip
     return dense_common.CausalLMOutputForPPO(
         log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states, attentions=outputs.attentions,
     )  # fmt: skip
+
+
+def call_as_forward(head: torch.nn.Module, fn, hidden: torch.Tensor, *args):
+    """``fn(hidden, head.weight, *args, bias=head.bias)``, run as ``head``'s own forward.
+
+    verl's FSDP2 wraps an untied ``lm_head`` on its own: outside its forward its
+    weight is a sharded DTensor. Called through ``head(...)``, the hooks FSDP
+    put on it run as for ``head(hidden)``: the parameters are gathered before,
+    freed after, gathered again for the backward, and their gradient is
+    reduce-scattered. Without a wrapper this is just the call.
+    """
+    own = head.__dict__.get("forward")
+
+    def forward(h, *a):
+        return fn(h, head.weight, *a, bias=head.bias)
+
+    head.forward = forward
+    try:
+        return head(hidden, *args)
+    finally:
+        if own is None:
+            del head.forward
+        else:
+            head.forward = own
 
 
 def install_logprob_forward(module: torch.nn.Module) -> type:

@@ -1,0 +1,101 @@
+"""What the fused LM head + GRPO loss is measured against: verl's FusedLinearForPPO and Liger's fused-linear GRPO.
+
+- :func:`verl_fused_linear_loss`: verl 0.9.1's ``FusedLinearForPPO`` (chunks of
+  512 tokens, fp32 logits per chunk, every token of the batch) for the
+  log-probs and entropy, then the same O(N) policy-loss math as every row
+  (:func:`sfpo_kernels.reference.grpo_loss_from_log_probs`).
+- :func:`liger_fused_linear_loss`: Liger-Kernel's ``LigerFusedLinearGRPOLoss``
+  (chunked over the batch rows, no entropy term, no dual clip); None where
+  ``liger_kernel`` is not importable or its signature is not the 0.5+ one.
+- :class:`LargestTensor`: the largest tensor any op returns while active, the
+  CPU's stand-in for peak memory (``torch.cuda`` tracks the real peak on a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from sfpo_kernels import reference
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the bytes of the largest tensor any op returns (every allocation goes through an op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel() * t.element_size())
+        return out
+
+
+def largest_tensor(fn: Callable[[], object]) -> dict[str, object]:
+    with LargestTensor() as probe:
+        fn()
+    return {"largest_tensor_bytes": probe.largest, "largest_tensor_mib": round(probe.largest / 2**20, 2)}
+
+
+# --------------------------------------------------------------------------- verl
+
+
+def verl_fused_linear_fn() -> Callable | None:
+    try:
+        from verl.utils.experimental.torch_functional import FusedLinearForPPO
+    except ImportError:
+        return None
+    return FusedLinearForPPO(chunk_size=512, impl_backend="torch")
+
+
+def verl_fused_linear_loss(fused_linear, hidden, weight, labels, old_log_probs, advantages, response_mask,
+                           **loss_settings) -> torch.Tensor:  # fmt: skip
+    """verl's chunked head (all tokens; no bias) then the shared policy-loss math: the scalar loss."""
+    temperature = loss_settings.pop("temperature", 1.0)
+    log_probs, entropy = fused_linear(hidden, weight, labels, temperature=temperature)
+    loss, _ = reference.grpo_loss_from_log_probs(log_probs, entropy, old_log_probs, advantages, response_mask,
+                                                 **{"ref_log_probs": None, **loss_settings})  # fmt: skip
+    return loss
+
+
+# --------------------------------------------------------------------------- Liger
+
+
+LIGER_FORWARD = ("_input", "lin_weight", "selected_token_ids", "attention_mask", "advantages")
+
+
+@functools.cache
+def liger_loss_class() -> type | None:
+    """``LigerFusedLinearGRPOLoss`` when importable with the forward ``(_input, lin_weight, selected_token_ids,
+    attention_mask, advantages, ...)`` of liger-kernel 0.5+, else None."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearGRPOLoss
+    except ImportError:
+        return None
+    params = list(inspect.signature(LigerFusedLinearGRPOLoss.forward).parameters)[1:]
+    return LigerFusedLinearGRPOLoss if params[: len(LIGER_FORWARD)] == list(LIGER_FORWARD) else None
+
+
+def liger_fused_linear_loss(hidden, weight, labels, old_log_probs, seq_advantages, response_mask, *, temperature,
+                            clip_ratio_low, clip_ratio_high, chunk_size=1) -> Callable[[], torch.Tensor]:  # fmt: skip
+    """A call of Liger's fused-linear GRPO loss (no KL: ``beta=0``, no reference model); ``hidden`` ``[B, T, H]``."""
+    cls = liger_loss_class()
+    wanted = {"beta": 0.0, "compiled": False, "use_ref_model": False, "chunk_size": chunk_size,
+              "epsilon_low": clip_ratio_low, "epsilon_high": clip_ratio_high, "temperature": temperature,
+              "loss_type": "bnpo"}  # fmt: skip  # bnpo: the token mean over the batch, as token-mean
+    params = inspect.signature(cls.__init__).parameters
+    module = cls(**{k: v for k, v in wanted.items() if k in params})
+    mask = response_mask.to(torch.int64)
+
+    def call() -> torch.Tensor:
+        out = module(hidden, weight, labels, mask, seq_advantages, old_per_token_logps=old_log_probs)
+        return out[0] if isinstance(out, tuple) else out
+
+    return call
