@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -40,7 +40,9 @@ AUTHOR_KEYS = {
 # The block's keys: enable and every SFPOConfig field (the rule's schema), then the verl-only fused_kernels.
 SCHEMA = settings_schema(enable_default=False)
 FUSED_KERNELS_HELP = ("sfpo_kernels.linear_logprob_entropy (the LM head fused in, one chunk of logits at a time) for "
-                      "the actor's log-probs and the sfpo_vanilla policy loss: auto (on for CUDA), true, false")  # fmt: skip
+                      "the actor's log-probs and the sfpo_vanilla policy loss: auto (on for CUDA runs with SFPO on; "
+                      "the first forward is checked against verl's eager numbers and falls back to torch on a "
+                      "mismatch), true (checked too: a mismatch is an error), false")  # fmt: skip
 _OWN_KEYS = ("enable", "fused_kernels")
 _CONFIG_KEYS = tuple(s.name for s in SCHEMA if s.name != "enable")
 _FLOAT_KEYS = tuple(s.name for s in SCHEMA if s.type is float)
@@ -53,7 +55,7 @@ class VerlSFPOSettings:
     Attributes:
         enable: wrap verl's actor update in :class:`sfpo_train.SFPO`.
         sfpo: the update rule's hyperparameters.
-        fused_kernels: "auto" (on when the actor runs on CUDA), True or False: compute the
+        fused_kernels: "auto" (on for CUDA runs with SFPO on), True or False: compute the
             actor's log-probs and entropy with ``sfpo_kernels.logprob_entropy`` and the
             policy loss with the ``"sfpo_vanilla"`` policy loss (GRPO's clipped loss).
     """
@@ -136,15 +138,17 @@ def normalize_sfpo_config(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
     return settings
 
 
-def resolve_fused_kernels(settings: VerlSFPOSettings, device: str) -> VerlSFPOSettings:
-    """``fused_kernels="auto"`` settled for a run on ``device``: on for CUDA runs with SFPO on, off otherwise.
+def resolve_fused_kernels(settings: VerlSFPOSettings, device: str) -> bool:
+    """Whether the fused kernels run: ``true``/``false`` as set; ``auto``: on for CUDA runs with SFPO on.
 
-    With SFPO off, auto stays off so that the run is verl's own; ``true``
-    still turns the kernels on.
+    With SFPO off, auto stays off so that the run is verl's own; ``true`` still
+    turns the kernels on. The driver and every worker call this on the same
+    settings, so they agree; ``auto`` also arms the first-use check against
+    verl's eager numbers (:func:`sfpo_train.verl.fused.arm_first_use_check`).
     """
-    if settings.fused_kernels != "auto":
-        return settings
-    return replace(settings, fused_kernels=settings.enable and device == "cuda")
+    if settings.fused_kernels == "auto":
+        return settings.enable and device == "cuda"
+    return settings.fused_kernels is True
 
 
 # --------------------------------------------------------------------------- conf/sfpo_trainer.yaml

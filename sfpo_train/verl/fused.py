@@ -24,6 +24,8 @@ normalisation across micro-batches and data-parallel ranks is verl's.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
@@ -33,6 +35,7 @@ import sfpo_kernels
 from sfpo_kernels import reference
 
 POLICY_LOSS_NAME = "sfpo_vanilla"
+logger = logging.getLogger(__name__)
 
 
 @register_policy_loss(POLICY_LOSS_NAME)
@@ -112,12 +115,20 @@ def forward_with_sfpo_kernels(
         rolled = torch.roll(input_ids, shifts=-1, dims=-1)
     else:
         raise ValueError("forward_with_sfpo_kernels needs input_ids, labels or shift_labels")
-    log_probs, entropy = call_as_forward(self.lm_head, sfpo_kernels.linear_logprob_entropy, outputs[0], rolled,
-                                         float(temperature))  # fmt: skip
+    hidden, temperature = outputs[0], float(temperature)
+    backend = "torch" if getattr(self, CHECK_ATTR, None) == "fallback" else None
+    log_probs, entropy = call_as_forward(self.lm_head, _linear_logprob_entropy, hidden, rolled, temperature, backend)
+    if backend is None and not _first_use_check(self, hidden, rolled, temperature, log_probs, entropy):
+        log_probs, entropy = call_as_forward(self.lm_head, _linear_logprob_entropy, hidden, rolled, temperature,
+                                             "torch")  # fmt: skip
     return dense_common.CausalLMOutputForPPO(
         log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
         hidden_states=outputs.hidden_states, attentions=outputs.attentions,
     )  # fmt: skip
+
+
+def _linear_logprob_entropy(hidden, weight, labels, temperature, backend, bias=None):
+    return sfpo_kernels.linear_logprob_entropy(hidden, weight, labels, temperature, bias=bias, backend=backend)
 
 
 def call_as_forward(head: torch.nn.Module, fn, hidden: torch.Tensor, *args):
@@ -169,8 +180,71 @@ def install_logprob_forward(module: torch.nn.Module) -> type:
     )
 
 
-def fused_kernels_wanted(setting: bool | str, device_name: str) -> bool:
-    """``"auto"`` means on for CUDA (where the Triton kernels run), off elsewhere."""
-    if setting == "auto":
-        return device_name == "cuda"
-    return bool(setting)
+# --------------------------------------------------------------------------- first-use check
+
+CHECK_ATTR = "_sfpo_fused_check"  # on the HF model instance: None (trusted), "auto", "strict", "passed", "fallback"
+CHECK_ROWS = 256  # tokens compared, once: their eager logits are at most 256 x V fp32 (155 MiB at V = 151936)
+# |fused - eager| <= atol + rtol |eager|. fp32 logits: both sides are fp32 reductions of the same logits,
+# a few ulps apart. 16-bit logits: the chunked head may round a logit one bf16 ulp (2^-8 relative) away from
+# the full matmul, which moves a log-prob by up to ~2^-7 |z|; a real fault (a wrong row, label or
+# temperature, a miscompiled kernel) is off by O(1).
+CHECK_TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (6e-2, 2e-2), torch.float16: (2e-2, 1e-2)}
+
+
+def arm_first_use_check(module: torch.nn.Module, strict: bool) -> None:
+    """The next fused forward of ``module`` compares itself with verl's eager log-probs and entropy.
+
+    ``strict`` (``fused_kernels=true``): a mismatch raises. Otherwise
+    (``auto``): it warns and this module falls back to the same chunked head
+    with the vocabulary pass in plain torch for the rest of the run.
+    """
+    setattr(module, CHECK_ATTR, "strict" if strict else "auto")
+
+
+def eager_mismatch(log_probs, entropy, logits, labels, temperature: float) -> str | None:
+    """What differs between the fused ``(log_probs, entropy) [n]`` and verl's eager numbers on ``logits [n, V]``.
+
+    verl's eager path: ``logits / T``, then ``logprobs_from_logits`` and
+    ``entropy_from_logits`` (verl.utils.torch_functional). Rows whose label is
+    outside the vocabulary (padding) are not compared. ``None`` when they agree
+    within :data:`CHECK_TOLERANCES` of the logits' dtype.
+    """
+    from verl.utils.torch_functional import entropy_from_logits, logprobs_from_logits
+
+    scaled = logits.float() / temperature
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    want_lp = logprobs_from_logits(scaled, torch.where(valid, labels, 0), inplace_backward=False)
+    want_h = entropy_from_logits(scaled)
+    atol, rtol = CHECK_TOLERANCES.get(logits.dtype, CHECK_TOLERANCES[torch.float32])
+    for name, got, want in (("log_probs", log_probs, want_lp), ("entropy", entropy, want_h)):
+        got, want = got.float()[valid], want.float()[valid]
+        err = (got - want).abs() - rtol * want.abs()
+        if got.numel() and not bool((err <= atol).all()):  # NaN fails too
+            worst = int(torch.nan_to_num(err, nan=float("inf")).argmax())
+            return (f"{name} differ at {int((~(err <= atol)).sum())} of {got.numel()} tokens (worst: fused "
+                    f"{float(got[worst]):.6g} vs eager {float(want[worst]):.6g}; tolerance {atol:g} + {rtol:g}|eager|)")
+    return None
+
+
+def _first_use_check(model, hidden, labels, temperature, log_probs, entropy) -> bool:
+    """Run the armed check on the first :data:`CHECK_ROWS` tokens; True when the fused values stand."""
+    mode = getattr(model, CHECK_ATTR, None)
+    if mode not in ("auto", "strict"):
+        return mode != "fallback"
+    flat_h = hidden.reshape(-1, hidden.shape[-1])[:CHECK_ROWS]
+    flat_y = labels.reshape(-1)[:CHECK_ROWS]
+    with torch.no_grad():
+        logits = model.lm_head(flat_h.detach())  # as verl's eager path makes them (FSDP gathers the head)
+        problem = eager_mismatch(log_probs.reshape(-1)[:CHECK_ROWS].detach(), entropy.reshape(-1)[:CHECK_ROWS].detach(),
+                                 logits, flat_y, temperature)  # fmt: skip
+    if problem is None:
+        setattr(model, CHECK_ATTR, "passed")
+        logger.info("fused_kernels: the first fused forward matches verl's eager log-probs and entropy")
+        return True
+    if mode == "strict":
+        raise RuntimeError(f"fused_kernels=true: the fused log-probs disagree with verl's eager ones: {problem}")
+    setattr(model, CHECK_ATTR, "fallback")
+    warnings.warn(f"fused_kernels=auto: the fused Triton pass disagrees with verl's eager numbers ({problem}); "
+                  "falling back to the chunked head with the vocabulary pass in torch for this run", RuntimeWarning,
+                  stacklevel=2)  # fmt: skip
+    return False

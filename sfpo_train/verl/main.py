@@ -23,18 +23,16 @@ from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
 def prepare_config(config):
     """Normalise the SFPO keys (out of verl's ``ActorConfig``), settle ``fused_kernels``, check the run; in place.
 
-    ``fused_kernels="auto"`` becomes a plain bool here (on for CUDA runs with SFPO
-    on, off otherwise), so the driver and every worker agree on it. Returns the
-    :class:`~sfpo_train.verl.config.VerlSFPOSettings`.
+    ``fused_kernels="auto"`` is on for CUDA runs with SFPO on and off otherwise
+    (:func:`~sfpo_train.verl.config.resolve_fused_kernels`, the rule the workers
+    apply too). Returns the :class:`~sfpo_train.verl.config.VerlSFPOSettings`.
     """
-    from sfpo_train.verl.config import normalize_sfpo_config, resolve_fused_kernels
+    from sfpo_train.verl.config import normalize_sfpo_config
 
     settings = normalize_sfpo_config(config.actor_rollout_ref)
-    settings = resolve_fused_kernels(settings, config.trainer.get("device", "cuda"))
-    config.actor_rollout_ref.sfpo.fused_kernels = settings.fused_kernels  # what every worker reads
-    if not needs_sfpo_runner(settings):
+    if not needs_sfpo_runner(settings, config.trainer.get("device", "cuda")):
         return settings
-    what = "SFPO" if settings.enable else "fused_kernels=true"
+    what = "SFPO" if settings.enable else "fused_kernels"
     if not config.trainer.get("use_v1", True):
         raise ValueError(f"{what} runs on verl's v1 trainer; trainer.use_v1=False (the legacy trainer) is not supported")
     mode = config.trainer.v1.get("trainer_mode", "sync")
@@ -43,9 +41,11 @@ def prepare_config(config):
     return settings
 
 
-def needs_sfpo_runner(settings) -> bool:
+def needs_sfpo_runner(settings, device: str) -> bool:
     """Whether the run needs our worker (SFPO or the fused kernels on); otherwise it is exactly verl's run."""
-    return settings.enable or settings.fused_kernels is True
+    from sfpo_train.verl.config import resolve_fused_kernels
+
+    return settings.enable or resolve_fused_kernels(settings, device)
 
 
 def run(config) -> None:
@@ -62,7 +62,7 @@ def run(config) -> None:
 
     auto_set_device(config)
     settings = prepare_config(config)
-    if not needs_sfpo_runner(settings):
+    if not needs_sfpo_runner(settings, config.trainer.device):
         verl_main.__wrapped__(config)  # hydra.main keeps the undecorated function: verl's exact entry point
         return
     from sfpo_train.verl.trainer import SFPOTaskRunner

@@ -50,7 +50,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from sfpo_train.sfpo import SFPO, SFPOConfig
 from sfpo_train.verl import fused
-from sfpo_train.verl.config import VerlSFPOSettings, normalize_sfpo_config
+from sfpo_train.verl.config import VerlSFPOSettings, normalize_sfpo_config, resolve_fused_kernels
 from sfpo_train.verl.ranks import broadcast_from_rank0, check_ranks_agree
 
 logger = logging.getLogger(__name__)
@@ -186,7 +186,7 @@ class SFPOActorRolloutRefWorker(ActorRolloutRefWorker):
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
         # Before verl builds ActorConfig(**config.actor), which rejects the SFPO keys.
         self.sfpo_settings: VerlSFPOSettings = normalize_sfpo_config(config)
-        self.fused_kernels = fused.fused_kernels_wanted(self.sfpo_settings.fused_kernels, get_device_name())
+        self.fused_kernels = resolve_fused_kernels(self.sfpo_settings, get_device_name())
         if self.fused_kernels:
             apply_fused_kernel_config(config)
         super().__init__(config, role, distillation_config, **kwargs)
@@ -197,6 +197,8 @@ class SFPOActorRolloutRefWorker(ActorRolloutRefWorker):
         for worker in (self.actor, self.ref):
             if worker is not None and self.fused_kernels:
                 fused.install_logprob_forward(worker.engine.module)
+                # the first forward compares the kernels with verl's eager numbers; auto falls back on a mismatch
+                fused.arm_first_use_check(worker.engine.module, strict=self.sfpo_settings.fused_kernels is True)
         if self.actor is not None and self.sfpo_settings.enable:
             self.actor.enable_sfpo(self.sfpo_settings.sfpo)
 

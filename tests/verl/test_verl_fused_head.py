@@ -86,3 +86,41 @@ def test_fused_forward_matches_verl_eager_math_with_one_chunk_of_logits(model, b
     assert eager_probe.largest >= all_logits, "the probe sees verl's eager [N, V] logits"
     assert probe.largest <= max(4 * CHUNK * VOCAB * (1 if backend == "triton" else 4), weight_bytes) < all_logits, (
         f"largest tensor {probe.largest} bytes; one chunk of logits is {4 * CHUNK * VOCAB}, all of them {all_logits}")
+
+
+def test_first_use_check_passes_the_kernels_and_catches_a_faulty_result(model):
+    from sfpo_train.verl import fused
+
+    input_ids, position_ids, _ = _inputs()
+    rolled = torch.roll(input_ids, shifts=-1, dims=-1)
+    temperature = 0.8
+    with torch.no_grad():
+        hidden = model.model(input_ids=input_ids, position_ids=position_ids).last_hidden_state
+        right = linear_loss.linear_logprob_entropy(hidden, model.lm_head.weight, rolled, temperature)
+        # what a kernel that ignored the temperature would return
+        wrong = linear_loss.linear_logprob_entropy(hidden, model.lm_head.weight, rolled, 1.0)
+        logits = model.lm_head(hidden)
+    assert fused.eager_mismatch(right[0][0], right[1][0], logits[0], rolled[0], temperature) is None
+    problem = fused.eager_mismatch(wrong[0][0], wrong[1][0], logits[0], rolled[0], temperature)
+    assert problem is not None and "differ at" in problem
+    try:
+        fused.arm_first_use_check(model, strict=False)
+        out = fused.forward_with_sfpo_kernels(model, input_ids=input_ids, position_ids=position_ids,
+                                              temperature=temperature, shift_labels=rolled)  # fmt: skip
+        assert getattr(model, fused.CHECK_ATTR) == "passed"
+        torch.testing.assert_close(out.log_probs, right[0], **TOL)
+
+        fused.arm_first_use_check(model, strict=False)  # auto: a mismatch warns and falls back to the torch pass
+        with pytest.warns(RuntimeWarning, match="falling back"):
+            assert not fused._first_use_check(model, hidden, rolled, temperature, *wrong)
+        assert getattr(model, fused.CHECK_ATTR) == "fallback"
+        out = fused.forward_with_sfpo_kernels(model, input_ids=input_ids, position_ids=position_ids,
+                                              temperature=temperature, shift_labels=rolled)  # fmt: skip
+        torch.testing.assert_close(out.log_probs, right[0], **TOL)
+        torch.testing.assert_close(out.entropy, right[1], **TOL)
+
+        fused.arm_first_use_check(model, strict=True)  # fused_kernels=true: a mismatch is an error
+        with pytest.raises(RuntimeError, match="disagree with verl's eager ones"):
+            fused._first_use_check(model, hidden, rolled, temperature, *wrong)
+    finally:
+        model.__dict__.pop(fused.CHECK_ATTR, None)

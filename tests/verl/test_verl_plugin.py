@@ -327,6 +327,7 @@ def test_fused_kernels_match_verls_eager_loss_and_gradients(model_dir, monkeypat
     assert fused.install_logprob_forward(ours.actor.engine.module).forward is fused.forward_with_sfpo_kernels
     assert ours.config.actor.policy_loss.loss_mode == fused.POLICY_LOSS_NAME
     fused_logp, fused_h = _log_probs(ours, 4)
+    assert getattr(ours.actor.engine.module, fused.CHECK_ATTR) == "passed"  # the first-use check ran and agreed
     fused_grads = _grads_at_step(ours)
     fused_m = vs.metrics_of(ours.update_actor(vs.make_batch(4, mini_batch=vs.BATCH)))
 
@@ -419,22 +420,23 @@ def test_lr_scheduler_steps_once_per_iteration_or_the_worker_raises(model_dir, m
 def test_sfpo_off_is_verls_own_run(model_dir):
     from verl.trainer.main_ppo import main as verl_main
 
+    from sfpo_train.verl.config import resolve_fused_kernels
     from sfpo_train.verl.main import needs_sfpo_runner, prepare_config
 
     auto = ["actor_rollout_ref.actor.sfpo.fused_kernels=auto", "trainer.device=cuda"]
     # SFPO off, fused_kernels auto: verl's entry point runs, whatever trainer it asks for
     config = vs.compose(model_dir, [*auto, "trainer.v1.trainer_mode=separate_async"])
     settings = prepare_config(config)
-    assert settings.fused_kernels is False and not needs_sfpo_runner(settings)
-    assert config.actor_rollout_ref.sfpo.fused_kernels is False  # settled once, for every worker
+    assert not resolve_fused_kernels(settings, "cuda") and not needs_sfpo_runner(settings, "cuda")
     assert verl_main.__wrapped__.__module__ == "verl.trainer.main_ppo"  # what run() hands the config to
-    # SFPO on, on CUDA: auto turns the kernels on, and our runner is needed
+    # SFPO on, on CUDA: auto turns the kernels on (the workers apply the same rule), and our runner is needed
     settings = prepare_config(vs.compose(model_dir, [*auto, "actor_rollout_ref.actor.sfpo.enable=true"]))
-    assert settings.fused_kernels is True and needs_sfpo_runner(settings)
+    assert resolve_fused_kernels(settings, "cuda") and not resolve_fused_kernels(settings, "cpu")
+    assert needs_sfpo_runner(settings, "cuda")
     # the kernels alone, asked for explicitly, still need our (sync) runner
     config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.fused_kernels=true",
                                     "trainer.v1.trainer_mode=separate_async"])  # fmt: skip
-    with pytest.raises(ValueError, match="fused_kernels=true wraps verl's synchronous trainer"):
+    with pytest.raises(ValueError, match="fused_kernels wraps verl's synchronous trainer"):
         prepare_config(config)
 
 
