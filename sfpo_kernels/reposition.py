@@ -139,6 +139,7 @@ class _Group:
     offsets: list[int]  # element offset of each tensor in ``storage``
     storage: torch.Tensor  # flat buffer holding the copies
     _views: list[torch.Tensor] | None = None
+    _table: PointerTable | None = None  # for the members the snapshot last validated (dropped when they change)
 
     @property
     def views(self) -> list[torch.Tensor]:
@@ -150,10 +151,14 @@ class _Group:
         return self._views
 
     def table(self, tensors: list[torch.Tensor]) -> PointerTable:
-        """Pointer table pairing ``tensors`` with their copies (cached by content)."""
-        base, elem = self.storage.data_ptr(), self.storage.element_size()
-        block, chunk = mt.launch_shape(self.device)
-        return pointer_table(tensors, [base + off * elem for off in self.offsets], self.device, block=block, chunk=chunk)
+        """Pointer table pairing ``tensors`` with their copies (cached by content, and on the group for the
+        members its snapshot validated: :meth:`Snapshot._check_tensors` drops it when they change)."""
+        if self._table is None:
+            base, elem = self.storage.data_ptr(), self.storage.element_size()
+            block, chunk = mt.launch_shape(self.device)
+            self._table = pointer_table(tensors, [base + off * elem for off in self.offsets], self.device, block=block,
+                                        chunk=chunk)  # fmt: skip
+        return self._table
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -181,6 +186,8 @@ class Snapshot:
         self.offload = offload
         self._groups: list[_Group] | None = groups
         self._signature = list(zip(self.shapes, self.dtypes, self.devices))
+        # The last tensor list that passed _check_tensors: its key and validated local tensors (see _layout_key).
+        self._validated: tuple[tuple, list[torch.Tensor]] | None = None
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -212,6 +219,7 @@ class Snapshot:
     def release(self) -> None:
         """Free the storage now; the snapshot cannot be used afterwards."""
         self._groups = None
+        self._validated = None  # and the references to the tensors it validated
 
     def restore_(self, tensors: Iterable[torch.Tensor], *, backend: str | None = None) -> None:
         """Copy the snapshot back into ``tensors`` (same count, shapes, dtypes, devices), in place.
@@ -237,7 +245,24 @@ class Snapshot:
         return [resolve_backend(backend, g.device) for g in self._live_groups()]
 
     def _check_tensors(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        self._live_groups()
+        """``tensors`` validated against the snapshot, as the local tensors the kernels write.
+
+        A list whose :func:`_layout_key` equals that of the last list that passed is
+        not validated again (one tuple compare): the key holds everything the checks
+        read that can change while the tensor objects stay the same.
+        """
+        groups = self._live_groups()
+        key = _layout_key(tensors)
+        if key is not None and self._validated is not None and self._validated[0] == key:
+            return self._validated[1]
+        local = self._validate(tensors)
+        if key is not None:
+            self._validated = (key, local)
+            for g in groups:  # the pointer tables were built for the previous list
+                g._table = None
+        return local
+
+    def _validate(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         local = _as_tensor_list(tensors, "tensors")
         if len(local) != len(self):
             raise ValueError(f"tensors has {len(local)} tensors but the snapshot holds {len(self)}")
@@ -248,6 +273,34 @@ class Snapshot:
                     if got != want:
                         raise ValueError(f"tensors[{i}] has {what} {_fmt(got)} but the snapshot has {_fmt(want)}")
         return local
+
+
+def _layout_key(tensors) -> tuple | None:
+    """What validation depends on that can change under a tensor object that stays the same, or None (no cache).
+
+    Per tensor ``(id, data_ptr, shape, stride, dtype, is_neg)``; the ids are of objects
+    the snapshot keeps referenced (``_validated``), so none is reused while cached.
+    Not the version counter: Stage I's optimizer steps bump it on every pass
+    (value writes, which change nothing validation checks), so it would miss every
+    time between ``snapshot`` and ``reposition_``; and ``p.data = x`` (the one
+    way to swap a parameter's memory, dtype or shape in place) does not bump it.
+    What the key catches: a tensor replaced (id), resized, re-dtyped or moved
+    (``.data = ...``, ``resize_``, ``set_``, ``.to``: shape, dtype, data_ptr), its
+    storage changed or freed (data_ptr), made non-contiguous in place (stride), or
+    a lazy neg view swapped in (``is_neg``). The device is implied: ``.data =`` a
+    tensor on another device changes the data pointer (a CPU and a CUDA
+    allocation never share an address under CUDA's unified addressing). Dtype
+    and layout checks need no more: strided is implied by a data pointer, and an
+    inference tensor cannot alias a normal one. Only plain tensors and
+    parameters (no DTensor, whose local shard is a new object per call); an
+    empty list, or a list that is not one, is validated every time.
+    """
+    if not isinstance(tensors, list) or not tensors:
+        return None
+    for t in tensors:
+        if type(t) not in _PLAIN_TYPES:
+            return None
+    return tuple([(id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg()) for t in tensors])
 
 
 def _fmt(x) -> str:
@@ -384,6 +437,9 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
     backends = {d: resolve_backend(backend, d) for d in {t.device for t in local if t.numel()}}  # before allocating
     groups = _allocate_groups(local, offload)
     snap = Snapshot([t.shape for t in local], [t.dtype for t in local], [t.device for t in local], groups, offload)
+    key = _layout_key(local)  # the tensors themselves for a list of plain tensors (what the cache can match)
+    if key is not None:  # validated just now: reposition_ / restore_ on the same, unchanged list skip it
+        snap._validated = (key, local)
     with torch.no_grad():
         for g in groups:
             _copy_group(g, [local[i] for i in g.indices], backends[g.device], to_snapshot=True)
