@@ -29,6 +29,7 @@ import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -186,8 +187,8 @@ class Snapshot:
         self.offload = offload
         self._groups: list[_Group] | None = groups
         self._signature = list(zip(self.shapes, self.dtypes, self.devices))
-        # The last tensor list that passed _check_tensors: its key and validated local tensors (see _layout_key).
-        self._validated: tuple[tuple, list[torch.Tensor]] | None = None
+        # The last tensor list that passed validation: its key and what was checked (see _layout_key).
+        self._validated: tuple[tuple, _Checked] | None = None
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -227,13 +228,12 @@ class Snapshot:
         Validates as :func:`reposition_` does: a bad call raises ``ValueError`` before any tensor is written.
         """
         tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
-        local = self._check_tensors(tensors)
+        checked = self._checked(tensors)
         backends = self._backends(backend)
         with torch.no_grad():
-            for g, name in zip(self._groups, backends):
-                members = [local[i] for i in g.indices]
+            for g, members, name in zip(self._groups, checked.members, backends):
                 _copy_group(g, members, name, to_snapshot=False)
-        _mark_modified(tensors, local)
+        _mark_modified(checked.changed)
 
     def _live_groups(self) -> list[_Group]:
         if self._groups is None:
@@ -245,22 +245,34 @@ class Snapshot:
         return [resolve_backend(backend, g.device) for g in self._live_groups()]
 
     def _check_tensors(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-        """``tensors`` validated against the snapshot, as the local tensors the kernels write.
+        """``tensors`` validated against the snapshot, as the local tensors the kernels write."""
+        return self._checked(tensors).local
+
+    def _checked(self, tensors: Iterable[torch.Tensor]) -> _Checked:
+        """``tensors`` validated, with each group's members and the tensors whose versions a write bumps.
 
         A list whose :func:`_layout_key` equals that of the last list that passed is
         not validated again (one tuple compare): the key holds everything the checks
         read that can change while the tensor objects stay the same.
         """
-        groups = self._live_groups()
+        self._live_groups()
         key = _layout_key(tensors)
         if key is not None and self._validated is not None and self._validated[0] == key:
             return self._validated[1]
-        local = self._validate(tensors)
+        return self._remember(key, tensors, self._validate(tensors))
+
+    def _remember(self, key: tuple | None, tensors: list[torch.Tensor], local: list[torch.Tensor]) -> _Checked:
+        """The :class:`_Checked` of a validated list, cached under ``key`` (None: not cacheable)."""
+        groups = self._live_groups()
+        # Both the caller's tensors and their local shards: a graph may have saved a DTensor parameter itself,
+        # whose version counter is not its shard's.
+        changed = local + [t for t, t_local in zip(tensors, local) if t is not t_local]
+        checked = _Checked(local, [[local[i] for i in g.indices] for g in groups], changed)
         if key is not None:
-            self._validated = (key, local)
+            self._validated = (key, checked)
             for g in groups:  # the pointer tables were built for the previous list
                 g._table = None
-        return local
+        return checked
 
     def _validate(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         local = _as_tensor_list(tensors, "tensors")
@@ -307,13 +319,16 @@ def _fmt(x) -> str:
     return str(tuple(x)) if isinstance(x, torch.Size) else str(x)
 
 
-def _mark_modified(tensors: list[torch.Tensor], local: list[torch.Tensor]) -> None:
-    """Kernels write through raw pointers; tell autograd the tensors changed in place.
+class _Checked(NamedTuple):
+    """A validated tensor list: the local tensors, each group's members, what a write marks modified."""
 
-    Both the caller's tensors and their local shards: a graph may have saved a
-    DTensor parameter itself, whose version counter is not its shard's.
-    """
-    changed = local + [t for t, t_local in zip(tensors, local) if t is not t_local]
+    local: list[torch.Tensor]
+    members: list[list[torch.Tensor]]  # per snapshot group, in group order
+    changed: list[torch.Tensor]  # the local tensors, and the caller's where they differ (DTensors)
+
+
+def _mark_modified(changed: list[torch.Tensor]) -> None:
+    """Kernels write through raw pointers; tell autograd the tensors changed in place."""
     if changed:
         torch.autograd.graph.increment_version(changed)
 
@@ -437,9 +452,9 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
     backends = {d: resolve_backend(backend, d) for d in {t.device for t in local if t.numel()}}  # before allocating
     groups = _allocate_groups(local, offload)
     snap = Snapshot([t.shape for t in local], [t.dtype for t in local], [t.device for t in local], groups, offload)
-    key = _layout_key(local)  # the tensors themselves for a list of plain tensors (what the cache can match)
-    if key is not None:  # validated just now: reposition_ / restore_ on the same, unchanged list skip it
-        snap._validated = (key, local)
+    # Validated just now: reposition_ / restore_ on the same, unchanged list skip it. The key is of the local
+    # tensors (the caller's themselves for a list of plain tensors, the only lists the cache can match).
+    snap._remember(_layout_key(local), local, local)
     with torch.no_grad():
         for g in groups:
             _copy_group(g, [local[i] for i in g.indices], backends[g.device], to_snapshot=True)
@@ -473,15 +488,14 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: Snapshot, alpha: float, *
         raise ValueError(f"snap must be a Snapshot from sfpo_kernels.snapshot(), got {type(snap).__name__}")
     alpha = _check_alpha(alpha)
     tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
-    local = snap._check_tensors(tensors)
+    checked = snap._checked(tensors)
     backends = snap._backends(backend)
     if alpha == 1.0:  # theta_K as it is; a lerp with weight 0 would still turn -0.0 into +0.0
         return
     with torch.no_grad():
-        for g, name in zip(snap._live_groups(), backends):
-            members = [local[i] for i in g.indices]
+        for g, members, name in zip(snap._live_groups(), checked.members, backends):
             if alpha == 0.0:  # theta_0 exactly, whatever the tensors hold now (a lerp keeps their NaNs)
                 _copy_group(g, members, name, to_snapshot=False)
             else:
                 _lerp_group(g, members, 1.0 - alpha, name)
-    _mark_modified(tensors, local)
+    _mark_modified(checked.changed)
