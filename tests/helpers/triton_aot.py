@@ -66,6 +66,11 @@ def ptx_counts(compiled) -> dict:
             "bf16_bit_rounding": bool(re.search(r"\b(?:32767|0[xX]0*7[fF]{3})\b", ptx))}  # fmt: skip
 
 
+def unspecialized(kernel) -> list[str]:
+    """The arguments the JIT does not specialise on (stored as names or indices, by Triton version)."""
+    return sorted(kernel.arg_names[a] if isinstance(a, int) else a for a in kernel.do_not_specialize)
+
+
 def loss_variants(target) -> None:
     """The fused-loss forward (with and without the row mask) and backward (every gradient set), for every
     logits dtype and alignment."""
@@ -85,7 +90,8 @@ def loss_variants(target) -> None:
                         record["has_grad_logp"], record["has_grad_h"] = has_grad
                     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
                     compiled = triton.compile(src, target=target, options={"num_warps": fl.GPU_NUM_WARPS})
-                    print(json.dumps({**record, "ops": ptx_ops(compiled), **ptx_counts(compiled)}))
+                    print(json.dumps({**record, "ops": ptx_ops(compiled), **ptx_counts(compiled),
+                                      "do_not_specialize": unspecialized(kernel)}))  # fmt: skip
 
 
 def main(capability: int) -> None:

@@ -54,6 +54,14 @@ def test_vocabulary_loops_have_no_fp32_division(variants):
         assert v["div_f32"] <= allowed, f"{v['kernel']} {v['dtype']} aligned={v['aligned']}: {v['div_f32']} fp32 divisions"
 
 
+def test_loss_kernels_do_not_specialise_on_the_micro_batch_shape(variants):
+    """T and the batch strides change with every micro-batch's padded length: no recompilation per new value."""
+    for v in _loss(variants, LOSS_FWD) + _loss(variants, LOSS_BWD):
+        dynamic = {"stride_b", "stride_t", "rows_per_batch"} | ({"d_stride_b", "d_stride_t"} if v["kernel"] == LOSS_BWD else set())
+        assert dynamic <= set(v["do_not_specialize"]), f"{v['kernel']}: specialises on {dynamic - set(v['do_not_specialize'])}"
+        assert "V" not in v["do_not_specialize"]
+
+
 def test_bf16_stores_use_the_hardware_rounding(variants):
     """On the GPU the fp32 -> bf16 cast (cvt.rn) already rounds to nearest even: the integer rounding on the bits
     (an add of 0x7FFF) is only for the interpreter, whose cast truncates (ROUND_BF16_ON_BITS)."""
