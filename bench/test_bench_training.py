@@ -49,14 +49,35 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("algo", ["grpo", "sfpo"])
 def test_training_step(benchmark, setup, algo):
+    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}"])
+
+
+@pytest.mark.parametrize("old_log_probs", ["separate", "from_update"])
+@pytest.mark.parametrize("algo", ["grpo", "sfpo"])
+def test_training_step_on_policy(benchmark, setup, algo, old_log_probs):
+    """The same iteration on-policy (one mini-batch: ``ppo_mini_batch_size = data.train_batch_size``), with the
+    separate old-log-prob forward (``old_log_prob_from_update=false``) or without it (``auto``: the first
+    update pass supplies the old log-probs). ``bench/measure_old_log_prob_reuse.py`` compares the two
+    interleaved in one process on the embedded default."""
+    import sfpo_train.trainer.config as config_lib
+
+    preset, overrides, _ = setup
+    batch = config_lib.load_config(preset, overrides).data.train_batch_size
+    mode = "auto" if old_log_probs == "from_update" else "false"
+    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}-on-policy-{old_log_probs}",
+                                         f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
+                                         f"actor_rollout_ref.actor.old_log_prob_from_update={mode}"])  # fmt: skip
+    assert benchmark.extra_info["old_log_prob_from_update"] == (old_log_probs == "from_update")
+
+
+def _bench_step(benchmark, setup, algo: str, extra: list[str]) -> None:
     if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
         pytest.skip("run bench/ in a pytest process of its own (tests/conftest.py poisons allocations)")
     import sfpo_train.trainer.config as config_lib
     from sfpo_train.trainer import Trainer
 
     preset, overrides, model = setup
-    cfg = config_lib.load_config(preset, overrides + [f"trainer.experiment_name={algo}",
-                                                      f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}"])  # fmt: skip
+    cfg = config_lib.load_config(preset, overrides + extra + [f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}"])
     trainer = Trainer.create(cfg, preset=preset)
     history: list[dict] = []
     benchmark.pedantic(lambda: history.append(trainer.train_step()), rounds=ROUNDS, warmup_rounds=WARMUP, iterations=1)
@@ -75,4 +96,6 @@ def test_training_step(benchmark, setup, algo):
     info["peak_memory_gb"] = max(m[peak] for m in measured)
     info["peak_memory_reading"] = "torch peak allocated" if trainer.device.type == "cuda" else "process RSS"
     info["profiler_overhead_frac"] = statistics.fmean(m["perf/profiler_overhead_frac"] for m in measured)
+    info["old_log_prob_from_update"] = all(m["actor/old_log_prob_from_update"] == 1.0 for m in measured)
+    info["ppo_mini_batch_size"] = cfg.actor_rollout_ref.actor.ppo_mini_batch_size
     assert all(m["sfpo/inner_steps_run"] == (3 if algo == "sfpo" else 0) for m in measured)

@@ -8,8 +8,15 @@ and V = 151936 that is ~10 GB of fp32 temporaries per micro-batch. Here:
   softmax-weighted sum of z, plus one load of the label's logit) gives
   ``log p(y) = z_y - lse`` and ``H = lse - sum p z``; only four fp32 numbers per
   token are kept (log-prob, entropy, lse, ``mu = sum p z``);
+- a masked row (``response_mask`` 0) is skipped in both passes: the forward
+  writes zeros for its four numbers without loading its logits, the backward
+  writes zero ``dlogits`` (Liger returns early for such rows the same way);
+- ``z = logits * (1 / temperature)``: one multiply per element, the division
+  happens once on the host (a per-element ``div.rn.f32`` is a multi-instruction
+  sequence on the GPU; the AOT test checks none is left in the vocabulary loops);
 - backward, one pass over V writes ``dlogits`` in the logits' dtype:
-  ``dz = g_logp (onehot(y) - p) + g_H p (mu - z)``, ``dlogits = dz / temperature``;
+  ``dz = g_logp (onehot(y) - p) + g_H p (mu - z)``, ``dlogits = dz / temperature``
+  (times the inverse);
   a row whose upstream gradients are both exactly 0 (every masked position:
   the loss masks with ``where``) gets ``dlogits = 0`` without its logits being
   read -- no ``0 * NaN`` from whatever a masked row holds, and no traffic;
@@ -41,7 +48,22 @@ from sfpo_kernels._backend import empty_for_kernel, resolve_backend
 from sfpo_kernels._triton_utils import store_rounded, triton_interpreting
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Launch settings on the GPU: one program per token row streaming V in blocks of GPU_BLOCK_V with
+# GPU_NUM_WARPS warps (16 elements per thread per block: four 128-bit loads of bf16). They are fixed,
+# not autotuned, on purpose: the backward writes dlogits into the logits when inplace_backward is set,
+# and triton.autotune benchmarks a kernel by launching every config on the same arguments, so an
+# in-place kernel would read its own output from the second config on (autotune's restore_value can
+# copy the buffer back, at the cost of one [N, V] copy per config and per new shape). The forward
+# shares the settings so both passes stream V the same way. `bench/sweep_loss_launch.py` is the sweep
+# that must justify them on an H100/H200 (BLOCK_V x num_warps, fwd and bwd, bf16, N=16384, V=151936);
+# it has NOT been run on a GPU yet: these values are Liger's and the Triton softmax tutorial's choice
+# for rows this long, unmeasured here.
 GPU_BLOCK_V, GPU_NUM_WARPS = 4096, 8
+# T (rows per batch) and the strides change with every micro-batch's padded length: specialising on
+# them (Triton's value-1 and divisible-by-16 classes) would compile a new kernel for each new class.
+# Alignment is ALIGNED's job (checked on the host), so nothing is lost. V stays specialised: it is
+# fixed per model.
+DYNAMIC_ARGS = ["stride_b", "stride_t", "rows_per_batch", "d_stride_b", "d_stride_t"]
 INTERPRETER_BLOCK_V = 64  # small, so CI's small vocabularies still span several blocks
 INTERPRETER_LARGE_V = 8192  # above this the interpreter takes GPU-sized blocks (numpy time is per block)
 
@@ -81,42 +103,54 @@ def _online_softmax_block(b_z, m, s, w):
     return m_new, s, w
 
 
-@triton.jit
+@triton.jit(do_not_specialize=[a for a in DYNAMIC_ARGS if not a.startswith("d_")])
 def _logprob_entropy_fwd_kernel(
     logits,  # *T [B, T, V] with strides (stride_b, stride_t, 1)
     stride_b,
     stride_t,
     rows_per_batch,  # T
     labels,  # *int64 [B*T] contiguous
+    keep,  # *uint8 [B*T]: 0 = masked row, skipped (unused unless HAS_KEEP)
     log_probs,  # *fp32 [B*T] out
     entropy,  # *fp32 [B*T] out
     lse_out,  # *fp32 [B*T] out: logsumexp(z), saved for backward
     mu_out,  # *fp32 [B*T] out: sum softmax(z) * z, saved for backward
-    temperature,  # runtime float: z = logits / temperature
+    inv_temperature,  # runtime float: z = logits * inv_temperature
     V,
+    HAS_KEEP: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """Per row: lse, mu, entropy = lse - mu, log_prob = z[label] - lse (0 for labels outside [0, V))."""
+    """Per row: lse, mu, entropy = lse - mu, log_prob = z[label] - lse (0 for labels outside [0, V)).
+
+    A masked row (``keep == 0``) gets 0 for all four and its logits are never loaded.
+    """
     i_row = tl.program_id(0).to(tl.int64)
+    if HAS_KEEP:  # noqa: SIM102 -- compile time, then run time: no load of keep without it
+        if tl.load(keep + i_row) == 0:
+            tl.store(log_probs + i_row, 0.0)
+            tl.store(entropy + i_row, 0.0)
+            tl.store(lse_out + i_row, 0.0)
+            tl.store(mu_out + i_row, 0.0)
+            return
     p_row = _row_pointer(logits, i_row, rows_per_batch, stride_b, stride_t, ALIGNED)
     m = tl.full([], float("-inf"), tl.float32)
     s = tl.zeros([], tl.float32)
     w = tl.zeros([], tl.float32)
     v_full = V // BLOCK_V * BLOCK_V
     for v0 in range(0, v_full, BLOCK_V):  # full blocks: no mask, vector loads
-        b_z = tl.load(p_row + v0 + tl.arange(0, BLOCK_V)).to(tl.float32) / temperature
+        b_z = tl.load(p_row + v0 + tl.arange(0, BLOCK_V)).to(tl.float32) * inv_temperature
         m, s, w = _online_softmax_block(b_z, m, s, w)
     if v_full < V:
         o_v = v_full + tl.arange(0, BLOCK_V)
-        b_z = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32) / temperature
+        b_z = tl.load(p_row + o_v, mask=o_v < V, other=float("-inf")).to(tl.float32) * inv_temperature
         m, s, w = _online_softmax_block(b_z, m, s, w)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = m_safe + tl.log(s)
     w_over_s = w / s
     label = tl.load(labels + i_row)
     valid = (label >= 0) & (label < V)
-    z_label = tl.load(p_row + tl.where(valid, label, 0)).to(tl.float32) / temperature
+    z_label = tl.load(p_row + tl.where(valid, label, 0)).to(tl.float32) * inv_temperature
     tl.store(log_probs + i_row, tl.where(valid, z_label - lse, 0.0))
     tl.store(entropy + i_row, tl.log(s) - w_over_s)
     tl.store(lse_out + i_row, lse)
@@ -124,22 +158,22 @@ def _logprob_entropy_fwd_kernel(
 
 
 @triton.jit
-def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, temperature,
+def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, inv_temperature,
                    HAS_GRAD_H: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
-    """One block of dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature."""
+    """One block of dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) * inv_temperature."""
     if MASKED:
-        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) / temperature
+        b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
     else:
-        b_z = tl.load(p_row + o_v).to(tl.float32) / temperature
+        b_z = tl.load(p_row + o_v).to(tl.float32) * inv_temperature
     b_p = tl.exp(b_z - b_lse)
     b_dz = -g_logp * b_p
     if HAS_GRAD_H:
         b_dz += g_h * b_p * tl.where(b_p == 0.0, 0.0, b_mu - b_z)  # p = 0 at z = -inf: no 0 * inf
-    b_dz = tl.where(o_v == label, b_dz + g_logp, b_dz) / temperature
+    b_dz = tl.where(o_v == label, b_dz + g_logp, b_dz) * inv_temperature
     store_rounded(p_drow + o_v, b_dz, m_v, MASKED)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=DYNAMIC_ARGS)
 def _logprob_entropy_bwd_kernel(
     logits,  # *T [B, T, V], strides (stride_b, stride_t, 1)
     stride_b,
@@ -153,14 +187,14 @@ def _logprob_entropy_bwd_kernel(
     dlogits,  # *T out, strides (d_stride_b, d_stride_t, 1); may alias logits
     d_stride_b,
     d_stride_t,
-    temperature,
+    inv_temperature,
     V,
     HAS_GRAD_LOGP: tl.constexpr,
     HAS_GRAD_H: tl.constexpr,
     BLOCK_V: tl.constexpr,
     ALIGNED: tl.constexpr,
 ):
-    """dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature, p = exp(z - lse).
+    """dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) * inv_temperature, p = exp(z - lse).
 
     A row with ``g_logp == g_H == 0`` (a masked position; a padding label without
     entropy gradient) is written as zeros and its logits are never loaded:
@@ -187,10 +221,10 @@ def _logprob_entropy_bwd_kernel(
     if (g_logp != 0.0) | (g_h != 0.0):
         for v0 in range(0, v_full, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
-            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, False)
+            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, inv_temperature, HAS_GRAD_H, False)
         if v_full < V:
             o_v = v_full + tl.arange(0, BLOCK_V)
-            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, temperature, HAS_GRAD_H, True)
+            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, inv_temperature, HAS_GRAD_H, True)
     else:  # no gradient flows into this row
         b_zero = tl.zeros([BLOCK_V], tl.float32)
         for v0 in range(0, v_full, BLOCK_V):
@@ -233,15 +267,20 @@ def flat_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(-1).contiguous().to(torch.int64)
 
 
-def logprob_entropy_fwd(logits: torch.Tensor, labels_flat: torch.Tensor, temperature: float):
-    """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32 ``[rows]`` (``labels_flat`` from :func:`flat_labels`)."""
+def logprob_entropy_fwd(logits: torch.Tensor, labels_flat: torch.Tensor, temperature: float,
+                        keep_flat: torch.Tensor | None = None):  # fmt: skip
+    """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32 ``[rows]`` (``labels_flat`` from :func:`flat_labels`).
+
+    Rows where ``keep_flat`` (bool ``[rows]``) is False get 0 for all four and are not read.
+    """
     rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
     out = empty_for_kernel((4, rows), dtype=torch.float32, device=logits.device)
+    keep = None if keep_flat is None else keep_flat.reshape(-1).contiguous().view(torch.uint8)
     if rows:
         _logprob_entropy_fwd_kernel[(rows,)](
-            logits, stride_b, stride_t, rows_per_batch, labels_flat, out[0], out[1], out[2], out[3],
-            float(temperature), logits.shape[-1], BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits),
-            num_warps=GPU_NUM_WARPS,
+            logits, stride_b, stride_t, rows_per_batch, labels_flat, labels_flat if keep is None else keep,
+            out[0], out[1], out[2], out[3], 1.0 / float(temperature), logits.shape[-1], HAS_KEEP=keep is not None,
+            BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits), num_warps=GPU_NUM_WARPS,
         )  # fmt: skip
     log_probs, entropy, lse, mu = out
     return log_probs, entropy, lse, mu
@@ -262,7 +301,10 @@ def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, 
     """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``).
 
     Rows where ``keep_flat`` (bool ``[rows]``) is False, and rows whose upstream
-    gradients are both 0, get zeros and are not read.
+    gradients are both 0, get zeros and are not read. ``inplace``: ``dlogits`` is
+    ``logits``, and the logits' version counter is bumped, so anything autograd
+    saved of them (this op's own saved logits included: a second backward through
+    the graph) raises instead of reading gradients as logits.
     """
     rows, rows_per_batch, stride_b, stride_t = _as_rows(logits)
     dlogits = logits if inplace else empty_for_kernel(logits.shape, dtype=logits.dtype, device=logits.device)
@@ -274,10 +316,12 @@ def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, 
             logits, stride_b, stride_t, rows_per_batch, labels_flat,
             dummy if grad_log_probs is None else grad_log_probs,
             dummy if grad_entropy is None else grad_entropy,
-            lse, mu, dlogits, d_stride_b, d_stride_t, float(temperature), logits.shape[-1],
+            lse, mu, dlogits, d_stride_b, d_stride_t, 1.0 / float(temperature), logits.shape[-1],
             HAS_GRAD_LOGP=grad_log_probs is not None, HAS_GRAD_H=grad_entropy is not None,
             BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits, dlogits), num_warps=GPU_NUM_WARPS,
         )  # fmt: skip
+    if inplace:
+        torch.autograd.graph.increment_version(logits)
     return dlogits
 
 
@@ -287,8 +331,8 @@ class LogProbEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, inplace_backward, keep):
         labels_flat = flat_labels(labels)  # once: the backward reads the same vector
-        log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels_flat, temperature)
         keep_flat = None if keep is None else keep.reshape(-1)
+        log_probs, entropy, lse, mu = logprob_entropy_fwd(logits, labels_flat, temperature, keep_flat)
         ctx.save_for_backward(logits, labels_flat, lse, mu, keep_flat)
         # An unused output (e.g. entropy with entropy_coef 0) then arrives as None and the
         # backward kernel skips its term instead of streaming a vector of zeros.
@@ -406,8 +450,8 @@ def logprob_entropy(
             ``[0, V)`` get log-prob 0.
         temperature: > 0.
         response_mask: optional, shaped like ``labels``: rows where it is 0 get an
-            exactly zero gradient whatever their logits hold (NaN, inf), and the
-            Triton backward does not read them. Their outputs are still computed.
+            exactly zero gradient whatever their logits hold (NaN, inf) and outputs 0;
+            the Triton kernels do not read them, forward or backward.
         backend: ``"triton"`` (default for CUDA) or ``"torch"`` (eager, the CPU default).
         inplace_backward: write ``dlogits`` into ``logits``' memory (saves one
             ``[N, V]`` buffer; only when nothing else reads the logits afterwards).
@@ -464,7 +508,8 @@ def grpo_loss(
 
     Masked positions (``w == 0``) never affect the loss, the metrics or any
     gradient, whatever they hold (NaN and inf included): their ``dlogits`` are
-    exact zeros, and the Triton backward does not read their logits.
+    exact zeros, their ``log_probs`` and ``entropy`` 0, and the Triton kernels
+    never read their logits.
 
     Args:
         logits: ``[B, T, V]`` (or packed ``[N, V]``), fp32/bf16/fp16, requires grad.

@@ -73,9 +73,9 @@ def logprob_entropy(
     ``logits`` ``[..., V]``, ``labels`` ``[...]`` (any integer dtype); both outputs
     ``[...]`` in ``promote(logits.dtype, fp32)``, differentiable w.r.t. ``logits``.
     Labels outside ``[0, V)`` (padding, -100) give log-prob 0. Rows where
-    ``response_mask`` (``[...]``) is 0 get an exactly zero gradient whatever their
-    values (their outputs are still computed): ``where``, not a product, so a
-    NaN/inf there never meets the 0. Traffic: the upcast, log-softmax and softmax
+    ``response_mask`` (``[...]``) is 0 get outputs 0 and an exactly zero gradient
+    whatever their values (as the Triton kernels, which skip such rows): ``where``,
+    not a product, so a NaN/inf there never meets the 0. Traffic: the upcast, log-softmax and softmax
     each write and re-read an fp32 ``[..., V]`` temporary -- the memory the fused
     kernel never allocates.
     """
@@ -90,7 +90,11 @@ def logprob_entropy(
     p = torch.softmax(z, dim=-1)
     # p * z is 0 * -inf = NaN at masked vocabulary entries; their term is 0 (and so is its gradient).
     entropy = torch.logsumexp(z, dim=-1) - (p * torch.where(p > 0, z, torch.zeros_like(z))).sum(-1)
-    return torch.where(valid, log_probs, torch.zeros_like(log_probs)), entropy
+    log_probs = torch.where(valid, log_probs, torch.zeros_like(log_probs))
+    if response_mask is not None:
+        kept = response_positions(response_mask)
+        log_probs, entropy = (torch.where(kept, x, torch.zeros_like(x)) for x in (log_probs, entropy))
+    return log_probs, entropy
 
 
 def kl_penalty(log_probs: torch.Tensor, ref_log_probs: torch.Tensor, kl_type: str) -> torch.Tensor:

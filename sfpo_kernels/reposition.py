@@ -29,6 +29,7 @@ import math
 import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -139,6 +140,7 @@ class _Group:
     offsets: list[int]  # element offset of each tensor in ``storage``
     storage: torch.Tensor  # flat buffer holding the copies
     _views: list[torch.Tensor] | None = None
+    _table: PointerTable | None = None  # for the members the snapshot last validated (dropped when they change)
 
     @property
     def views(self) -> list[torch.Tensor]:
@@ -150,10 +152,14 @@ class _Group:
         return self._views
 
     def table(self, tensors: list[torch.Tensor]) -> PointerTable:
-        """Pointer table pairing ``tensors`` with their copies (cached by content)."""
-        base, elem = self.storage.data_ptr(), self.storage.element_size()
-        block, chunk = mt.launch_shape(self.device)
-        return pointer_table(tensors, [base + off * elem for off in self.offsets], self.device, block=block, chunk=chunk)
+        """Pointer table pairing ``tensors`` with their copies (cached by content, and on the group for the
+        members its snapshot validated: :meth:`Snapshot._check_tensors` drops it when they change)."""
+        if self._table is None:
+            base, elem = self.storage.data_ptr(), self.storage.element_size()
+            block, chunk = mt.launch_shape(self.device)
+            self._table = pointer_table(tensors, [base + off * elem for off in self.offsets], self.device, block=block,
+                                        chunk=chunk)  # fmt: skip
+        return self._table
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple[int, ...]:
@@ -181,6 +187,8 @@ class Snapshot:
         self.offload = offload
         self._groups: list[_Group] | None = groups
         self._signature = list(zip(self.shapes, self.dtypes, self.devices))
+        # The last tensor list that passed validation: its key and what was checked (see _layout_key).
+        self._validated: tuple[tuple, _Checked] | None = None
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -212,6 +220,7 @@ class Snapshot:
     def release(self) -> None:
         """Free the storage now; the snapshot cannot be used afterwards."""
         self._groups = None
+        self._validated = None  # and the references to the tensors it validated
 
     def restore_(self, tensors: Iterable[torch.Tensor], *, backend: str | None = None) -> None:
         """Copy the snapshot back into ``tensors`` (same count, shapes, dtypes, devices), in place.
@@ -219,13 +228,12 @@ class Snapshot:
         Validates as :func:`reposition_` does: a bad call raises ``ValueError`` before any tensor is written.
         """
         tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
-        local = self._check_tensors(tensors)
+        checked = self._checked(tensors)
         backends = self._backends(backend)
         with torch.no_grad():
-            for g, name in zip(self._groups, backends):
-                members = [local[i] for i in g.indices]
+            for g, members, name in zip(self._groups, checked.members, backends):
                 _copy_group(g, members, name, to_snapshot=False)
-        _mark_modified(tensors, local)
+        _mark_modified(checked.changed)
 
     def _live_groups(self) -> list[_Group]:
         if self._groups is None:
@@ -237,7 +245,36 @@ class Snapshot:
         return [resolve_backend(backend, g.device) for g in self._live_groups()]
 
     def _check_tensors(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+        """``tensors`` validated against the snapshot, as the local tensors the kernels write."""
+        return self._checked(tensors).local
+
+    def _checked(self, tensors: Iterable[torch.Tensor]) -> _Checked:
+        """``tensors`` validated, with each group's members and the tensors whose versions a write bumps.
+
+        A list whose :func:`_layout_key` equals that of the last list that passed is
+        not validated again (one tuple compare): the key holds everything the checks
+        read that can change while the tensor objects stay the same.
+        """
         self._live_groups()
+        key = _layout_key(tensors)
+        if key is not None and self._validated is not None and self._validated[0] == key:
+            return self._validated[1]
+        return self._remember(key, tensors, self._validate(tensors))
+
+    def _remember(self, key: tuple | None, tensors: list[torch.Tensor], local: list[torch.Tensor]) -> _Checked:
+        """The :class:`_Checked` of a validated list, cached under ``key`` (None: not cacheable)."""
+        groups = self._live_groups()
+        # Both the caller's tensors and their local shards: a graph may have saved a DTensor parameter itself,
+        # whose version counter is not its shard's.
+        changed = local + [t for t, t_local in zip(tensors, local) if t is not t_local]
+        checked = _Checked(local, [[local[i] for i in g.indices] for g in groups], changed)
+        if key is not None:
+            self._validated = (key, checked)
+            for g in groups:  # the pointer tables were built for the previous list
+                g._table = None
+        return checked
+
+    def _validate(self, tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
         local = _as_tensor_list(tensors, "tensors")
         if len(local) != len(self):
             raise ValueError(f"tensors has {len(local)} tensors but the snapshot holds {len(self)}")
@@ -250,17 +287,48 @@ class Snapshot:
         return local
 
 
+def _layout_key(tensors) -> tuple | None:
+    """What validation depends on that can change under a tensor object that stays the same, or None (no cache).
+
+    Per tensor ``(id, data_ptr, shape, stride, dtype, is_neg)``; the ids are of objects
+    the snapshot keeps referenced (``_validated``), so none is reused while cached.
+    Not the version counter: Stage I's optimizer steps bump it on every pass
+    (value writes, which change nothing validation checks), so it would miss every
+    time between ``snapshot`` and ``reposition_``; and ``p.data = x`` (the one
+    way to swap a parameter's memory, dtype or shape in place) does not bump it.
+    What the key catches: a tensor replaced (id), resized, re-dtyped or moved
+    (``.data = ...``, ``resize_``, ``set_``, ``.to``: shape, dtype, data_ptr), its
+    storage changed or freed (data_ptr), made non-contiguous in place (stride), or
+    a lazy neg view swapped in (``is_neg``). The device is implied: ``.data =`` a
+    tensor on another device changes the data pointer (a CPU and a CUDA
+    allocation never share an address under CUDA's unified addressing). Dtype
+    and layout checks need no more: strided is implied by a data pointer, and an
+    inference tensor cannot alias a normal one. Only plain tensors and
+    parameters (no DTensor, whose local shard is a new object per call); an
+    empty list, or a list that is not one, is validated every time.
+    """
+    if not isinstance(tensors, list) or not tensors:
+        return None
+    for t in tensors:
+        if type(t) not in _PLAIN_TYPES:
+            return None
+    return tuple([(id(t), t.data_ptr(), t.shape, t.stride(), t.dtype, t.is_neg()) for t in tensors])
+
+
 def _fmt(x) -> str:
     return str(tuple(x)) if isinstance(x, torch.Size) else str(x)
 
 
-def _mark_modified(tensors: list[torch.Tensor], local: list[torch.Tensor]) -> None:
-    """Kernels write through raw pointers; tell autograd the tensors changed in place.
+class _Checked(NamedTuple):
+    """A validated tensor list: the local tensors, each group's members, what a write marks modified."""
 
-    Both the caller's tensors and their local shards: a graph may have saved a
-    DTensor parameter itself, whose version counter is not its shard's.
-    """
-    changed = local + [t for t, t_local in zip(tensors, local) if t is not t_local]
+    local: list[torch.Tensor]
+    members: list[list[torch.Tensor]]  # per snapshot group, in group order
+    changed: list[torch.Tensor]  # the local tensors, and the caller's where they differ (DTensors)
+
+
+def _mark_modified(changed: list[torch.Tensor]) -> None:
+    """Kernels write through raw pointers; tell autograd the tensors changed in place."""
     if changed:
         torch.autograd.graph.increment_version(changed)
 
@@ -384,6 +452,9 @@ def snapshot(tensors: Iterable[torch.Tensor], *, offload: str = "none", backend:
     backends = {d: resolve_backend(backend, d) for d in {t.device for t in local if t.numel()}}  # before allocating
     groups = _allocate_groups(local, offload)
     snap = Snapshot([t.shape for t in local], [t.dtype for t in local], [t.device for t in local], groups, offload)
+    # Validated just now: reposition_ / restore_ on the same, unchanged list skip it. The key is of the local
+    # tensors (the caller's themselves for a list of plain tensors, the only lists the cache can match).
+    snap._remember(_layout_key(local), local, local)
     with torch.no_grad():
         for g in groups:
             _copy_group(g, [local[i] for i in g.indices], backends[g.device], to_snapshot=True)
@@ -417,15 +488,14 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: Snapshot, alpha: float, *
         raise ValueError(f"snap must be a Snapshot from sfpo_kernels.snapshot(), got {type(snap).__name__}")
     alpha = _check_alpha(alpha)
     tensors = list(tensors) if not isinstance(tensors, torch.Tensor) else tensors
-    local = snap._check_tensors(tensors)
+    checked = snap._checked(tensors)
     backends = snap._backends(backend)
     if alpha == 1.0:  # theta_K as it is; a lerp with weight 0 would still turn -0.0 into +0.0
         return
     with torch.no_grad():
-        for g, name in zip(snap._live_groups(), backends):
-            members = [local[i] for i in g.indices]
+        for g, members, name in zip(snap._live_groups(), checked.members, backends):
             if alpha == 0.0:  # theta_0 exactly, whatever the tensors hold now (a lerp keeps their NaNs)
                 _copy_group(g, members, name, to_snapshot=False)
             else:
                 _lerp_group(g, members, 1.0 - alpha, name)
-    _mark_modified(tensors, local)
+    _mark_modified(checked.changed)

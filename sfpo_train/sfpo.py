@@ -292,7 +292,9 @@ class SFPO:
         def run_pass() -> None:
             nonlocal entropy
             passes.append(_pass_metrics(update_pass(batch), len(passes) + 1, len(plan)))
-            if entropy is None and cfg.entropy_control:  # known before any later pass's result is accepted
+            # Known before any later pass's result is accepted; recorded (like entropy=) whenever the first pass
+            # reports one, so a caller whose first pass supplies the entropy keeps the window it would pass in.
+            if entropy is None and (cfg.entropy_control or "entropy" in passes[0]):
                 entropy = _pass_entropy(passes[0])
 
         snap = sfpo_kernels.snapshot(params, offload=cfg.snapshot_offload, backend=cfg.backend) if alpha > 0 else None

@@ -10,6 +10,13 @@ the base model's last hidden state at those positions and the LM head's
 weight and bias go to :func:`sfpo_kernels.linear_grpo_loss` /
 :func:`sfpo_kernels.linear_logprob_entropy`, which run the head chunk by chunk
 over the response tokens only.
+
+On-policy old log-probs (``actor.old_log_prob_from_update=auto``,
+:meth:`Actor.old_log_probs_from_update`): when the first update pass starts at
+theta_0, the rollout policy, and every forward of that pass sees theta_0 in a
+mode that computes what the separate pass computes, the first pass's own
+forward supplies the old log-probs and the entropy, and the separate
+old-log-prob forward (:meth:`Actor.log_probs`) is skipped.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import torch
 from omegaconf import DictConfig
 
 import sfpo_kernels
+from sfpo_kernels import reference
 from sfpo_kernels.fused_loss import GRPOLossOptions
 from sfpo_train.trainer.algos import micro_batch_weights
 from sfpo_train.trainer.batch import TrainBatch
@@ -65,12 +73,41 @@ class Actor:
             out = base_model(model)(**self._inputs(rows))
         return out.last_hidden_state[:, -(length + 1) : -1]
 
-    def _head_call(self, fn, model, rows: dict, *args, **kwargs):
+    def _head(self, fn, model, hidden: torch.Tensor, *args, **kwargs):
         """``fn(hidden, weight, *args, bias=..., **kwargs)`` under the compute dtype's autocast (as the head ran)."""
         head = model.get_output_embeddings()
-        hidden = self.response_hidden(model, rows)
         with self.autocast():
             return fn(hidden, head.weight, *args, bias=head.bias, **kwargs)
+
+    def old_log_probs_from_update(self, n_rows: int, planned_passes: tuple[str, ...]) -> bool:
+        """Whether this iteration's first update pass supplies the old log-probs (``auto`` and on-policy).
+
+        The reuse is exact (equal to the separate pass up to fp32 rounding from
+        different micro-batch shapes) exactly when every forward of the first pass
+        computes log p_theta0 as the separate pass would:
+
+        - theta is theta_0 at every forward of the first pass: it is the
+          iteration's first pass (SFPO's Stage I pass 1, or the single GRPO pass;
+          some pass must be planned), it has one epoch, and the whole batch is one
+          mini-batch, so its only optimizer step comes after its last forward.
+          Micro-batches accumulate gradients (``backward`` changes ``.grad``,
+          never a parameter), so a later micro-batch's forward still sees theta_0.
+          With ``ppo_epochs > 1`` or several mini-batches later forwards see
+          stepped parameters: never reused.
+        - train mode computes what eval mode computes: the separate pass runs the
+          model in eval mode, the update pass in train mode. They agree only
+          without dropout (and batch-norm); a model with any active dropout is
+          never reused (its train-mode forward is a random draw, not log p_theta0).
+        - the same autocast and the same log-prob kernel as the separate pass
+          (:func:`sfpo_kernels.logprob_entropy` on the detached logits, or
+          :func:`sfpo_kernels.linear_logprob_entropy` on the hidden states with
+          the fused head).
+        """
+        actor = self.cfg.actor_rollout_ref.actor
+        if str(actor.old_log_prob_from_update).lower() != "auto" or not planned_passes:
+            return False
+        one_mini_batch = n_rows <= actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
+        return actor.ppo_epochs == 1 and one_mini_batch and train_mode_is_eval_mode(self.model)
 
     @torch.no_grad()
     def log_probs(self, model, batch: TrainBatch, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,9 +120,9 @@ class Actor:
                 rows = batch.rows(index)
                 backend = self.cfg.actor_rollout_ref.actor.kernel_backend
                 if self.fused_head:  # response positions only: padding gets 0, which nothing reads unmasked
-                    lp, h = self._head_call(sfpo_kernels.linear_logprob_entropy, model, rows, rows["responses"],
-                                            self.loss_options.temperature, response_mask=rows["response_mask"],
-                                            backend=backend)  # fmt: skip
+                    lp, h = self._head(sfpo_kernels.linear_logprob_entropy, model, self.response_hidden(model, rows),
+                                       rows["responses"], self.loss_options.temperature,
+                                       response_mask=rows["response_mask"], backend=backend)  # fmt: skip
                 else:
                     lp, h = sfpo_kernels.logprob_entropy(self.response_logits(model, rows), rows["responses"],
                                                          self.loss_options.temperature, backend=backend)  # fmt: skip
@@ -106,6 +143,12 @@ class Actor:
         ``ppo_kl`` its token means, ``nonfinite_tokens`` its count, each then
         averaged over mini-batches; ``skipped_steps`` is the fraction of optimizer
         steps skipped for a non-finite gradient.
+
+        ``batch.old_log_probs is None``: this pass supplies them (on-policy, see
+        :meth:`old_log_probs_from_update`): each micro-batch's old log-probs are its
+        own detached log-probs (``ratio == 1``), ``batch.old_log_probs`` is set for
+        the later passes and the metrics carry ``entropy``, the batch's entropy
+        aggregated with ``loss_agg_mode`` (what the separate pass gives the trigger).
         """
         actor = self.cfg.actor_rollout_ref.actor
         n_rows = len(batch.scores)
@@ -114,6 +157,14 @@ class Actor:
         o = self.loss_options
         per_mini: dict[str, list[torch.Tensor]] = defaultdict(list)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        supply = batch.old_log_probs is None
+        if supply and not (actor.ppo_epochs == 1 and n_rows <= mini):
+            raise ValueError(f"update_pass: batch.old_log_probs is None, but this pass is off-policy (ppo_epochs="
+                             f"{actor.ppo_epochs}, {n_rows} responses in mini-batches of {mini}); compute them first "
+                             "with Actor.log_probs")  # fmt: skip
+        if supply:
+            old_log_probs = torch.zeros(batch.responses.shape, dtype=torch.float32, device=self.device)
+            old_entropy = torch.zeros_like(old_log_probs)
         self.model.train()
         for _ in range(actor.ppo_epochs):
             order = torch.randperm(n_rows) if actor.shuffle else torch.arange(n_rows)
@@ -125,7 +176,24 @@ class Actor:
                 totals: dict[str, torch.Tensor] = defaultdict(float)
                 for micro_index, w_loss, w_token in zip(micro_batches, loss_weights, token_weights):
                     rows = batch.rows(micro_index)
-                    loss_args = (rows["responses"], rows["old_log_probs"], rows["advantages"], rows["response_mask"])
+                    if self.fused_head:
+                        hidden = self.response_hidden(self.model, rows)
+                    else:
+                        logits = self.response_logits(self.model, rows)
+                    old = rows["old_log_probs"]
+                    if supply:  # theta_0 and no optimizer step yet in this mini-batch: log p_theta0 itself
+                        if self.fused_head:
+                            with torch.no_grad():
+                                old, entropy = self._head(sfpo_kernels.linear_logprob_entropy, self.model, hidden,
+                                                          rows["responses"], o.temperature,
+                                                          response_mask=rows["response_mask"],
+                                                          backend=actor.kernel_backend)  # fmt: skip
+                        else:
+                            old, entropy = sfpo_kernels.logprob_entropy(logits.detach(), rows["responses"],
+                                                                        o.temperature, backend=actor.kernel_backend)  # fmt: skip
+                        old = old.float()
+                        old_log_probs[micro_index], old_entropy[micro_index] = old, entropy.float()
+                    loss_args = (rows["responses"], old, rows["advantages"], rows["response_mask"])
                     settings = {
                         "ref_log_probs": rows["ref_log_probs"], "temperature": o.temperature,
                         "clip_ratio_low": o.clip_ratio_low, "clip_ratio_high": o.clip_ratio_high,
@@ -134,9 +202,9 @@ class Actor:
                         "backend": actor.kernel_backend, "check_labels": False,
                     }  # fmt: skip
                     if self.fused_head:
-                        out = self._head_call(sfpo_kernels.linear_grpo_loss, self.model, rows, *loss_args, **settings)
+                        out = self._head(sfpo_kernels.linear_grpo_loss, self.model, hidden, *loss_args, **settings)
                     else:
-                        out = sfpo_kernels.grpo_loss(self.response_logits(self.model, rows), *loss_args, **settings)
+                        out = sfpo_kernels.grpo_loss(logits, *loss_args, **settings)
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
                         if key == "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)
@@ -154,4 +222,21 @@ class Actor:
                         self.optimizer.zero_grad(set_to_none=True)
                 per_mini["actor/skipped_steps"].append((~finite).float())
                 per_mini["actor/grad_norm"].append(grad_norm.detach().float())
-        return {k: float(torch.stack([torch.as_tensor(v) for v in values]).mean()) for k, values in per_mini.items()}
+        result = {k: float(torch.stack([torch.as_tensor(v) for v in values]).mean()) for k, values in per_mini.items()}
+        if supply:
+            batch.old_log_probs = old_log_probs
+            result["entropy"] = float(reference.agg_loss(old_entropy, batch.response_mask.float(), o.loss_agg_mode))
+        return result
+
+
+def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
+    """No dropout with p > 0 (modules or a transformers config's ``*dropout*`` / ``*pdrop*`` entries), no batch-norm."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) and module.p > 0:
+            return False
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            return False
+    config = getattr(model, "config", None)
+    entries = config.to_dict() if hasattr(config, "to_dict") else {}
+    return not any(("dropout" in key or "pdrop" in key) and isinstance(value, (int, float))
+                   and not isinstance(value, bool) and value > 0 for key, value in entries.items())  # fmt: skip

@@ -36,6 +36,7 @@ LR_SCHEDULERS = ("constant", "cosine")
 MODEL_DTYPES = ("fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
+OLD_LOG_PROB_MODES = ("auto", "false")  # actor.old_log_prob_from_update (omegaconf spells false as 'False')
 LOSS_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # csrc/ has the multi-tensor kernels, no fused loss
 SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
 # The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's:
@@ -125,6 +126,7 @@ class ActorConfig:
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
     kernel_backend: Optional[str] = None  # sfpo_kernels backend for the loss: triton | torch | None (default)
+    old_log_prob_from_update: str = "auto"  # auto: the first update pass supplies the old log-probs when on-policy
     optim: OptimConfig = field(default_factory=OptimConfig)
     sfpo: SFPOKeys = field(default_factory=SFPOKeys)
 
@@ -433,6 +435,8 @@ def validate(cfg: DictConfig) -> None:
         need(value is None or os.path.exists(value), key, "an existing path")
     need(actor.kernel_backend is None or actor.kernel_backend in LOSS_BACKENDS, "actor_rollout_ref.actor.kernel_backend",
          f"null or one of {', '.join(LOSS_BACKENDS)} (the cuda backend has no fused loss)")
+    need(str(actor.old_log_prob_from_update).lower() in OLD_LOG_PROB_MODES,
+         "actor_rollout_ref.actor.old_log_prob_from_update", "auto or false")
     # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work,
     # named by the key that set it.
     try:
@@ -523,6 +527,9 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.actor.kl_loss_coef": "KL penalty coefficient",
     "actor_rollout_ref.actor.kl_loss_type": "kl/k1 | abs | mse/k2 | low_var_kl/k3 (a '+' takes the k2 gradient)",
     "actor_rollout_ref.actor.kernel_backend": "loss kernels: triton | torch | null (triton on GPU, torch on CPU)",
+    "actor_rollout_ref.actor.old_log_prob_from_update": "auto: when on-policy (ppo_epochs=1, one mini-batch, no dropout) "
+                                                        "the first update pass's forward gives the old log-probs and "
+                                                        "entropy, no separate pass | false: always the separate pass",
     "actor_rollout_ref.actor.optim.lr": "AdamW learning rate (actor/lr logs the rate each iteration used)",
     "actor_rollout_ref.actor.optim.weight_decay": "AdamW weight decay",
     "actor_rollout_ref.actor.optim.betas": "AdamW betas, e.g. [0.9,0.999]",

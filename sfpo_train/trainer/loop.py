@@ -7,7 +7,11 @@ One iteration (``trainer.total_training_steps`` of them):
    ``compute_score`` on every decoded response, DAPO's dynamic sampling when on.
 2. ``old_log_prob`` (and ``ref`` with ``use_kl_loss``): per-token log-probs and
    entropies of the responses (:meth:`Actor.log_probs`). The entropy aggregated
-   with ``loss_agg_mode`` is ``actor/entropy`` and SFPO's trigger input.
+   with ``loss_agg_mode`` is ``actor/entropy`` and SFPO's trigger input. When
+   on-policy (``actor.old_log_prob_from_update=auto``,
+   :meth:`Actor.old_log_probs_from_update`) the first update pass's forward
+   gives both instead and this stage is skipped (``timing_s/old_log_prob`` 0,
+   ``actor/old_log_prob_from_update`` 1).
 3. ``adv``: GRPO's group-normalised outcome advantage (Dr. GRPO: without the std).
 4. ``update_actor``: :meth:`sfpo_train.SFPO.step` around :meth:`Actor.update_pass`,
    one ordinary PPO update pass. SFPO runs it K+1 times with the reposition
@@ -233,11 +237,17 @@ class Trainer:
             batch, metrics, generated = self.collector.collect()
             self.rollouts_total += generated
             micro = cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
-            with self.profiler.stage("old_log_prob"):
-                batch.old_log_probs, entropy = self.actor.log_probs(self.model, batch, micro)
-                mask = batch.response_mask.float()
-                # verl's actor/entropy: the old-log-prob pass's entropy aggregated with the actor's loss_agg_mode
-                mean_entropy = float(reference.agg_loss(entropy, mask, self.actor.loss_options.loss_agg_mode))
+            mask = batch.response_mask.float()
+            reuse = self.actor.old_log_probs_from_update(len(batch.scores), self.sfpo.planned_passes())
+            mean_entropy = None  # reuse: the first update pass reports it (SFPO.step records it from there)
+            if reuse:  # the old-log-prob work is inside update_actor now; the stage is kept, at 0 s
+                batch.old_log_probs = None
+                self.profiler.add_time("old_log_prob", 0.0)
+            else:
+                with self.profiler.stage("old_log_prob"):
+                    batch.old_log_probs, entropy = self.actor.log_probs(self.model, batch, micro)
+                    # verl's actor/entropy: the old-log-prob pass's entropy aggregated with the actor's loss_agg_mode
+                    mean_entropy = float(reference.agg_loss(entropy, mask, self.actor.loss_options.loss_agg_mode))
             if self.ref_model is not None:
                 with self.profiler.stage("ref"):
                     ref_micro = cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu
@@ -247,6 +257,9 @@ class Trainer:
                 batch.advantages = adv[:, None] * mask
             with self.profiler.stage("update_actor"):
                 update = self.sfpo.step(self.actor.update_pass, batch, entropy=mean_entropy)
+            if reuse:
+                mean_entropy = update.pop("entropy")
+                update.pop("sfpo/last/entropy", None)
             self.lr_scheduler.step()
             with self.profiler.stage("sync_weights"):
                 self.rollout.sync_weights(self.model)
@@ -262,6 +275,7 @@ class Trainer:
         metrics.update({
             "training/global_step": self.global_step, "training/epoch": self.sampler.epoch,
             "actor/entropy": mean_entropy, "actor/lr": lr, "sfpo/alpha_used": alpha,
+            "actor/old_log_prob_from_update": float(reuse),
             "perf/total_num_tokens": num_tokens, "perf/time_per_step": step_metrics["timing_s/step"],
             "perf/throughput": num_tokens / max(step_metrics["timing_s/step"], 1e-9),
             "train/rollouts_total": self.rollouts_total, "train/elapsed_s": self.elapsed_s,

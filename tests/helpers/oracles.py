@@ -241,8 +241,9 @@ def verl_oracle(batch: Batch, tol: Tol, *, temperature=1.0, clip_ratio_low=0.2, 
                           g_h.detach())  # fmt: skip
     return Expected(
         loss=loss.detach(),
-        log_probs=log_probs.detach(),
-        entropy=entropy.detach(),
+        # the op's outputs: 0 at masked positions (the kernels skip those rows; verl's values there are unused)
+        log_probs=torch.where(mask, log_probs, 0.0).detach(),
+        entropy=torch.where(mask, entropy, 0.0).detach(),
         metrics={k: v.detach() for k, v in metrics.items()},
         grad=grad,
         tol=tols,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import sys
 
 os.environ.pop("TRITON_INTERPRET", None)
@@ -38,7 +39,7 @@ LOSS_ARG_TYPES = {
     "logits": "*{dtype}", "dlogits": "*{dtype}", "labels": "*i64",
     "stride_b": "i64", "stride_t": "i64", "rows_per_batch": "i64", "d_stride_b": "i64", "d_stride_t": "i64",
     "log_probs": "*fp32", "entropy": "*fp32", "lse_out": "*fp32", "mu_out": "*fp32", "lse": "*fp32", "mu": "*fp32",
-    "grad_log_probs": "*fp32", "grad_entropy": "*fp32", "temperature": "fp32", "V": "i32",
+    "grad_log_probs": "*fp32", "grad_entropy": "*fp32", "inv_temperature": "fp32", "V": "i32", "keep": "*u8",
 }  # fmt: skip
 # (HAS_GRAD_LOGP, HAS_GRAD_H) of the backward: both outputs used, only the log-prob, only the entropy.
 LOSS_BWD_GRADS = ((True, True), (True, False), (False, True))
@@ -56,10 +57,25 @@ def ptx_ops(compiled) -> collections.Counter:
     return ops
 
 
+def ptx_counts(compiled) -> dict:
+    """What the arithmetic compiled to: fp32 divisions of any rounding (``div.rn.f32``, and ``div.full.f32``,
+    which is what Triton emits for an fp32 ``/``) and hardware bf16 conversions (``cvt.rn.bf16*.f32``)."""
+    ptx = compiled.asm["ptx"]
+    return {"fma": "fma.rn" in ptx, "div_f32": len(re.findall(r"\bdiv\.(?:rn|full|approx)[a-z.]*\.f32\b", ptx)),
+            "cvt_rn_bf16": len(re.findall(r"\bcvt\.rn\.bf16(?:x2)?\.f32\b", ptx)),
+            "bf16_bit_rounding": bool(re.search(r"\b(?:32767|0[xX]0*7[fF]{3})\b", ptx))}  # fmt: skip
+
+
+def unspecialized(kernel) -> list[str]:
+    """The arguments the JIT does not specialise on (stored as names or indices, by Triton version)."""
+    return sorted(kernel.arg_names[a] if isinstance(a, int) else a for a in kernel.do_not_specialize)
+
+
 def loss_variants(target) -> None:
-    """The fused-loss forward and backward for every logits dtype, alignment and (backward) gradient set."""
+    """The fused-loss forward (with and without the row mask) and backward (every gradient set), for every
+    logits dtype and alignment."""
     for kernel in (fl._logprob_entropy_fwd_kernel, fl._logprob_entropy_bwd_kernel):
-        grads = LOSS_BWD_GRADS if kernel is fl._logprob_entropy_bwd_kernel else (None,)
+        grads = LOSS_BWD_GRADS if kernel is fl._logprob_entropy_bwd_kernel else ("keep", "no-keep")
         for dtype in ("fp32", "bf16", "fp16"):
             sig = {n: (LOSS_ARG_TYPES[n].format(dtype=dtype) if n in LOSS_ARG_TYPES else "constexpr")
                    for n in kernel.arg_names}  # fmt: skip
@@ -67,12 +83,15 @@ def loss_variants(target) -> None:
                 for has_grad in grads:
                     constexprs = {"BLOCK_V": fl.GPU_BLOCK_V, "ALIGNED": aligned}
                     record = {"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned}
-                    if has_grad is not None:
+                    if isinstance(has_grad, str):
+                        constexprs["HAS_KEEP"] = record["has_keep"] = has_grad == "keep"
+                    else:
                         constexprs["HAS_GRAD_LOGP"], constexprs["HAS_GRAD_H"] = has_grad
                         record["has_grad_logp"], record["has_grad_h"] = has_grad
                     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
                     compiled = triton.compile(src, target=target, options={"num_warps": fl.GPU_NUM_WARPS})
-                    print(json.dumps({**record, "ops": ptx_ops(compiled), "fma": "fma.rn" in compiled.asm["ptx"]}))
+                    print(json.dumps({**record, "ops": ptx_ops(compiled), **ptx_counts(compiled),
+                                      "do_not_specialize": unspecialized(kernel)}))  # fmt: skip
 
 
 def main(capability: int) -> None:
@@ -86,7 +105,7 @@ def main(capability: int) -> None:
                 src = ASTSource(fn=kernel, signature=signature(kernel, dtype), constexprs=constexprs)
                 compiled = triton.compile(src, target=target, options={"num_warps": mt.GPU_NUM_WARPS})
                 print(json.dumps({"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned,
-                                  "ops": ptx_ops(compiled), "fma": "fma.rn" in compiled.asm["ptx"]}))  # fmt: skip
+                                  "ops": ptx_ops(compiled), **ptx_counts(compiled)}))  # fmt: skip
     loss_variants(target)
 
 

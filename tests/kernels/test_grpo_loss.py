@@ -442,7 +442,9 @@ def compare_with_verl(dtype, settings, weighted):
     # verl's log-probs at masked positions are those of label 0 (it has no padding label): compare the rest
     check_close("log_probs vs verl", out.log_probs[keep], log_probs.detach()[keep],
                 TOL[dtype].value * EPS32 * want.row_scale[keep])  # fmt: skip
-    check_close("entropy vs verl", out.entropy, entropy.detach(), TOL[dtype].value * EPS32 * want.row_scale)
+    check_close("entropy vs verl", out.entropy[keep], entropy.detach()[keep],
+                TOL[dtype].value * EPS32 * want.row_scale[keep])  # fmt: skip
+    assert bool((out.entropy[~keep] == 0).all()) and bool((out.log_probs[~keep] == 0).all()), "masked outputs are 0"
     exact = verl_grad  # masked positions get no gradient in either
     check_close("logits.grad vs verl", grad.double(), exact,
                 TOL[dtype].rounding * ulp(exact.to(dtype)) + TOL[dtype].grad * EPS32 * want.grad_scale

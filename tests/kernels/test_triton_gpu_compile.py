@@ -37,6 +37,38 @@ def test_every_variant_compiles(variants):
                 for a in (False, True)}  # fmt: skip
     expected |= {(k, d, a) for k in (LOSS_FWD, LOSS_BWD) for d in LOSS_DTYPES for a in (False, True)}
     assert compiled == expected
+    assert {v.get("has_keep") for v in variants if v["kernel"] == LOSS_FWD} == {False, True}
+
+
+def test_vocabulary_loops_have_no_fp32_division(variants):
+    """z = logits * (1 / temperature): the division is done once on the host. A per-element fp32 division in
+    a vocabulary loop (an fp32 ``/`` compiles to div.full.f32; div.rn.f32 for a correctly rounded one) would
+    appear at least once per element a thread handles per block (BLOCK_V / (32 * num_warps) = 16) per loop
+    copy; what is left is the forward's one per-row ``w / s`` after its loop, none in the backward."""
+    from sfpo_kernels import fused_loss as fl
+
+    per_thread = fl.GPU_BLOCK_V // (32 * fl.GPU_NUM_WARPS)
+    assert per_thread > 1
+    for v in _loss(variants, LOSS_FWD) + _loss(variants, LOSS_BWD):
+        allowed = 1 if v["kernel"] == LOSS_FWD else 0
+        assert v["div_f32"] <= allowed, f"{v['kernel']} {v['dtype']} aligned={v['aligned']}: {v['div_f32']} fp32 divisions"
+
+
+def test_loss_kernels_do_not_specialise_on_the_micro_batch_shape(variants):
+    """T and the batch strides change with every micro-batch's padded length: no recompilation per new value."""
+    for v in _loss(variants, LOSS_FWD) + _loss(variants, LOSS_BWD):
+        dynamic = {"stride_b", "stride_t", "rows_per_batch"} | ({"d_stride_b", "d_stride_t"} if v["kernel"] == LOSS_BWD else set())
+        assert dynamic <= set(v["do_not_specialize"]), f"{v['kernel']}: specialises on {dynamic - set(v['do_not_specialize'])}"
+        assert "V" not in v["do_not_specialize"]
+
+
+def test_bf16_stores_use_the_hardware_rounding(variants):
+    """On the GPU the fp32 -> bf16 cast (cvt.rn) already rounds to nearest even: the integer rounding on the bits
+    (an add of 0x7FFF) is only for the interpreter, whose cast truncates (ROUND_BF16_ON_BITS)."""
+    stores = [v for v in variants if v["dtype"] == "bf16" and v["kernel"] in ("_mt_lerp_kernel", LOSS_BWD)]
+    assert stores
+    for v in stores:
+        assert v["cvt_rn_bf16"] > 0 and not v["bf16_bit_rounding"], f"{v['kernel']} aligned={v['aligned']}: {v}"
 
 
 def test_aligned_tables_get_128_bit_accesses(variants):
