@@ -52,21 +52,25 @@ def test_training_step(benchmark, setup, algo):
     _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}"])
 
 
+@pytest.mark.parametrize("head", ["logits", "fused_head"])
 @pytest.mark.parametrize("old_log_probs", ["separate", "from_update"])
 @pytest.mark.parametrize("algo", ["grpo", "sfpo"])
-def test_training_step_on_policy(benchmark, setup, algo, old_log_probs):
+def test_training_step_on_policy(benchmark, setup, algo, old_log_probs, head):
     """The same iteration on-policy (one mini-batch: ``ppo_mini_batch_size = data.train_batch_size``), with the
     separate old-log-prob forward (``old_log_prob_from_update=false``) or without it (``auto``: the first
-    update pass supplies the old log-probs). ``bench/measure_old_log_prob_reuse.py`` compares the two
-    interleaved in one process on the embedded default."""
+    update pass supplies the old log-probs), through the model's logits or the fused LM head
+    (``actor_rollout_ref.model.fused_lm_head``). ``bench/measure_old_log_prob_reuse.py`` compares the
+    reuse interleaved in one process on the embedded default."""
     import sfpo_train.trainer.config as config_lib
 
     preset, overrides, _ = setup
     batch = config_lib.load_config(preset, overrides).data.train_batch_size
     mode = "auto" if old_log_probs == "from_update" else "false"
-    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}-on-policy-{old_log_probs}",
+    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}-on-policy-{old_log_probs}-{head}",
                                          f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
-                                         f"actor_rollout_ref.actor.old_log_prob_from_update={mode}"])  # fmt: skip
+                                         f"actor_rollout_ref.actor.old_log_prob_from_update={mode}",
+                                         f"actor_rollout_ref.model.fused_lm_head={head == 'fused_head'}"])  # fmt: skip
+    benchmark.extra_info["fused_lm_head"] = head == "fused_head"
     assert benchmark.extra_info["old_log_prob_from_update"] == (old_log_probs == "from_update")
 
 
