@@ -21,6 +21,8 @@ SUBCOMMANDS = {
              "(CPU, minutes)",
     "report": "per-stage time/memory tables and plots of runs, and SFPO vs GRPO headline measures (Markdown + HTML)",
     "compare": "train GRPO and SFPO on a preset over several seeds (same seeds, same data order), then report",
+    "sweep": "the paper's ablations as one resumable grid (K x alpha, decay, entropy control, stages, lr), then a "
+             "table and a heat map",
 }  # fmt: skip
 
 
