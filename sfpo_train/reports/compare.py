@@ -74,8 +74,10 @@ def check_same_run(cfg, run_dir: str) -> None:
     if not os.path.isfile(path):
         return
     saved = config_lib.config_from_yaml(path)
+    # a run may be continued to more steps, never taken for one of fewer
+    longer = saved.trainer.total_training_steps <= cfg.trainer.total_training_steps
     diff = {k: v for k, v in config_lib.config_diff(saved, cfg).items()
-            if k not in ("trainer.progress_bar", "trainer.total_training_steps")}  # fmt: skip
+            if k != "trainer.progress_bar" and not (k == "trainer.total_training_steps" and longer)}  # fmt: skip
     if diff:
         listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items())[:6])
         raise ValueError(f"--out {os.path.dirname(run_dir)!r} already holds run {os.path.basename(run_dir)} made with "

@@ -33,9 +33,8 @@ ALPHAS = (0.3, 0.5, 0.8, 1.0)
 LRS = (1e-5, 3e-5, 1e-4)
 LINEAR_DECAY_STEPS = 20
 GROUPS = ("baseline", "k_alpha", "decay", "entropy", "stages", "lr")
-# the order points train in: the baseline and the ablations before the rest of the K x alpha grid,
-# so that a sweep stopped early has the comparisons that need the fewest runs
-TRAIN_ORDER = ("baseline", "decay", "entropy", "stages", "lr", "k_alpha")
+# the order points train in: the baseline and the K x alpha grid (the heat map) first, then the ablations
+TRAIN_ORDER = ("baseline", "k_alpha", "decay", "entropy", "stages", "lr")
 SFPO_KEY = "actor_rollout_ref.actor.sfpo."
 LR_KEY = "actor_rollout_ref.actor.optim.lr"
 
