@@ -104,7 +104,8 @@ class Actor:
                     )  # fmt: skip
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
-                        if key == "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)
+                        if key == "entropy":  # this pass's entropy (SFPO's trigger_entropy=last_pass reads it);
+                            totals["entropy"] += value.detach().float() * w_token  # actor/entropy stays the old pass's
                             continue
                         weight = w_loss if key in ("pg_loss", "kl") else 1.0 if key == "nonfinite_tokens" else w_token
                         totals["actor/kl_loss" if key == "kl" else f"actor/{key}"] += value.detach().float() * weight

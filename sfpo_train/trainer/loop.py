@@ -19,6 +19,7 @@ One iteration (``trainer.total_training_steps`` of them):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import time
@@ -246,7 +247,10 @@ class Trainer:
                 adv = grpo_advantages(batch.scores, cfg.actor_rollout_ref.rollout.n, cfg.algorithm.norm_adv_by_std_in_grpo)
                 batch.advantages = adv[:, None] * mask
             with self.profiler.stage("update_actor"):
-                update = self.sfpo.step(self.actor.update_pass, batch, entropy=mean_entropy)
+                old_entropy = mean_entropy if self.sfpo.config.trigger_entropy == "old_log_prob" else None
+                update = self.sfpo.step(self.actor.update_pass, batch, entropy=old_entropy)
+            # the update passes' entropy (mean over passes; the last pass's stays as sfpo/last/entropy)
+            update["actor/update_entropy"] = update.pop("entropy", math.nan)
             self.lr_scheduler.step()
             with self.profiler.stage("sync_weights"):
                 self.rollout.sync_weights(self.model)
