@@ -67,16 +67,10 @@ def column(frame: pd.DataFrame, name: str) -> pd.Series:
 
 
 def algorithm_of(config: dict) -> str:
-    """The recipe of ``sfpo_train.trainer.config.ALGORITHMS`` whose settings the run's config holds (``grpo``
-    when none of the others matches all of its keys; ``custom`` for a config without those keys)."""
-    from sfpo_train.trainer.config import ALGORITHMS
+    """The recipe (grpo, drgrpo, dapo) of a run's config (``custom`` without a config to read it from)."""
+    from sfpo_train.trainer.config import algorithm_of as recipe_of
 
-    if not config:
-        return "custom"
-    for name, recipe in ALGORITHMS.items():
-        if recipe and all(nested(config, key) == value for key, value in recipe.items()):
-            return name
-    return "grpo"
+    return recipe_of(lambda key: nested(config, key)) if config else "custom"
 
 
 def arms(runs: list[Run]) -> list[str]:

@@ -89,7 +89,7 @@ def summary_lines(summary: pd.DataFrame) -> list[str]:
         f = fmt.get(r["unit"], "{:.3f}")
         unit = "" if r["unit"] in ("accuracy", "rollouts") else f" {r['unit']}"
 
-        def ci(prefix: str, f: str = f) -> str:
+        def ci(prefix: str, f: str = f, r: pd.Series = r) -> str:
             mean, lo, hi = r[f"{prefix}_mean"], r[f"{prefix}_ci_low"], r[f"{prefix}_ci_high"]
             if math.isnan(mean):
                 return "n/a"

@@ -121,6 +121,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self.last_val: dict = {}
         self._saved_step: int | None = None  # the step of this run's newest checkpoint, written or resumed from
+        self.resumed_from: str | None = None  # the checkpoint directory a resumed run continues from
 
     # ----------------------------------------------------------------- construction
 
@@ -133,8 +134,9 @@ class Trainer:
         before its first checkpoint is started again (with a warning); one with a checkpoint, or a
         finished one, is refused.
         """
-        if cfg.trainer.experiment_name is None:
-            kind = "sfpo" if cfg.actor_rollout_ref.actor.sfpo.enable else "grpo"
+        if cfg.trainer.experiment_name is None:  # e.g. default-sfpo-dapo-<time>, default-dapo-<time>
+            algorithm = config_lib.algorithm_of(lambda key: OmegaConf.select(cfg, key))
+            kind = f"sfpo-{algorithm}" if cfg.actor_rollout_ref.actor.sfpo.enable else algorithm
             cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         config_lib.validate(cfg)
         run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
@@ -181,6 +183,7 @@ class Trainer:
                            cfg, path)  # fmt: skip
         trainer = cls(cfg, run_dir, checkpoint=checkpoint)
         trainer._load_checkpoint(state)
+        trainer.resumed_from = checkpoint
         run_guard.write_atomic(path, config_lib.to_yaml(cfg))
         return trainer
 
