@@ -117,7 +117,7 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
         grpo, sfpo = by_name[h["grpo_run"]], by_name[h["sfpo_run"]]
         if "finished" in h and not h["finished"]:
             continue
-        gt, st = mean_stage_times(grpo), mean_stage_times(sfpo)
+        gt = mean_stage_times(grpo)
         u = float(gt["sfpo_slow"])
         if not u > 0:
             continue
@@ -167,8 +167,8 @@ def cost_model_lines(cost: pd.DataFrame, head: pd.DataFrame) -> list[str]:
     """The projection in words: the step ratio and whether the rollout saving wins wall-clock at each share."""
     if cost.empty:
         return ["Cost model: not computable (no finished pair of runs with a timed update pass)."]
-    out = ["**Projection, not a measurement**: the measured stage times with the non-update part of a GRPO step "
-           "(generation, reward, log-probs, the rest) scaled to each share; intervals over seeds as above."]  # fmt: skip
+    out = [("**Projection, not a measurement**: the measured stage times with the non-update part of a GRPO step "
+            "(generation, reward, log-probs, the rest) scaled to each share; intervals over seeds as above.")]
     for _, r in cost.iterrows():
         step = f"{r['step_ratio_sfpo_over_grpo']:.2f}x"
         if r["time_ratio_seeds"]:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
+from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 from sfpo_train import cli
 from sfpo_train.tasks import default_paths
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 
 @pytest.fixture(scope="module")

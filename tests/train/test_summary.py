@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers.run_files import write_stage_run
+from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 from sfpo_train import cli
 from sfpo_train.reports import build_report, headline_table, load_run
@@ -21,8 +23,6 @@ from sfpo_train.reports.grid import GROUPS, grid_points, run_sweep, unique_runs
 from sfpo_train.reports.stats import mean_ci, t975
 from sfpo_train.reports.summary import cost_model_table, summary_table
 from sfpo_train.reports.sweep_report import plot_k_alpha
-from helpers.run_files import write_stage_run
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 
 def t_coverage(t: float, df: int) -> float:
@@ -107,11 +107,12 @@ def test_cost_model_projects_the_measured_stage_times(three_seeds):
 
 def test_report_marks_unfinished_runs_and_a_trigger_that_never_fired(three_seeds, tmp_path):
     files = build_report(three_seeds, str(tmp_path / "report"))
-    md = open(files["report.md"]).read()
+    with open(files["report.md"]) as f:
+        md = f.read()
     assert "sfpo-s3 stopped at 4 of 6 steps" in md
     assert "never fired" in md and "Vertical lines" not in md and "vertical lines" not in md
     assert "stage_memory.png" not in files  # CPU readings only: no memory plot
-    assert pd.read_csv(files["runs.csv"]).set_index("run").loc["sfpo-s3", "finished"] == False  # noqa: E712
+    assert not pd.read_csv(files["runs.csv"]).set_index("run").loc["sfpo-s3", "finished"]
 
 
 def test_compare_smoke_writes_summary_and_cost_model(tmp_path):
@@ -142,8 +143,8 @@ def test_grid_has_the_papers_points():
 
 def test_sweep_runs_reports_and_continues(tmp_path):
     model, data = write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path))
-    kwargs = dict(groups=("baseline", "stages"), seeds=1, steps=1, out_dir=str(tmp_path / "sweep"), progress=False,
-                  overrides=tiny_overrides(model, data))  # fmt: skip
+    kwargs = {"groups": ("baseline", "stages"), "seeds": 1, "steps": 1, "out_dir": str(tmp_path / "sweep"),
+              "progress": False, "overrides": tiny_overrides(model, data)}
     result = run_sweep("smoke", **kwargs, log=lambda text: None)
     table = pd.read_csv(result.files["sweep.csv"])
     assert table["point"].tolist() == ["grpo", "no-reposition", "no-slow-correction"]

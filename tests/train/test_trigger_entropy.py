@@ -12,11 +12,11 @@ import os
 
 import pytest
 import torch
+from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
+import sfpo_train.trainer.config as config_lib
 from sfpo_train import SFPO, SFPOConfig
 from sfpo_train.trainer import Trainer
-import sfpo_train.trainer.config as config_lib
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 
 def _counting_pass(param: torch.nn.Parameter, report_entropy: bool = True):

@@ -8,12 +8,11 @@ which the plugin makes verl compute (``actor.calculate_entropy``).
 from __future__ import annotations
 
 import pytest
-
 from helpers.optional import import_or_skip
 
 import_or_skip("verl")
 
-from helpers import verl_scenarios as vs  # noqa: E402
+from helpers import verl_scenarios as vs
 
 
 @pytest.fixture(scope="module")
