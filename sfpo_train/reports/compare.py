@@ -11,12 +11,13 @@ Runs go to ``OUT/grpo-s<s>`` and ``OUT/sfpo-s<s>`` (``OUT`` defaults to
 ``runs/compare-<preset>-<time>``); the report to ``OUT/report``. Its headline
 measures are the paper's (Fig. 4, appendix C.5): rollouts and wall-clock each
 arm needs to reach GRPO's best test accuracy ("not reached" where SFPO never
-does), the step-time ratio SFPO/GRPO and SFPO's extra memory, as mean (min,
-max) over seeds. Where the result does not point the paper's way the report
-says so.
+does), the step-time ratio SFPO/GRPO and SFPO's extra memory, as means with 95%
+intervals over seeds (summary.csv), and a cost model projecting the step ratio to
+other generation shares (cost_model.csv). Where the result does not point the
+paper's way the report says so.
 
-On the embedded default the default of 3 seeds x 300 steps took 5 min 37 s on
-2 otherwise idle CPU cores (measured); ``sfpo report OUT`` rebuilds the report from the runs at any time.
+On the embedded default 3 seeds x 300 steps took 5 min 37 s on 2 otherwise idle
+CPU cores (measured; the default is now 5 seeds); ``sfpo report OUT`` rebuilds the report from the runs at any time.
 Resumable: the same compare again with the same ``--out`` keeps the finished runs, continues an
 interrupted one from its newest checkpoint (one stopped before its first checkpoint starts over) and
 trains the missing ones (:func:`train_or_continue`).
@@ -46,9 +47,17 @@ class CompareResult:
     seconds: float
 
 
-def run_names(seeds: int) -> list[tuple[str, int, str]]:
-    """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ..."""
-    return [(f"{arm}-s{seed}", seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
+def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]:
+    """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ...
+
+    Names carry the algorithm: ``grpo-s1`` / ``sfpo-s1`` for GRPO, ``dapo-s1`` / ``sfpo-dapo-s1`` for DAPO.
+    """
+    def name(arm: str, seed: int) -> str:
+        if algorithm == "grpo":
+            return f"{arm}-s{seed}"
+        return f"{algorithm}-s{seed}" if arm == "grpo" else f"sfpo-{algorithm}-s{seed}"
+
+    return [(name(arm, seed), seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
 
 
 def arm_config(preset: str, algorithm: str, overrides: list[str], *, arm: str, seed: int, steps: int | None,
@@ -115,7 +124,7 @@ def train_or_continue(cfg, preset: str, log=None) -> str:
     return trainer.run_dir
 
 
-def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = None, out_dir: str | None = None,
+def run_compare(preset: str = "default", *, seeds: int = 5, steps: int | None = None, out_dir: str | None = None,
                 algorithm: str = "grpo", overrides: list[str] | None = None, progress: bool = True) -> CompareResult:
     """Train both arms for every seed, then write the report; see the module docstring."""
     from tqdm.auto import tqdm
@@ -126,7 +135,7 @@ def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = 
         raise ValueError(f"--steps must be >= 1, got {steps}")
     overrides = list(overrides or [])
     out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    plan = run_names(seeds)
+    plan = run_names(seeds, algorithm)
     configs = {name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
                for name, seed, arm in plan}  # every config checked before the first run starts  # fmt: skip
     for name, cfg in configs.items():
@@ -144,6 +153,6 @@ def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = 
     finally:
         bar.close()
     report_dir = os.path.join(out_dir, "report")
-    files = build_report(run_dirs, report_dir, title=f"sfpo compare: GRPO vs SFPO on preset {preset!r} "
-                                                     f"({algorithm}), {seeds} seed(s)")  # fmt: skip
+    files = build_report(run_dirs, report_dir, title=f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset "
+                                                     f"{preset!r}, {seeds} seed(s)")  # fmt: skip
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)
