@@ -40,7 +40,12 @@ CONFIG_KEY_OPTIONS = {"--device": "trainer.device", "--seed": "trainer.seed", "-
 
 
 def _config_key_hint(argv: list[str]) -> str | None:
-    """The message for an option that is a config key in sfpo (``--device cuda`` -> ``trainer.device=cuda``)."""
+    """The message for an option that is a config key in sfpo (``--device cuda`` -> ``trainer.device=cuda``).
+
+    Only where the command has no such option (``sfpo demo --device`` is one of demo's options).
+    """
+    if _command_in(argv) not in (None, "train", "compare", "sweep", "report"):
+        return None
     for i, word in enumerate(argv):
         option, _, value = word.partition("=")
         if option in CONFIG_KEY_OPTIONS:

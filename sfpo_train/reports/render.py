@@ -75,7 +75,7 @@ def format_cell(value) -> str:
 def format_column(values: pd.Series) -> pd.Series:
     """A table column, every number with the same decimals (so a column never mixes 2.2e-05, 0.0035 and 14.3).
 
-    Integers stay integers; otherwise 3 decimals (1 from 100, 0 from 10000 on, by the column's largest
+    Integers stay integers; otherwise 3 decimals (1 from 1000, 0 from 100000 on, by the column's largest
     magnitude), or 2 significant digits of the largest value when all lie below 0.01. Non-numbers as
     :func:`format_cell`.
     """
@@ -84,9 +84,9 @@ def format_column(values: pd.Series) -> pd.Series:
     if not numbers or all(x.is_integer() for x in numbers):
         return values.map(format_cell)
     top = max(abs(x) for x in numbers)
-    if top >= 10000:
+    if top >= 100000:
         decimals = 0
-    elif top >= 100:
+    elif top >= 1000:
         decimals = 1
     elif top >= 0.01 or top == 0:
         decimals = 3
