@@ -11,7 +11,7 @@ from sfpo_train.reports.plots import plot_curves, plot_dynamics, plot_memory, pl
 from sfpo_train.reports.render import Bullets, Image, Paragraph, Section, Table, write_csvs, write_pages
 from sfpo_train.reports.runs import Run, arms, column, expand_run_paths, load_run
 from sfpo_train.reports.stats import INTERVAL
-from sfpo_train.reports.summary import cost_model_lines, cost_model_table, summary_lines, summary_table
+from sfpo_train.reports.summary import cost_model_lines, cost_model_table, summary_display, summary_lines, summary_table
 from sfpo_train.reports.tables import arm_memory_table, arm_stage_table, labelled, run_summary
 
 # The plots: file name -> what it shows (the image's alt text).
@@ -99,8 +99,9 @@ def report_sections(runs: list[Run], summary: pd.DataFrame, seconds: pd.DataFram
         sections += [
             Section("Headline: SFPO against GRPO (paper Fig. 4, appendix C.5)", [Paragraph(note), Bullets(measures)]),
             Section("Over seeds with 95% intervals (summary.csv)", [
-                Paragraph(f"Paired by seed: each row uses the same seeds for both arms (listed). {INTERVAL}."),
-                Bullets(summary_lines(tables["summary"])), Table(tables["summary"].drop(columns="note"))]),
+                Paragraph(f"Paired by seed: each row uses the same seeds for both arms (listed); {INTERVAL}; "
+                          "diff and ratio are taken per seed (SFPO - GRPO, SFPO / GRPO), then averaged."),
+                Bullets(summary_lines(tables["summary"])), Table(summary_display(tables["summary"]))]),
             Section("Against the paper", [Bullets(verdicts)]),
             Section("Cost model: a projection to other generation shares (cost_model.csv)", [
                 Bullets(cost_model_lines(tables["cost"], head)), Table(tables["cost"])]),

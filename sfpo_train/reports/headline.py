@@ -125,8 +125,8 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
     reached = int(reached_seeds.sum())
     no_target, unknown = ~has_target, has_target & ~known
     compared = head["rollouts_ratio"].notna()
-    note = (f"Over {n} seed(s); each number is the mean over seeds, in brackets its 95% interval ({INTERVAL}); where a "
-            "measure is defined in only some seeds, both arms' means are over those seeds.")
+    note = (f"Over {n} seed(s); each number is the mean over seeds with its interval in brackets ({INTERVAL}); "
+            "where a measure is defined in only some seeds, both arms' means are over those seeds.")
     measures: list[str] = []
     if n_target == 0:
         measures.append("GRPO's best test accuracy (the target): **not measurable**: no GRPO run has a validation row "

@@ -18,7 +18,7 @@ from collections.abc import Iterable
 T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
 Z975 = 1.959964
-INTERVAL = "95% t interval over seeds (mean -+ t(0.975, n-1) s/sqrt(n)); none with one seed"
+INTERVAL = "95% t interval over seeds: mean -+ t(0.975, n-1) s/sqrt(n), none with one seed"
 
 
 def t975(df: int) -> float:

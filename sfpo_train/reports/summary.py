@@ -10,11 +10,13 @@ paired ratio ``ratio_*`` (SFPO / GRPO per seed). Intervals:
 :data:`~sfpo_train.reports.stats.INTERVAL`. Seeds whose runs did not finish all
 their steps are left out of every row and named in its note.
 
-``cost_model_table(runs, head)``: a projection, not a measurement. From the
-measured stage times of the GRPO runs, a GRPO step is ``G + U`` (``U``: its one
-update pass, ``G``: everything else: generation, reward, log-probs, advantage,
-weight sync), an SFPO step with its fast passes ``G + (K+1) U + S`` (``S``: the
-measured snapshot + reposition). At a generation share ``g = G / (G + U)`` of a
+``cost_model_table(runs, head)``: a projection, not a measurement. A GRPO step is
+``G + U`` (``U``: one update pass, ``G``: everything else: generation, reward,
+log-probs, advantage, weight sync), an SFPO step with its fast passes
+``G + (K+1) U + S`` (``S``: snapshot + reposition). ``G``, ``U`` and ``S`` are
+measured in the SFPO run's steps with the fast passes (``U`` = the passes' time
+/ (K+1)), so all three come from one process under one machine load; the GRPO
+run's own measured step is the check (``measured_step_ratio``). At a generation share ``g = G / (G + U)`` of a
 GRPO step the projected step ratio is ``(G + (K+1) U + S) / (G + U)``, and the
 projected wall-clock to GRPO's best, per seed, ``n_grpo (G + U)`` against
 ``a (G + (K+1) U + S) + (n_sfpo - a)(G + U)``, with ``n_grpo`` / ``n_sfpo`` the
@@ -81,9 +83,24 @@ def summary_table(head: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+UNIT_FORMAT = {"accuracy": "{:.3f}", "rollouts": "{:.0f}", "s": "{:.2f}", "GB": "{:.3f}"}
+
+
+def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
+    """summary.csv for reading: each row's numbers in its unit's format (a column holds several units)."""
+    shown = summary.drop(columns="note").astype(object)
+    for i, row in summary.iterrows():
+        for col in shown.columns:
+            value = row[col]
+            if col.endswith(("_mean", "_ci_low", "_ci_high")) and isinstance(value, float):
+                f = "{:.3f}" if col.startswith("ratio_") else UNIT_FORMAT.get(row["unit"], "{:.3f}")
+                shown.at[i, col] = "n/a" if math.isnan(value) else f.format(value)
+    return shown
+
+
 def summary_lines(summary: pd.DataFrame) -> list[str]:
     """One sentence per measure: both arms' mean [interval] over the same seeds, and the paired difference."""
-    fmt = {"accuracy": "{:.3f}", "rollouts": "{:.0f}", "s": "{:.2f}", "GB": "{:.3f}"}
+    fmt = UNIT_FORMAT
     out = []
     for _, r in summary.iterrows():
         f = fmt.get(r["unit"], "{:.3f}")
@@ -117,15 +134,19 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
         grpo, sfpo = by_name[h["grpo_run"]], by_name[h["sfpo_run"]]
         if "finished" in h and not h["finished"]:
             continue
-        gt = mean_stage_times(grpo)
-        u = float(gt["sfpo_slow"])
-        if not u > 0:
-            continue
-        g = float(gt["step"]) - u
+        # G, U and S from the SFPO run's steps with the fast passes: one run, one process, one machine load
+        # (the GRPO run ran before it, maybe under another load: its measured step is the model's check)
         timed = sfpo.timed
         active = timed[column(timed, "sfpo/inner_steps_run").fillna(0) > 0]
-        s = float((active["timing_s/sfpo_snapshot"] + active["timing_s/sfpo_reposition"]).mean()) if len(active) else 0.0
         k = int(nested(sfpo.config, "actor_rollout_ref.actor.sfpo.inner_steps", 0) or 0)
+        if not len(active):
+            continue
+        passes = active["timing_s/sfpo_fast"] + active["timing_s/sfpo_slow"]
+        u = float(passes.mean()) / (k + 1)
+        s = float((active["timing_s/sfpo_snapshot"] + active["timing_s/sfpo_reposition"]).mean())
+        g = float(active["timing_s/step"].mean()) - float(passes.mean()) - s
+        if not (u > 0 and g > 0):
+            continue
         measured_time = h["time_ratio"]
         steps = None
         if h["grpo_improved"] and h["sfpo_reached"]:
@@ -183,6 +204,7 @@ def cost_model_lines(cost: pd.DataFrame, head: pd.DataFrame) -> list[str]:
     if not math.isnan(here["measured_step_ratio"]):
         out.append(f"Check of the model at the share measured here: projected step ratio "
                    f"{here['step_ratio_sfpo_over_grpo']:.2f}x, measured {here['measured_step_ratio']:.2f}x (SFPO's steps "
-                   "with the fast passes)." + ("" if math.isnan(here["measured_time_ratio"]) else
+                   "with the fast passes; the arms run one after the other, so a change in machine load between them "
+                   "shows up here)." + ("" if math.isnan(here["measured_time_ratio"]) else
                    f" Measured GRPO/SFPO wall-clock to GRPO's best: {here['measured_time_ratio']:.2f}x."))  # fmt: skip
     return out

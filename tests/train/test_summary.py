@@ -92,7 +92,7 @@ def test_cost_model_projects_the_measured_stage_times(three_seeds):
     cost = cost_model_table(runs, headline_table(runs)).set_index("generation_share")
     assert list(cost.index[:5]) == [0.25, 0.5, 0.7, 0.8, 0.9] and set(cost["kind"][:5]) == {"projection"}
     # GRPO step 1.0 s with U = 0.25 s, so G = 0.75; at share 0.5, G = U: GRPO 0.5, SFPO 0.25 + 4 U + 0.05 = 1.3
-    assert cost.loc[0.5, "step_ratio_sfpo_over_grpo"] == pytest.approx(1.3 / 0.5)
+    assert cost.loc[0.5, "step_ratio_sfpo_over_grpo"] == pytest.approx(1.3 / 0.5)  # U, G, S read from the SFPO run
     # to GRPO's best (seed 1 only): GRPO 4 steps x 0.5 s against SFPO 2 fast-pass steps x 1.3 s
     assert cost.loc[0.5, "time_to_grpo_best_ratio_grpo_over_sfpo"] == pytest.approx(2.0 / 2.6)
     assert cost.loc[0.5, "sfpo_wins_wall_clock"] == "no"
