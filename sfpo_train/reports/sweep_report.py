@@ -49,7 +49,7 @@ def sweep_table(out_dir: str, points: list, owners: dict, *, seeds: int) -> pd.D
     for point in points:
         owner = owners[point.name]
         target_owner = owners.get(_target_run(point, owners))
-        finals, bests, rollouts, steps_s, base_s = [], [], [], [], []
+        finals, bests, rollouts, steps_s, base_s, own = [], [], [], [], [], []
         finished = reached = fired = 0
         settings: dict = {}
         for seed in range(1, seeds + 1):
@@ -69,6 +69,7 @@ def sweep_table(out_dir: str, points: list, owners: dict, *, seeds: int) -> pd.D
             finals.append(summary["final_acc"])
             bests.append(summary["best_acc"])
             steps_s.append(summary["mean_step_s"])
+            own.append(own_step_ratio(run))
             fired += summary["trigger_step"] >= 0
             base = _run(out_dir, f"{target_owner.name}-s{seed}") if target_owner is not None else None
             if base is not None and run_summary(base)["finished"] and len(base.val):
@@ -95,9 +96,31 @@ def sweep_table(out_dir: str, points: list, owners: dict, *, seeds: int) -> pd.D
             "rollouts_to_grpo_best_mean": mean_ci(rollouts)[0],
             "step_s_mean": step_s,
             "step_ratio_vs_grpo": step_s / base_step if base_step and not math.isnan(base_step) else math.nan,
+            "step_ratio_own_stages": mean_ci(own)[0],
             "trigger_fired": f"{fired} of {finished}" if point.sfpo else "",
         })  # fmt: skip
     return pd.DataFrame(records)
+
+
+def own_step_ratio(run) -> float:
+    """A step of this run over a GRPO step built from its own stage times, ``step / (step - passes - S + U)``.
+
+    ``U`` = the update passes' time / their number (K+1 while alpha > 0), ``S`` = snapshot + reposition:
+    every number from this run's timed steps, so a machine load that changed between runs cancels
+    (the measured ``step_ratio_vs_grpo`` divides by another run's step). 1.0 for a GRPO run.
+    """
+    from sfpo_train.reports.runs import column
+
+    timed = run.timed
+    n_passes = column(timed, "sfpo/inner_steps_run").fillna(0)
+    slow = column(timed, "timing_s/sfpo_slow").fillna(0)
+    n_passes = n_passes + (slow > 0)
+    passes = column(timed, "timing_s/sfpo_fast").fillna(0) + slow
+    extra = column(timed, "timing_s/sfpo_snapshot").fillna(0) + column(timed, "timing_s/sfpo_reposition").fillna(0)
+    u = (passes / n_passes.where(n_passes > 0)).mean()
+    step = timed["timing_s/step"].mean()
+    grpo_step = step - passes.mean() - extra.mean() + u
+    return float(step / grpo_step) if grpo_step > 0 else math.nan
 
 
 def plot_k_alpha(table: pd.DataFrame, path: str) -> bool:
@@ -112,7 +135,8 @@ def plot_k_alpha(table: pd.DataFrame, path: str) -> bool:
     alphas = sorted({float(a) for a in grid["alpha"]})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for ax, col, title, fmt in ((axes[0], "final_acc_mean", "final test accuracy (mean over seeds)", "{:.3f}"),
-                                (axes[1], "step_ratio_vs_grpo", "step time / GRPO's", "{:.2f}x")):  # fmt: skip
+                                (axes[1], "step_ratio_own_stages", "step time / a GRPO step (own stage times)",
+                                 "{:.2f}x")):  # fmt: skip
         values = [[math.nan] * len(alphas) for _ in ks]
         for _, row in grid.iterrows():
             values[ks.index(int(row["K"]))][alphas.index(float(row["alpha"]))] = row[col]
@@ -138,7 +162,8 @@ def plot_k_alpha(table: pd.DataFrame, path: str) -> bool:
 
 SHOWN = ("point", "group", "K", "alpha", "decay", "entropy_control", "reposition", "slow_correction", "lr",
          "seeds_finished", "final_acc_mean", "final_acc_ci_low", "final_acc_ci_high", "best_acc_mean",
-         "reached_grpo_best", "rollouts_to_grpo_best_mean", "step_s_mean", "step_ratio_vs_grpo", "trigger_fired")  # fmt: skip
+         "reached_grpo_best", "rollouts_to_grpo_best_mean", "step_s_mean", "step_ratio_vs_grpo", "step_ratio_own_stages",
+         "trigger_fired")  # fmt: skip
 
 
 def build_sweep_report(out_dir: str, report_dir: str, points: list, owners: dict, *, seeds: int,
@@ -152,7 +177,9 @@ def build_sweep_report(out_dir: str, report_dir: str, points: list, owners: dict
                         f"{seeds} seed(s). Accuracy: greedy test accuracy at the run's last validation; "
                         f"intervals: {INTERVAL}. Target: the same seed's GRPO run's best test accuracy (the lr points: "
                         "GRPO at the same lr). Unfinished runs are counted in seeds_finished and left out of every "
-                        "mean."),
+                        "mean. step_s_mean and step_ratio_vs_grpo are wall-clock of runs made one after the other, so "
+                        "they move with the machine's load; step_ratio_own_stages sets each run's step against a GRPO "
+                        "step built from its own stage times (one load)."),
               Table(table[list(SHOWN)])]  # fmt: skip
     if plot_k_alpha(table, os.path.join(report_dir, HEATMAP)):
         written[HEATMAP] = os.path.join(report_dir, HEATMAP)

@@ -162,7 +162,7 @@ def test_sweep_runs_reports_and_continues(tmp_path):
 
 def test_heat_map_over_k_and_alpha(tmp_path):
     rows = [{"point": f"K{k}-a{a:g}", "group": "k_alpha", "K": k, "alpha": a, "final_acc_mean": 0.1 * k + a,
-             "step_ratio_vs_grpo": 1.0 + k} for k in (1, 3) for a in (0.5, 1.0)]  # fmt: skip
+             "step_ratio_own_stages": 1.0 + k} for k in (1, 3) for a in (0.5, 1.0)]  # fmt: skip
     path = str(tmp_path / "heat.png")
     assert plot_k_alpha(pd.DataFrame(rows), path) and os.path.getsize(path) > 1000
     assert not plot_k_alpha(pd.DataFrame(rows).assign(group="lr"), str(tmp_path / "none.png"))
