@@ -300,7 +300,7 @@ def ratio_lines(frame: pd.DataFrame) -> list[str]:
     for key, group in kernels.groupby([kernels[k].astype(str) for k in keys], sort=False, dropna=False):
         ours = group[group["extra_info.backend"] != "baseline"]
         base = group[group["extra_info.backend"] == "baseline"]
-        what = " ".join(v for v in key if v not in ("None", "nan", "none", "False"))
+        what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
         for _, o in ours.iterrows():
             ratios = [f"{_label(b)} {b['median_ms'] / o['median_ms']:.2f}x" for _, b in base.iterrows() if o["median_ms"] > 0]
             if ratios:
@@ -310,7 +310,7 @@ def ratio_lines(frame: pd.DataFrame) -> list[str]:
         for key, group in steps.groupby([steps[k].astype(str) for k in keys], sort=False, dropna=False):
             by = {a: g["median_ms"].median() for a, g in group.groupby("extra_info.algo")}
             if "grpo" in by and "sfpo" in by and by["grpo"] > 0:
-                what = " ".join(v for v in key if v not in ("None", "nan", "none", "False"))
+                what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
                 lines.append(f"{what}: SFPO {by['sfpo']:.3g} ms vs GRPO {by['grpo']:.3g} ms per step: "
                              f"SFPO/GRPO {by['sfpo'] / by['grpo']:.2f}x")  # fmt: skip
     return lines
