@@ -409,3 +409,24 @@ def pytest_benchmark_update_machine_info(config, machine_info):
 def pytest_benchmark_update_commit_info(config, commit_info):
     if not commit_info.get("id") and os.environ.get(GIT_REV_ENV):
         commit_info["id"] = os.environ[GIT_REV_ENV]
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """At the end of ``pytest bench/ --benchmark-only``: sfpo against each baseline as ratios, with the device."""
+    session = getattr(config, "_benchmarksession", None)
+    records = [b.as_dict(include_data=False) for b in getattr(session, "benchmarks", None) or []]
+    if not records:
+        return
+    import pandas as pd
+
+    from bench.summary import ratio_lines
+
+    frame = pd.json_normalize(records)
+    frame["median_ms"] = frame["stats.median"] * 1e3
+    lines = ratio_lines(frame)
+    device = sfpo_machine_info().get("device", str(bench_device()))
+    terminalreporter.write_sep("=", f"sfpo vs baselines on {device} (median times; >1x: sfpo faster)")
+    for line in lines or ["no sfpo/baseline pair ran (see the tables above)"]:
+        terminalreporter.write_line(line)
+

@@ -329,6 +329,49 @@ def header(frame: pd.DataFrame, data: dict) -> str:
     return "\n".join(lines)
 
 
+# what identifies "the same work" for the ratio lines: rows that agree on these (where present) are compared
+RATIO_KEYS = ["extra_info.op", "extra_info.dtype", "extra_info.offload", "extra_info.mode", "extra_info.kl",
+              "extra_info.n_tokens", "extra_info.vocab", "extra_info.model"]  # fmt: skip
+
+
+def _label(row: pd.Series) -> str:
+    impl, backend = row.get("extra_info.impl"), row.get("extra_info.backend")
+    return str(impl if isinstance(impl, str) and impl else backend)
+
+
+def ratio_lines(frame: pd.DataFrame) -> list[str]:
+    """The short summary: per piece of work, sfpo's median time against each baseline's, as ratios.
+
+    Ours are the rows whose ``backend`` is an sfpo backend (triton, cuda, torch: the public
+    functions), baselines those with ``backend == "baseline"``; ``baseline / sfpo`` > 1 means
+    sfpo is faster. SFPO-step and training rows (``algo``) give SFPO's step over GRPO's.
+    """
+    if frame.empty:
+        return []
+    lines = []
+    keys = [k for k in RATIO_KEYS if k in frame]
+    has_algo = "extra_info.algo" in frame
+    algo = frame["extra_info.algo"] if has_algo else pd.Series(None, index=frame.index)
+    kernels = frame[algo.isna() & frame.get("extra_info.backend", pd.Series(None, index=frame.index)).notna()]
+    for key, group in kernels.groupby([kernels[k].astype(str) for k in keys], sort=False, dropna=False):
+        ours = group[group["extra_info.backend"] != "baseline"]
+        base = group[group["extra_info.backend"] == "baseline"]
+        what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
+        for _, o in ours.iterrows():
+            ratios = [f"{_label(b)} {b['median_ms'] / o['median_ms']:.2f}x" for _, b in base.iterrows() if o["median_ms"] > 0]
+            if ratios:
+                lines.append(f"{what}: {_label(o)} {o['median_ms']:.3g} ms; baseline/sfpo: {', '.join(ratios)}")
+    if has_algo:
+        steps = frame[algo.notna()]
+        for key, group in steps.groupby([steps[k].astype(str) for k in keys], sort=False, dropna=False):
+            by = {a: g["median_ms"].median() for a, g in group.groupby("extra_info.algo")}
+            if "grpo" in by and "sfpo" in by and by["grpo"] > 0:
+                what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
+                lines.append(f"{what}: SFPO {by['sfpo']:.3g} ms vs GRPO {by['grpo']:.3g} ms per step: "
+                             f"SFPO/GRPO {by['sfpo'] / by['grpo']:.2f}x")  # fmt: skip
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("bench_json", help="pytest-benchmark JSON (--benchmark-json)")

@@ -8,8 +8,9 @@ One call of :meth:`SFPO.step` is one outer iteration s on one batch of rollouts:
    (Stage II, reposition);
 3. one more ``update_pass(batch)`` (Stage III, slow correction); with
    ``alpha_s == 0`` this is the only call: plain GRPO;
-4. record this iteration's entropy and update the trigger: a z-score of the
-   newest entropy over a rolling window; once it fires at iteration s,
+4. record this iteration's entropy (``trigger_entropy``: the old-log-prob pass's,
+   given by the caller or the first pass's, or the last update pass's) and update
+   the trigger: a z-score of the newest entropy over a rolling window; once it fires at iteration s,
    iterations s+1 on use alpha 0 (``decay="hard"``) or decay to 0 linearly
    over ``decay_steps`` iterations (``decay="linear"``).
 
@@ -40,6 +41,7 @@ from sfpo_train.clock import StageClock
 
 TRIGGERS = ("up", "abs", "down")
 DECAYS = ("hard", "linear")
+TRIGGER_ENTROPIES = ("old_log_prob", "last_pass")
 ZSCORE_EPS = 1e-9
 STATE_VERSION = 1
 # SFPOConfig fields that do not change the schedule or the math (where theta_0 lives, which kernels copy it):
@@ -79,6 +81,11 @@ class SFPOConfig:
                                      sfpo_kernels.reposition.OFFLOAD_MODES)
     reposition: bool = _setting(True, "run Stage II, the reposition (ablation: false keeps theta_K)")
     entropy_control: bool = _setting(True, "the entropy trigger (ablation: false keeps alpha constant)")
+    trigger_entropy: str = _setting("old_log_prob", "the entropy the trigger watches: old_log_prob (the iteration's "
+                                                    "old-log-prob pass at theta_0 before any update, verl's "
+                                                    "actor/entropy) or last_pass (the last update pass of the "
+                                                    "iteration, the slow one, what the authors' code records)",
+                                    TRIGGER_ENTROPIES)
     # Optional[...] rather than "str | None": the trainer's omegaconf 2.3 structured config reads only the former.
     backend: Optional[str] = _setting(None, "kernel backend of the snapshot and reposition: triton, cuda or torch "
                                             "(null: triton for CUDA tensors, torch for CPU tensors)",
@@ -249,12 +256,15 @@ class SFPO:
                 step's ``grad_norm``), except for the entropy below.
             batch: handed to every pass as is.
             entropy: this iteration's entropy for the trigger, finite; ``None``: the ``"entropy"``
-                of the first pass's metrics (required when ``config.entropy_control`` is on).
+                of the first pass's metrics (required when ``config.entropy_control`` is on). With
+                ``config.trigger_entropy="last_pass"`` the trigger reads the ``"entropy"`` of the
+                last pass's metrics instead, and ``entropy`` must be None.
 
         Returns:
             every metric averaged over the passes that reported it, the last pass's values as
             ``sfpo/last/<key>``, ``sfpo/alpha``, ``sfpo/zscore``, ``sfpo/triggered``,
-            ``sfpo/inner_steps_run``, ``sfpo/snapshot_bytes`` and the stage times
+            ``sfpo/inner_steps_run``, ``sfpo/snapshot_bytes``, ``sfpo/entropy`` (the entropy the
+            trigger recorded, NaN without one) and the stage times
             ``timing_s/sfpo_{snapshot,fast,reposition,slow}`` (0.0 for a stage that did not run).
 
         Failures (``alpha_s > 0``): the step is all or nothing. An exception from a pass
@@ -277,11 +287,15 @@ class SFPO:
         metrics or entropy are rejected, its update is not undone, exactly as in plain GRPO; the
         schedule is still untouched.
         """
+        cfg = self.config
+        last_pass = cfg.trigger_entropy == "last_pass"
         if entropy is not None:
+            if last_pass:
+                raise ValueError("entropy= was given, but SFPOConfig.trigger_entropy='last_pass' reads the entropy of "
+                                 "the iteration's last update pass (its 'entropy' metric): pass entropy=None")  # fmt: skip
             entropy = _as_entropy(entropy, "entropy")
         alpha = self.alpha
         plan = self.planned_passes()
-        cfg = self.config
         params = self._params()
         device = params[0].device if params else torch.device("cpu")
         timings = {"sfpo_snapshot": 0.0, "sfpo_fast": 0.0, "sfpo_reposition": 0.0, "sfpo_slow": 0.0}
@@ -294,7 +308,7 @@ class SFPO:
             passes.append(_pass_metrics(update_pass(batch), len(passes) + 1, len(plan)))
             # Known before any later pass's result is accepted; recorded (like entropy=) whenever the first pass
             # reports one, so a caller whose first pass supplies the entropy keeps the window it would pass in.
-            if entropy is None and (cfg.entropy_control or "entropy" in passes[0]):
+            if entropy is None and not last_pass and (cfg.entropy_control or "entropy" in passes[0]):
                 entropy = _pass_entropy(passes[0])
 
         snap = sfpo_kernels.snapshot(params, offload=cfg.snapshot_offload, backend=cfg.backend) if alpha > 0 else None
@@ -311,6 +325,8 @@ class SFPO:
             if "slow" in plan:  # Stage III; with alpha 0 the only pass: plain GRPO
                 run_pass()
                 timings["sfpo_slow"] = clock.lap()
+            if cfg.entropy_control and last_pass:  # the last pass's entropy, checked before the step is accepted
+                entropy = _pass_entropy(passes[-1] if passes else {}, last=True)
             if entropy is None and cfg.entropy_control:  # no pass ran (K = 0 without slow correction)
                 entropy = _pass_entropy({})
             schedule = self._with_entropy(entropy) if entropy is not None else None
@@ -331,6 +347,7 @@ class SFPO:
             "sfpo/triggered": float(self.fired_at is not None),
             "sfpo/inner_steps_run": float(plan.count("fast")),
             "sfpo/snapshot_bytes": float(snapshot_bytes),
+            "sfpo/entropy": math.nan if entropy is None else float(entropy),  # what the trigger recorded
         })  # fmt: skip
         metrics.update({f"timing_s/{k}": v for k, v in timings.items()})
         self.iteration += 1
@@ -463,13 +480,16 @@ def _as_float(value) -> float | None:
         return None
 
 
-def _pass_entropy(first: dict[str, float]) -> float:
-    """This iteration's entropy from the first pass's metrics, for the trigger."""
-    if "entropy" not in first:
+def _pass_entropy(metrics: dict[str, float], last: bool = False) -> float:
+    """This iteration's entropy for the trigger from a pass's metrics (the first pass's, or with ``last`` the last's)."""
+    if "entropy" not in metrics:
+        if last:
+            raise ValueError("SFPOConfig.trigger_entropy='last_pass' needs the entropy of the iteration's last update "
+                             "pass: return 'entropy' from update_pass")  # fmt: skip
         raise ValueError(
             "SFPO needs this iteration's entropy: pass entropy= to step() or return 'entropy' from update_pass"
         )
-    return _as_entropy(first["entropy"], "update_pass()['entropy']")
+    return _as_entropy(metrics["entropy"], "update_pass()['entropy']")
 
 
 def _combine(passes: list[dict]) -> dict:

@@ -21,6 +21,8 @@ SUBCOMMANDS = {
              "(CPU, minutes)",
     "report": "per-stage time/memory tables and plots of runs, and SFPO vs GRPO headline measures (Markdown + HTML)",
     "compare": "train GRPO and SFPO on a preset over several seeds (same seeds, same data order), then report",
+    "sweep": "the paper's ablations as one resumable grid (K x alpha, decay, entropy control, stages, lr), then a "
+             "table and a heat map",
 }  # fmt: skip
 
 
@@ -29,6 +31,29 @@ def _command_in(argv: list[str]) -> str | None:
     for word in argv:
         if not word.startswith("-"):
             return word if word in SUBCOMMANDS else None
+    return None
+
+
+# options people try that are config keys here: option -> the key
+CONFIG_KEY_OPTIONS = {"--device": "trainer.device", "--seed": "trainer.seed", "--lr": "actor_rollout_ref.actor.optim.lr",
+                      "--model": "actor_rollout_ref.model.path"}  # fmt: skip
+
+
+def _config_key_hint(argv: list[str]) -> str | None:
+    """The message for an option that is a config key in sfpo (``--device cuda`` -> ``trainer.device=cuda``).
+
+    Only where the command has no such option (``sfpo demo --device`` is one of demo's options).
+    """
+    if _command_in(argv) not in (None, "train", "compare", "sweep", "report"):
+        return None
+    for i, word in enumerate(argv):
+        option, _, value = word.partition("=")
+        if option in CONFIG_KEY_OPTIONS:
+            if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
+                value = argv[i + 1]
+            command = _command_in([w for w in argv if w != word and w != value]) or "train"
+            return (f"{option} is not an option: settings are verl's config keys, e.g. "
+                    f"sfpo {command} {CONFIG_KEY_OPTIONS[option]}={value or '...'} (sfpo {command} --help lists them)")
     return None
 
 
@@ -57,6 +82,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    hint = _config_key_hint(argv)
+    if hint:
+        print(f"sfpo: error: {hint}", file=sys.stderr)
+        return 2
     parser = build_parser(_command_in(argv))
     args = parser.parse_args(argv)
     if args.command is None:

@@ -4,11 +4,16 @@ For each seed s = 1..N, two runs in this process, one after the other: GRPO
 (``actor_rollout_ref.actor.sfpo.enable=false``) and SFPO (the preset's SFPO
 settings), both with ``trainer.seed=s`` and ``data.seed=s`` -- the same initial
 weights, the same prompt order, the same validation set -- and the same
-overrides. Runs go to OUT/grpo-s<s> and OUT/sfpo-s<s>, the report to OUT/report;
-``sfpo report OUT`` rebuilds it at any time, e.g. after an interrupted compare.
+overrides. Runs go to OUT/grpo-s<s> and OUT/sfpo-s<s>, the report to OUT/report
+(report.md / report.html, headline.csv per seed, summary.csv with 95% intervals
+over seeds, cost_model.csv, plots); ``sfpo report OUT`` rebuilds it at any time.
+The same command again with the same --out continues an interrupted compare
+(finished runs kept, the interrupted one continued from its newest checkpoint).
 
-On the embedded default the default of 3 seeds x 300 steps took 5 min 37 s on
-2 otherwise idle CPU cores (measured).
+Cost: 2 x seeds runs of the preset. On the embedded default (5 seeds x 300 steps)
+about 10 min on 2 otherwise idle CPU cores (3 seeds took 5 min 37 s), much longer
+on a busy machine. Make it small with --seeds 2 --steps 50 (about a minute), or
+--preset smoke --seeds 3 --steps 4 for a check of the whole pipeline in seconds.
 """
 
 from __future__ import annotations
@@ -30,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="starting configuration of both arms (default: the embedded task on CPU)")  # fmt: skip
     parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
                         help="verl's recipe for both arms: grpo, drgrpo or dapo; the SFPO arm wraps the same one")  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=3,
-                        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 3)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=5,
+                        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 5; fewer "
+                             "give wide intervals)")  # fmt: skip
     parser.add_argument("--steps", type=int, default=None,
                         help="training iterations per run (default: the preset's trainer.total_training_steps; "
                              "300 on the default preset)")  # fmt: skip
@@ -42,7 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    print(f"sfpo compare: GRPO vs SFPO on preset {args.preset!r} ({args.algorithm}), seeds 1..{args.seeds}, "
+    base = args.algorithm.upper().replace("DRGRPO", "Dr. GRPO")
+    print(f"sfpo compare: {base} vs SFPO over {base} on preset {args.preset!r}, seeds 1..{args.seeds}, "
           f"{len(ARM_SLUGS) * args.seeds} runs", flush=True)  # fmt: skip
     from sfpo_train.trainer.run_guard import StopInterrupt
 
@@ -59,8 +66,9 @@ def main(args: argparse.Namespace) -> int:
     headline = os.path.join(result.report_dir, "report.md")
     with open(headline) as f:
         text = f.read()
-    start = text.find("## Headline")
-    end = text.find("## Per seed")
+    start = text.find("## Over seeds")
+    end = text.find("## Against the paper")
     if start >= 0:
-        print(text[start:end if end > start else None].rstrip())
+        section = text[start:end if end > start else None]
+        print(section[:section.find("\n| measure")] if "\n| measure" in section else section.rstrip())
     return 0

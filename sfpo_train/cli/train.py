@@ -91,23 +91,64 @@ def main(args: argparse.Namespace) -> int:
             return 130
 
 
+def cpu_note() -> str:
+    """Threads and load: run time depends on free CPU (a busy machine makes the 2-minute default an hour)."""
+    import os
+
+    import torch
+
+    threads = os.environ.get("OMP_NUM_THREADS")
+    if threads is not None and threads.strip().isdigit() and int(threads) >= 1:
+        torch.set_num_threads(int(threads))  # honoured explicitly, whatever imported torch first
+    cores = os.cpu_count() or 1
+    try:
+        load1 = os.getloadavg()[0]
+        load = f"load average {load1:.1f} (1 min)" + (" - busy, expect a slower run" if load1 > 0.75 * cores else "")
+    except OSError:
+        load = "load average unknown"
+    return (f"{torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS={threads if threads is not None else 'unset'}), "
+            f"{cores} CPU core(s), {load}; run time depends on free CPU")  # fmt: skip
+
+
+def _with_embedded_paths(cfg):
+    """A copy of ``cfg`` showing the embedded task's real paths where the keys are null (what the run uses)."""
+    from omegaconf import OmegaConf
+
+    from sfpo_train.tasks import default_paths
+
+    shown = OmegaConf.create(OmegaConf.to_container(cfg))
+    keys = {"actor_rollout_ref.model.path": "model", "data.train_files": "train_files", "data.val_files": "val_files"}
+    if any(OmegaConf.select(shown, key) is None for key in keys):
+        paths = default_paths()
+        for key, name in keys.items():
+            if OmegaConf.select(shown, key) is None:
+                OmegaConf.update(shown, key, paths[name])
+    return shown
+
+
 def _train(args: argparse.Namespace) -> int:
-    from sfpo_train.trainer import Trainer
+    from sfpo_train.trainer import Trainer, latest_checkpoint
 
     if args.resume:
         if args.preset != "default" or args.algorithm != "grpo":
             raise ValueError("--resume uses the run's saved config; drop --preset/--algorithm")
+        print(f"sfpo train: {cpu_note()}", flush=True)
         trainer = Trainer.resume(args.resume, args.overrides)
+        print(f"sfpo train: resuming {trainer.run_dir} from {trainer.resumed_from} (step {trainer.global_step})",
+              flush=True)  # fmt: skip
     else:
         cfg = config_lib.load_config(args.preset, args.overrides, args.algorithm)
         if args.print_config:
             config_lib.validate(cfg)
-            print(config_lib.to_yaml(cfg), end="")
+            print("# the resolved config; null paths resolved to the embedded default task's files, which the run uses")
+            print(config_lib.to_yaml(_with_embedded_paths(cfg)), end="")
             return 0
+        print(f"sfpo train: {cpu_note()}", flush=True)
         trainer = Trainer.create(cfg, preset=args.preset)
     cfg = trainer.cfg
     sfpo = cfg.actor_rollout_ref.actor.sfpo
-    kind = f"SFPO (K={sfpo.inner_steps}, alpha={sfpo.alpha})" if sfpo.enable else "GRPO"
+    algorithm = config_lib.algorithm_of(lambda key: config_lib.OmegaConf.select(cfg, key)).upper().replace("DRGRPO", "Dr. GRPO")
+    kind = f"SFPO (K={sfpo.inner_steps}, alpha={sfpo.alpha}) over {algorithm}" if sfpo.enable else algorithm
     print(f"sfpo train: {kind} on {trainer.model_path} ({trainer.device}), "
           f"{cfg.trainer.total_training_steps} iterations of {cfg.data.train_batch_size} prompts x "
           f"{cfg.actor_rollout_ref.rollout.n}; run directory {trainer.run_dir}", flush=True)  # fmt: skip
@@ -124,4 +165,8 @@ def _train(args: argparse.Namespace) -> int:
     if history:
         total = sum(h["timing_s/step"] for h in history)
         print(f"{len(history)} iterations in {total:.1f} s; metrics in {trainer.log.jsonl} and {trainer.log.csv}")
+    checkpoint = latest_checkpoint(trainer.run_dir)
+    print(f"checkpoint: {checkpoint} (a transformers model directory in model/; continue with sfpo train --resume "
+          f"{shlex.quote(trainer.run_dir)})" if checkpoint else
+          "checkpoint: none written (trainer.save_freq <= 0)")  # fmt: skip
     return 0

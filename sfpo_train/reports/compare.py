@@ -11,13 +11,16 @@ Runs go to ``OUT/grpo-s<s>`` and ``OUT/sfpo-s<s>`` (``OUT`` defaults to
 ``runs/compare-<preset>-<time>``); the report to ``OUT/report``. Its headline
 measures are the paper's (Fig. 4, appendix C.5): rollouts and wall-clock each
 arm needs to reach GRPO's best test accuracy ("not reached" where SFPO never
-does), the step-time ratio SFPO/GRPO and SFPO's extra memory, as mean (min,
-max) over seeds. Where the result does not point the paper's way the report
-says so.
+does), the step-time ratio SFPO/GRPO and SFPO's extra memory, as means with 95%
+intervals over seeds (summary.csv), and a cost model projecting the step ratio to
+other generation shares (cost_model.csv). Where the result does not point the
+paper's way the report says so.
 
-On the embedded default the default of 3 seeds x 300 steps took 5 min 37 s on
-2 otherwise idle CPU cores (measured); ``sfpo report OUT`` rebuilds the report from the runs at any time,
-e.g. after an interrupted compare.
+On the embedded default 3 seeds x 300 steps took 5 min 37 s on 2 otherwise idle
+CPU cores (measured; the default is now 5 seeds); ``sfpo report OUT`` rebuilds the report from the runs at any time.
+Resumable: the same compare again with the same ``--out`` keeps the finished runs, continues an
+interrupted one from its newest checkpoint (one stopped before its first checkpoint starts over) and
+trains the missing ones (:func:`train_or_continue`).
 """
 
 from __future__ import annotations
@@ -44,9 +47,17 @@ class CompareResult:
     seconds: float
 
 
-def run_names(seeds: int) -> list[tuple[str, int, str]]:
-    """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ..."""
-    return [(f"{arm}-s{seed}", seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
+def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]:
+    """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ...
+
+    Names carry the algorithm: ``grpo-s1`` / ``sfpo-s1`` for GRPO, ``dapo-s1`` / ``sfpo-dapo-s1`` for DAPO.
+    """
+    def name(arm: str, seed: int) -> str:
+        if algorithm == "grpo":
+            return f"{arm}-s{seed}"
+        return f"{algorithm}-s{seed}" if arm == "grpo" else f"sfpo-{algorithm}-s{seed}"
+
+    return [(name(arm, seed), seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
 
 
 def arm_config(preset: str, algorithm: str, overrides: list[str], *, arm: str, seed: int, steps: int | None,
@@ -66,12 +77,57 @@ def arm_config(preset: str, algorithm: str, overrides: list[str], *, arm: str, s
     return cfg
 
 
-def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = None, out_dir: str | None = None,
+def check_same_run(cfg, run_dir: str) -> None:
+    """``ValueError`` if ``run_dir`` holds a run made with settings other than ``cfg``'s (its progress bar aside)."""
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        return
+    saved = config_lib.config_from_yaml(path)
+    # a run may be continued to more steps, never taken for one of fewer
+    longer = saved.trainer.total_training_steps <= cfg.trainer.total_training_steps
+    diff = {k: v for k, v in config_lib.config_diff(saved, cfg).items()
+            if k != "trainer.progress_bar" and not (k == "trainer.total_training_steps" and longer)}  # fmt: skip
+    if diff:
+        listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items())[:6])
+        raise ValueError(f"--out {os.path.dirname(run_dir)!r} already holds run {os.path.basename(run_dir)} made with "
+                         f"other settings ({listed}); use the same settings to continue it, or choose another --out")  # fmt: skip
+
+
+def train_or_continue(cfg, preset: str, log=None) -> str:
+    """Train the run ``cfg`` names to its ``trainer.total_training_steps``; returns its directory.
+
+    A finished run (all steps logged) is kept as it is; one with a checkpoint is continued from its
+    newest intact checkpoint (``Trainer.resume``, with the longer step count if ``cfg`` asks for more);
+    one stopped before its first checkpoint starts over (``Trainer.create``); a missing one is trained.
+    """
+    from sfpo_train.trainer import Trainer
+    from sfpo_train.trainer import checkpoint as ckpt
+
+    say = log or (lambda text: print(text, flush=True))
+    run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
+    total = cfg.trainer.total_training_steps
+    if os.path.isfile(os.path.join(run_dir, "config.yaml")):
+        check_same_run(cfg, run_dir)
+        logged = ckpt.logged_steps(run_dir)
+        if logged is not None and logged >= total:
+            say(f"{run_dir}: finished ({logged} steps), kept")
+            return run_dir
+        found = ckpt.find_resumable(run_dir)
+        if found is not None:
+            say(f"{run_dir}: continuing from {found[0]} ({logged} of {total} steps logged)")
+            trainer = Trainer.resume(run_dir, [f"trainer.total_training_steps={total}",
+                                               f"trainer.progress_bar={str(cfg.trainer.progress_bar).lower()}"])  # fmt: skip
+            trainer.fit()
+            return trainer.run_dir
+    trainer = Trainer.create(cfg, preset=preset)
+    trainer.fit()
+    return trainer.run_dir
+
+
+def run_compare(preset: str = "default", *, seeds: int = 5, steps: int | None = None, out_dir: str | None = None,
                 algorithm: str = "grpo", overrides: list[str] | None = None, progress: bool = True) -> CompareResult:
     """Train both arms for every seed, then write the report; see the module docstring."""
     from tqdm.auto import tqdm
-
-    from sfpo_train.trainer import Trainer
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
@@ -79,12 +135,11 @@ def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = 
         raise ValueError(f"--steps must be >= 1, got {steps}")
     overrides = list(overrides or [])
     out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    plan = run_names(seeds)
+    plan = run_names(seeds, algorithm)
     configs = {name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
                for name, seed, arm in plan}  # every config checked before the first run starts  # fmt: skip
-    for name in configs:
-        if os.path.exists(os.path.join(out_dir, name, "config.yaml")):
-            raise ValueError(f"--out {out_dir!r} already holds run {name}; choose another --out")
+    for name, cfg in configs.items():
+        check_same_run(cfg, os.path.join(out_dir, name))  # all checked before the first run trains
     start = time.perf_counter()
     run_dirs = []
     bar = tqdm(total=len(plan), desc="sfpo compare", unit="run", disable=not progress, position=0, dynamic_ncols=True)
@@ -93,14 +148,11 @@ def run_compare(preset: str = "default", *, seeds: int = 3, steps: int | None = 
             cfg = configs[name]
             cfg.trainer.progress_bar = progress  # the trainer's own bar (steps of this run) under compare's
             bar.set_postfix_str(name)
-            trainer = Trainer.create(cfg, preset=preset)
-            trainer.fit()
-            run_dirs.append(trainer.run_dir)
-            del trainer
+            run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
             bar.update(1)
     finally:
         bar.close()
     report_dir = os.path.join(out_dir, "report")
-    files = build_report(run_dirs, report_dir, title=f"sfpo compare: GRPO vs SFPO on preset {preset!r} "
-                                                     f"({algorithm}), {seeds} seed(s)")  # fmt: skip
+    files = build_report(run_dirs, report_dir, title=f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset "
+                                                     f"{preset!r}, {seeds} seed(s)")  # fmt: skip
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

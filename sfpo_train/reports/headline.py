@@ -12,6 +12,7 @@ import math
 import pandas as pd
 
 from sfpo_train.reports.runs import Run, column
+from sfpo_train.reports.stats import INTERVAL, mean_ci
 from sfpo_train.reports.tables import initial_accuracy, mean_stage_times, peak_memory_gb, run_summary
 
 # The paper's numbers our headline measures are set against (Fig. 4, appendix C.5).
@@ -60,7 +61,9 @@ def headline_table(runs: list[Run]) -> pd.DataFrame:
                "sfpo_reached": False, "sfpo_step": -1, "sfpo_rollouts": math.nan, "sfpo_time_s": math.nan,
                "rollouts_ratio": math.nan, "time_ratio": math.nan,
                "grpo_final_acc": float(gv["accuracy"].iloc[-1]) if len(gv) else math.nan,
-               "sfpo_final_acc": float(sv["accuracy"].iloc[-1]) if len(sv) else math.nan}  # fmt: skip
+               "sfpo_final_acc": float(sv["accuracy"].iloc[-1]) if len(sv) else math.nan,
+               "grpo_best_acc": float(gv["accuracy"].max()) if len(gv) else math.nan,
+               "sfpo_best_acc": float(sv["accuracy"].max()) if len(sv) else math.nan}  # fmt: skip
         if len(gv):
             target = float(gv["accuracy"].max())
             g_hit, s_hit = first_reaching(gv, target), first_reaching(sv, target)
@@ -75,6 +78,8 @@ def headline_table(runs: list[Run]) -> pd.DataFrame:
             row["rollouts_ratio"] = row["grpo_rollouts"] / row["sfpo_rollouts"] if ok else math.nan
             row["time_ratio"] = row["grpo_time_s"] / row["sfpo_time_s"] if ok and row["sfpo_time_s"] > 0 else math.nan
         gs, ss = run_summary(grpo), run_summary(sfpo)
+        row["finished"] = bool(gs["finished"] and ss["finished"])
+        row["steps"] = f"{gs['steps']}/{gs['planned_steps']}, {ss['steps']}/{ss['planned_steps']}"
         row["grpo_step_s"], row["sfpo_step_s"] = gs["mean_step_s"], ss["mean_step_s"]
         row["step_time_ratio"] = ss["mean_step_s"] / gs["mean_step_s"]
         # SFPO's steps that ran the fast passes (before the entropy trigger): the paper's per-step comparison
@@ -85,18 +90,18 @@ def headline_table(runs: list[Run]) -> pd.DataFrame:
         row["grpo_gen_share_pct"] = 100 * gt["gen"] / gt["step"]
         (g_mem, what), (s_mem, _) = peak_memory_gb(grpo), peak_memory_gb(sfpo)
         row["extra_memory_gb"], row["memory_reading"] = s_mem - g_mem, what
+        row["grpo_peak_memory_gb"], row["sfpo_peak_memory_gb"] = g_mem, s_mem
         row["sfpo_snapshot_mb"] = ss["snapshot_mb"]
         records.append(row)
     return pd.DataFrame(records)
 
 
 def _spread(values: pd.Series, fmt: str = "{:.2f}") -> str:
-    values = values.dropna()
-    if values.empty:
+    """The mean over seeds with its 95% t interval in brackets (the value alone for one seed)."""
+    mean, low, high, n = mean_ci(values.dropna())
+    if n == 0:
         return "n/a"
-    if len(values) == 1:
-        return fmt.format(values.iloc[0])
-    return f"{fmt.format(values.mean())} (min {fmt.format(values.min())}, max {fmt.format(values.max())})"
+    return fmt.format(mean) if n == 1 else f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
 
 
 def _seeds(head: pd.DataFrame, mask: pd.Series) -> str:
@@ -120,7 +125,8 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
     reached = int(reached_seeds.sum())
     no_target, unknown = ~has_target, has_target & ~known
     compared = head["rollouts_ratio"].notna()
-    note = f"Over {n} seed(s); each number is the mean over seeds with the min and max over seeds in brackets."
+    note = (f"Over {n} seed(s); each number is the mean over seeds with its interval in brackets ({INTERVAL}); "
+            "where a measure is defined in only some seeds, both arms' means are over those seeds.")
     measures: list[str] = []
     if n_target == 0:
         measures.append("GRPO's best test accuracy (the target): **not measurable**: no GRPO run has a validation row "
@@ -138,11 +144,11 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
              "false), so it is not known whether GRPO improved and no GRPO/SFPO ratio is taken."),
             f"SFPO reached it in {reached} of {n_target} seed(s)"
             + ("" if reached == n_target else f" (not reached: seed(s) {_seeds(head, has_target & ~reached_seeds)})") + ".",
-            f"Rollouts to reach it: GRPO {_spread(head['grpo_rollouts'], '{:.0f}')}, SFPO {_spread(head['sfpo_rollouts'], '{:.0f}')}; "
-            f"GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x')} over the {int(compared.sum())} seed(s) where both are "
-            "defined (SFPO reached the target, GRPO improved on its known initial accuracy).",
-            f"Wall-clock to reach it: GRPO {_spread(head['grpo_time_s'], '{:.1f} s')}, SFPO {_spread(head['sfpo_time_s'], '{:.1f} s')}; "
-            f"GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x')}.",
+            (f"Rollouts to reach it, over the {int(compared.sum())} seed(s) where both arms reached it and GRPO improved on "
+             f"its known initial accuracy ({_seeds(head, compared) or 'none'}): GRPO {_spread(head.loc[compared, 'grpo_rollouts'], '{:.0f}')}, "
+             f"SFPO {_spread(head.loc[compared, 'sfpo_rollouts'], '{:.0f}')}; GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x')}."),
+            (f"Wall-clock to reach it, the same seed(s): GRPO {_spread(head.loc[compared, 'grpo_time_s'], '{:.1f} s')}, "
+             f"SFPO {_spread(head.loc[compared, 'sfpo_time_s'], '{:.1f} s')}; GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x')}."),
             f"Final test accuracy: GRPO {_spread(head['grpo_final_acc'], '{:.3f}')}, SFPO {_spread(head['sfpo_final_acc'], '{:.3f}')}.",
         ]  # fmt: skip
     measures += [

@@ -72,8 +72,37 @@ def format_cell(value) -> str:
     return str(value)
 
 
+def format_column(values: pd.Series) -> pd.Series:
+    """A table column, every number with the same decimals (so a column never mixes 2.2e-05, 0.0035 and 14.3).
+
+    Integers stay integers; otherwise 3 decimals (1 from 1000, 0 from 100000 on, by the column's largest
+    magnitude), or 2 significant digits of the largest value when all lie below 0.01. Non-numbers as
+    :func:`format_cell`.
+    """
+    numbers = [float(v) for v in values
+               if isinstance(v, (float, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)]  # fmt: skip
+    if not numbers or all(x.is_integer() for x in numbers):
+        return values.map(format_cell)
+    top = max(abs(x) for x in numbers)
+    if top >= 100000:
+        decimals = 0
+    elif top >= 1000:
+        decimals = 1
+    elif top >= 0.01 or top == 0:
+        decimals = 3
+    else:
+        decimals = 1 - math.floor(math.log10(top))
+
+    def cell(v):
+        if isinstance(v, (float, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v):
+            return f"{v:.{decimals}f}"
+        return format_cell(v)
+
+    return values.map(cell)
+
+
 def _cells(frame: pd.DataFrame) -> pd.DataFrame:
-    return frame.map(format_cell).rename(columns=str)
+    return frame.apply(format_column).rename(columns=str)
 
 
 def _markdown(block: Block) -> str:

@@ -22,6 +22,7 @@ class Run:
     seed: int
     config: dict
     rows: pd.DataFrame  # every row of metrics.jsonl, sorted by training/global_step
+    algorithm: str = "grpo"  # the recipe both arms run (grpo, drgrpo, dapo; "custom" when none matches)
 
     @property
     def train(self) -> pd.DataFrame:
@@ -65,6 +66,13 @@ def column(frame: pd.DataFrame, name: str) -> pd.Series:
     return frame[name] if name in frame else pd.Series(np.nan, index=frame.index)
 
 
+def algorithm_of(config: dict) -> str:
+    """The recipe (grpo, drgrpo, dapo) of a run's config (``custom`` without a config to read it from)."""
+    from sfpo_train.trainer.config import algorithm_of as recipe_of
+
+    return recipe_of(lambda key: nested(config, key)) if config else "custom"
+
+
 def arms(runs: list[Run]) -> list[str]:
     """The arms present among ``runs``, GRPO first."""
     return [a for a in ARMS if any(r.arm == a for r in runs)]
@@ -98,7 +106,7 @@ def load_run(path: str) -> Run:
         is_sfpo = bool((rows.get("sfpo/alpha", pd.Series([0.0])).fillna(0) > 0).any())
     seed = int(nested(config, "trainer.seed", 0) or 0)
     return Run(os.path.abspath(path), os.path.basename(os.path.normpath(path)), "SFPO" if is_sfpo else "GRPO", seed,
-               config, rows)  # fmt: skip
+               config, rows, algorithm_of(config))  # fmt: skip
 
 
 def expand_run_paths(paths: list[str]) -> list[str]:

@@ -6,7 +6,7 @@ import math
 
 import pandas as pd
 
-from sfpo_train.reports.runs import Run, arms, column
+from sfpo_train.reports.runs import Run, arms, column, nested
 
 # The stages that tile one step, in execution order: label for tables and plots.
 STACKED_STAGES = {
@@ -85,8 +85,12 @@ def run_summary(run: Run) -> dict:
     triggered = train[column(train, "sfpo/triggered").fillna(0) > 0]
     tail = train.tail(max(1, len(train) // 10))
     peak, _ = peak_memory_gb(run)
+    done = int(train["training/global_step"].max()) if len(train) else 0
+    planned = nested(run.config, "trainer.total_training_steps")
     return {
-        "run": run.name, "arm": run.arm, "seed": run.seed, "steps": len(train),
+        "run": run.name, "arm": run.arm, "seed": run.seed, "steps": done,
+        "planned_steps": int(planned) if planned is not None else done,
+        "finished": planned is None or done >= int(planned),
         "rollouts": int(column(train, "train/rollouts_total").max()) if len(train) else 0,
         "wall_clock_s": float(column(train, "train/elapsed_s").max()) if len(train) else 0.0,
         "mean_step_s": float(mean_stage_times(run)["step"]) if len(train) else math.nan,

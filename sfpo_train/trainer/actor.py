@@ -207,7 +207,8 @@ class Actor:
                         out = sfpo_kernels.grpo_loss(logits, *loss_args, **settings)
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
-                        if key == "entropy":  # actor/entropy is the old-log-prob pass's (verl's meaning)
+                        if key == "entropy":  # this pass's entropy (SFPO's trigger_entropy=last_pass reads it);
+                            totals["entropy"] += value.detach().float() * w_token  # actor/entropy stays the old pass's
                             continue
                         weight = w_loss if key in ("pg_loss", "kl") else 1.0 if key == "nonfinite_tokens" else w_token
                         totals["actor/kl_loss" if key == "kl" else f"actor/{key}"] += value.detach().float() * weight
@@ -225,7 +226,8 @@ class Actor:
         result = {k: float(torch.stack([torch.as_tensor(v) for v in values]).mean()) for k, values in per_mini.items()}
         if supply:
             batch.old_log_probs = old_log_probs
-            result["entropy"] = float(reference.agg_loss(old_entropy, batch.response_mask.float(), o.loss_agg_mode))
+            batch.old_entropy = float(reference.agg_loss(old_entropy, batch.response_mask.float(), o.loss_agg_mode))
+            result["entropy"] = batch.old_entropy  # at theta_0 this pass's entropy is the old-log-prob one
         return result
 
 

@@ -191,7 +191,7 @@ class CustomRewardFunctionConfig:
 @dataclass
 class TrainerSection:
     project_name: str = "sfpo"
-    experiment_name: Optional[str] = None  # None: "<preset>-<sfpo|grpo>-<time>"
+    experiment_name: Optional[str] = None  # None: "<preset>-[sfpo-]<algorithm>-<time>"
     default_local_dir: str = "runs"
     total_training_steps: int = 300
     test_freq: int = 50  # validate every N steps (and at the end); <= 0: only at the end
@@ -269,6 +269,15 @@ ALGORITHMS: dict[str, dict[str, Any]] = {
         "algorithm.filter_groups.enable": True,
     },
 }
+
+
+def algorithm_of(lookup) -> str:
+    """The :data:`ALGORITHMS` recipe a config holds (``lookup(dotted key)`` gives its values): the first
+    other than grpo whose every setting it has, else ``grpo``."""
+    for name, recipe in ALGORITHMS.items():
+        if recipe and all(lookup(key) == value for key, value in recipe.items()):
+            return name
+    return "grpo"
 
 
 def _leaf_keys(node, prefix: str = "") -> list[str]:
@@ -563,7 +572,7 @@ KEY_HELP: dict[str, str] = {
                                    "only give a file you trust",
     "custom_reward_function.name": "the function's name in that file",
     "trainer.project_name": "project name (recorded in the run's config)",
-    "trainer.experiment_name": "run name; the run lives in default_local_dir/experiment_name (default: preset-kind-time)",
+    "trainer.experiment_name": "run name; the run lives in default_local_dir/experiment_name (default: preset-[sfpo-]algorithm-time)",
     "trainer.default_local_dir": "where runs are written",
     "trainer.total_training_steps": "RL iterations",
     "trainer.test_freq": "validate every N iterations and at the end (<= 0: only at the end)",

@@ -23,6 +23,7 @@ One iteration (``trainer.total_training_steps`` of them):
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import random
 import time
@@ -124,6 +125,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self.last_val: dict = {}
         self._saved_step: int | None = None  # the step of this run's newest checkpoint, written or resumed from
+        self.resumed_from: str | None = None  # the checkpoint directory a resumed run continues from
 
     # ----------------------------------------------------------------- construction
 
@@ -136,8 +138,9 @@ class Trainer:
         before its first checkpoint is started again (with a warning); one with a checkpoint, or a
         finished one, is refused.
         """
-        if cfg.trainer.experiment_name is None:
-            kind = "sfpo" if cfg.actor_rollout_ref.actor.sfpo.enable else "grpo"
+        if cfg.trainer.experiment_name is None:  # e.g. default-sfpo-dapo-<time>, default-dapo-<time>
+            algorithm = config_lib.algorithm_of(lambda key: OmegaConf.select(cfg, key))
+            kind = f"sfpo-{algorithm}" if cfg.actor_rollout_ref.actor.sfpo.enable else algorithm
             cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
         config_lib.validate(cfg)
         run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
@@ -184,6 +187,7 @@ class Trainer:
                            cfg, path)  # fmt: skip
         trainer = cls(cfg, run_dir, checkpoint=checkpoint)
         trainer._load_checkpoint(state)
+        trainer.resumed_from = checkpoint
         run_guard.write_atomic(path, config_lib.to_yaml(cfg))
         return trainer
 
@@ -256,10 +260,12 @@ class Trainer:
                 adv = grpo_advantages(batch.scores, cfg.actor_rollout_ref.rollout.n, cfg.algorithm.norm_adv_by_std_in_grpo)
                 batch.advantages = adv[:, None] * mask
             with self.profiler.stage("update_actor"):
-                update = self.sfpo.step(self.actor.update_pass, batch, entropy=mean_entropy)
+                old_entropy = mean_entropy if self.sfpo.config.trigger_entropy == "old_log_prob" else None
+                update = self.sfpo.step(self.actor.update_pass, batch, entropy=old_entropy)
             if reuse:
-                mean_entropy = update.pop("entropy")
-                update.pop("sfpo/last/entropy", None)
+                mean_entropy = batch.old_entropy  # the first pass supplied it (and, for old_log_prob, the trigger's)
+            # the update passes' entropy (mean over passes; the last pass's stays as sfpo/last/entropy)
+            update["actor/update_entropy"] = update.pop("entropy", math.nan)
             self.lr_scheduler.step()
             with self.profiler.stage("sync_weights"):
                 self.rollout.sync_weights(self.model)

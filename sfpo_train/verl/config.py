@@ -134,6 +134,8 @@ def normalize_sfpo_config(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
                 actor.pop("sfpo", None)
                 for key in AUTHOR_KEYS:
                     actor.pop(key, None)
+                if settings.enable and settings.sfpo.trigger_entropy == "last_pass":
+                    actor["calculate_entropy"] = True  # the update passes' entropy (actor/entropy_loss)
         actor_rollout_ref["sfpo"] = settings.to_dict()
     return settings
 

@@ -41,9 +41,12 @@ class SFPOTrainer(PPOTrainerSync):
                 self.role_worker_mapping[role] = ray.remote(self.worker_cls)
 
     def _update_actor(self, batch, metrics: dict):
-        if not self.config.actor_rollout_ref.get("sfpo", {}).get("enable", False):
+        sfpo = self.config.actor_rollout_ref.get("sfpo", {})
+        if not sfpo.get("enable", False):
             return super()._update_actor(batch, metrics)  # fused kernels only: verl's update, no trigger
         entropy = metrics.get("actor/entropy")
+        if entropy is None and sfpo.get("trigger_entropy") == "last_pass":
+            return super()._update_actor(batch, metrics)  # the worker reads the last update pass's entropy
         if entropy is None:
             raise ValueError(
                 "SFPO's trigger needs actor/entropy from the old-log-prob pass, which this run skipped "

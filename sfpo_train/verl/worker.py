@@ -22,7 +22,9 @@ with three things verl would otherwise get wrong:
 
 The trigger reads the iteration's entropy as verl computes it (``actor/entropy``,
 the old-log-prob pass), which :class:`~sfpo_train.verl.trainer.SFPOTrainer`
-passes to the worker as the non-tensor key ``sfpo_entropy``. SFPO's schedule
+passes to the worker as the non-tensor key ``sfpo_entropy``; with
+``trigger_entropy=last_pass`` it reads the last update pass's ``actor/entropy_loss``
+instead (the plugin turns on ``actor.calculate_entropy`` for that). SFPO's schedule
 state is saved as ``sfpo_state.json`` beside the actor's checkpoint (rank 0) and,
 on resume, read by rank 0 and broadcast. Every iteration all ranks check with
 one tiny all-reduce that they hold the same schedule (alpha, trigger, window)
@@ -41,6 +43,7 @@ import json
 import logging
 import os
 
+import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, open_dict
 from verl.single_controller.base.decorator import Dispatch, make_nd_compute_dataproto_dispatch_fn, register
@@ -82,7 +85,7 @@ class SFPOTrainingWorker(TrainingWorker):
         entropy = tu.pop(data, key=ENTROPY_KEY, default=None)
         if self.sfpo is None:
             return super().train_mini_batch(data)
-        if entropy is None:
+        if entropy is None and self.sfpo.config.trigger_entropy == "old_log_prob":
             raise ValueError(
                 f"SFPO needs this iteration's entropy in the update batch (non-tensor key {ENTROPY_KEY!r}, "
                 "verl's actor/entropy); run through sfpo_train.verl.main / SFPOTrainer, or assign it yourself"
@@ -101,9 +104,10 @@ class SFPOTrainingWorker(TrainingWorker):
                 outputs.append(TrainingWorker.train_mini_batch(self, batch.copy()))
             finally:
                 self._hold_lr_scheduler = False
-            return {}
+            return {"entropy": self._pass_entropy(outputs[-1])} if last_pass else {}
 
-        sfpo_metrics = self.sfpo.step(update_pass, data, entropy=float(entropy))
+        last_pass = self.sfpo.config.trigger_entropy == "last_pass"
+        sfpo_metrics = self.sfpo.step(update_pass, data, entropy=None if last_pass else float(entropy))
         self._check_schedule_agrees("after its iteration")
         if epoch_before is not None and scheduler.last_epoch != epoch_before + 1:
             # verl steps the scheduler in the last train_batch of a train_mini_batch call; SFPO holds it in
@@ -123,7 +127,7 @@ class SFPOTrainingWorker(TrainingWorker):
         for key, value in sfpo_metrics.items():
             if key.startswith(("sfpo/", "timing_s/sfpo")) and not key.startswith("sfpo/last/"):
                 merged[key] = [value]
-        merged["sfpo/entropy"] = [float(entropy)]
+        merged["sfpo/entropy"] = [sfpo_metrics["sfpo/entropy"]]  # what the trigger recorded (trigger_entropy)
         merged["sfpo/passes"] = [float(len(outputs))]
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": merged}).cpu()
 
@@ -132,6 +136,26 @@ class SFPOTrainingWorker(TrainingWorker):
         rule = self.sfpo
         check_ranks_agree(f"{when} {rule.iteration}", iteration=rule.iteration, alpha=rule.alpha,
                           fired_at=rule.fired_at, window=len(rule.entropies), last_zscore=rule.last_zscore)  # fmt: skip
+
+    def _pass_entropy(self, output) -> float:
+        """One pass's entropy for ``trigger_entropy=last_pass``: the mean of its ``actor/entropy_loss`` values.
+
+        verl aggregates those over the data-parallel ranks on the ranks that report outputs; the
+        value is averaged over those ranks by an all-reduce, so every rank's trigger sees the same
+        number (a rank without outputs contributes nothing).
+        """
+        values = [] if output is None else tu.get(output, "metrics").get("actor/entropy_loss", [])
+        values = values if isinstance(values, list) else [values]
+        mean = sum(float(v) for v in values) / len(values) if values else 0.0
+        count = 1.0 if values else 0.0
+        if dist.is_initialized():
+            both = torch.tensor([mean * count, count], dtype=torch.float64, device=get_device_name())
+            dist.all_reduce(both)
+            mean, count = (float(both[0] / both[1]) if both[1] > 0 else 0.0), float(both[1])
+        if count == 0:
+            raise ValueError("actor_rollout_ref.actor.sfpo.trigger_entropy=last_pass needs each update pass's entropy "
+                             "(verl's actor/entropy_loss): set actor_rollout_ref.actor.calculate_entropy=true")  # fmt: skip
+        return mean
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_batch(self, data):

@@ -1,0 +1,68 @@
+"""``sfpo sweep``: the paper's ablations as one resumable grid of runs, then a table (sweep.csv) and a heat map.
+
+The grid, one run per point and seed, each against the same seed's GRPO run:
+K in {1, 3, 5, 7} x alpha in {0.3, 0.5, 0.8, 1.0} (paper Fig. 5), hard vs linear decay
+(Fig. 7), with and without entropy control (Fig. 6), without the reposition and
+without the slow correction (Fig. 5d), and GRPO and SFPO at lr 1e-5, 3e-5, 1e-4.
+Points with the same settings share a run: 25 distinct runs per seed, 22 of them SFPO.
+Runs go to OUT/<point>-s<seed>, the report to OUT/report (sweep.csv, sweep.md,
+sweep.html, sweep_k_alpha.png). Run the same command again to continue an
+interrupted sweep: finished runs are kept, an interrupted one continues from its
+newest checkpoint.
+
+Cost: a run costs what an sfpo train of the same settings costs; an SFPO step
+with K fast passes is about (K+1) update passes plus one generation. On the
+embedded default (300 steps) a GRPO run takes about 1 min and an SFPO run 2-5 min
+(K=1..7) on 2 otherwise idle CPU cores, so the full grid at 1 seed is about 1 h
+of CPU; measured: see docs/reports.md. Make it small with --steps (e.g. 100),
+--seeds 1 and --groups (e.g. --groups baseline k_alpha), or --preset smoke for a
+check in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+import sfpo_train.trainer.config as config_lib
+from sfpo_train.reports.grid import GROUPS, run_sweep
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="verl-style config overrides applied to every run (not the keys the grid sets)")  # fmt: skip
+    parser.add_argument("--preset", choices=sorted(config_lib.PRESETS), default="default",
+                        help="starting configuration of every run (default: the embedded task on CPU)")
+    parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
+                        help="verl's recipe of every run: grpo, drgrpo or dapo")
+    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), metavar="GROUP",
+                        help=f"the parts of the grid to run (default all: {' '.join(GROUPS)}); the baseline is "
+                             "needed for the targets")  # fmt: skip
+    parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N for every point (default 1)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training iterations per run (default: the preset's; 300 on the default preset)")
+    parser.add_argument("--out", metavar="DIR", default=None,
+                        help="directory of the runs and the report (default runs/sweep-<preset>-<time>); the same DIR "
+                             "again continues the sweep")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from sfpo_train.trainer.run_guard import StopInterrupt
+
+    print(f"sfpo sweep: preset {args.preset!r} ({args.algorithm}), groups {' '.join(args.groups)}, "
+          f"seeds 1..{args.seeds}", flush=True)  # fmt: skip
+    try:
+        result = run_sweep(args.preset, groups=tuple(args.groups), seeds=args.seeds, steps=args.steps, out_dir=args.out,
+                           algorithm=args.algorithm, overrides=args.overrides, progress=not args.no_progress,
+                           log=lambda text: print(text, flush=True))  # fmt: skip
+    except StopInterrupt as e:
+        out = os.path.dirname(e.run_dir)
+        print(f"sfpo sweep: {e}\nsfpo sweep: continue with the same command and --out {shlex.quote(out)}",
+              file=sys.stderr)  # fmt: skip
+        return e.exit_code
+    print(f"sfpo sweep: {len(set(result.run_dirs.values()))} runs per seed in {result.seconds / 60:.1f} min; "
+          f"table {result.files['sweep.csv']}, report {result.files['report.md']}")  # fmt: skip
+    return 0
