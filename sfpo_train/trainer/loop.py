@@ -42,7 +42,7 @@ from sfpo_train.trainer.data import PromptSampler, load_prompts
 from sfpo_train.trainer.metrics_log import MetricsLog
 from sfpo_train.trainer.profiler import StageProfiler
 from sfpo_train.trainer.reward import load_reward_fn
-from sfpo_train.trainer.rollout import HFRollout, VLLMRollout
+from sfpo_train.trainer.rollout import HFRollout
 
 RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,6 +95,7 @@ class Trainer:
         self.reward_fn = load_reward_fn(cfg.custom_reward_function.path, cfg.custom_reward_function.name)
 
         self.model = self._build_model(checkpoint)
+        self._resuming = checkpoint is not None
         self.ref_model = None
         if arr.actor.use_kl_loss:
             self.ref_model = self._build_model(None).requires_grad_(False).eval()
@@ -212,14 +213,23 @@ class Trainer:
         rollout = self.cfg.actor_rollout_ref.rollout
         if rollout.name == "hf":
             return HFRollout(self.model, self.tokenizer, self.actor.autocast)
-        if self.device.type != "cuda":
-            raise ValueError("actor_rollout_ref.rollout.name=vllm needs trainer.device=cuda")
+        from sfpo_train.trainer import vllm_rollout
+
+        vllm_rollout.import_vllm()  # a missing or broken install fails before anything is written
         engine_dir = os.path.join(self.run_dir, "rollout_model")
         self.model.save_pretrained(engine_dir)
         self.tokenizer.save_pretrained(engine_dir)
-        engine = VLLMRollout(engine_dir, self.tokenizer, dtype=self.cfg.actor_rollout_ref.model.dtype,
-                             gpu_memory_utilization=rollout.gpu_memory_utilization, seed=self.cfg.trainer.seed,
-                             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length)  # fmt: skip
+        data, dtype = self.cfg.data, self.cfg.actor_rollout_ref.model.dtype
+        max_model_len = data.max_prompt_length + data.max_response_length
+        sequences = max(data.train_batch_size * rollout.n, data.val_batch_size)
+        kv_bytes = vllm_rollout.kv_cache_bytes(rollout, self.model.config, dtype, self.device, sequences, max_model_len)
+        # The first load and the first iteration's sync (a resumed run: and _load_checkpoint's) are checked against
+        # the model (vllm_rollout's docstring).
+        engine = vllm_rollout.VLLMRollout(
+            engine_dir, self.tokenizer, device=self.device, dtype=dtype, max_model_len=max_model_len,
+            seed=self.cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+            kv_cache_memory_bytes=kv_bytes, probe_prompts=[p.input_ids for p in self.val_prompts[:4]],
+            autocast=self.actor.autocast, checked_syncs=3 if self._resuming else 2)  # fmt: skip
         engine.sync_weights(self.model)
         return engine
 
