@@ -131,12 +131,14 @@ class VLLMRollout:
         """Greedy responses of vLLM to ``prompts``, and both engines' log-probs of their tokens.
 
         Returns ``max_abs_diff`` (largest |vLLM - trainer| log-prob), ``max_argmax_gap``
-        (largest amount by which the trainer's best token beats vLLM's choice) and ``tokens``.
+        (largest amount by which the trainer's best token beats vLLM's choice), ``tokens``
+        and ``engine_log_probs`` (vLLM's log-prob of every chosen token, prompt by prompt).
         """
         params = self._vllm.SamplingParams(n=1, max_tokens=PROBE_TOKENS, temperature=0.0, logprobs=1, detokenize=False)
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         diff = gap = 0.0
         tokens = 0
+        engine_log_probs: list[float] = []
         was_training = model.training
         model.eval()
         try:
@@ -155,15 +157,17 @@ class VLLMRollout:
                 diff = max(diff, float((chosen - engine_lp).abs().max()))
                 gap = max(gap, float((log_probs.max(dim=1).values - chosen).max()))
                 tokens += len(response)
+                engine_log_probs += engine_lp.tolist()
         finally:
             model.train(was_training)
-        return {"max_abs_diff": diff, "max_argmax_gap": gap, "tokens": tokens}
+        return {"max_abs_diff": diff, "max_argmax_gap": gap, "tokens": tokens, "engine_log_probs": engine_log_probs}
 
     def check_against(self, model) -> dict:
         """:meth:`probe` on the probe prompts; ``RuntimeError`` when vLLM does not compute with ``model``'s weights."""
         result = self.probe(model, self.probe_prompts)
         tol = CHECK_TOLERANCE[self.dtype]
-        self.last_check = {**result, "sync": self.syncs, "tolerance": tol}
+        self.last_check = {"max_abs_diff": result["max_abs_diff"], "max_argmax_gap": result["max_argmax_gap"],
+                           "tokens": result["tokens"], "sync": self.syncs, "tolerance": tol}
         if result["tokens"] == 0 or not (result["max_abs_diff"] <= tol and result["max_argmax_gap"] <= tol):
             raise RuntimeError(
                 f"vLLM rollout engine after weight sync {self.syncs}: its greedy log-probs differ from the trainer's "
