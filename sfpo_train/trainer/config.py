@@ -530,7 +530,8 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": "responses per forward of the old-log-prob pass",
     "actor_rollout_ref.rollout.gpu_memory_utilization": "vLLM's share of GPU memory (its KV cache on a GPU)",
     "actor_rollout_ref.rollout.kv_cache_memory_gb": "vLLM's KV cache in GiB (null: gpu_memory_utilization on a GPU, "
-                                                    "twice one generation batch at full length on the CPU, >= 64 MiB)",
+                                                    "twice one generation batch at full length on the CPU, in [64 MiB, "
+                                                    "a quarter of the free RAM])",
     "actor_rollout_ref.rollout.val_kwargs.do_sample": "sample during validation (false: greedy)",
     "actor_rollout_ref.rollout.val_kwargs.temperature": "validation temperature (with do_sample)",
     "actor_rollout_ref.rollout.val_kwargs.top_p": "validation top-p (with do_sample)",

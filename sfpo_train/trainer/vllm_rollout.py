@@ -109,17 +109,18 @@ def import_vllm():
 
 
 def default_cpu_kv_cache_bytes(hf_config, dtype: str, sequences: int, max_model_len: int) -> int:
-    """Twice the KV cache of ``sequences`` sequences of ``max_model_len`` tokens, at least 64 MiB.
+    """Twice the KV cache of ``sequences`` sequences of ``max_model_len`` tokens, in [64 MiB, RAM available / 4].
 
     Per token: ``2 (K and V) * layers * kv_heads * head_dim * bytes``; the
     factor 2 leaves vLLM's block rounding room. vLLM queues what does not fit,
-    so a smaller budget is slower, never wrong.
+    so a smaller budget (the cap) is slower, never wrong.
     """
     heads = hf_config.num_attention_heads
     kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
     head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
     per_token = 2 * hf_config.num_hidden_layers * kv_heads * head_dim * (4 if dtype == "fp32" else 2)
-    return max(MIN_CPU_KV_CACHE_BYTES, 2 * per_token * sequences * max_model_len)
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return max(MIN_CPU_KV_CACHE_BYTES, min(2 * per_token * sequences * max_model_len, available // 4))
 
 
 class VLLMRollout:
