@@ -277,6 +277,9 @@ class Trainer:
             step_metrics[f"timing_s/{stage}"] = update.pop(f"timing_s/{stage}")
         metrics.update(update)
         metrics.update(step_metrics)
+        check = getattr(self.rollout, "last_check", None)
+        if check is not None and check["sync"] == self.rollout.syncs:  # this step's sync was checked (vLLM)
+            metrics["rollout/sync_check_max_abs_diff"] = check["max_abs_diff"]
         metrics.update(self._batch_metrics(batch))
         num_tokens = int(batch.prompt_mask.sum() + batch.response_mask.sum())
         metrics.update({

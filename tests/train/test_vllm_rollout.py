@@ -84,6 +84,8 @@ def test_greedy_answers_and_log_probs_equal_hf_before_and_after_weight_syncs(tra
     moved = max(abs(a - b) for a, b in zip(after["engine_log_probs"], before["engine_log_probs"]))
     assert len(after["engine_log_probs"]) != len(before["engine_log_probs"]) or moved > 100 * LOGPROB_ATOL
     assert len(history) == 3
+    assert history[0]["rollout/sync_check_max_abs_diff"] <= LOGPROB_ATOL  # logged where a sync was checked
+    assert all("rollout/sync_check_max_abs_diff" not in h for h in history[1:])
 
 
 def test_an_engine_with_other_weights_than_the_model_is_an_error(trainer):
