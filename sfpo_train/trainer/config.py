@@ -149,7 +149,8 @@ class RolloutConfig:
     top_k: int = -1
     do_sample: bool = True
     log_prob_micro_batch_size_per_gpu: int = 128
-    gpu_memory_utilization: float = 0.5  # vllm only
+    gpu_memory_utilization: float = 0.5  # vllm on a GPU
+    kv_cache_memory_gb: Optional[float] = None  # vllm: the KV cache in GiB (null: see KEY_HELP)
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
 
 
@@ -422,6 +423,8 @@ def validate(cfg: DictConfig) -> None:
          "trainer.experiment_name", "a plain directory name (no path separators, not empty, '.' or '..')")
     need(bool(cfg.custom_reward_function.name), "custom_reward_function.name", "the name of a function")
     need(0 < rollout.gpu_memory_utilization <= 1, "actor_rollout_ref.rollout.gpu_memory_utilization", "in (0, 1]")
+    need(rollout.kv_cache_memory_gb is None or rollout.kv_cache_memory_gb > 0,
+         "actor_rollout_ref.rollout.kv_cache_memory_gb", "null or > 0")
     need(cfg.algorithm.adv_estimator in ADV_ESTIMATORS, "algorithm.adv_estimator", f"one of {', '.join(ADV_ESTIMATORS)}")
     need(cfg.algorithm.filter_groups.metric in ("acc", "score"), "algorithm.filter_groups.metric", "acc or score")
     need(not cfg.algorithm.filter_groups.enable or rollout.n >= 2, "actor_rollout_ref.rollout.n",
@@ -548,14 +551,17 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.actor.optim.lr_scheduler_type": "after warm-up: constant | cosine",
     "actor_rollout_ref.actor.optim.min_lr_ratio": "cosine floor as a fraction of lr",
     "actor_rollout_ref.actor.optim.clip_grad": "max gradient norm per optimizer step",
-    "actor_rollout_ref.rollout.name": "rollout engine: hf (transformers generate) | vllm (optional extra, GPU)",
+    "actor_rollout_ref.rollout.name": "rollout engine: hf (transformers generate) | vllm (optional extra, CPU or GPU)",
     "actor_rollout_ref.rollout.n": "responses per prompt (the GRPO group size)",
     "actor_rollout_ref.rollout.temperature": "sampling temperature (also divides the logits in the loss)",
     "actor_rollout_ref.rollout.top_p": "nucleus sampling",
     "actor_rollout_ref.rollout.top_k": "top-k sampling (-1: off)",
     "actor_rollout_ref.rollout.do_sample": "sample (false: greedy)",
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": "responses per forward of the old-log-prob pass",
-    "actor_rollout_ref.rollout.gpu_memory_utilization": "vLLM's share of GPU memory",
+    "actor_rollout_ref.rollout.gpu_memory_utilization": "vLLM's share of GPU memory (its KV cache on a GPU)",
+    "actor_rollout_ref.rollout.kv_cache_memory_gb": "vLLM's KV cache in GiB (null: gpu_memory_utilization on a GPU, "
+                                                    "twice one generation batch at full length on the CPU, in [64 MiB, "
+                                                    "a quarter of the free RAM])",
     "actor_rollout_ref.rollout.val_kwargs.do_sample": "sample during validation (false: greedy)",
     "actor_rollout_ref.rollout.val_kwargs.temperature": "validation temperature (with do_sample)",
     "actor_rollout_ref.rollout.val_kwargs.top_p": "validation top-p (with do_sample)",

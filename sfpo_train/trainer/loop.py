@@ -26,6 +26,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 import warnings
 from collections import defaultdict
@@ -47,7 +48,7 @@ from sfpo_train.trainer.data import PromptSampler, load_prompts
 from sfpo_train.trainer.metrics_log import MetricsLog
 from sfpo_train.trainer.profiler import StageProfiler
 from sfpo_train.trainer.reward import load_reward_fn
-from sfpo_train.trainer.rollout import HFRollout, VLLMRollout
+from sfpo_train.trainer.rollout import HFRollout
 
 RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -100,6 +101,7 @@ class Trainer:
         self.reward_fn = load_reward_fn(cfg.custom_reward_function.path, cfg.custom_reward_function.name)
 
         self.model = self._build_model(checkpoint)
+        self._resuming = checkpoint is not None
         self.ref_model = None
         if arr.actor.use_kl_loss:
             self.ref_model = self._build_model(None).requires_grad_(False).eval()
@@ -220,15 +222,33 @@ class Trainer:
         rollout = self.cfg.actor_rollout_ref.rollout
         if rollout.name == "hf":
             return HFRollout(self.model, self.tokenizer, self.actor.autocast)
-        if self.device.type != "cuda":
-            raise ValueError("actor_rollout_ref.rollout.name=vllm needs trainer.device=cuda")
+        from sfpo_train.trainer import vllm_rollout
+
+        vllm_rollout.import_vllm()  # a missing or broken install fails before anything is written
+        data, dtype = self.cfg.data, self.cfg.actor_rollout_ref.model.dtype
+        max_model_len = data.max_prompt_length + data.max_response_length
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is not None and max_model_len > positions:  # vLLM refuses what HF generate would run past
+            raise ValueError(f"actor_rollout_ref.rollout.name=vllm: data.max_prompt_length + data.max_response_length "
+                             f"= {max_model_len} exceeds the model's max_position_embeddings ({positions}); lower "
+                             "them, or raise it with actor_rollout_ref.model.override_config")  # fmt: skip
         engine_dir = os.path.join(self.run_dir, "rollout_model")
         self.model.save_pretrained(engine_dir)
         self.tokenizer.save_pretrained(engine_dir)
-        engine = VLLMRollout(engine_dir, self.tokenizer, dtype=self.cfg.actor_rollout_ref.model.dtype,
-                             gpu_memory_utilization=rollout.gpu_memory_utilization, seed=self.cfg.trainer.seed,
-                             max_model_len=self.cfg.data.max_prompt_length + self.cfg.data.max_response_length)  # fmt: skip
-        engine.sync_weights(self.model)
+        sequences = max(data.train_batch_size * rollout.n, data.val_batch_size)
+        kv_bytes = vllm_rollout.kv_cache_bytes(rollout, self.model.config, dtype, self.device, sequences, max_model_len)
+        # The first load and the first iteration's sync (a resumed run: and _load_checkpoint's) are checked against
+        # the model (vllm_rollout's docstring).
+        try:
+            engine = vllm_rollout.VLLMRollout(
+                engine_dir, self.tokenizer, device=self.device, dtype=dtype, max_model_len=max_model_len,
+                seed=self.cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_bytes, probe_prompts=[p.input_ids for p in self.val_prompts[:4]],
+                autocast=self.actor.autocast, checked_syncs=3 if self._resuming else 2)  # fmt: skip
+            engine.sync_weights(self.model)
+        except BaseException:  # a failed start leaves no engine copy (and a new run no directory) behind
+            shutil.rmtree(engine_dir, ignore_errors=True)
+            raise
         return engine
 
     # ----------------------------------------------------------------- one iteration
@@ -276,6 +296,9 @@ class Trainer:
             step_metrics[f"timing_s/{stage}"] = update.pop(f"timing_s/{stage}")
         metrics.update(update)
         metrics.update(step_metrics)
+        check = getattr(self.rollout, "last_check", None)
+        if check is not None and check["sync"] == self.rollout.syncs:  # this step's sync was checked (vLLM)
+            metrics["rollout/sync_check_max_abs_diff"] = check["max_abs_diff"]
         metrics.update(self._batch_metrics(batch))
         num_tokens = int(batch.prompt_mask.sum() + batch.response_mask.sum())
         metrics.update({

@@ -2,9 +2,9 @@
 
 - :class:`HFRollout` (``actor_rollout_ref.rollout.name=hf``, the default):
   transformers ``generate`` on the training model itself, CPU or GPU.
-- :class:`VLLMRollout` (``rollout.name=vllm``, optional extra): a vLLM engine
-  holding its own copy of the weights, synced from the training model after
-  every update (:meth:`sync_weights`).
+- :class:`~sfpo_train.trainer.vllm_rollout.VLLMRollout` (``rollout.name=vllm``,
+  optional extra, CPU or GPU): a vLLM engine holding its own copy of the
+  weights, synced from the training model after every update (``sync_weights``).
 
 Both return a :class:`RolloutBatch` with the prompt's ``n`` responses next to
 each other (verl's ``repeat(interleave=True)``), responses right-padded to
@@ -13,7 +13,6 @@ each other (verl's ``repeat(interleave=True)``), responses right-padded to
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -101,48 +100,3 @@ class HFRollout:
         finally:
             self.model.train(was_training)
         return _finish(ids, mask, out[:, ids.shape[1]:], settings, pad_id, eos_id)
-
-
-class VLLMRollout:
-    """A vLLM engine on the same GPU; weights copied from the training model by :meth:`sync_weights`.
-
-    vLLM is an optional extra (``pip install 'sfpo[vllm]'``); its engine runs in
-    this process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so the weight sync is a
-    direct ``load_weights`` call on its model.
-    """
-
-    name = "vllm"
-
-    def __init__(self, model_dir: str, tokenizer, *, dtype: str, gpu_memory_utilization: float, seed: int,
-                 max_model_len: int):  # fmt: skip
-        try:
-            import vllm
-        except ImportError:
-            raise ValueError("actor_rollout_ref.rollout.name=vllm needs vLLM: pip install 'sfpo[vllm]'") from None
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        self._vllm = vllm
-        self.tokenizer = tokenizer
-        self.llm = vllm.LLM(model=model_dir, dtype={"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype],
-                            gpu_memory_utilization=gpu_memory_utilization, seed=seed, enforce_eager=True,
-                            max_model_len=max_model_len, skip_tokenizer_init=True)  # fmt: skip
-
-    def sync_weights(self, model) -> None:
-        weights = [(name, tensor.detach()) for name, tensor in model.state_dict().items()]
-        self.llm.apply_model(lambda vllm_model: vllm_model.load_weights(weights))
-        if hasattr(self.llm, "reset_prefix_cache"):
-            self.llm.reset_prefix_cache()  # cached KV blocks belong to the old weights
-
-    def generate(self, prompts: list[list[int]], settings: SamplingSettings) -> RolloutBatch:
-        vllm = self._vllm
-        params = vllm.SamplingParams(
-            n=settings.n, max_tokens=settings.max_new_tokens,
-            temperature=settings.temperature if settings.do_sample else 0.0,
-            top_p=settings.top_p if settings.do_sample else 1.0,
-            top_k=settings.top_k if settings.do_sample and settings.top_k > 0 else -1,
-            stop_token_ids=[self.tokenizer.eos_token_id], detokenize=False,
-        )  # fmt: skip
-        outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        responses = [list(o.token_ids) for out in outputs for o in out.outputs]
-        pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        ids, mask = _repeated_prompts(prompts, settings.n, pad_id, torch.device("cuda"))
-        return _finish(ids, mask, responses, settings, pad_id, eos_id)

@@ -1,9 +1,9 @@
 """Optional packages in tests: skipped where they are not installed, required where CI installs them.
 
-``SFPO_REQUIRE`` (comma-separated, e.g. ``verl``; ``.ci/run`` sets it) names the
-packages the README's test command installs: for those a missing package fails
-the test instead of skipping it, so CI cannot pass with the verl tests silently
-skipped.
+``SFPO_REQUIRE`` (comma-separated, e.g. ``verl``; ``.ci/run`` sets it, and
+``.ci/vllm-cpu`` sets ``vllm``) names the packages CI installs: for those a
+missing package fails the test instead of skipping it, so CI cannot pass with
+the verl or vLLM tests silently skipped.
 """
 
 from __future__ import annotations
