@@ -37,6 +37,7 @@ import sys
 import warnings
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.trainer.key_help import describe_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def epilog() -> str:
     return ("config keys (verl's names; values of --preset default, which other presets and --algorithm change):\n"
-            + config_lib.describe_keys(config_lib.load_config("default")))
+            + describe_keys(config_lib.load_config("default")))
 
 
 def main(args: argparse.Namespace) -> int:

@@ -21,11 +21,12 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 from safetensors.torch import load_file
 
 import sfpo_train.trainer.config as config_lib
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 from sfpo_train.trainer import Trainer, checkpoint, run_guard
+from sfpo_train.trainer.key_help import KEY_HELP
 from sfpo_train.trainer.run_guard import RunWarning, StopInterrupt
 
 FINAL_WEIGHTS = "model/model.safetensors"
@@ -145,7 +146,7 @@ def test_the_rng_states_round_trip_through_a_weights_only_file(tmp_path):
 
 
 def test_the_reward_path_help_says_its_code_runs():
-    assert "its code runs as the user running sfpo train" in config_lib.KEY_HELP["custom_reward_function.path"]
+    assert "its code runs as the user running sfpo train" in KEY_HELP["custom_reward_function.path"]
 
 
 # --------------------------------------------------------------------------- 4. one process per run directory

@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 import sfpo_train.trainer.config as trainer_config
 from sfpo_train import SFPOConfig
+from sfpo_train.trainer.key_help import KEY_HELP
 from sfpo_train.verl import config as verl_config
 
 FIELDS = [f.name for f in dataclasses.fields(SFPOConfig)]
@@ -37,7 +38,7 @@ def test_every_field_is_a_trainer_key_with_its_help():
     for f in dataclasses.fields(SFPOConfig):
         key = f"actor_rollout_ref.actor.sfpo.{f.name}"
         assert key in keys, key
-        assert trainer_config.KEY_HELP[key] == f.metadata["help"]
+        assert KEY_HELP[key] == f.metadata["help"]
         assert OmegaConf.select(OmegaConf.structured(trainer_config.TrainerConfig), key) == f.default
 
 

@@ -15,13 +15,14 @@ import sys
 import pandas as pd
 import pytest
 import torch
+from helpers.tiny_setup import write_data, write_tiny_model
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.trainer.data import PromptSampler
-from sfpo_train.trainer.rollout import response_mask_from
 from sfpo_train.tasks import default_paths
 from sfpo_train.trainer import Trainer, grpo_advantages, latest_checkpoint, lr_lambda
-from helpers.tiny_setup import write_data, write_tiny_model
+from sfpo_train.trainer.data import PromptSampler
+from sfpo_train.trainer.key_help import KEY_HELP
+from sfpo_train.trainer.rollout import response_mask_from
 
 VERL_METRICS = (
     "actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/entropy", "actor/grad_norm",
@@ -263,7 +264,7 @@ def test_train_help_lists_every_config_key():
     assert out.returncode == 0
     for key in config_lib.config_keys():
         assert f"    {key.rsplit('.', 1)[1]}=" in out.stdout, key
-    assert set(config_lib.KEY_HELP) == set(config_lib.config_keys())
+    assert set(KEY_HELP) == set(config_lib.config_keys())
     for flag in ("--preset", "--algorithm", "--resume", "--print-config"):
         assert flag in out.stdout
 
