@@ -130,7 +130,7 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
     by_name = {r.name: r for r in runs}
     parts, seeds = [], []
     for _, h in head.iterrows():
-        grpo, sfpo = by_name[h["grpo_run"]], by_name[h["sfpo_run"]]
+        sfpo = by_name[h["sfpo_run"]]  # its own stage times; the GRPO run enters as the measured check
         if "finished" in h and not h["finished"]:
             continue
         # G, U and S from the SFPO run's steps with the fast passes: one run, one process, one machine load
