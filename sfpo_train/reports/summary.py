@@ -33,7 +33,6 @@ import pandas as pd
 
 from sfpo_train.reports.runs import Run, column, nested
 from sfpo_train.reports.stats import mean_ci
-from sfpo_train.reports.tables import mean_stage_times
 
 SHARES = (0.25, 0.50, 0.70, 0.80, 0.90)
 ARMS_LOWER = ("grpo", "sfpo")
@@ -131,7 +130,7 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
     by_name = {r.name: r for r in runs}
     parts, seeds = [], []
     for _, h in head.iterrows():
-        grpo, sfpo = by_name[h["grpo_run"]], by_name[h["sfpo_run"]]
+        sfpo = by_name[h["sfpo_run"]]  # its own stage times; the GRPO run enters as the measured check
         if "finished" in h and not h["finished"]:
             continue
         # G, U and S from the SFPO run's steps with the fast passes: one run, one process, one machine load
@@ -141,10 +140,13 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
         k = int(nested(sfpo.config, "actor_rollout_ref.actor.sfpo.inner_steps", 0) or 0)
         if not len(active):
             continue
-        passes = active["timing_s/sfpo_fast"] + active["timing_s/sfpo_slow"]
+        def stage(name: str, frame=active) -> pd.Series:
+            return column(frame, f"timing_s/{name}").fillna(0.0)
+
+        passes = stage("sfpo_fast") + stage("sfpo_slow")
         u = float(passes.mean()) / (k + 1)
-        s = float((active["timing_s/sfpo_snapshot"] + active["timing_s/sfpo_reposition"]).mean())
-        g = float(active["timing_s/step"].mean()) - float(passes.mean()) - s
+        s = float((stage("sfpo_snapshot") + stage("sfpo_reposition")).mean())
+        g = float(stage("step").mean()) - float(passes.mean()) - s
         if not (u > 0 and g > 0):
             continue
         measured_time = h["time_ratio"]
