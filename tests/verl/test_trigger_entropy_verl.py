@@ -15,17 +15,6 @@ import_or_skip("verl")
 from helpers import verl_scenarios as vs
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch.distributed as dist
-
-    started_here = not dist.is_initialized()
-    vs.setup_cpu()
-    yield vs.save_tiny_qwen2(str(tmp_path_factory.mktemp("qwen2")))
-    if started_here and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def test_last_pass_entropy_reaches_the_trigger(model_dir):
     from sfpo_train.verl.config import normalize_sfpo_config
 

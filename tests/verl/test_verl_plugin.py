@@ -36,18 +36,6 @@ TOL_FUSED = {"atol": 2e-5, "rtol": 1e-4}
 TESTS = Path(__file__).resolve().parent
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """The tiny model, with verl set up for the CPU; the gloo group that set-up starts ends with the module."""
-    import torch.distributed as dist
-
-    started_here = not dist.is_initialized()
-    vs.setup_cpu()
-    yield vs.save_tiny_qwen2(str(tmp_path_factory.mktemp("qwen2")))
-    if started_here and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def _assert_params_equal(got: dict, want: dict, what: str) -> None:
     assert got.keys() == want.keys()
     for name in want:
