@@ -326,7 +326,10 @@ class SFPO:
                 run_pass()
                 timings["sfpo_slow"] = clock.lap()
             if cfg.entropy_control and last_pass:  # the last pass's entropy, checked before the step is accepted
-                entropy = _pass_entropy(passes[-1] if passes else {}, last=True)
+                if not passes:
+                    raise ValueError("SFPOConfig.trigger_entropy='last_pass' reads the last update pass's entropy, but "
+                                     "this iteration ran none (inner_steps=0 with slow_correction=False)")  # fmt: skip
+                entropy = _pass_entropy(passes[-1], last=True)
             if entropy is None and cfg.entropy_control:  # no pass ran (K = 0 without slow correction)
                 entropy = _pass_entropy({})
             schedule = self._with_entropy(entropy) if entropy is not None else None

@@ -144,7 +144,9 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
             return column(frame, f"timing_s/{name}").fillna(0.0)
 
         passes = stage("sfpo_fast") + stage("sfpo_slow")
-        u = float(passes.mean()) / (k + 1)
+        # passes per step as they ran: K fast ones, plus the slow one unless slow_correction=false
+        n_passes = column(active, "sfpo/inner_steps_run").fillna(0) + (stage("sfpo_slow") > 0)
+        u = float((passes / n_passes).mean())
         s = float((stage("sfpo_snapshot") + stage("sfpo_reposition")).mean())
         g = float(stage("step").mean()) - float(passes.mean()) - s
         if not (u > 0 and g > 0):

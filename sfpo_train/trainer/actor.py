@@ -207,8 +207,10 @@ class Actor:
                         out = sfpo_kernels.grpo_loss(logits, *loss_args, **settings)
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
-                        if key == "entropy":  # this pass's entropy (SFPO's trigger_entropy=last_pass reads it);
-                            totals["entropy"] += value.detach().float() * w_token  # actor/entropy stays the old pass's
+                        if key == "entropy":  # this pass's entropy (SFPO's trigger_entropy=last_pass reads it),
+                            # aggregated like the loss (loss_agg_mode, as verl's actor/entropy_loss), so the
+                            # micro-batch size cannot change it; actor/entropy stays the old pass's
+                            totals["entropy"] += value.detach().float() * w_loss
                             continue
                         weight = w_loss if key in ("pg_loss", "kl") else 1.0 if key == "nonfinite_tokens" else w_token
                         totals["actor/kl_loss" if key == "kl" else f"actor/{key}"] += value.detach().float() * weight

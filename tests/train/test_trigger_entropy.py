@@ -88,3 +88,26 @@ def test_sfpo_train_feeds_the_last_pass_entropy_to_the_trigger(tmp_path):
     for row in rows["last_pass"]:
         assert row["sfpo/entropy"] == row["sfpo/last/entropy"] != row["actor/entropy"]
         assert math.isfinite(row["actor/update_entropy"])
+
+
+def test_the_update_pass_entropy_is_the_loss_agg_mode_aggregate_whatever_the_micro_batch(tmp_path):
+    from omegaconf import OmegaConf
+
+    from sfpo_kernels import reference
+
+    tiny = tiny_overrides(write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path)))
+    cfg = config_lib.load_config("smoke", tiny + [f"trainer.default_local_dir={tmp_path}", "trainer.progress_bar=false",
+                                                  "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum",
+                                                  "actor_rollout_ref.actor.optim.lr=0", "trainer.experiment_name=agg",
+                                                  "actor_rollout_ref.actor.ppo_mini_batch_size=4"])  # fmt: skip
+    trainer = Trainer.create(cfg, preset="smoke")
+    batch, _, _ = trainer.collector.collect()
+    batch.old_log_probs, entropy = trainer.actor.log_probs(trainer.model, batch, 16)
+    batch.advantages = torch.zeros_like(batch.old_log_probs)
+    want = float(reference.agg_loss(entropy, batch.response_mask.float(), "seq-mean-token-sum"))
+    got = {}
+    for micro in (16, 4, 1):  # lr 0: every pass sees the same weights
+        OmegaConf.update(trainer.cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", micro)
+        got[micro] = trainer.actor.update_pass(batch)["entropy"]
+    for micro, value in got.items():
+        assert math.isclose(value, want, rel_tol=1e-5), (micro, value, want)
