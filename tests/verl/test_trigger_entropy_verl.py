@@ -7,6 +7,8 @@ which the plugin makes verl compute (``actor.calculate_entropy``).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from helpers.optional import import_or_skip
 
@@ -28,6 +30,7 @@ def test_last_pass_entropy_reaches_the_trigger(model_dir):
     per_mini_batch = metrics["actor/entropy_loss"]
     assert len(per_mini_batch) == 8  # 4 passes x 2 mini-batches
     last = sum(per_mini_batch[-2:]) / 2
+    assert 0 < last <= math.log(vs.VOCAB)  # an entropy of the tiny model's softmax, not a rescaled sum
     assert worker.actor.sfpo.entropies[-1] == pytest.approx(last, rel=1e-12)
     assert metrics["sfpo/entropy"] == [pytest.approx(last, rel=1e-12)]
     assert last != pytest.approx(vs.ITERATION_ENTROPY)
