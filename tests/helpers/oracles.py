@@ -323,14 +323,8 @@ def check_grad(name, got, want: Expected | Oracle, t: Tol, dtype, index=...):
     check_close(name, got, exact, tol)
 
 
-def check_output(label, out, grad, want: Expected, t: Tol, dtype):
-    """Every output of grpo_loss and its gradient against ``want``, each by name."""
-    loss, log_probs, entropy, metrics = out
-    assert loss.dim() == 0 and loss.dtype == torch.float32, f"{label} loss: {loss.dtype} {tuple(loss.shape)}"
-    for name, got, exact in (("log_probs", log_probs, want.log_probs), ("entropy", entropy, want.entropy)):
-        assert got.dtype == torch.float32, f"{label} {name}: {got.dtype}"
-        check_close(f"{label} {name}", got, exact, t.value * EPS32 * want.row_scale)
-    check_close(f"{label} loss", loss, want.loss, want.tol["loss"])
+def check_metrics(label, metrics: dict, want) -> None:
+    """The op's metrics against ``want.metrics``: the same names, detached 0-d tensors, each within its bound."""
     assert set(metrics) == set(want.metrics), f"{label} metrics: {sorted(metrics)} != {sorted(want.metrics)}"
     for name, value in metrics.items():
         assert value.dim() == 0 and not value.requires_grad, f"{label} metric {name} must be a detached 0-d tensor"
@@ -340,4 +334,15 @@ def check_output(label, out, grad, want: Expected, t: Tol, dtype):
     for name in FRACTION_METRICS:
         check_close(f"{label} metric {name}", metrics[name], want.metrics[name], EPS32)
     assert int(metrics["nonfinite_tokens"]) == int(want.metrics["nonfinite_tokens"]), f"{label} nonfinite_tokens"
+
+
+def check_output(label, out, grad, want: Expected, t: Tol, dtype):
+    """Every output of grpo_loss and its gradient against ``want``, each by name."""
+    loss, log_probs, entropy, metrics = out
+    assert loss.dim() == 0 and loss.dtype == torch.float32, f"{label} loss: {loss.dtype} {tuple(loss.shape)}"
+    for name, got, exact in (("log_probs", log_probs, want.log_probs), ("entropy", entropy, want.entropy)):
+        assert got.dtype == torch.float32, f"{label} {name}: {got.dtype}"
+        check_close(f"{label} {name}", got, exact, t.value * EPS32 * want.row_scale)
+    check_close(f"{label} loss", loss, want.loss, want.tol["loss"])
+    check_metrics(label, metrics, want)
     check_grad(f"{label} logits.grad", grad, want, t, dtype)
