@@ -93,6 +93,7 @@ TRAINING_STAGES = {  # the training-iteration table (test_bench_training.py): he
     "sync": "sync_weights", "other": "other", "step": "step",
 }  # fmt: skip
 TRAINING_COLUMNS = {
+    "variant": "extra_info.variant",
     "algo": "extra_info.algo",
     "model": "extra_info.model",
     "prompts x n": "_batch",
@@ -247,7 +248,9 @@ def split_training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     for col in TRAINING_COLUMNS.values():
         if col not in train:
             train[col] = None
-    return other, train.sort_values("extra_info.algo", kind="stable")
+    if "extra_info.variant" not in train:  # results written before the on-policy variants existed
+        train["extra_info.variant"] = "default"
+    return other, train.sort_values(["extra_info.variant", "extra_info.algo"], kind="stable")
 
 
 def training_section(train: pd.DataFrame) -> str:
@@ -262,14 +265,16 @@ def training_section(train: pd.DataFrame) -> str:
         "",
         markdown_table(train, TRAINING_COLUMNS),
     ]
-    by_algo = train.set_index("extra_info.algo")
-    if {"grpo", "sfpo"} <= set(by_algo.index):
+    for variant, rows in train.groupby("extra_info.variant", sort=False):  # one GRPO and one SFPO row each
+        by_algo = rows.set_index("extra_info.algo")
+        if not ({"grpo", "sfpo"} <= set(by_algo.index) and by_algo.index.is_unique):
+            continue
         g, s = by_algo.loc["grpo"], by_algo.loc["sfpo"]
         ratio = s["_step_ms"] / g["_step_ms"]
         gen_share = 100 * g["_gen_ms"] / g["_step_ms"]
         extra = float(s["extra_info.peak_memory_gb"]) - float(g["extra_info.peak_memory_gb"])
-        lines += ["", f"SFPO/GRPO step time: {ratio:.2f}x (generation is {gen_share:.0f}% of the GRPO step); "
-                      f"SFPO's peak memory {extra:+.3f} GB against GRPO's."]  # fmt: skip
+        lines += ["", f"{variant}: SFPO/GRPO step time {ratio:.2f}x (generation is {gen_share:.0f}% of the GRPO "
+                      f"step); SFPO's peak memory {extra:+.3f} GB against GRPO's."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -331,7 +336,7 @@ def header(frame: pd.DataFrame, data: dict) -> str:
 
 # what identifies "the same work" for the ratio lines: rows that agree on these (where present) are compared
 RATIO_KEYS = ["extra_info.op", "extra_info.dtype", "extra_info.offload", "extra_info.mode", "extra_info.kl",
-              "extra_info.n_tokens", "extra_info.vocab", "extra_info.model"]  # fmt: skip
+              "extra_info.n_tokens", "extra_info.vocab", "extra_info.model", "extra_info.variant"]  # fmt: skip
 
 
 def _label(row: pd.Series) -> str:

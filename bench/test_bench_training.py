@@ -49,7 +49,7 @@ def setup(tmp_path_factory):
 
 @pytest.mark.parametrize("algo", ["grpo", "sfpo"])
 def test_training_step(benchmark, setup, algo):
-    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}"])
+    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}"], variant="default")
 
 
 @pytest.mark.parametrize("head", ["logits", "fused_head"])
@@ -69,12 +69,14 @@ def test_training_step_on_policy(benchmark, setup, algo, old_log_probs, head):
     _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}-on-policy-{old_log_probs}-{head}",
                                          f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
                                          f"actor_rollout_ref.actor.old_log_prob_from_update={mode}",
-                                         f"actor_rollout_ref.model.fused_lm_head={head == 'fused_head'}"])  # fmt: skip
+                                         f"actor_rollout_ref.model.fused_lm_head={head == 'fused_head'}"],
+                variant=f"on-policy, old log-probs {old_log_probs}, {head}")  # fmt: skip
     benchmark.extra_info["fused_lm_head"] = head == "fused_head"
     assert benchmark.extra_info["old_log_prob_from_update"] == (old_log_probs == "from_update")
 
 
-def _bench_step(benchmark, setup, algo: str, extra: list[str]) -> None:
+def _bench_step(benchmark, setup, algo: str, extra: list[str], variant: str) -> None:
+    """One arm of one variant; ``bench/summary.py`` sets SFPO against GRPO within each ``variant``."""
     if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
         pytest.skip("run bench/ in a pytest process of its own (tests/conftest.py poisons allocations)")
     import sfpo_train.trainer.config as config_lib
@@ -88,7 +90,7 @@ def _bench_step(benchmark, setup, algo: str, extra: list[str]) -> None:
 
     measured = history[-ROUNDS:]
     info = benchmark.extra_info
-    info.update(op="training_step", algo=algo, model=model, preset=preset, device=str(trainer.device),
+    info.update(op="training_step", variant=variant, algo=algo, model=model, preset=preset, device=str(trainer.device),
                 device_name=torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
                 prompts=cfg.data.train_batch_size, responses_per_prompt=cfg.actor_rollout_ref.rollout.n,
                 inner_steps=int(measured[-1]["sfpo/inner_steps_run"]), alpha=float(measured[-1]["sfpo/alpha"]))  # fmt: skip
