@@ -31,7 +31,7 @@ import math
 
 import pandas as pd
 
-from sfpo_train.reports.runs import Run, column, nested
+from sfpo_train.reports.runs import Run, column
 from sfpo_train.reports.stats import mean_ci
 
 SHARES = (0.25, 0.50, 0.70, 0.80, 0.90)
@@ -119,6 +119,20 @@ def summary_lines(summary: pd.DataFrame) -> list[str]:
     return out
 
 
+def update_split(timed: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Per timed step: the update passes' seconds, how many passes ran, and snapshot + reposition seconds.
+
+    The passes are K fast ones plus the slow one unless ``slow_correction=false`` (a
+    step whose slow stage took no time had none); an alpha-0 step ran one slow pass.
+    """
+    def stage(name: str) -> pd.Series:
+        return column(timed, f"timing_s/{name}").fillna(0.0)
+
+    slow = stage("sfpo_slow")
+    n_passes = column(timed, "sfpo/inner_steps_run").fillna(0) + (slow > 0)
+    return stage("sfpo_fast") + slow, n_passes, stage("sfpo_snapshot") + stage("sfpo_reposition")
+
+
 def _active_steps(run: Run, upto: int) -> int:
     train = run.train
     steps = train[train["training/global_step"] <= upto]
@@ -137,25 +151,19 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
         # (the GRPO run ran before it, maybe under another load: its measured step is the model's check)
         timed = sfpo.timed
         active = timed[column(timed, "sfpo/inner_steps_run").fillna(0) > 0]
-        k = int(nested(sfpo.config, "actor_rollout_ref.actor.sfpo.inner_steps", 0) or 0)
         if not len(active):
             continue
-        def stage(name: str, frame=active) -> pd.Series:
-            return column(frame, f"timing_s/{name}").fillna(0.0)
-
-        passes = stage("sfpo_fast") + stage("sfpo_slow")
-        # passes per step as they ran: K fast ones, plus the slow one unless slow_correction=false
-        n_passes = column(active, "sfpo/inner_steps_run").fillna(0) + (stage("sfpo_slow") > 0)
+        passes, n_passes, extra = update_split(active)
         u = float((passes / n_passes).mean())
-        s = float((stage("sfpo_snapshot") + stage("sfpo_reposition")).mean())
-        g = float(stage("step").mean()) - float(passes.mean()) - s
+        s = float(extra.mean())
+        g = float(column(active, "timing_s/step").fillna(0.0).mean()) - float(passes.mean()) - s
         if not (u > 0 and g > 0):
             continue
         measured_time = h["time_ratio"]
         steps = None
         if h["grpo_improved"] and h["sfpo_reached"]:
             steps = (int(h["grpo_best_step"]), int(h["sfpo_step"]), _active_steps(sfpo, int(h["sfpo_step"])))
-        parts.append({"U": u, "G": g, "S": s, "K": k, "steps": steps, "measured_time_ratio": measured_time,
+        parts.append({"U": u, "G": g, "S": s, "passes": float(n_passes.mean()), "steps": steps, "measured_time_ratio": measured_time,
                       "measured_step_ratio": h["active_step_time_ratio"]})  # fmt: skip
         seeds.append(int(h["seed"]))
     if not parts:
@@ -166,7 +174,7 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
         step_ratios, time_ratios = [], []
         for p in parts:
             G = share / (1 - share) * p["U"]  # the G that gives this share with the measured U
-            grpo_step, sfpo_step = G + p["U"], G + (p["K"] + 1) * p["U"] + p["S"]
+            grpo_step, sfpo_step = G + p["U"], G + p["passes"] * p["U"] + p["S"]  # passes: K + 1, or K
             step_ratios.append(sfpo_step / grpo_step)
             if p["steps"] is not None:
                 n_g, n_s, a = p["steps"]

@@ -20,6 +20,7 @@ from sfpo_train.reports.headline import first_reaching
 from sfpo_train.reports.render import Image, Paragraph, Section, Table, write_pages
 from sfpo_train.reports.runs import load_run, nested
 from sfpo_train.reports.stats import INTERVAL, mean_ci
+from sfpo_train.reports.summary import update_split
 from sfpo_train.reports.tables import run_summary
 
 HEATMAP = "sweep_k_alpha.png"
@@ -109,14 +110,8 @@ def own_step_ratio(run) -> float:
     every number from this run's timed steps, so a machine load that changed between runs cancels
     (the measured ``step_ratio_vs_grpo`` divides by another run's step). 1.0 for a GRPO run.
     """
-    from sfpo_train.reports.runs import column
-
     timed = run.timed
-    n_passes = column(timed, "sfpo/inner_steps_run").fillna(0)
-    slow = column(timed, "timing_s/sfpo_slow").fillna(0)
-    n_passes = n_passes + (slow > 0)
-    passes = column(timed, "timing_s/sfpo_fast").fillna(0) + slow
-    extra = column(timed, "timing_s/sfpo_snapshot").fillna(0) + column(timed, "timing_s/sfpo_reposition").fillna(0)
+    passes, n_passes, extra = update_split(timed)
     u = (passes / n_passes.where(n_passes > 0)).mean()
     step = timed["timing_s/step"].mean()
     grpo_step = step - passes.mean() - extra.mean() + u
