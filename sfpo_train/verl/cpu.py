@@ -1,26 +1,32 @@
-"""Run verl 0.9.1's FSDP training worker on CPU (tests, smoke runs; no GPU needed).
+"""Run verl 0.9.1 on CPU: its FSDP training worker in-process (tests) and its whole Ray job (``trainer.device=cpu``).
 
 verl picks its device through a platform singleton and its training engine
-through a registry keyed by device; neither knows "cpu". :func:`use_cpu`
-fills both in, once per process, and must run before any verl worker is
-built:
+through a registry keyed by device; neither knows "cpu". This module fills
+both in:
 
-- a :class:`CPUPlatform` whose current device is the string ``"cpu"`` (so
-  verl's ``module.to(get_device_id())`` lands on the CPU) and whose
-  collective backend is gloo;
-- verl's own FSDP/FSDP2 language-model engine registered for device "cpu";
-- a gloo process group (verl would otherwise ask for ``"cpu:gloo,cpu:gloo"``,
-  which torch rejects), from the usual ``RANK``/``WORLD_SIZE``/``MASTER_*``
-  environment variables.
+- :class:`CPUPlatform`, registered as verl platform ``"cpu"`` when the plugin
+  loads (:func:`register_platform`; every process that imports verl loads it),
+  selected with ``VERL_PLATFORM=cpu``. Its current device is the string
+  ``"cpu"`` (so verl's ``module.to(get_device_id())`` lands on the CPU), its
+  collective backend gloo, and its Ray resource ``"GPU"``: verl's resource pools
+  place one worker per accelerator, so a CPU run declares *logical* GPUs
+  (``ray.init(num_gpus=N)``), one per rank;
+- :func:`use_cpu`, once per process before a verl worker is built: the platform,
+  :class:`CPUFSDPEngine` for device "cpu", and a gloo process group (verl would
+  ask torch for ``"cpu:gloo,cpu:gloo"``, which it rejects) from the usual
+  ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables, on a free port when
+  ``MASTER_PORT`` is unset. Our worker calls it in its Ray process.
 
 Model settings that must accompany it: ``strategy=fsdp2`` and
-``attn_implementation=eager`` (verl's default, flash-attention, needs CUDA).
+``attn_implementation=eager`` (verl's default, flash-attention, needs CUDA);
+``sfpo_train.verl.cpu_mode`` sets them for ``trainer.device=cpu``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import socket
 from types import ModuleType
 
 import torch
@@ -123,7 +129,7 @@ class CPUPlatform(PlatformBase):
         pass
 
     def ray_resource_name(self) -> str:
-        return "CPU"
+        return "GPU"  # logical: verl's pools place one worker per accelerator slot (see the module doc)
 
     def ray_noset_envvars(self) -> list[str]:
         return []
@@ -135,9 +141,55 @@ class CPUPlatform(PlatformBase):
         return None
 
 
+def register_platform() -> None:
+    """Make ``VERL_PLATFORM=cpu`` mean :class:`CPUPlatform` in this process (the plugin calls it)."""
+    platform_manager.PlatformRegistry.register("cpu")(CPUPlatform)
+
+
+def select_platform() -> None:
+    """This process's verl platform becomes :class:`CPUPlatform` (the driver of a ``trainer.device=cpu`` run)."""
+    register_platform()
+    current = platform_manager._current_platform
+    if current is None or current.device_name != "cpu":
+        platform_manager.set_platform(CPUPlatform())
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the OS picks it), for a process group's rendezvous."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _cpu_engine_class():
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    class CPUFSDPEngine(FSDPEngineWithLMHead):
+        """verl's FSDP engine, without FSDP2's CPU offload policy, which is meaningless on a CPU.
+
+        verl gives every forward-only model (the reference policy) a
+        ``CPUOffloadPolicy(pin_memory=True)``; pinned memory needs an accelerator, so
+        on a CPU host building the reference model would fail. The parameters live in
+        host memory already, so the engine wraps the module without an offload policy.
+        """
+
+        def _build_fsdp_module(self, module):
+            config = self.engine_config
+            saved = config.forward_only, config.offload_policy
+            object.__setattr__(config, "forward_only", False)
+            object.__setattr__(config, "offload_policy", False)
+            try:
+                return super()._build_fsdp_module(module)
+            finally:
+                object.__setattr__(config, "forward_only", saved[0])
+                object.__setattr__(config, "offload_policy", saved[1])
+
+    return CPUFSDPEngine
+
+
 def use_cpu() -> None:
     """Make verl run on CPU in this process (idempotent); see the module docstring."""
-    platform_manager.PlatformRegistry.register("cpu")(CPUPlatform)
+    register_platform()
     current = platform_manager._current_platform
     if current is not None and current.device_name != "cpu":
         raise RuntimeError(f"verl's platform is already {current.device_name!r}; call use_cpu() before verl starts")
@@ -145,13 +197,18 @@ def use_cpu() -> None:
         platform_manager.set_platform(CPUPlatform())
     # Imported only now: importing the engines makes verl detect (and cache) its platform.
     from verl.workers.engine.base import EngineRegistry
-    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     engines = EngineRegistry._engines["language_model"]
+    engine = _cpu_engine_class()
     for backend in ("fsdp", "fsdp2"):
-        engines[backend].setdefault("cpu", FSDPEngineWithLMHead)
+        if "cpu" not in engines[backend]:
+            engines[backend]["cpu"] = engine
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29531")
+        if "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=int(os.environ.get("RANK", "0")),
                                 world_size=int(os.environ.get("WORLD_SIZE", "1")))  # fmt: skip
+
+
+register_platform()  # importing this module is what makes VERL_PLATFORM=cpu valid (the plugin imports it)

@@ -32,7 +32,7 @@ def prepare_config(config):
     settings = normalize_sfpo_config(config.actor_rollout_ref)
     if not needs_sfpo_runner(settings, config.trainer.get("device", "cuda")):
         return settings
-    what = "SFPO" if settings.enable else "fused_kernels"
+    what = "SFPO" if settings.enable else "fused_kernels" if settings.fused_kernels is True else "trainer.device=cpu"
     if not config.trainer.get("use_v1", True):
         raise ValueError(f"{what} runs on verl's v1 trainer; trainer.use_v1=False (the legacy trainer) is not supported")
     mode = config.trainer.v1.get("trainer_mode", "sync")
@@ -42,10 +42,14 @@ def prepare_config(config):
 
 
 def needs_sfpo_runner(settings, device: str) -> bool:
-    """Whether the run needs our worker (SFPO or the fused kernels on); otherwise it is exactly verl's run."""
+    """Whether the run needs our worker: SFPO or the fused kernels on, or a CPU run; otherwise it is exactly verl's.
+
+    A CPU run needs our worker with SFPO off too: it sets verl up for the CPU
+    in its Ray process (:func:`sfpo_train.verl.cpu.use_cpu`).
+    """
     from sfpo_train.verl.config import resolve_fused_kernels
 
-    return settings.enable or resolve_fused_kernels(settings, device)
+    return settings.enable or resolve_fused_kernels(settings, device) or device == "cpu"
 
 
 def run(config) -> None:
@@ -60,6 +64,17 @@ def run(config) -> None:
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
+    from sfpo_train.verl.cpu_mode import apply_cpu_mode, apply_hf_rollout_defaults
+
+    if config.trainer.get("device", "cuda") == "cpu":
+        from sfpo_train.verl.cpu import select_platform
+
+        changes = apply_cpu_mode(config)
+        select_platform()  # before auto_set_device, which would otherwise turn "cpu" into a detected "cuda"
+        print("trainer.device=cpu: verl's Ray job on the CPU; defaults of the mode: "
+              + ("; ".join(changes) or "none applied (all set explicitly)"), flush=True)  # fmt: skip
+    else:
+        apply_hf_rollout_defaults(config)
     auto_set_device(config)
     settings = prepare_config(config)
     if not needs_sfpo_runner(settings, config.trainer.device):

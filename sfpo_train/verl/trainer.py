@@ -22,6 +22,9 @@ from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.utils import Role
 from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
+# imported for their registration with verl (the cpu platform, rollout.name=hf), which the task runner's process
+# needs also with verl's plugin loading switched off (VERL_USE_EXTERNAL_PLUGINS=none)
+from sfpo_train.verl import cpu, hf_rollout  # noqa: F401
 from sfpo_train.verl.worker import ENTROPY_KEY, SFPOActorRolloutRefWorker
 
 _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef, Role.RefPolicy)

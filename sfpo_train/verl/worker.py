@@ -52,7 +52,7 @@ from verl.utils.device import get_device_name
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from sfpo_train.sfpo import SFPO, SFPOConfig
-from sfpo_train.verl import fused
+from sfpo_train.verl import cpu, fused, hf_rollout  # noqa: F401  (hf_rollout: registered with verl on import)
 from sfpo_train.verl.config import VerlSFPOSettings, normalize_sfpo_config, resolve_fused_kernels
 from sfpo_train.verl.ranks import broadcast_from_rank0, check_ranks_agree
 
@@ -208,6 +208,8 @@ class SFPOActorRolloutRefWorker(ActorRolloutRefWorker):
     actor_worker_cls = SFPOTrainingWorker
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
+        if os.environ.get("VERL_PLATFORM") == "cpu":
+            cpu.use_cpu()  # in this Ray process: the platform, the CPU engine, the gloo group (before verl's init)
         # Before verl builds ActorConfig(**config.actor), which rejects the SFPO keys.
         self.sfpo_settings: VerlSFPOSettings = normalize_sfpo_config(config)
         self.fused_kernels = resolve_fused_kernels(self.sfpo_settings, get_device_name())

@@ -1,0 +1,366 @@
+"""``actor_rollout_ref.rollout.name=hf``: a transformers rollout server for verl 0.9.1's v1 trainer.
+
+verl's v1 path gets its rollouts from a *replica* (``RolloutReplicaRegistry``)
+that launches token-in/token-out server actors, plus a *server adapter*
+(``BaseRollout``, in every actor worker) that syncs the trained weights into
+them. verl ships vLLM, SGLang and TensorRT-LLM; none installs beside verl
+0.9.1 on a CPU-only host. This module is the same contract on plain
+transformers, for CPU runs and GPU hosts without an inference engine:
+
+- :class:`HFRolloutServer` (a Ray actor, one per replica): the model from
+  ``actor_rollout_ref.model.path`` in ``rollout.dtype``; ``generate(prompt_ids,
+  sampling_params, request_id)`` returns verl's ``TokenOutput``. Requests that
+  arrive together are batched (left-padded, one ``generate`` per group of equal
+  sampling settings, at most ``rollout.max_num_seqs`` rows). Log-probs, when
+  asked for, are ``log_softmax`` of the *processed* logits (temperature, top-k,
+  top-p applied), verl's default ``logprobs_mode=processed_logprobs``.
+- :class:`HFReplica`: verl's replica for the hybrid mode (the v1 sync trainer):
+  one server per replica, placed on its worker's node and shown that worker's
+  accelerator.
+- :class:`HFServerAdapter`: the actor worker's side; ``update_weights`` streams
+  verl's ``(name, tensor)`` pairs to the server in buckets of
+  ``checkpoint_engine.update_weights_bucket_megabytes`` through Ray's object store
+  (every rank iterates, because FSDP gathers each tensor collectively; the
+  replica's first rank sends). The server checks that the names and shapes cover
+  its model exactly.
+
+:func:`register` puts both in verl's registries; the plugin calls it when verl
+loads (``sfpo_train.verl.plugin``). Weight sync through the object store copies
+each tensor to host memory: fine for small models and CPU runs, slow for a
+multi-billion-parameter model (use vLLM there).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+import torch
+import torch.distributed as dist
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from verl.plugin.platform import get_platform
+from verl.utils.device import get_device_name, get_resource_name
+from verl.workers.rollout.base import BaseRollout
+from verl.workers.rollout.replica import RolloutMode, RolloutReplica
+
+logger = logging.getLogger(__name__)
+
+NAME = "hf"
+SERVER_PREFIX = "hf_server_"
+
+
+def register() -> None:
+    """Register ``rollout.name=hf`` with verl: the replica and the ``("hf", "async")`` server adapter."""
+    from verl.workers.rollout import base
+    from verl.workers.rollout.replica import RolloutReplicaRegistry
+
+    RolloutReplicaRegistry.register(NAME, lambda: HFReplica)
+    base._ROLLOUT_REGISTRY[(NAME, "async")] = f"{__name__}.HFServerAdapter"
+
+
+def server_name(replica_rank: int, node_rank: int = 0) -> str:
+    return f"{SERVER_PREFIX}{replica_rank}_{node_rank}"
+
+
+def check_rollout_config(rollout) -> None:
+    """``ValueError`` for settings the transformers server cannot honour (it holds one full model copy)."""
+    for key in ("tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"):
+        value = rollout.get(key, 1)
+        if value != 1:
+            raise ValueError(
+                f"actor_rollout_ref.rollout.name=hf runs one full model per server: set "
+                f"actor_rollout_ref.rollout.{key}=1 (got {value})"
+            )
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """One request's sampling settings, hashable so that equal requests share a batch."""
+
+    temperature: float
+    top_p: float
+    top_k: int  # <= 0: off
+    repetition_penalty: float
+    max_tokens: int
+    logprobs: bool
+    ignore_eos: bool
+
+    @classmethod
+    def from_request(cls, params: dict, max_tokens: int, ignore_eos: bool) -> Sampling:
+        known = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "max_tokens", "max_new_tokens",
+                 "ignore_eos"}  # fmt: skip
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise ValueError(f"the hf rollout server does not support sampling parameters {unknown}")
+        temperature = float(params.get("temperature", 1.0))
+        if temperature < 0:
+            raise ValueError(f"sampling parameter temperature must be >= 0, got {temperature}")
+        return cls(temperature=temperature, top_p=float(params.get("top_p", 1.0)),
+                   top_k=int(params.get("top_k", -1) or -1),
+                   repetition_penalty=float(params.get("repetition_penalty", 1.0)), max_tokens=max_tokens,
+                   logprobs=bool(params.get("logprobs", False)),
+                   ignore_eos=bool(params.get("ignore_eos", ignore_eos)))  # fmt: skip
+
+    def generate_kwargs(self) -> dict:
+        greedy = self.temperature == 0
+        kwargs = {"do_sample": not greedy, "max_new_tokens": self.max_tokens,
+                  "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        if not greedy:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else None)
+        if self.ignore_eos:
+            kwargs["min_new_tokens"] = self.max_tokens
+        return kwargs
+
+
+def generate_batch(model, prompts: list[list[int]], sampling: Sampling, pad_id: int, eos_ids: set[int]):
+    """``[(tokens, log_probs | None)]`` for ``prompts`` under ``sampling``: left-padded ``generate``, cut after EOS.
+
+    ``log_probs[t] = log_softmax(processed_logits_t)[token_t]``, the processed
+    logits being what ``generate`` samples from (``output_scores``).
+    """
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+        mask[row, width - len(prompt):] = 1
+    with torch.no_grad():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+                             eos_token_id=sorted(eos_ids), return_dict_in_generate=True,
+                             output_scores=sampling.logprobs, **sampling.generate_kwargs())  # fmt: skip
+    new = out.sequences[:, width:].cpu()
+    logprobs = None
+    if sampling.logprobs:
+        scores = torch.stack(out.scores, dim=1).float().cpu()  # [rows, steps, V]
+        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new[:, : scores.shape[1], None]).squeeze(-1)
+    results = []
+    for row in range(len(prompts)):
+        tokens = new[row].tolist()
+        end = len(tokens)
+        if not sampling.ignore_eos:
+            end = next((i + 1 for i, t in enumerate(tokens) if t in eos_ids), end)
+        results.append((tokens[:end], None if logprobs is None else logprobs[row, :end].tolist()))
+    return results
+
+
+# --------------------------------------------------------------------------- the server actor
+
+
+class HFRolloutServer:
+    """One transformers model serving verl's token-in/token-out ``generate`` (a Ray actor; see the module doc)."""
+
+    def __init__(self, config, model_config, replica_rank: int, cuda_visible_devices: str | None = None):
+        from transformers import AutoModelForCausalLM, GenerationConfig
+        from verl.utils.config import omega_conf_to_dataclass
+        from verl.workers.config import HFModelConfig
+
+        if cuda_visible_devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+        self.config = config
+        self.replica_rank = replica_rank
+        self.global_steps = None
+        model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)  # copies a remote path here
+        path = model_config.local_path
+        dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(config.dtype, config.dtype))
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
+        self.model.to(self.device).eval()
+        generation = GenerationConfig.from_model_config(self.model.config)
+        eos = generation.eos_token_id
+        self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
+        pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else generation.pad_token_id
+        self.pad_id = int(pad if pad is not None else next(iter(self.eos_ids), 0))
+        self.max_model_len = config.max_model_len or config.prompt_length + config.response_length
+        self._pending: list = []
+        self._wake: asyncio.Event | None = None
+        self._incoming: dict[str, torch.Tensor] = {}
+        torch.manual_seed(config.seed + replica_rank)
+
+    # ---- generation
+
+    async def generate(self, prompt_ids, sampling_params: dict, request_id: str, image_data=None, video_data=None,
+                       audio_data=None, mm_processor_kwargs=None, priority: int = 0, **kwargs):  # fmt: skip
+        """verl's ``TokenOutput`` for one prompt (``sampling_params`` as the agent loop sends them)."""
+        from verl.utils import normalize_token_ids
+        from verl.workers.rollout.replica import TokenOutput
+
+        if image_data is not None or video_data is not None or audio_data is not None:
+            raise ValueError("the hf rollout server is text-only; this request carries images, video or audio")
+        prompt_ids = normalize_token_ids(prompt_ids)
+        params = dict(sampling_params)
+        budget = self.max_model_len - len(prompt_ids)
+        if budget < 1:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within max_model_len {self.max_model_len}")
+        requested = params.pop("max_tokens", params.pop("max_new_tokens", None))
+        if requested is None:
+            requested = min(self.config.response_length,
+                            self.config.prompt_length + self.config.response_length - len(prompt_ids))  # fmt: skip
+        sampling = Sampling.from_request(params, max(1, min(int(requested), budget)), self.config.ignore_eos)
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((prompt_ids, sampling, future))
+        self._ensure_batcher()
+        tokens, log_probs = await future
+        return TokenOutput(token_ids=tokens, log_probs=log_probs, stop_reason="completed",
+                           extra_fields={"global_steps": self.global_steps})  # fmt: skip
+
+    def _ensure_batcher(self) -> None:
+        if self._wake is None:
+            self._wake = asyncio.Event()
+            asyncio.get_running_loop().create_task(self._batch_loop())
+        self._wake.set()
+
+    async def _batch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0.005)  # let the requests of one agent-loop wave arrive together
+            while self._pending:
+                first_sampling = self._pending[0][1]
+                group = [r for r in self._pending if r[1] == first_sampling][: self.config.max_num_seqs]
+                taken = {id(r) for r in group}
+                self._pending = [r for r in self._pending if id(r) not in taken]
+                try:
+                    results = await asyncio.to_thread(generate_batch, self.model, [r[0] for r in group],
+                                                      first_sampling, self.pad_id, self.eos_ids)  # fmt: skip
+                except Exception as exc:  # every waiting request gets the error, the loop keeps serving
+                    for _, _, future in group:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (_, _, future), result in zip(group, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+
+    # ---- weights
+
+    async def load_weights(self, named: dict[str, torch.Tensor], is_last: bool) -> int:
+        """Collect one bucket of the sync; on the last, load them all (every model tensor, matching shapes)."""
+        self._incoming.update(named)
+        if not is_last:
+            return len(self._incoming)
+        incoming, self._incoming = self._incoming, {}
+        state = self.model.state_dict()
+        tied = {k for k in state if k not in incoming and getattr(self.model.config, "tie_word_embeddings", False)
+                and k.endswith("lm_head.weight")}  # fmt: skip
+        missing = sorted(set(state) - set(incoming) - tied)
+        unknown = sorted(set(incoming) - set(state))
+        if missing or unknown:
+            raise ValueError(f"weight sync does not match the rollout model: missing {missing[:5]}, unknown {unknown[:5]}")
+        with torch.no_grad():
+            for name, tensor in incoming.items():
+                if state[name].shape != tensor.shape:
+                    raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, "
+                                     f"the rollout model's is {tuple(state[name].shape)}")  # fmt: skip
+                state[name].copy_(tensor)
+        return len(incoming)
+
+    # ---- verl's replica control calls
+
+    async def wake_up(self, tags: list[str] | None = None):
+        if self.device.type == "cuda" and self.config.free_cache_engine:
+            self.model.to(self.device)
+
+    async def sleep(self):
+        if self.device.type == "cuda" and self.config.free_cache_engine:
+            self.model.to("cpu")  # frees the accelerator for the colocated training engine
+            torch.cuda.empty_cache()
+
+    async def set_global_steps(self, global_steps: int):
+        self.global_steps = global_steps
+
+    async def clear_kv_cache(self):
+        pass  # generate() keeps no cache between calls
+
+    async def release_kv_cache(self):
+        pass
+
+    async def resume_kv_cache(self):
+        pass
+
+    async def abort_all_requests(self, reset_prefix_cache: bool = True, reject_request: bool = False) -> dict:
+        return {"aborted_count": 0, "request_ids": []}  # the sync trainer never aborts; requests run to the end
+
+    async def resume_generation(self):
+        pass
+
+    async def start_profile(self, **kwargs):
+        pass
+
+    async def stop_profile(self):
+        pass
+
+
+# --------------------------------------------------------------------------- verl's replica and adapter
+
+
+class HFReplica(RolloutReplica):
+    """One :class:`HFRolloutServer` per replica, on its worker's node, seeing its worker's accelerator."""
+
+    async def launch_servers(self):
+        if self.rollout_mode != RolloutMode.HYBRID:
+            raise ValueError(f"rollout.name=hf supports verl's hybrid mode (the trainer's workers hold the rollout), "
+                             f"not {self.rollout_mode.value!r}")  # fmt: skip
+        if self.world_size != 1 or len(self.workers) != 1:
+            raise ValueError(f"rollout.name=hf serves one model per rank; this replica spans {self.world_size} ranks")
+        resource = get_resource_name()
+        node_id, accelerators = await self.workers[0].__ray_call__.remote(
+            lambda worker: (ray.get_runtime_context().get_node_id(),
+                            ray.get_runtime_context().get_accelerator_ids().get(resource, [])))  # fmt: skip
+        visible = ",".join(str(a) for a in accelerators) if get_device_name() == "cuda" else None
+        env_vars = {var: "1" for var in get_platform().ray_noset_envvars()}  # we set the visible devices ourselves
+        server = ray.remote(HFRolloutServer).options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+            runtime_env={"env_vars": env_vars}, name=server_name(self.replica_rank),
+            max_concurrency=self.max_concurrency,
+        ).remote(self.config, self.model_config, self.replica_rank, visible)  # fmt: skip
+        self.servers = [server]
+        self._server_handle = server
+        self._server_address = f"hf://{server_name(self.replica_rank)}"  # no HTTP endpoint: Ray calls only
+
+
+class HFServerAdapter(BaseRollout):
+    """The actor worker's side of its replica's server: weight sync and sleep/wake (see the module doc)."""
+
+    def __init__(self, config, model_config, device_mesh, *args, **kwargs):
+        super().__init__(config, model_config, device_mesh)
+        # one rank per replica (check_rollout_config), so the replica's rank is the worker's
+        self.replica_rank = dist.get_rank() if dist.is_initialized() else 0
+        self.bucket_bytes = int(self.config.checkpoint_engine.update_weights_bucket_megabytes) << 20
+        self._server = None
+
+    @property
+    def server(self):
+        if self._server is None:
+            self._server = ray.get_actor(server_name(self.replica_rank))
+        return self._server
+
+    async def resume(self, tags: list[str]):
+        await self.server.wake_up.remote(tags)
+
+    async def release(self):
+        await self.server.sleep.remote()
+
+    async def update_weights(self, weights, wire_format: str = "named_tensors", **kwargs):
+        """Send every ``(name, tensor)`` to the server, in buckets of ``bucket_bytes``; the last call loads them."""
+        if wire_format != "named_tensors":
+            raise ValueError(f"the hf rollout takes full named tensors, not wire_format={wire_format!r}")
+        bucket, size = {}, 0
+        for name, tensor in weights:
+            bucket[name] = tensor.detach().to("cpu", copy=True)
+            size += tensor.numel() * tensor.element_size()
+            if size >= self.bucket_bytes:
+                await self.server.load_weights.remote(bucket, False)
+                bucket, size = {}, 0
+        await self.server.load_weights.remote(bucket, True)
+        if kwargs.get("global_steps") is not None:
+            await self.server.set_global_steps.remote(kwargs["global_steps"])
+
+
+register()  # importing this module is what makes rollout.name=hf valid (the plugin imports it)
