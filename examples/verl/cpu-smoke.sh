@@ -5,8 +5,9 @@
 #
 #   examples/verl/cpu-smoke.sh OUT [hydra overrides ...]
 #
-#   OUT                 directory for everything the run writes: checkpoints (OUT/checkpoints), the log
-#                       (OUT/run.log, appended to) and Ray's temporary files (OUT/ray)
+#   OUT                 directory for everything the run writes: checkpoints (OUT/checkpoints), the console
+#                       log (OUT/run.log, appended to), verl's metrics (OUT/metrics/<time>.jsonl, one
+#                       file per invocation)
 #   SFPO_SMOKE_RANKS    FSDP2 ranks, 1 or 2 (default 1); each is a Ray worker holding one logical GPU
 #   overrides           passed to verl last, so they win, e.g.
 #                         trainer.total_training_steps=3 trainer.resume_mode=auto
@@ -19,7 +20,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 || "$1" == -h || "$1" == --help ]]; then
-  sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
+  sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
   exit $(( $# < 1 ? 2 : 0 ))
 fi
 OUT=$1
@@ -29,8 +30,9 @@ if [[ "$RANKS" != 1 && "$RANKS" != 2 ]]; then
   echo "SFPO_SMOKE_RANKS must be 1 or 2, got '$RANKS'" >&2
   exit 2
 fi
-mkdir -p "$OUT/ray"
+mkdir -p "$OUT/metrics"
 OUT=$(cd "$OUT" && pwd)
+METRICS="$OUT/metrics/$(date -u +%Y%m%dT%H%M%S)-$$.jsonl"
 PYTHON=${PYTHON:-python}
 ASSETS=$("$PYTHON" -c "from sfpo_train.tasks import TASK_ASSETS; print(TASK_ASSETS['addition'])")
 SCORER=$("$PYTHON" -c "import inspect, sfpo_train.tasks as t; print(inspect.getsourcefile(t))")
@@ -48,10 +50,10 @@ set -x
   trainer.val_before_train=false \
   trainer.resume_mode=auto \
   trainer.default_local_dir="$OUT/checkpoints" \
-  trainer.logger='["console"]' \
+  trainer.logger='["console","file"]' \
+  +ray_kwargs.ray_init.runtime_env.env_vars.VERL_FILE_LOGGER_PATH="$METRICS" \
   trainer.project_name=sfpo-cpu-smoke \
   trainer.experiment_name="sfpo-addition-${RANKS}rank" \
-  +ray_kwargs.ray_init._temp_dir="$OUT/ray" \
   algorithm.adv_estimator=grpo \
   algorithm.use_kl_in_reward=false \
   data.train_files="$ASSETS/train.parquet" \

@@ -180,6 +180,7 @@ class HFRolloutServer:
         self.max_model_len = config.max_model_len or config.prompt_length + config.response_length
         self._pending: list = []
         self._wake: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._incoming: dict[str, torch.Tensor] = {}
         torch.manual_seed(config.seed + replica_rank)
 
@@ -211,9 +212,10 @@ class HFRolloutServer:
                            extra_fields={"global_steps": self.global_steps})  # fmt: skip
 
     def _ensure_batcher(self) -> None:
-        if self._wake is None:
-            self._wake = asyncio.Event()
-            asyncio.get_running_loop().create_task(self._batch_loop())
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:  # first request, or a new event loop (Ray keeps one; asyncio.run does not)
+            self._loop, self._wake = loop, asyncio.Event()
+            loop.create_task(self._batch_loop())
         self._wake.set()
 
     async def _batch_loop(self) -> None:
@@ -241,23 +243,25 @@ class HFRolloutServer:
     # ---- weights
 
     async def load_weights(self, named: dict[str, torch.Tensor], is_last: bool) -> int:
-        """Collect one bucket of the sync; on the last, load them all (every model tensor, matching shapes)."""
+        """Collect one bucket of a sync; the last one loads them all: every model tensor, shapes matching.
+
+        A sync that does not match the model (a missing, unknown or reshaped tensor)
+        raises ``ValueError`` and changes no weight.
+        """
         self._incoming.update(named)
         if not is_last:
             return len(self._incoming)
         incoming, self._incoming = self._incoming, {}
         state = self.model.state_dict()
-        tied = {k for k in state if k not in incoming and getattr(self.model.config, "tie_word_embeddings", False)
-                and k.endswith("lm_head.weight")}  # fmt: skip
-        missing = sorted(set(state) - set(incoming) - tied)
+        tied_head = getattr(self.model.config, "tie_word_embeddings", False)
+        missing = sorted(k for k in set(state) - set(incoming) if not (tied_head and k.endswith("lm_head.weight")))
         unknown = sorted(set(incoming) - set(state))
-        if missing or unknown:
-            raise ValueError(f"weight sync does not match the rollout model: missing {missing[:5]}, unknown {unknown[:5]}")
+        reshaped = sorted(k for k in set(incoming) & set(state) if incoming[k].shape != state[k].shape)
+        if missing or unknown or reshaped:
+            raise ValueError(f"weight sync does not match the rollout model: missing {missing[:5]}, unknown "
+                             f"{unknown[:5]}, other shapes {reshaped[:5]}; no weight was changed")  # fmt: skip
         with torch.no_grad():
             for name, tensor in incoming.items():
-                if state[name].shape != tensor.shape:
-                    raise ValueError(f"weight sync: {name} has shape {tuple(tensor.shape)}, "
-                                     f"the rollout model's is {tuple(state[name].shape)}")  # fmt: skip
                 state[name].copy_(tensor)
         return len(incoming)
 

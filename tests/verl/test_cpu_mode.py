@@ -1,0 +1,87 @@
+"""``trainer.device=cpu`` (``sfpo_train.verl.cpu_mode``) and what the plugin registers in a fresh process.
+
+The defaults of the mode are checked on our hydra config as the entry point
+composes it; the run itself is ``examples/verl/cpu-smoke.sh``
+(``test_cpu_smoke_outputs.py``).
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from helpers.optional import import_or_skip
+
+import_or_skip("verl")
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME  # noqa: E402
+from sfpo_train.verl.cpu_mode import PLATFORM_ENV, apply_cpu_mode  # noqa: E402
+
+
+def _config(*overrides):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        return compose(CONFIG_NAME, overrides=["trainer.device=cpu", *overrides])
+
+
+@pytest.fixture(autouse=True)
+def _restore_platform_env(monkeypatch):
+    monkeypatch.delenv(PLATFORM_ENV, raising=False)  # apply_cpu_mode sets it; monkeypatch puts it back
+
+
+def test_defaults_of_the_mode_replace_verls_defaults():
+    config = _config("trainer.n_gpus_per_node=2", "trainer.nnodes=1")
+    changed = apply_cpu_mode(config)
+    assert config.ray_kwargs.ray_init.num_cpus == 32
+    assert config.ray_kwargs.ray_init.num_gpus == 2  # one logical GPU per rank
+    assert config.transfer_queue.backend.SimpleStorage.num_data_storage_units == 2
+    assert config.reward.num_workers == 1 and config.actor_rollout_ref.rollout.agent.num_workers == 1
+    assert config.actor_rollout_ref.rollout.name == "hf"
+    assert config.actor_rollout_ref.rollout.tensor_model_parallel_size == 1
+    assert config.actor_rollout_ref.model.override_config.attn_implementation == "eager"
+    assert config.actor_rollout_ref.actor.strategy == "fsdp2"
+    assert config.actor_rollout_ref.ref.strategy == "fsdp2"  # verl's ref follows the actor
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars[PLATFORM_ENV] == "cpu"
+    assert os.environ[PLATFORM_ENV] == "cpu"
+    assert len(changed) == 9 and "reward.num_workers: 8 -> 1" in changed
+
+
+def test_values_set_on_the_command_line_stay():
+    config = _config("ray_kwargs.ray_init.num_cpus=6", "reward.num_workers=3", "actor_rollout_ref.rollout.name=hf",
+                     "actor_rollout_ref.rollout.tensor_model_parallel_size=1", "actor_rollout_ref.actor.strategy=fsdp2",
+                     "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+                     "+ray_kwargs.ray_init.num_gpus=4")  # fmt: skip
+    changed = apply_cpu_mode(config)
+    assert config.ray_kwargs.ray_init.num_cpus == 6 and config.ray_kwargs.ray_init.num_gpus == 4
+    assert config.reward.num_workers == 3
+    assert config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
+    assert not any(c.startswith(("ray_kwargs.ray_init.num", "reward.", "actor_rollout_ref.rollout.name",
+                                 "actor_rollout_ref.rollout.tensor", "actor_rollout_ref.actor.strategy",
+                                 "actor_rollout_ref.model")) for c in changed), changed  # fmt: skip
+
+
+def test_an_hf_rollout_with_tensor_parallelism_is_an_error():
+    with pytest.raises(ValueError, match="tensor_model_parallel_size=1 \\(got 4\\)"):
+        apply_cpu_mode(_config("actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.tensor_model_parallel_size=4"))
+
+
+REGISTERED = (
+    "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
+    "from verl.workers.rollout.base import get_rollout_class\n"
+    "from verl.plugin.platform.platform_manager import PlatformRegistry\n"
+    "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+    "print(RolloutReplicaRegistry.get('hf').__name__, get_rollout_class('hf').__name__,"
+    " PlatformRegistry.get('cpu').__name__, get_policy_loss_fn('sfpo_vanilla').__name__)\n"
+)
+
+
+@pytest.mark.parametrize("first_import", ["verl", "sfpo_train.verl.hf_rollout", "sfpo_train.verl.cpu"])
+def test_a_fresh_process_sees_everything_the_plugin_registers(first_import):
+    # A Ray process's first import may be one of our modules (unpickling the rollout server imports
+    # hf_rollout, which imports verl, which loads the plugin, which imports hf_rollout half-done).
+    code = f"import {first_import}\n" + REGISTERED
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "failed to load" not in out.stderr, out.stderr[-3000:]
+    assert out.stdout.split()[:3] == ["HFReplica", "HFServerAdapter", "CPUPlatform"], out.stdout

@@ -1,0 +1,155 @@
+"""The ``hf`` rollout server (``sfpo_train.verl.hf_rollout``), in-process, on the shipped addition model.
+
+Oracles are independent of the server's batching and of ``generate``: one
+prompt at a time, unpadded, a plain forward per step (greedy: argmax; the
+log-probs: ``log_softmax`` of the temperature-scaled, top-k-filtered logits of
+the forward over prompt + response). Ray's side (the replica, the adapter, the
+sync through the object store) runs in ``examples/verl/cpu-smoke.sh``
+(``test_cpu_smoke_outputs.py``).
+"""
+
+import asyncio
+
+import pytest
+import torch
+from helpers.optional import import_or_skip
+
+import_or_skip("verl")
+
+from omegaconf import OmegaConf  # noqa: E402
+from verl.workers.config import RolloutConfig  # noqa: E402
+
+from sfpo_train.tasks import default_paths  # noqa: E402
+from sfpo_train.verl import hf_rollout  # noqa: E402
+from sfpo_train.verl.hf_rollout import HFRolloutServer  # noqa: E402
+
+PROMPTS = ["123+456=", "999+999=", "100+100=", "505+261="]
+LOGPROB_TOL = {"atol": 1e-4, "rtol": 0}  # fp32 forward of a batch (left-padded) vs one unpadded sequence
+
+
+def _server(**rollout) -> HFRolloutServer:
+    config = RolloutConfig(name="hf", prompt_length=8, response_length=5, dtype="float32", max_num_seqs=64,
+                           tensor_model_parallel_size=1, **rollout)  # fmt: skip
+    return HFRolloutServer(config, OmegaConf.create({"path": default_paths()["model"]}), replica_rank=0)
+
+
+@pytest.fixture(scope="module")
+def server():
+    return _server()
+
+
+def _ids(server, text: str) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(default_paths()["model"]).encode(text, add_special_tokens=False)
+
+
+def _generate_all(server, prompts: list[list[int]], params: list[dict]):
+    async def go():
+        return await asyncio.gather(*[server.generate(p, dict(s), request_id=str(i))
+                                      for i, (p, s) in enumerate(zip(prompts, params, strict=True))])  # fmt: skip
+
+    return asyncio.run(go())
+
+
+def _oracle_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> list[int]:
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(max_tokens):
+            token = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            ids.append(token)
+            if token in eos:
+                break
+    return ids[len(prompt):]
+
+
+def _oracle_logprobs(model, prompt: list[int], tokens: list[int], temperature: float, top_k: int) -> torch.Tensor:
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].double() / temperature
+    if top_k > 0:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+
+
+def test_greedy_requests_arriving_together_match_one_at_a_time(server):
+    prompts = [_ids(server, p) for p in PROMPTS]
+    outs = _generate_all(server, prompts, [{"temperature": 0, "top_p": 1.0, "top_k": -1}] * len(prompts))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == _oracle_greedy(server.model, prompt, 5, server.eos_ids)
+        assert out.log_probs is None and out.stop_reason == "completed"
+
+
+@pytest.mark.parametrize("top_k", [-1, 3])
+def test_sampled_log_probs_are_the_processed_distributions(server, top_k):
+    torch.manual_seed(0)
+    prompts = [_ids(server, p) for p in PROMPTS] * 2
+    params = {"temperature": 0.7, "top_p": 1.0, "top_k": top_k, "logprobs": True}
+    outs = _generate_all(server, prompts, [params] * len(prompts))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert 1 <= len(out.token_ids) <= 5 and len(out.log_probs) == len(out.token_ids)
+        want = _oracle_logprobs(server.model, prompt, out.token_ids, 0.7, top_k)
+        torch.testing.assert_close(torch.tensor(out.log_probs, dtype=torch.float64), want, **LOGPROB_TOL)
+
+
+def test_mixed_sampling_settings_are_served_in_separate_batches(server):
+    prompts = [_ids(server, p) for p in PROMPTS]
+    greedy = {"temperature": 0, "top_k": -1}
+    outs = _generate_all(server, prompts, [greedy, {"temperature": 1.0, "max_tokens": 2, "logprobs": True},
+                                           greedy, {"temperature": 1.0, "ignore_eos": True}])  # fmt: skip
+    for i in (0, 2):
+        assert outs[i].token_ids == _oracle_greedy(server.model, prompts[i], 5, server.eos_ids)
+    assert 1 <= len(outs[1].token_ids) <= 2 and len(outs[1].log_probs) == len(outs[1].token_ids)
+    assert len(outs[3].token_ids) == 5  # ignore_eos: the whole budget
+
+
+def test_weight_sync_loads_every_tensor_and_rejects_a_mismatch():
+    server = _server()
+    reference = _server()
+    torch.manual_seed(1)
+    state = {k: v + 0.05 * torch.randn_like(v) for k, v in reference.model.state_dict().items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]  # tied: one tensor under two names
+    reference.model.load_state_dict(state)
+    names = sorted(state)
+    half = len(names) // 2
+    dropped = next(n for n in names if not n.endswith("lm_head.weight"))  # a tied head may be left out
+
+    async def sync(named_parts):
+        for i, part in enumerate(named_parts):
+            loaded = await server.load_weights(part, i == len(named_parts) - 1)
+        return loaded
+
+    before = {k: v.clone() for k, v in server.model.state_dict().items()}
+    bad_shape = {**state, dropped: state[dropped][..., :1]}
+    with pytest.raises(ValueError, match="other shapes"):
+        asyncio.run(sync([bad_shape]))
+    with pytest.raises(ValueError, match="missing"):
+        asyncio.run(sync([{k: state[k] for k in names if k != dropped}]))
+    with pytest.raises(ValueError, match="unknown"):
+        asyncio.run(sync([{**state, "not.a.weight": torch.zeros(1)}]))
+    for name, value in server.model.state_dict().items():  # nothing half-applied
+        assert torch.equal(value, before[name]), name
+
+    assert asyncio.run(sync([{k: state[k] for k in names[:half]}, {k: state[k] for k in names[half:]}])) == len(names)
+    prompts = [_ids(server, p) for p in PROMPTS]
+    outs = _generate_all(server, prompts, [{"temperature": 0}] * len(prompts))
+    for prompt, out in zip(prompts, outs, strict=True):
+        assert out.token_ids == _oracle_greedy(reference.model, prompt, 5, reference.eos_ids)
+
+
+def test_requests_it_cannot_serve_are_errors(server):
+    prompt = _ids(server, PROMPTS[0])
+    with pytest.raises(ValueError, match="does not support sampling parameters"):
+        _generate_all(server, [prompt], [{"temperature": 1.0, "min_p": 0.1}])
+    with pytest.raises(ValueError, match="text-only"):
+        asyncio.run(server.generate(prompt, {}, request_id="x", image_data=[object()]))
+    with pytest.raises(ValueError, match="temperature"):
+        _generate_all(server, [prompt], [{"temperature": -1.0}])
+    with pytest.raises(ValueError, match="no room"):
+        asyncio.run(server.generate(list(range(2, 12)) * 2, {}, request_id="x"))
+
+
+@pytest.mark.parametrize("key", ["tensor_model_parallel_size", "data_parallel_size", "pipeline_model_parallel_size"])
+def test_parallel_rollouts_are_rejected_by_name(key):
+    with pytest.raises(ValueError, match=f"rollout.{key}=1 \\(got 2\\)"):
+        hf_rollout.check_rollout_config(OmegaConf.create({key: 2}))
