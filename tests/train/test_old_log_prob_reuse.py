@@ -4,7 +4,7 @@ the separate old-log-prob pass, with the same result up to fp32 rounding, and on
 The on-policy setups use one mini-batch of 16 responses split into micro-batches of 4 (gradient
 accumulation: later micro-batches run after earlier backwards) while the separate pass runs in
 micro-batches of 8, so the two paths do not even share GEMM shapes: agreement is to fp32 rounding,
-not bit for bit. Tolerances: log-probs and entropies are O(1) sums over a 14-token vocabulary of
+not bit for bit. Tolerances: log-probs and entropies are O(1) sums over a 16-token vocabulary of
 a 1-layer model's fp32 logits, a few ulps apart (rtol 1e-5, atol 1e-6); the pass's metrics are means
 of those (same tolerance); the parameters after one iteration are Adam steps of lr 1e-3 whose
 direction is m / (sqrt(v) + eps): a gradient element that rounding moves by ~1e-7 relative moves
