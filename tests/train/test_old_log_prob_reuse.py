@@ -99,7 +99,7 @@ def test_reuse_equals_the_separate_pass(paths, tmp_path, algo, head):
 ])  # fmt: skip
 def test_off_policy_never_reuses(paths, tmp_path, overrides):
     trainer = _trainer(paths, tmp_path, "off", *ON_POLICY, *overrides)
-    metrics, passes, _, _, _ = _one_iteration(trainer)
+    metrics, _, _, _, _ = _one_iteration(trainer)
     assert metrics["actor/old_log_prob_from_update"] == 0.0
     assert metrics["timing_s/old_log_prob"] > 0.0
     assert metrics["actor/entropy"] is not None  # from the separate pass, which ran
