@@ -6,9 +6,9 @@ the task and its tiny model:
 - problems: ``a+b=`` with ``a, b`` in [100, 999]; the answer is ``str(a + b)``
   (3 or 4 digits), so a prompt is always 8 tokens and a correct response at
   most 5 (answer + EOS);
-- :func:`build_tokenizer`: a character-level fast tokenizer over 14 symbols
-  (``<pad>``, ``<eos>``, ``0``-``9``, ``+``, ``=``);
-- :func:`build_model_config`: a 527,488-parameter Qwen2 (hidden 128, 2 layers,
+- :func:`build_tokenizer`: a character-level fast tokenizer over 16 symbols
+  (``<pad>``, ``<eos>``, ``0``-``9``, ``+``, ``=``, newline, ``<|im_end|>``);
+- :func:`build_model_config`: a 527,744-parameter Qwen2 (hidden 128, 2 layers,
   4 heads, intermediate 512, tied embeddings);
 - :func:`make_rows`: problems in verl's parquet layout, test and train drawn
   from disjoint pools;
@@ -32,8 +32,14 @@ ABILITY = "math"
 LOW, HIGH = 100, 999  # both operands are drawn from [LOW, HIGH]
 
 PAD, EOS = "<pad>", "<eos>"
-SYMBOLS = [PAD, EOS, *"0123456789", "+", "="]
-PAD_ID, EOS_ID = 0, 1
+# The last two symbols are never in a prompt or an answer; verl's agent loop needs them. It picks its
+# continuous-token builder from config.json's model_type (qwen2 -> QwenContinuousTokenBuilder), which
+# requires "\n" to be one token and "<|im_end|>" to have an id (the ChatML turn end it re-joins turns at).
+NEWLINE, IM_END = "\n", "<|im_end|>"
+# Appended at the end, so ids 0-13 mean what they meant in the 14-symbol tokenizer.
+SYMBOLS = [PAD, EOS, *"0123456789", "+", "=", NEWLINE, IM_END]
+SPECIAL = [PAD, EOS, IM_END]  # matched whole in text, dropped by decode(skip_special_tokens=True)
+PAD_ID, EOS_ID, NEWLINE_ID, IM_END_ID = 0, 1, 14, 15
 PROMPT_TOKENS = 8  # "abc+def="
 MAX_NEW_TOKENS = 5  # up to 4 answer digits + EOS
 
@@ -55,25 +61,37 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     """The task's character-level tokenizer: one token per character, ids as in :data:`SYMBOLS`.
 
     ``encode("123+456=") == [3, 4, 5, 12, 6, 7, 8, 13]``; no BOS is added and
-    decoding joins characters without spaces. Padding is on the left, which
-    batched ``generate`` needs. The model is a BPE with no merges (so every
-    token is one character), like the tokenizer transformers 5 builds for any
-    Qwen2 checkpoint from the saved vocabulary; characters outside the
-    vocabulary are dropped, as there is no unknown token (the task's prompts
-    never contain one).
+    decoding joins characters without spaces. A newline is the ordinary token
+    14; ``<pad>``, ``<eos>`` and ``<|im_end|>`` (15) are special tokens, kept
+    whole in text and dropped by ``decode(..., skip_special_tokens=True)``.
+    Padding is on the left, which batched ``generate`` needs. Characters
+    outside the vocabulary are dropped, as there is no unknown token (the
+    task's prompts never contain one).
+
+    It is built the way transformers 5 rebuilds any Qwen2 checkpoint's
+    tokenizer from the saved vocabulary (``Qwen2Tokenizer``), so the built and
+    the loaded tokenizer agree: a BPE with no merges (every token is one
+    character) behind a byte-level pre-tokenizer and decoder. Byte-level maps
+    each byte to a printable character (the digits, ``+`` and ``=`` to
+    themselves, the newline to ``"Ċ"``), and the vocabulary holds those
+    characters, as Qwen's own vocabulary does.
     """
-    vocab = {symbol: i for i, symbol in enumerate(SYMBOLS)}
-    assert vocab[PAD] == PAD_ID and vocab[EOS] == EOS_ID
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    vocab = {}
+    for i, symbol in enumerate(SYMBOLS):
+        vocab[symbol if symbol in SPECIAL else _byte_level(byte_level, symbol)] = i
     core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
-    # Split into single characters; the special tokens are matched before the
-    # pre-tokenizer runs, so "<eos>" in text stays one token.
-    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens([PAD, EOS])
+    # Split into single characters, newlines included ("." alone does not match
+    # a newline), then map each to its byte-level form; the special tokens are
+    # matched before the pre-tokenizer runs, so "<eos>" in text stays one token.
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(".|\n"), behavior="isolated"), byte_level])
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(SPECIAL)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=core,
         pad_token=PAD,
         eos_token=EOS,
+        extra_special_tokens=[IM_END],
         padding_side="left",
         # transformers 4.x would also return token_type_ids, which generate() rejects for Qwen2
         model_input_names=["input_ids", "attention_mask"],
@@ -81,13 +99,22 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         clean_up_tokenization_spaces=False,
     )
     tokenizer.chat_template = CHAT_TEMPLATE
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in (PAD, EOS, IM_END)] + tokenizer.encode(NEWLINE)
+    assert ids == [PAD_ID, EOS_ID, IM_END_ID, NEWLINE_ID], ids
     return tokenizer
 
 
-def build_model_config() -> Qwen2Config:
-    """The task model's config: Qwen2, vocab 14, hidden 128, 2 layers x 4 heads, MLP 512, tied embeddings.
+def _byte_level(pre_tokenizer: pre_tokenizers.ByteLevel, char: str) -> str:
+    """``char`` in the byte-level alphabet (``"7"`` -> ``"7"``, newline -> ``"Ċ"``); one byte, one character."""
+    (piece, _), = pre_tokenizer.pre_tokenize_str(char)
+    assert len(piece) == 1, (char, piece)
+    return piece
 
-    527,488 parameters. Like Qwen, BOS and EOS share an id (the tokenizer never
+
+def build_model_config() -> Qwen2Config:
+    """The task model's config: Qwen2, vocab 16, hidden 128, 2 layers x 4 heads, MLP 512, tied embeddings.
+
+    527,744 parameters. Like Qwen, BOS and EOS share an id (the tokenizer never
     adds a BOS); PAD is id 0. 32 positions cover the 8-token prompt plus 5 new
     tokens with room to spare.
     """
@@ -191,10 +218,14 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, directory: str | Path) ->
       ``TokenizersBackend``, a name 4.x does not know (in 5.x the two are the same class).
     - ``unk_token`` and ``bos_token`` are null: transformers 5 loads a Qwen2
       checkpoint's tokenizer as ``Qwen2Tokenizer``, which would otherwise add
-      ``<|endoftext|>`` as a 15th token, beyond the model's 14 embeddings.
+      ``<|endoftext|>`` as a 17th token, beyond the model's 16 embeddings.
+    - ``<|im_end|>`` is listed as ``additional_special_tokens``: transformers 5
+      writes ``extra_special_tokens`` as a list, which 4.x reads as a dict of
+      named tokens; both read the older key.
     """
     tokenizer.save_pretrained(directory)
     config_path = Path(directory) / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config.update(tokenizer_class="PreTrainedTokenizerFast", unk_token=None, bos_token=None)
+    config["additional_special_tokens"] = config.pop("extra_special_tokens", [])
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

@@ -31,7 +31,7 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.model.fused_lm_head": "auto | true | false: run the base model and fuse the LM head into the "
                                              "loss and log-prob passes (no [tokens, vocab] logits, response tokens "
                                              "only); auto: on for CUDA, where the logits are the memory peak; off on "
-                                             "CPU, where the models are small (the embedded one has 14 tokens: its "
+                                             "CPU, where the models are small (the embedded one has 16 tokens: its "
                                              "logits are smaller than its hidden states) and runs stay bit-identical "
                                              "to the model's-logits path; true on a model whose head cannot be fused "
                                              "(not a plain Linear, soft-capped or scaled logits) is an error",

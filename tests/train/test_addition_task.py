@@ -47,15 +47,31 @@ def shipped():
 
 def test_tokenizer_vocabulary_and_ids():
     tok = addition.build_tokenizer()
-    assert len(tok) == 14 and tok.vocab_size == 14
-    assert tok.get_vocab() == {s: i for i, s in enumerate(addition.SYMBOLS)}
+    assert len(tok) == 16 and tok.vocab_size == 16
+    # the 14 symbols of the first tokenizer keep their ids; the newline is stored in its byte-level form
+    assert addition.SYMBOLS[:14] == ["<pad>", "<eos>", *"0123456789", "+", "="]
+    expected = {s: i for i, s in enumerate(addition.SYMBOLS)}
+    expected["\u010a"] = expected.pop("\n")  # "Ċ", as in Qwen's vocabulary
+    assert tok.get_vocab() == expected
     assert (tok.pad_token, tok.pad_token_id, tok.eos_token, tok.eos_token_id) == ("<pad>", 0, "<eos>", 1)
     assert tok.encode("123+456=") == [3, 4, 5, 12, 6, 7, 8, 13]  # no BOS added
     assert tok.encode("1<eos>") == [3, 1]  # special tokens stay whole
     assert tok.encode("1 a2") == [3, 4]  # no unknown token: foreign characters are dropped
 
 
-@pytest.mark.parametrize("text", ["123+456=", "999+999=1998", "0", "+=+="])
+def test_tokenizer_newline_and_im_end_for_verls_agent_loop():
+    tok = addition.build_tokenizer()
+    assert tok.encode("\n", add_special_tokens=False) == [14]  # an ordinary token, one per newline
+    assert tok.encode("1\n\n2") == [3, 14, 14, 4] and tok.encode("\r\n") == [14]  # "\r" is foreign
+    assert tok.convert_tokens_to_ids("<|im_end|>") == 15 and tok.encode("<|im_end|>") == [15]
+    assert "<|im_end|>" in tok.all_special_tokens and "\n" not in tok.all_special_tokens
+    ids = tok.encode("12<|im_end|>\n3=")
+    assert ids == [3, 4, 15, 14, 5, 13]
+    assert tok.decode(ids) == "12<|im_end|>\n3="
+    assert tok.decode(ids, skip_special_tokens=True) == "12\n3="
+
+
+@pytest.mark.parametrize("text", ["123+456=", "999+999=1998", "0", "+=+=", "1\n2\n"])
 def test_tokenizer_round_trip_without_spaces(text):
     tok = addition.build_tokenizer()
     ids = tok.encode(text)
@@ -85,9 +101,9 @@ def test_tokenizer_pads_on_the_left():
 def test_model_config_sizes():
     config = addition.build_model_config()
     model = AutoModelForCausalLM.from_config(config)
-    assert sum(p.numel() for p in model.parameters()) == 527_488
+    assert sum(p.numel() for p in model.parameters()) == 527_744
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # tied
-    assert (config.vocab_size, config.pad_token_id, config.eos_token_id) == (14, 0, 1)
+    assert (config.vocab_size, config.pad_token_id, config.eos_token_id) == (16, 0, 1)
     assert config.max_position_embeddings >= addition.PROMPT_TOKENS + addition.MAX_NEW_TOKENS
 
 
@@ -166,12 +182,15 @@ def test_shipped_data_is_what_the_data_script_writes(shipped):
 def test_shipped_tokenizer_matches_the_built_one(shipped):
     paths, _, loaded, _, _ = shipped
     built = addition.build_tokenizer()
-    # transformers 5 loads any Qwen2 checkpoint's tokenizer as its own class; it must still be our 14 symbols
-    assert len(loaded) == 14 and loaded.get_vocab() == built.get_vocab()
+    # transformers 5 loads any Qwen2 checkpoint's tokenizer as its own class; it must still be our 16 symbols
+    assert len(loaded) == 16 and loaded.get_vocab() == built.get_vocab()
     assert loaded.padding_side == "left" and (loaded.pad_token_id, loaded.eos_token_id) == (0, 1)
-    for text in ["123+456=", "999+999=1998<eos>", "+=+=0", "1 a2", "<pad><pad>12+3="]:
+    assert loaded.encode("\n", add_special_tokens=False) == [14] and loaded.convert_tokens_to_ids("<|im_end|>") == 15
+    for text in ["123+456=", "999+999=1998<eos>", "+=+=0", "1 a2", "<pad><pad>12+3=", "1\n2<|im_end|>\n"]:
         assert loaded.encode(text) == built.encode(text), text
         assert loaded.decode(built.encode(text)) == built.decode(built.encode(text)), text
+        skipped = built.decode(built.encode(text), skip_special_tokens=True)
+        assert loaded.decode(built.encode(text), skip_special_tokens=True) == skipped, text
     batch = loaded(["1+2=", "123+456="], padding=True, add_special_tokens=False)
     assert batch["input_ids"][0] == [0, 0, 0, 0, 3, 12, 4, 13]
     assert set(batch) == {"input_ids", "attention_mask"}  # no token_type_ids, which generate() rejects
@@ -190,7 +209,7 @@ def test_shipped_model_files(shipped):
     generation = json.loads((directory / "generation_config.json").read_text())
     assert (generation["eos_token_id"], generation["pad_token_id"]) == (1, 0)
     assert "do_sample" not in generation and "temperature" not in generation  # sampling is the trainer's call
-    assert model.config.vocab_size == 14 and sum(p.numel() for p in model.parameters()) == 527_488
+    assert model.config.vocab_size == 16 and sum(p.numel() for p in model.parameters()) == 527_744
 
 
 def test_shipped_model_leaves_room_for_rl(shipped):
@@ -268,6 +287,7 @@ def test_scripts_run_end_to_end_and_train_deterministically(tmp_path, capsys):
     model = AutoModelForCausalLM.from_pretrained(outs[0], local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(outs[0], local_files_only=True)
     assert tokenizer.encode("1+2=") == [3, 12, 4, 13] and model.config.num_hidden_layers == 2
+    assert tokenizer.encode("\n") == [14] and model.config.vocab_size == len(tokenizer) == 16
     a, b = (load_file(out / "model.safetensors") for out in outs)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with torch.random.fork_rng(devices=[]):  # the weights the script starts from (its default --seed 0)

@@ -4,7 +4,7 @@ the separate old-log-prob pass, with the same result up to fp32 rounding, and on
 The on-policy setups use one mini-batch of 16 responses split into micro-batches of 4 (gradient
 accumulation: later micro-batches run after earlier backwards) while the separate pass runs in
 micro-batches of 8, so the two paths do not even share GEMM shapes: agreement is to fp32 rounding,
-not bit for bit. Tolerances: log-probs and entropies are O(1) sums over a 14-token vocabulary of
+not bit for bit. Tolerances: log-probs and entropies are O(1) sums over a 16-token vocabulary of
 a 1-layer model's fp32 logits, a few ulps apart (rtol 1e-5, atol 1e-6); the pass's metrics are means
 of those (same tolerance); the parameters after one iteration are Adam steps of lr 1e-3 whose
 direction is m / (sqrt(v) + eps): a gradient element that rounding moves by ~1e-7 relative moves
@@ -99,7 +99,7 @@ def test_reuse_equals_the_separate_pass(paths, tmp_path, algo, head):
 ])  # fmt: skip
 def test_off_policy_never_reuses(paths, tmp_path, overrides):
     trainer = _trainer(paths, tmp_path, "off", *ON_POLICY, *overrides)
-    metrics, passes, _, _, _ = _one_iteration(trainer)
+    metrics, _, _, _, _ = _one_iteration(trainer)
     assert metrics["actor/old_log_prob_from_update"] == 0.0
     assert metrics["timing_s/old_log_prob"] > 0.0
     assert metrics["actor/entropy"] is not None  # from the separate pass, which ran
