@@ -18,14 +18,14 @@ transformers, for CPU runs and GPU hosts without an inference engine:
   one server per replica, placed on its worker's node and shown that worker's
   accelerator.
 - :class:`HFServerAdapter`: the actor worker's side; ``update_weights`` streams
-  verl's ``(name, tensor)`` pairs to the server in buckets of
-  ``checkpoint_engine.update_weights_bucket_megabytes`` through Ray's object store
-  (every rank iterates, because FSDP gathers each tensor collectively; the
-  replica's first rank sends). The server checks that the names and shapes cover
-  its model exactly.
+  verl's ``(name, tensor)`` pairs (full tensors: FSDP gathers each one across the
+  ranks) to the rank's own server, in buckets of
+  ``checkpoint_engine.update_weights_bucket_megabytes``, through Ray's object
+  store. The server checks that the names and shapes cover its model exactly
+  before it changes a weight.
 
-:func:`register` puts both in verl's registries; the plugin calls it when verl
-loads (``sfpo_train.verl.plugin``). Weight sync through the object store copies
+:func:`register` puts both in verl's registries; it runs when this module is imported
+(the plugin imports it wherever verl loads). Weight sync through the object store copies
 each tensor to host memory: fine for small models and CPU runs, slow for a
 multi-billion-parameter model (use vLLM there).
 """
@@ -33,7 +33,6 @@ multi-billion-parameter model (use vLLM there).
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 from dataclasses import dataclass
 
@@ -46,7 +45,8 @@ from verl.utils.device import get_device_name, get_resource_name
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
-logger = logging.getLogger(__name__)
+from sfpo_train.trainer.data import left_pad
+
 
 NAME = "hf"
 SERVER_PREFIX = "hf_server_"
@@ -124,15 +124,10 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, pad_id: 
     ``log_probs[t] = log_softmax(processed_logits_t)[token_t]``, the processed
     logits being what ``generate`` samples from (``output_scores``).
     """
-    device = next(model.parameters()).device
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask[row, width - len(prompt):] = 1
+    ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
+    width = ids.shape[1]
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), pad_token_id=pad_id,
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id,
                              eos_token_id=sorted(eos_ids), return_dict_in_generate=True,
                              output_scores=sampling.logprobs, **sampling.generate_kwargs())  # fmt: skip
     new = out.sequences[:, width:].cpu()
@@ -157,7 +152,7 @@ class HFRolloutServer:
     """One transformers model serving verl's token-in/token-out ``generate`` (a Ray actor; see the module doc)."""
 
     def __init__(self, config, model_config, replica_rank: int, cuda_visible_devices: str | None = None):
-        from transformers import AutoModelForCausalLM, GenerationConfig
+        from transformers import AutoModelForCausalLM
         from verl.utils.config import omega_conf_to_dataclass
         from verl.workers.config import HFModelConfig
 
@@ -172,7 +167,7 @@ class HFRolloutServer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
         self.model.to(self.device).eval()
-        generation = GenerationConfig.from_model_config(self.model.config)
+        generation = self.model.generation_config  # the model directory's generation_config.json
         eos = generation.eos_token_id
         self.eos_ids = {int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None}
         pad = self.model.config.pad_token_id if self.model.config.pad_token_id is not None else generation.pad_token_id
@@ -231,7 +226,7 @@ class HFRolloutServer:
                 try:
                     results = await asyncio.to_thread(generate_batch, self.model, [r[0] for r in group],
                                                       first_sampling, self.pad_id, self.eos_ids)  # fmt: skip
-                except Exception as exc:  # every waiting request gets the error, the loop keeps serving
+                except Exception as exc:  # noqa: BLE001  (every waiting request gets the error; the loop keeps serving)
                     for _, _, future in group:
                         if not future.done():
                             future.set_exception(exc)
