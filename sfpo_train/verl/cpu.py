@@ -15,7 +15,7 @@ both in:
   :class:`CPUFSDPEngine` for device "cpu", and a gloo process group (verl would
   ask torch for ``"cpu:gloo,cpu:gloo"``, which it rejects) from the usual
   ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables, on a free port when
-  ``MASTER_PORT`` is unset. Our worker calls it in its Ray process.
+  ``MASTER_PORT`` is unset in a one-process group. Our worker calls it in its Ray process.
 
 Model settings that must accompany it: ``strategy=fsdp2`` and
 ``attn_implementation=eager`` (verl's default, flash-attention, needs CUDA);
@@ -206,6 +206,8 @@ def use_cpu() -> None:
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would pick a port of its own and wait forever
+                raise ValueError("use_cpu: WORLD_SIZE > 1 needs MASTER_PORT (one rendezvous port for every rank)")
             os.environ["MASTER_PORT"] = str(free_port())
         dist.init_process_group("gloo", rank=int(os.environ.get("RANK", "0")),
                                 world_size=int(os.environ.get("WORLD_SIZE", "1")))  # fmt: skip

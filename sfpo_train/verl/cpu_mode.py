@@ -5,8 +5,8 @@ selects our CPU platform in every process of the job (``VERL_PLATFORM=cpu``, in
 the driver's environment and in Ray's ``runtime_env``; the plugin registers the
 platform wherever verl is imported, :mod:`sfpo_train.verl.cpu`) and gives the
 small-cluster settings below as defaults of the mode. Each default replaces
-only verl's own default value, so anything set on the command line stays as
-set; what changed is returned (and logged by the entry point).
+a value equal to verl's own default, so anything else set on the command line
+stays as set; what changed is returned (and printed by the entry point).
 
 =====================================================  =========  =====================================
 key                                                    verl       cpu mode (why)
@@ -27,6 +27,14 @@ key                                                    verl       cpu mode (why)
 ``actor_rollout_ref.actor.strategy``                   fsdp       fsdp2 (the engine tested on CPU)
 =====================================================  =========  =====================================
 
+The two ``ray_init`` counts describe a local cluster that ``ray.init`` starts;
+Ray refuses them when joining a running cluster (``RAY_ADDRESS`` set or
+``ray_init.address`` given), so they are left out then: start that cluster with
+``ray start --num-cpus=32 --num-gpus=<ranks per node>``.
+``VERL_USE_EXTERNAL_MODULES`` gains ``sfpo_train.verl.plugin``, so verl's own
+processes (agent loop, reward workers) register the CPU platform even where the
+entry point is not installed or plugin loading is off.
+
 The ``hf`` rollout also needs ``rollout.tensor_model_parallel_size=1``;
 :func:`apply_hf_rollout_defaults` sets it when it is verl's default (2), in
 any mode.
@@ -39,7 +47,10 @@ import os
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 PLATFORM_ENV = "VERL_PLATFORM"
+MODULES_ENV = "VERL_USE_EXTERNAL_MODULES"  # verl/__init__ imports these in every process, whatever the plugin policy
+PLUGIN_MODULE = "sfpo_train.verl.plugin"
 _MISSING = object()
+_LOCAL_CLUSTER_ONLY = ("ray_kwargs.ray_init.num_cpus", "ray_kwargs.ray_init.num_gpus")
 
 # (dotted key, verl's default, the CPU mode's value); a callable value is computed from the config
 CPU_DEFAULTS = (
@@ -78,21 +89,28 @@ def _set(config: DictConfig, key: str, value) -> None:
 
 
 def apply_cpu_mode(config: DictConfig) -> list[str]:
-    """Select the CPU platform everywhere and apply :data:`CPU_DEFAULTS` where verl's default stands; in place.
+    """Select the CPU platform everywhere and apply :data:`CPU_DEFAULTS` where a key holds verl's default; in place.
 
-    Returns ``"key: old -> new"`` for each value changed.
+    A key is compared by value, so ``reward.num_workers=8`` given explicitly reads
+    as verl's default too. Returns ``"key: old -> new"`` for each value changed.
     """
     os.environ[PLATFORM_ENV] = "cpu"
+    modules = [m for m in os.environ.get(MODULES_ENV, "").split(",") if m.strip()]
+    if PLUGIN_MODULE not in modules:
+        os.environ[MODULES_ENV] = ",".join([*modules, PLUGIN_MODULE])
+    joins_a_cluster = bool(os.environ.get("RAY_ADDRESS")) or _get(config, "ray_kwargs.ray_init.address") not in (
+        _MISSING, None)  # fmt: skip
     changed = []
     for key, verl_default, value in CPU_DEFAULTS:
+        if joins_a_cluster and key in _LOCAL_CLUSTER_ONLY:
+            continue
         current = _get(config, key)
         if current is verl_default or current == verl_default:
             new = value(config) if callable(value) else value
             _set(config, key, new)
             changed.append(f"{key}: {'(unset)' if current is _MISSING else current} -> {new}")
-    env_vars = _get(config, "ray_kwargs.ray_init.runtime_env.env_vars")
-    if env_vars is _MISSING or env_vars is None or env_vars.get(PLATFORM_ENV) != "cpu":
-        _set(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{PLATFORM_ENV}", "cpu")
+    for name in (PLATFORM_ENV, MODULES_ENV):
+        _set(config, f"ray_kwargs.ray_init.runtime_env.env_vars.{name}", os.environ[name])
     return changed + apply_hf_rollout_defaults(config)
 
 

@@ -27,21 +27,24 @@ transformers, for CPU runs and GPU hosts without an inference engine:
 :func:`register` puts both in verl's registries; it runs when this module is imported
 (the plugin imports it wherever verl loads). Weight sync through the object store copies
 each tensor to host memory: fine for small models and CPU runs, slow for a
-multi-billion-parameter model (use vLLM there).
+multi-billion-parameter model (use vLLM there). Dense text models only: verl
+renames the weights of mixture-of-experts and vision-language checkpoints for
+vLLM on the way out (a sync to this server then raises, naming the tensors),
+and LoRA must be merged (``model.lora.merge=true``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 from dataclasses import dataclass
 
 import ray
 import torch
 import torch.distributed as dist
+from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from verl.plugin.platform import get_platform
-from verl.utils.device import get_device_name, get_resource_name
+from verl.utils.device import get_device_name, get_resource_name, get_visible_devices_keyword
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
@@ -107,34 +110,76 @@ class Sampling:
                    logprobs=bool(params.get("logprobs", False)),
                    ignore_eos=bool(params.get("ignore_eos", ignore_eos)))  # fmt: skip
 
-    def generate_kwargs(self) -> dict:
+    def generate_kwargs(self, recorder: LogitsProcessor | None) -> dict:
+        """``generate`` keywords: the warpers in vLLM's order (after penalties: temperature, top-k, top-p), then ``recorder``.
+
+        The warpers are passed as our own processors, with ``generate``'s turned off,
+        because ``generate`` runs a caller's processors *before* its own warpers and
+        ``recorder`` must see the final, processed scores.
+        """
         greedy = self.temperature == 0
         kwargs = {"do_sample": not greedy, "max_new_tokens": self.max_tokens,
                   "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        processors = []
         if not greedy:
-            kwargs.update(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k if self.top_k > 0 else None)
-        if self.ignore_eos:
-            kwargs["min_new_tokens"] = self.max_tokens
+            kwargs.update(temperature=1.0, top_k=None, top_p=1.0)
+            if self.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(self.temperature))
+            if self.top_k > 0:
+                processors.append(TopKLogitsWarper(top_k=self.top_k))
+            if self.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=self.top_p))
+        if recorder is not None:
+            processors.append(recorder)
+        kwargs["logits_processor"] = LogitsProcessorList(processors)
         return kwargs
+
+
+class ProcessedLogProbs(LogitsProcessor):
+    """The log-prob of each chosen token under the processed distribution, keeping one step of scores at a time.
+
+    Called last in every step with that step's final scores ``[rows, V]``; the
+    token chosen from them shows up as the last input id of the next call (or of
+    the finished sequences), so memory is one ``[rows, V]`` step, not ``[rows,
+    steps, V]``.
+    """
+
+    def __init__(self):
+        self._last: torch.Tensor | None = None
+        self._steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._take(input_ids[:, -1])
+        self._last = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def _take(self, tokens: torch.Tensor) -> None:
+        if self._last is not None:
+            self._steps.append(self._last.gather(-1, tokens[:, None]).squeeze(-1).cpu())
+
+    def result(self, sequences: torch.Tensor) -> torch.Tensor:
+        """``[rows, steps]`` log-probs of the generated tokens of ``sequences`` (``generate``'s output)."""
+        self._take(sequences[:, -1])
+        self._last = None
+        return torch.stack(self._steps, dim=1)
 
 
 def generate_batch(model, prompts: list[list[int]], sampling: Sampling, pad_id: int, eos_ids: set[int]):
     """``[(tokens, log_probs | None)]`` for ``prompts`` under ``sampling``: left-padded ``generate``, cut after EOS.
 
     ``log_probs[t] = log_softmax(processed_logits_t)[token_t]``, the processed
-    logits being what ``generate`` samples from (``output_scores``).
+    logits being what ``generate`` samples from (:class:`ProcessedLogProbs`).
+    ``ignore_eos`` keeps generating past EOS without changing the distribution.
     """
     ids, mask = left_pad(prompts, pad_id, next(model.parameters()).device)
     width = ids.shape[1]
+    recorder = ProcessedLogProbs() if sampling.logprobs else None
+    stop = None if sampling.ignore_eos else sorted(eos_ids)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id,
-                             eos_token_id=sorted(eos_ids), return_dict_in_generate=True,
-                             output_scores=sampling.logprobs, **sampling.generate_kwargs())  # fmt: skip
+        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, eos_token_id=stop,
+                             return_dict_in_generate=True, **sampling.generate_kwargs(recorder))  # fmt: skip
     new = out.sequences[:, width:].cpu()
-    logprobs = None
-    if sampling.logprobs:
-        scores = torch.stack(out.scores, dim=1).float().cpu()  # [rows, steps, V]
-        logprobs = torch.log_softmax(scores, dim=-1).gather(-1, new[:, : scores.shape[1], None]).squeeze(-1)
+    logprobs = None if recorder is None else recorder.result(out.sequences)
     results = []
     for row in range(len(prompts)):
         tokens = new[row].tolist()
@@ -151,13 +196,20 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, pad_id: 
 class HFRolloutServer:
     """One transformers model serving verl's token-in/token-out ``generate`` (a Ray actor; see the module doc)."""
 
-    def __init__(self, config, model_config, replica_rank: int, cuda_visible_devices: str | None = None):
+    def __init__(self, config, model_config, replica_rank: int):
+        """``config``: verl's ``RolloutConfig``; ``model_config``: ``actor_rollout_ref.model`` (or an ``HFModelConfig``).
+
+        On a GPU host the replica starts this actor with its worker's device as the
+        only visible one (``runtime_env``: the variable must be set before CUDA starts,
+        and importing verl starts it).
+        """
         from transformers import AutoModelForCausalLM
         from verl.utils.config import omega_conf_to_dataclass
         from verl.workers.config import HFModelConfig
 
-        if cuda_visible_devices:
-            os.environ["CUDA_VISIBLE_DEVICES"] = cuda_visible_devices
+        if config.logprobs_mode not in (None, "processed_logprobs"):
+            raise ValueError(f"the hf rollout returns processed log-probs only; got rollout.logprobs_mode="
+                             f"{config.logprobs_mode!r}")  # fmt: skip
         self.config = config
         self.replica_rank = replica_rank
         self.global_steps = None
@@ -165,7 +217,9 @@ class HFRolloutServer:
         path = model_config.local_path
         dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(config.dtype, config.dtype))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=model_config.trust_remote_code)
+        # hf_config carries model.override_config (attention implementation, rope scaling, ...), as the actor's does
+        self.model = AutoModelForCausalLM.from_pretrained(path, config=model_config.hf_config, dtype=dtype,
+                                                          trust_remote_code=model_config.trust_remote_code)  # fmt: skip
         self.model.to(self.device).eval()
         generation = self.model.generation_config  # the model directory's generation_config.json
         eos = generation.eos_token_id
@@ -175,7 +229,7 @@ class HFRolloutServer:
         self.max_model_len = config.max_model_len or config.prompt_length + config.response_length
         self._pending: list = []
         self._wake: asyncio.Event | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._batcher: asyncio.Task | None = None
         self._incoming: dict[str, torch.Tensor] = {}
         torch.manual_seed(config.seed + replica_rank)
 
@@ -207,10 +261,12 @@ class HFRolloutServer:
                            extra_fields={"global_steps": self.global_steps})  # fmt: skip
 
     def _ensure_batcher(self) -> None:
+        # Started on the first request; started again if it ended or belongs to another event loop (Ray keeps
+        # one loop per actor, asyncio.run in the tests makes a new one each time).
         loop = asyncio.get_running_loop()
-        if self._loop is not loop:  # first request, or a new event loop (Ray keeps one; asyncio.run does not)
-            self._loop, self._wake = loop, asyncio.Event()
-            loop.create_task(self._batch_loop())
+        if self._batcher is None or self._batcher.done() or self._batcher.get_loop() is not loop:
+            self._wake = asyncio.Event()
+            self._batcher = loop.create_task(self._batch_loop())
         self._wake.set()
 
     async def _batch_loop(self) -> None:
@@ -226,10 +282,12 @@ class HFRolloutServer:
                 try:
                     results = await asyncio.to_thread(generate_batch, self.model, [r[0] for r in group],
                                                       first_sampling, self.pad_id, self.eos_ids)  # fmt: skip
-                except Exception as exc:  # noqa: BLE001  (every waiting request gets the error; the loop keeps serving)
+                except BaseException as exc:  # noqa: BLE001  (each waiting request gets the error)
                     for _, _, future in group:
                         if not future.done():
                             future.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        raise
                     continue
                 for (_, _, future), result in zip(group, results, strict=True):
                     if not future.done():
@@ -312,13 +370,15 @@ class HFReplica(RolloutReplica):
         node_id, accelerators = await self.workers[0].__ray_call__.remote(
             lambda worker: (ray.get_runtime_context().get_node_id(),
                             ray.get_runtime_context().get_accelerator_ids().get(resource, [])))  # fmt: skip
-        visible = ",".join(str(a) for a in accelerators) if get_device_name() == "cuda" else None
-        env_vars = {var: "1" for var in get_platform().ray_noset_envvars()}  # we set the visible devices ourselves
+        # Ray gives the server no accelerator of its own (its worker holds it): show it the worker's, from the start
+        env_vars = {var: "1" for var in get_platform().ray_noset_envvars()}
+        if get_device_name() != "cpu" and accelerators:
+            env_vars[get_visible_devices_keyword()] = ",".join(str(a) for a in accelerators)
         server = ray.remote(HFRolloutServer).options(
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
             runtime_env={"env_vars": env_vars}, name=server_name(self.replica_rank),
             max_concurrency=self.max_concurrency,
-        ).remote(self.config, self.model_config, self.replica_rank, visible)  # fmt: skip
+        ).remote(self.config, self.model_config, self.replica_rank)  # fmt: skip
         self.servers = [server]
         self._server_handle = server
         self._server_address = f"hf://{server_name(self.replica_rank)}"  # no HTTP endpoint: Ray calls only
@@ -350,6 +410,8 @@ class HFServerAdapter(BaseRollout):
         """Send every ``(name, tensor)`` to the server, in buckets of ``bucket_bytes``; the last call loads them."""
         if wire_format != "named_tensors":
             raise ValueError(f"the hf rollout takes full named tensors, not wire_format={wire_format!r}")
+        if kwargs.get("peft_config") is not None:
+            raise ValueError("the hf rollout loads full weights: with LoRA set actor_rollout_ref.model.lora.merge=true")
         bucket, size = {}, 0
         for name, tensor in weights:
             bucket[name] = tensor.detach().to("cpu", copy=True)

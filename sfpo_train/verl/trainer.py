@@ -60,7 +60,18 @@ class SFPOTrainer(PPOTrainerSync):
 
 
 class _SFPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
-    """verl's ``TaskRunnerV1`` whose ``run`` builds :class:`SFPOTrainer` instead of the registered sync trainer."""
+    """verl's ``TaskRunnerV1`` whose ``run`` builds :attr:`trainer_cls` instead of the registered sync trainer.
+
+    Another worker class goes in by subclassing both::
+
+        class MyTrainer(SFPOTrainer):
+            worker_cls = MyWorker  # a subclass of SFPOActorRolloutRefWorker
+
+        runner = sfpo_train.verl.trainer.task_runner(MyTrainer)
+        verl.trainer.main_ppo.run_ppo(config, task_runner_class=runner)
+    """
+
+    trainer_cls: type = SFPOTrainer
 
     def run(self, config):
         import transfer_queue as tq
@@ -73,7 +84,7 @@ class _SFPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
         tq.init(config.transfer_queue)
         succeeded = False
         try:
-            self.trainer = SFPOTrainer(config=config)
+            self.trainer = self.trainer_cls(config=config)
             self.trainer.init()
             self.init_agent_loop_manager()
             self.trainer.fit(self.agent_loop_manager)
@@ -87,4 +98,13 @@ class _SFPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
                 tq.close()
 
 
-SFPOTaskRunner = ray.remote(_SFPOTaskRunner)
+def task_runner(trainer_cls: type[SFPOTrainer] = SFPOTrainer):
+    """A Ray task runner class building ``trainer_cls`` (give it to ``run_ppo(config, task_runner_class=...)``)."""
+    if not (isinstance(trainer_cls, type) and issubclass(trainer_cls, SFPOTrainer)):
+        raise ValueError(f"trainer_cls must be a subclass of SFPOTrainer, got {trainer_cls!r}")
+    if trainer_cls is SFPOTrainer:
+        return ray.remote(_SFPOTaskRunner)
+    return ray.remote(type(f"_{trainer_cls.__name__}TaskRunner", (_SFPOTaskRunner,), {"trainer_cls": trainer_cls}))
+
+
+SFPOTaskRunner = task_runner()

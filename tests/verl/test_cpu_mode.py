@@ -17,7 +17,7 @@ import_or_skip("verl")
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME  # noqa: E402
-from sfpo_train.verl.cpu_mode import PLATFORM_ENV, apply_cpu_mode  # noqa: E402
+from sfpo_train.verl.cpu_mode import MODULES_ENV, PLATFORM_ENV, PLUGIN_MODULE, apply_cpu_mode  # noqa: E402
 
 
 def _config(*overrides):
@@ -27,7 +27,8 @@ def _config(*overrides):
 
 @pytest.fixture(autouse=True)
 def _restore_platform_env(monkeypatch):
-    monkeypatch.delenv(PLATFORM_ENV, raising=False)  # apply_cpu_mode sets it; monkeypatch puts it back
+    for name in (PLATFORM_ENV, MODULES_ENV, "RAY_ADDRESS"):  # apply_cpu_mode sets the first two; put back after
+        monkeypatch.delenv(name, raising=False)
 
 
 def test_defaults_of_the_mode_replace_verls_defaults():
@@ -42,8 +43,9 @@ def test_defaults_of_the_mode_replace_verls_defaults():
     assert config.actor_rollout_ref.model.override_config.attn_implementation == "eager"
     assert config.actor_rollout_ref.actor.strategy == "fsdp2"
     assert config.actor_rollout_ref.ref.strategy == "fsdp2"  # verl's ref follows the actor
-    assert config.ray_kwargs.ray_init.runtime_env.env_vars[PLATFORM_ENV] == "cpu"
-    assert os.environ[PLATFORM_ENV] == "cpu"
+    env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env_vars[PLATFORM_ENV] == os.environ[PLATFORM_ENV] == "cpu"
+    assert env_vars[MODULES_ENV] == os.environ[MODULES_ENV] == PLUGIN_MODULE
     assert len(changed) == 9 and "reward.num_workers: 8 -> 1" in changed
 
 
@@ -59,6 +61,17 @@ def test_values_set_on_the_command_line_stay():
     assert not any(c.startswith(("ray_kwargs.ray_init.num", "reward.", "actor_rollout_ref.rollout.name",
                                  "actor_rollout_ref.rollout.tensor", "actor_rollout_ref.actor.strategy",
                                  "actor_rollout_ref.model")) for c in changed), changed  # fmt: skip
+
+
+def test_joining_a_running_cluster_leaves_its_resource_counts_alone(monkeypatch):
+    monkeypatch.setenv(MODULES_ENV, "my_lib")
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # ray.init refuses num_cpus/num_gpus when joining
+    config = _config()
+    changed = apply_cpu_mode(config)
+    assert config.ray_kwargs.ray_init.num_cpus is None and "num_gpus" not in config.ray_kwargs.ray_init
+    assert not any(c.startswith("ray_kwargs") for c in changed), changed
+    assert config.reward.num_workers == 1  # the other defaults still apply
+    assert os.environ[MODULES_ENV] == f"my_lib,{PLUGIN_MODULE}"
 
 
 def test_an_hf_rollout_with_tensor_parallelism_is_an_error():

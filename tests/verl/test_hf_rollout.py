@@ -23,14 +23,16 @@ from sfpo_train.tasks import default_paths  # noqa: E402
 from sfpo_train.verl import hf_rollout  # noqa: E402
 from sfpo_train.verl.hf_rollout import HFRolloutServer  # noqa: E402
 
-PROMPTS = ["123+456=", "999+999=", "100+100=", "505+261="]
+# different lengths, so that a batch is left-padded (the task's own prompts are all 8 tokens)
+PROMPTS = ["123+456=", "5+7=", "99+1=", "505+261="]
 LOGPROB_TOL = {"atol": 1e-4, "rtol": 0}  # fp32 forward of a batch (left-padded) vs one unpadded sequence
 
 
 def _server(**rollout) -> HFRolloutServer:
     config = RolloutConfig(name="hf", prompt_length=8, response_length=5, dtype="float32", max_num_seqs=64,
                            tensor_model_parallel_size=1, **rollout)  # fmt: skip
-    return HFRolloutServer(config, OmegaConf.create({"path": default_paths()["model"]}), replica_rank=0)
+    model = {"path": default_paths()["model"], "override_config": {"attn_implementation": "eager"}}  # as on CPU
+    return HFRolloutServer(config, OmegaConf.create(model), replica_rank=0)
 
 
 @pytest.fixture(scope="module")
@@ -63,32 +65,43 @@ def _oracle_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> 
     return ids[len(prompt):]
 
 
-def _oracle_logprobs(model, prompt: list[int], tokens: list[int], temperature: float, top_k: int) -> torch.Tensor:
+def _oracle_logprobs(model, prompt: list[int], tokens: list[int], temperature: float, top_k: int = -1,
+                     top_p: float = 1.0) -> torch.Tensor:  # fmt: skip
+    """Temperature, then top-k (the k largest), then top-p (a token stays while the mass above it is < p)."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].double() / temperature
     if top_k > 0:
         kth = logits.topk(top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        probs, order = torch.softmax(logits, dim=-1).sort(dim=-1, descending=True)
+        mass_above = probs.cumsum(dim=-1) - probs
+        drop = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, order, mass_above >= top_p)
+        logits = logits.masked_fill(drop, float("-inf"))
     return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
 
 
-def test_greedy_requests_arriving_together_match_one_at_a_time(server):
+def test_greedy_requests_arriving_together_match_one_at_a_time(server, monkeypatch):
+    calls = []
+    generate = server.model.generate
+    monkeypatch.setattr(server.model, "generate", lambda **kw: calls.append(kw["input_ids"].shape) or generate(**kw))
     prompts = [_ids(server, p) for p in PROMPTS]
     outs = _generate_all(server, prompts, [{"temperature": 0, "top_p": 1.0, "top_k": -1}] * len(prompts))
+    assert calls == [torch.Size([4, 8])]  # one batch, padded to the longest prompt
     for prompt, out in zip(prompts, outs, strict=True):
         assert out.token_ids == _oracle_greedy(server.model, prompt, 5, server.eos_ids)
         assert out.log_probs is None and out.stop_reason == "completed"
 
 
-@pytest.mark.parametrize("top_k", [-1, 3])
-def test_sampled_log_probs_are_the_processed_distributions(server, top_k):
+@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, -1, 1.0), (0.7, 3, 1.0), (1.3, -1, 0.8), (1.0, 4, 0.9)])
+def test_sampled_log_probs_are_the_processed_distributions(server, temperature, top_k, top_p):
     torch.manual_seed(0)
     prompts = [_ids(server, p) for p in PROMPTS] * 2
-    params = {"temperature": 0.7, "top_p": 1.0, "top_k": top_k, "logprobs": True}
+    params = {"temperature": temperature, "top_p": top_p, "top_k": top_k, "logprobs": True}
     outs = _generate_all(server, prompts, [params] * len(prompts))
     for prompt, out in zip(prompts, outs, strict=True):
         assert 1 <= len(out.token_ids) <= 5 and len(out.log_probs) == len(out.token_ids)
-        want = _oracle_logprobs(server.model, prompt, out.token_ids, 0.7, top_k)
+        want = _oracle_logprobs(server.model, prompt, out.token_ids, temperature, top_k, top_p)
         torch.testing.assert_close(torch.tensor(out.log_probs, dtype=torch.float64), want, **LOGPROB_TOL)
 
 
@@ -96,11 +109,14 @@ def test_mixed_sampling_settings_are_served_in_separate_batches(server):
     prompts = [_ids(server, p) for p in PROMPTS]
     greedy = {"temperature": 0, "top_k": -1}
     outs = _generate_all(server, prompts, [greedy, {"temperature": 1.0, "max_tokens": 2, "logprobs": True},
-                                           greedy, {"temperature": 1.0, "ignore_eos": True}])  # fmt: skip
+                                           greedy, {"temperature": 1.0, "ignore_eos": True, "logprobs": True}])  # fmt: skip
     for i in (0, 2):
         assert outs[i].token_ids == _oracle_greedy(server.model, prompts[i], 5, server.eos_ids)
     assert 1 <= len(outs[1].token_ids) <= 2 and len(outs[1].log_probs) == len(outs[1].token_ids)
-    assert len(outs[3].token_ids) == 5  # ignore_eos: the whole budget
+    # ignore_eos: the whole budget, from the unchanged distribution (EOS keeps its probability)
+    assert len(outs[3].token_ids) == 5
+    want = _oracle_logprobs(server.model, prompts[3], outs[3].token_ids, 1.0)
+    torch.testing.assert_close(torch.tensor(outs[3].log_probs, dtype=torch.float64), want, **LOGPROB_TOL)
 
 
 def test_weight_sync_loads_every_tensor_and_rejects_a_mismatch():
