@@ -26,9 +26,15 @@ def _config(*overrides):
 
 
 @pytest.fixture(autouse=True)
-def _restore_platform_env(monkeypatch):
-    for name in (PLATFORM_ENV, MODULES_ENV, "RAY_ADDRESS"):  # apply_cpu_mode sets the first two; put back after
-        monkeypatch.delenv(name, raising=False)
+def _restore_platform_env():
+    # apply_cpu_mode sets the first two in os.environ: later tests (subprocesses importing verl) must not see them
+    names = (PLATFORM_ENV, MODULES_ENV, "RAY_ADDRESS")
+    saved = {name: os.environ.pop(name, None) for name in names}
+    yield
+    for name, value in saved.items():
+        os.environ.pop(name, None)
+        if value is not None:
+            os.environ[name] = value
 
 
 def test_defaults_of_the_mode_replace_verls_defaults():
@@ -63,9 +69,9 @@ def test_values_set_on_the_command_line_stay():
                                  "actor_rollout_ref.model")) for c in changed), changed  # fmt: skip
 
 
-def test_joining_a_running_cluster_leaves_its_resource_counts_alone(monkeypatch):
-    monkeypatch.setenv(MODULES_ENV, "my_lib")
-    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # ray.init refuses num_cpus/num_gpus when joining
+def test_joining_a_running_cluster_leaves_its_resource_counts_alone():
+    os.environ[MODULES_ENV] = "my_lib"
+    os.environ["RAY_ADDRESS"] = "127.0.0.1:6379"  # ray.init refuses num_cpus/num_gpus when joining
     config = _config()
     changed = apply_cpu_mode(config)
     assert config.ray_kwargs.ray_init.num_cpus is None and "num_gpus" not in config.ray_kwargs.ray_init
