@@ -64,8 +64,9 @@ def register() -> None:
     base._ROLLOUT_REGISTRY[(NAME, "async")] = f"{__name__}.HFServerAdapter"
 
 
-def server_name(replica_rank: int, node_rank: int = 0) -> str:
-    return f"{SERVER_PREFIX}{replica_rank}_{node_rank}"
+def server_name(replica_rank: int) -> str:
+    """The Ray actor name of a replica's server (one server per replica: one node, one rank)."""
+    return f"{SERVER_PREFIX}{replica_rank}"
 
 
 def check_rollout_config(rollout) -> None:
@@ -96,8 +97,8 @@ class Sampling:
 
     @classmethod
     def from_request(cls, params: dict, max_tokens: int, ignore_eos: bool) -> Sampling:
-        known = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "max_tokens", "max_new_tokens",
-                 "ignore_eos"}  # fmt: skip
+        # the token budget (max_tokens / max_new_tokens) arrives as max_tokens, taken out of params by generate()
+        known = {"temperature", "top_p", "top_k", "repetition_penalty", "logprobs", "ignore_eos"}
         unknown = sorted(set(params) - known)
         if unknown:
             raise ValueError(f"the hf rollout server does not support sampling parameters {unknown}")

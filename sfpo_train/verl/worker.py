@@ -54,6 +54,7 @@ from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 from sfpo_train.sfpo import SFPO, SFPOConfig
 from sfpo_train.verl import cpu, fused, hf_rollout  # noqa: F401  (hf_rollout: registered with verl on import)
 from sfpo_train.verl.config import VerlSFPOSettings, normalize_sfpo_config, resolve_fused_kernels
+from sfpo_train.verl.cpu_mode import PLATFORM_ENV
 from sfpo_train.verl.ranks import broadcast_from_rank0, check_ranks_agree
 
 logger = logging.getLogger(__name__)
@@ -208,7 +209,7 @@ class SFPOActorRolloutRefWorker(ActorRolloutRefWorker):
     actor_worker_cls = SFPOTrainingWorker
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
-        if os.environ.get("VERL_PLATFORM") == "cpu":
+        if os.environ.get(PLATFORM_ENV) == "cpu":
             cpu.use_cpu()  # in this Ray process: the platform, the CPU engine, the gloo group (before verl's init)
         # Before verl builds ActorConfig(**config.actor), which rejects the SFPO keys.
         self.sfpo_settings: VerlSFPOSettings = normalize_sfpo_config(config)
