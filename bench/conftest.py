@@ -130,10 +130,22 @@ def bench_device() -> torch.device:
 def git_revision() -> str:
     """``git rev-parse --short HEAD`` of this checkout (``-dirty`` if it has changes), else ``$SFPO_GIT_REV``."""
     try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                             text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
         if rev:
             return rev + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
@@ -344,8 +356,10 @@ class Bench:
         compares against (of ``work.nbytes``, measured in this run).
         """
         if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
-            pytest.skip("SFPO_POISON_ALLOCATIONS=1 (set by tests/conftest.py) NaN-fills every snapshot; "
-                        "run bench/ in a pytest process of its own")  # fmt: skip
+            pytest.skip(
+                "SFPO_POISON_ALLOCATIONS=1 (set by tests/conftest.py) NaN-fills every snapshot; "
+                "run bench/ in a pytest process of its own"
+            )
         device = self.device
         dtype = work.params[0].dtype
 
@@ -355,14 +369,22 @@ class Bench:
 
         rounds, warmup = self.rounds(slow=slow)
         benchmark.group = f"{op} {str(dtype).removeprefix('torch.')} offload={offload}"
-        benchmark.pedantic(timed, setup=lambda: synchronize(device), rounds=rounds, warmup_rounds=warmup,
-                           iterations=1)  # fmt: skip
+        benchmark.pedantic(timed, setup=lambda: synchronize(device), rounds=rounds, warmup_rounds=warmup, iterations=1)
 
         info = benchmark.extra_info
         info.update(sfpo_machine_info())
-        info.update(op=op, impl=impl, backend=backend, dtype=str(dtype).removeprefix("torch."), offload=offload,
-                    n_tensors=len(work.params), numel=work.numel, param_bytes=work.nbytes,
-                    bytes_moved=bytes_moved, limit=f"{limit} copy")  # fmt: skip
+        info.update(
+            op=op,
+            impl=impl,
+            backend=backend,
+            dtype=str(dtype).removeprefix("torch."),
+            offload=offload,
+            n_tensors=len(work.params),
+            numel=work.numel,
+            param_bytes=work.nbytes,
+            bytes_moved=bytes_moved,
+            limit=f"{limit} copy",
+        )
         copy_gbps = copy_bandwidth(limit, work.nbytes, device)
         info["copy_gbps"] = round(copy_gbps, 2)
         stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
@@ -429,4 +451,3 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.write_sep("=", f"sfpo vs baselines on {device} (median times; >1x: sfpo faster)")
     for line in lines or ["no sfpo/baseline pair ran (see the tables above)"]:
         terminalreporter.write_line(line)
-

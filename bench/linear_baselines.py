@@ -15,21 +15,15 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
 from sfpo_kernels import reference
 
-_TESTS = Path(__file__).resolve().parents[1] / "tests"
-
-
-# The tests' dispatch probe, one definition for both (tests/ is on pytest's pythonpath; scripts run it from here).
-if str(_TESTS) not in sys.path:
-    sys.path.insert(0, str(_TESTS))
-from helpers.alloc_probe import LargestAllocation as LargestTensor  # noqa: E402
+# The tests' dispatch probe, one definition for both (the repository root is on sys.path under pytest and
+# for scripts run as ``python -m bench....`` from it).
+from tests.helpers.alloc_probe import LargestAllocation as LargestTensor
 
 
 def largest_tensor(fn: Callable[[], object]) -> dict[str, object]:
@@ -49,13 +43,15 @@ def verl_fused_linear_fn() -> Callable | None:
     return FusedLinearForPPO(chunk_size=512, impl_backend="torch")
 
 
-def verl_fused_linear_loss(fused_linear, hidden, weight, labels, old_log_probs, advantages, response_mask,
-                           **loss_settings) -> torch.Tensor:  # fmt: skip
+def verl_fused_linear_loss(
+    fused_linear, hidden, weight, labels, old_log_probs, advantages, response_mask, **loss_settings
+) -> torch.Tensor:
     """verl's chunked head (all tokens; no bias) then the shared policy-loss math: the scalar loss."""
     temperature = loss_settings.pop("temperature", 1.0)
     log_probs, entropy = fused_linear(hidden, weight, labels, temperature=temperature)
-    loss, _ = reference.grpo_loss_from_log_probs(log_probs, entropy, old_log_probs, advantages, response_mask,
-                                                 **{"ref_log_probs": None, **loss_settings})  # fmt: skip
+    loss, _ = reference.grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, **{"ref_log_probs": None, **loss_settings}
+    )
     return loss
 
 
@@ -77,13 +73,31 @@ def liger_loss_class() -> type | None:
     return LigerFusedLinearGRPOLoss if params[: len(LIGER_FORWARD)] == list(LIGER_FORWARD) else None
 
 
-def liger_fused_linear_loss(hidden, weight, labels, old_log_probs, seq_advantages, response_mask, *, temperature,
-                            clip_ratio_low, clip_ratio_high, chunk_size=1) -> Callable[[], torch.Tensor]:  # fmt: skip
+def liger_fused_linear_loss(
+    hidden,
+    weight,
+    labels,
+    old_log_probs,
+    seq_advantages,
+    response_mask,
+    *,
+    temperature,
+    clip_ratio_low,
+    clip_ratio_high,
+    chunk_size=1,
+) -> Callable[[], torch.Tensor]:
     """A call of Liger's fused-linear GRPO loss (no KL: ``beta=0``, no reference model); ``hidden`` ``[B, T, H]``."""
     cls = liger_loss_class()
-    wanted = {"beta": 0.0, "compiled": False, "use_ref_model": False, "chunk_size": chunk_size,
-              "epsilon_low": clip_ratio_low, "epsilon_high": clip_ratio_high, "temperature": temperature,
-              "loss_type": "bnpo"}  # fmt: skip  # bnpo: the token mean over the batch, as token-mean
+    wanted = {
+        "beta": 0.0,
+        "compiled": False,
+        "use_ref_model": False,
+        "chunk_size": chunk_size,
+        "epsilon_low": clip_ratio_low,
+        "epsilon_high": clip_ratio_high,
+        "temperature": temperature,
+        "loss_type": "bnpo",
+    }  # bnpo: the token mean over the batch, as token-mean
     params = inspect.signature(cls.__init__).parameters
     module = cls(**{k: v for k, v in wanted.items() if k in params})
     mask = response_mask.to(torch.int64)

@@ -66,10 +66,20 @@ def verl_grpo_loss(
     """
     log_probs, entropy = verl_logprob_entropy(logits, labels, temperature)
     loss, metrics = reference.grpo_loss_from_log_probs(
-        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
-        clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef,
-        kl_type=kl_type, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
-    )  # fmt: skip
+        log_probs,
+        entropy,
+        old_log_probs,
+        advantages,
+        response_mask,
+        ref_log_probs=ref_log_probs,
+        clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high,
+        clip_ratio_c=clip_ratio_c,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        loss_agg_mode=loss_agg_mode,
+    )
     return loss, log_probs, entropy, metrics
 
 
@@ -106,8 +116,19 @@ def liger_grpo_loss_fn() -> Callable | None:
     except ImportError:
         return None
     params = inspect.signature(triton_grpo_loss).parameters
-    expected = ("logits", "old_logp", "ref_logp", "completion_ids", "advantages", "completion_mask", "temperature",
-                "beta", "eps_low", "eps_high", "inplace")  # fmt: skip
+    expected = (
+        "logits",
+        "old_logp",
+        "ref_logp",
+        "completion_ids",
+        "advantages",
+        "completion_mask",
+        "temperature",
+        "beta",
+        "eps_low",
+        "eps_high",
+        "inplace",
+    )
     if list(params)[: len(expected)] != list(expected):
         raise RuntimeError(f"liger_kernel's triton_grpo_loss has an unexpected signature {list(params)}")
     if "reduce" in params:  # per-token outputs whatever this release's default
@@ -138,8 +159,17 @@ def liger_grpo_loss(
     allocate a ``dlogits`` buffer.
     """
     per_token = triton_grpo_loss(
-        logits, old_log_probs, ref_log_probs, labels, seq_advantages, response_mask, temperature=temperature,
-        beta=kl_coef, eps_low=clip_ratio_low, eps_high=clip_ratio_high, inplace=False,
-    )[0]  # fmt: skip
+        logits,
+        old_log_probs,
+        ref_log_probs,
+        labels,
+        seq_advantages,
+        response_mask,
+        temperature=temperature,
+        beta=kl_coef,
+        eps_low=clip_ratio_low,
+        eps_high=clip_ratio_high,
+        inplace=False,
+    )[0]
     mask = response_mask.to(per_token.dtype)
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)

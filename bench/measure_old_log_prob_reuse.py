@@ -26,11 +26,19 @@ def build(root: str, algo: str, mode: str):
     import sfpo_train.trainer.config as config_lib
     from sfpo_train.trainer import Trainer
 
-    cfg = config_lib.load_config("default", [
-        f"trainer.default_local_dir={root}", f"trainer.experiment_name={algo}-{mode}", "trainer.device=cpu",
-        "trainer.progress_bar=false", "trainer.val_before_train=false", "trainer.save_freq=-1",
-        f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}",
-        f"actor_rollout_ref.actor.old_log_prob_from_update={mode}"])  # fmt: skip
+    cfg = config_lib.load_config(
+        "default",
+        [
+            f"trainer.default_local_dir={root}",
+            f"trainer.experiment_name={algo}-{mode}",
+            "trainer.device=cpu",
+            "trainer.progress_bar=false",
+            "trainer.val_before_train=false",
+            "trainer.save_freq=-1",
+            f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}",
+            f"actor_rollout_ref.actor.old_log_prob_from_update={mode}",
+        ],
+    )
     return Trainer.create(cfg, preset="default")
 
 
@@ -46,7 +54,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         trainers = {arm: build(root, *arm) for arm in arms}
         for r in range(args.warmup + args.rounds):
-            order = arms[r % len(arms):] + arms[:r % len(arms)]
+            order = arms[r % len(arms) :] + arms[: r % len(arms)]
             for arm in order:
                 start = time.process_time()
                 metrics = trainers[arm].train_step()
@@ -56,16 +64,20 @@ def main() -> None:
                     for s in STAGES:
                         stages[arm][s].append(metrics.get(f"timing_s/{s}", 0.0))
                 assert metrics["actor/old_log_prob_from_update"] == float(arm[1] == "auto"), arm
-    print(f"train_step, process_time, {args.rounds} rounds after {args.warmup} warm-up, interleaved, rotated; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} thread")
+    print(
+        f"train_step, process_time, {args.rounds} rounds after {args.warmup} warm-up, interleaved, rotated; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread"
+    )
     for algo in ("grpo", "sfpo"):
         base = statistics.median(times[(algo, "false")])
         for mode in ("false", "auto"):
             t = times[(algo, mode)]
             med = statistics.median(t)
             parts = ", ".join(f"{s} {1e3 * statistics.median(stages[(algo, mode)][s]):.1f}" for s in STAGES)
-            print(f"  {algo} old_log_prob_from_update={mode:5s}: median {1e3 * med:7.1f} ms (min {1e3 * min(t):.1f}, "
-                  f"max {1e3 * max(t):.1f}, n={len(t)})  {med / base:.3f}x  [wall medians ms: {parts}]")
+            print(
+                f"  {algo} old_log_prob_from_update={mode:5s}: median {1e3 * med:7.1f} ms (min {1e3 * min(t):.1f}, "
+                f"max {1e3 * max(t):.1f}, n={len(t)})  {med / base:.3f}x  [wall medians ms: {parts}]"
+            )
 
 
 if __name__ == "__main__":

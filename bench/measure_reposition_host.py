@@ -84,19 +84,23 @@ def main() -> None:
     names = list(arms)
     times = {n: [] for n in names}
     for r in range(args.rounds + 2):
-        for n in names[r % len(names):] + names[:r % len(names)]:
+        for n in names[r % len(names) :] + names[: r % len(names)]:
             start = time.process_time()
             for _ in range(args.calls):
                 arms[n]()
             if r >= 2:
                 times[n].append((time.process_time() - start) / args.calls)
-    print(f"reposition_ of {len(params)} tensors ({sum(p.numel() for p in params):,} parameters, fp32, CPU, "
-          f"backend {backend}), process_time per call, {args.rounds} samples of {args.calls} calls, interleaved; "
-          f"torch {torch.__version__}; cache in this tree: {hasattr(reposition, '_layout_key')}")
+    print(
+        f"reposition_ of {len(params)} tensors ({sum(p.numel() for p in params):,} parameters, fp32, CPU, "
+        f"backend {backend}), process_time per call, {args.rounds} samples of {args.calls} calls, interleaved; "
+        f"torch {torch.__version__}; cache in this tree: {hasattr(reposition, '_layout_key')}"
+    )
     for n in names:
         t = times[n]
-        print(f"  {n:13s} median {1e6 * statistics.median(t):7.1f} us (min {1e6 * min(t):.1f}, max {1e6 * max(t):.1f}, "
-              f"n={len(t)})")
+        print(
+            f"  {n:13s} median {1e6 * statistics.median(t):7.1f} us (min {1e6 * min(t):.1f}, max {1e6 * max(t):.1f}, "
+            f"n={len(t)})"
+        )
 
 
 if __name__ == "__main__":

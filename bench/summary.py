@@ -88,10 +88,19 @@ STEP_COLUMNS = {  # the SFPO-step table (test_bench_sfpo_step.py): header -> col
 STAGES = ("snapshot", "fast", "reposition", "slow")
 TRAINING_OP = "training_step"
 TRAINING_STAGES = {  # the training-iteration table (test_bench_training.py): header -> stage
-    "gen": "gen", "reward": "reward", "old_log_prob": "old_log_prob", "adv": "adv", "snapshot": "sfpo_snapshot",
-    "fast": "sfpo_fast", "reposition": "sfpo_reposition", "slow": "sfpo_slow", "(optimizer)": "optimizer",
-    "sync": "sync_weights", "other": "other", "step": "step",
-}  # fmt: skip
+    "gen": "gen",
+    "reward": "reward",
+    "old_log_prob": "old_log_prob",
+    "adv": "adv",
+    "snapshot": "sfpo_snapshot",
+    "fast": "sfpo_fast",
+    "reposition": "sfpo_reposition",
+    "slow": "sfpo_slow",
+    "(optimizer)": "optimizer",
+    "sync": "sync_weights",
+    "other": "other",
+    "step": "step",
+}
 TRAINING_COLUMNS = {
     "variant": "extra_info.variant",
     "algo": "extra_info.algo",
@@ -101,13 +110,29 @@ TRAINING_COLUMNS = {
     "peak GB": "extra_info.peak_memory_gb",
     "profiler %": "_overhead_pct",
 }
-RATIOS = {"x limit", "eager/this time", "eager/this mem", "mat./this time", "mat./this mem", "head TFLOP/s", "stage II / update", "extra copies", "vs authors' 2 copies"}
+RATIOS = {
+    "x limit",
+    "eager/this time",
+    "eager/this mem",
+    "mat./this time",
+    "mat./this mem",
+    "head TFLOP/s",
+    "stage II / update",
+    "extra copies",
+    "vs authors' 2 copies",
+}
 NUMERIC |= {f"{stage} ms" for stage in STAGES} | {f"{h} ms" for h in TRAINING_STAGES} | {"profiler %"}
 RATIOS |= {"peak GB"}
 LOSS_NUMERIC = NUMERIC | RATIOS | {"peak MiB", "largest MiB"}
 EAGER_IMPL = "verl_eager"
-SAME_SHAPE = ["extra_info.op", "extra_info.mode", "extra_info.kl", "extra_info.n_tokens", "extra_info.vocab",
-              "extra_info.dtype"]  # fmt: skip
+SAME_SHAPE = [
+    "extra_info.op",
+    "extra_info.mode",
+    "extra_info.kl",
+    "extra_info.n_tokens",
+    "extra_info.vocab",
+    "extra_info.dtype",
+]
 
 
 def load(path: str | Path) -> tuple[pd.DataFrame, dict]:
@@ -209,15 +234,17 @@ def split_linear_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
 
 
 def linear_section(rows: pd.DataFrame) -> str:
-    return "\n".join([
-        "## GRPO loss with the LM head fused in (no [N, V] logits)",
-        "",
-        "mat./this: the materialised row's (lm_head, then grpo_loss) time and memory over this row's, same",
-        "mode and shape (targets at N=16384, V=151936 bf16 on a GPU, full: time >= 0.95, memory >= 10). Memory:",
-        "peak MiB above the inputs on a GPU; on the CPU (peak n/a) the largest single tensor one call makes.",
-        "",
-        markdown_table(rows, LINEAR_COLUMNS),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "## GRPO loss with the LM head fused in (no [N, V] logits)",
+            "",
+            "mat./this: the materialised row's (lm_head, then grpo_loss) time and memory over this row's, same",
+            "mode and shape (targets at N=16384, V=151936 bf16 on a GPU, full: time >= 0.95, memory >= 10). Memory:",
+            "peak MiB above the inputs on a GPU; on the CPU (peak n/a) the largest single tensor one call makes.",
+            "",
+            markdown_table(rows, LINEAR_COLUMNS),
+        ]
+    )
 
 
 def split_step_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -242,8 +269,9 @@ def split_training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
     other, train = frame[~is_training], frame[is_training].copy()
     for stage in TRAINING_STAGES.values():
         train[f"_{stage}_ms"] = pd.to_numeric(train.get(f"extra_info.timing_s/{stage}"), errors="coerce") * 1e3
-    train["_batch"] = [f"{int(p)} x {int(n)}" for p, n in zip(train["extra_info.prompts"],
-                                                              train["extra_info.responses_per_prompt"])]  # fmt: skip
+    train["_batch"] = [
+        f"{int(p)} x {int(n)}" for p, n in zip(train["extra_info.prompts"], train["extra_info.responses_per_prompt"])
+    ]
     train["_overhead_pct"] = pd.to_numeric(train.get("extra_info.profiler_overhead_frac"), errors="coerce") * 100
     for col in TRAINING_COLUMNS.values():
         if col not in train:
@@ -273,37 +301,44 @@ def training_section(train: pd.DataFrame) -> str:
         ratio = s["_step_ms"] / g["_step_ms"]
         gen_share = 100 * g["_gen_ms"] / g["_step_ms"]
         extra = float(s["extra_info.peak_memory_gb"]) - float(g["extra_info.peak_memory_gb"])
-        lines += ["", f"{variant}: SFPO/GRPO step time {ratio:.2f}x (generation is {gen_share:.0f}% of the GRPO "
-                      f"step); SFPO's peak memory {extra:+.3f} GB against GRPO's."]  # fmt: skip
+        lines += [
+            "",
+            f"{variant}: SFPO/GRPO step time {ratio:.2f}x (generation is {gen_share:.0f}% of the GRPO "
+            f"step); SFPO's peak memory {extra:+.3f} GB against GRPO's.",
+        ]
     return "\n".join(lines)
 
 
 def step_section(step: pd.DataFrame) -> str:
-    return "\n".join([
-        "## One SFPO iteration (K=3) vs one GRPO iteration",
-        "",
-        "Stage times are the means of the measured iterations (the GPU synchronised at each stage).",
-        "stage II / update: (snapshot + reposition) over (fast + slow passes); DESIGN target < 0.01.",
-        "extra copies: SFPO's device-resident snapshot in copies of the trainable parameters (target <= 1,",
-        "0 with offload); vs authors' 2 copies: the same over the two copies the authors' release keeps.",
-        "",
-        markdown_table(step, STEP_COLUMNS),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "## One SFPO iteration (K=3) vs one GRPO iteration",
+            "",
+            "Stage times are the means of the measured iterations (the GPU synchronised at each stage).",
+            "stage II / update: (snapshot + reposition) over (fast + slow passes); DESIGN target < 0.01.",
+            "extra copies: SFPO's device-resident snapshot in copies of the trainable parameters (target <= 1,",
+            "0 with offload); vs authors' 2 copies: the same over the two copies the authors' release keeps.",
+            "",
+            markdown_table(step, STEP_COLUMNS),
+        ]
+    )
 
 
 def loss_section(loss: pd.DataFrame) -> str:
-    return "\n".join([
-        "## GRPO loss: the vocabulary pass",
-        "",
-        "GB/s here is effective: the byte limit over the median time (fwd: the logits read once; full:",
-        "read twice + dlogits written once), whatever the row really moves. x limit: the median over the",
-        "limit's time at the copy bandwidth above (DESIGN target for sfpo_triton full: <= 1.3). peak MiB:",
-        "allocated by one call above its inputs (n/a on the CPU). eager/this: verl_eager's time (memory)",
-        "over this row's, same op, mode, kl and shape (targets for sfpo_triton full: >= 3 and >= 4).",
-        "On the CPU none of these numbers speak to the targets.",
-        "",
-        markdown_table(loss, LOSS_COLUMNS),
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            "## GRPO loss: the vocabulary pass",
+            "",
+            "GB/s here is effective: the byte limit over the median time (fwd: the logits read once; full:",
+            "read twice + dlogits written once), whatever the row really moves. x limit: the median over the",
+            "limit's time at the copy bandwidth above (DESIGN target for sfpo_triton full: <= 1.3). peak MiB:",
+            "allocated by one call above its inputs (n/a on the CPU). eager/this: verl_eager's time (memory)",
+            "over this row's, same op, mode, kl and shape (targets for sfpo_triton full: >= 3 and >= 4).",
+            "On the CPU none of these numbers speak to the targets.",
+            "",
+            markdown_table(loss, LOSS_COLUMNS),
+        ]
+    )
 
 
 def header(frame: pd.DataFrame, data: dict) -> str:
@@ -335,8 +370,17 @@ def header(frame: pd.DataFrame, data: dict) -> str:
 
 
 # what identifies "the same work" for the ratio lines: rows that agree on these (where present) are compared
-RATIO_KEYS = ["extra_info.op", "extra_info.dtype", "extra_info.offload", "extra_info.mode", "extra_info.kl",
-              "extra_info.n_tokens", "extra_info.vocab", "extra_info.model", "extra_info.variant"]  # fmt: skip
+RATIO_KEYS = [
+    "extra_info.op",
+    "extra_info.dtype",
+    "extra_info.offload",
+    "extra_info.mode",
+    "extra_info.kl",
+    "extra_info.n_tokens",
+    "extra_info.vocab",
+    "extra_info.model",
+    "extra_info.variant",
+]
 
 
 def _label(row: pd.Series) -> str:
@@ -363,7 +407,9 @@ def ratio_lines(frame: pd.DataFrame) -> list[str]:
         base = group[group["extra_info.backend"] == "baseline"]
         what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
         for _, o in ours.iterrows():
-            ratios = [f"{_label(b)} {b['median_ms'] / o['median_ms']:.2f}x" for _, b in base.iterrows() if o["median_ms"] > 0]
+            ratios = [
+                f"{_label(b)} {b['median_ms'] / o['median_ms']:.2f}x" for _, b in base.iterrows() if o["median_ms"] > 0
+            ]
             if ratios:
                 lines.append(f"{what}: {_label(o)} {o['median_ms']:.3g} ms; baseline/sfpo: {', '.join(ratios)}")
     if has_algo:
@@ -372,8 +418,10 @@ def ratio_lines(frame: pd.DataFrame) -> list[str]:
             by = {a: g["median_ms"].median() for a, g in group.groupby("extra_info.algo")}
             if "grpo" in by and "sfpo" in by and by["grpo"] > 0:
                 what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
-                lines.append(f"{what}: SFPO {by['sfpo']:.3g} ms vs GRPO {by['grpo']:.3g} ms per step: "
-                             f"SFPO/GRPO {by['sfpo'] / by['grpo']:.2f}x")  # fmt: skip
+                lines.append(
+                    f"{what}: SFPO {by['sfpo']:.3g} ms vs GRPO {by['grpo']:.3g} ms per step: "
+                    f"SFPO/GRPO {by['sfpo'] / by['grpo']:.2f}x"
+                )
     return lines
 
 

@@ -59,12 +59,25 @@ def sweep(tokens: int, vocab: int, reps: int) -> list[dict]:
                 fl.GPU_BLOCK_V, fl.GPU_NUM_WARPS = block, warps
                 _, _, lse, mu = fl.logprob_entropy_fwd(logits, labels, 1.0)
                 fwd = _time_ms(lambda: fl.logprob_entropy_fwd(logits, labels, 1.0), reps)
-                bwd = _time_ms(lambda lse=lse, mu=mu: fl.logprob_entropy_bwd(logits, labels, g_logp, g_h, lse, mu, 1.0, False),
-                               reps)
-                rows.append({"block_v": block, "num_warps": warps, "fwd_ms": fwd, "bwd_ms": bwd,
-                             "fwd_gbps": tokens * row_bytes / fwd / 1e6, "bwd_gbps": 2 * tokens * row_bytes / bwd / 1e6})  # fmt: skip
-                print(f"BLOCK_V {block:6d} warps {warps:2d}: fwd {fwd:7.3f} ms ({rows[-1]['fwd_gbps']:6.0f} GB/s)  "
-                      f"bwd {bwd:7.3f} ms ({rows[-1]['bwd_gbps']:6.0f} GB/s)", flush=True)
+                bwd = _time_ms(
+                    lambda lse=lse, mu=mu: fl.logprob_entropy_bwd(logits, labels, g_logp, g_h, lse, mu, 1.0, False),
+                    reps,
+                )
+                rows.append(
+                    {
+                        "block_v": block,
+                        "num_warps": warps,
+                        "fwd_ms": fwd,
+                        "bwd_ms": bwd,
+                        "fwd_gbps": tokens * row_bytes / fwd / 1e6,
+                        "bwd_gbps": 2 * tokens * row_bytes / bwd / 1e6,
+                    }
+                )
+                print(
+                    f"BLOCK_V {block:6d} warps {warps:2d}: fwd {fwd:7.3f} ms ({rows[-1]['fwd_gbps']:6.0f} GB/s)  "
+                    f"bwd {bwd:7.3f} ms ({rows[-1]['bwd_gbps']:6.0f} GB/s)",
+                    flush=True,
+                )
     finally:
         fl.GPU_BLOCK_V, fl.GPU_NUM_WARPS = saved
     return rows
@@ -78,7 +91,10 @@ def main() -> int:
     parser.add_argument("--csv", default=None, help="also write the rows here")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        print("sweep_loss_launch: no CUDA GPU here; the launch-settings sweep only means something on one", file=sys.stderr)
+        print(
+            "sweep_loss_launch: no CUDA GPU here; the launch-settings sweep only means something on one",
+            file=sys.stderr,
+        )
         return 2
     rows = sweep(args.tokens, args.vocab, args.reps)
     best = min(rows, key=lambda r: r["fwd_ms"] + r["bwd_ms"])

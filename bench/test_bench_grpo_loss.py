@@ -94,8 +94,9 @@ class LossInputs:
         return self.logits[:, : self.labels.shape[1]]
 
 
-def make_inputs(n_tokens: int, device: torch.device, *, requires_grad: bool, liger_layout: bool = False,
-                seed: int = 0) -> LossInputs:  # fmt: skip
+def make_inputs(
+    n_tokens: int, device: torch.device, *, requires_grad: bool, liger_layout: bool = False, seed: int = 0
+) -> LossInputs:
     """Random inputs of ``SHAPES``; the same values for every implementation (same seed)."""
     vocab, seq_len = SHAPES.vocab, SHAPES.seq_len
     batch = n_tokens // seq_len
@@ -116,8 +117,15 @@ def make_inputs(n_tokens: int, device: torch.device, *, requires_grad: bool, lig
     seq_adv = torch.rand(batch, generator=g, device=device).add_(0.1) * signs
     lengths = torch.randint(int(seq_len * (1 - MAX_PAD)), seq_len + 1, (batch,), generator=g, device=device)
     mask = (torch.arange(seq_len, device=device) < lengths[:, None]).long()
-    return LossInputs(logits.requires_grad_(requires_grad), labels, old, ref,
-                      seq_adv[:, None].expand(batch, seq_len).contiguous(), seq_adv, mask)  # fmt: skip
+    return LossInputs(
+        logits.requires_grad_(requires_grad),
+        labels,
+        old,
+        ref,
+        seq_adv[:, None].expand(batch, seq_len).contiguous(),
+        seq_adv,
+        mask,
+    )
 
 
 # --------------------------------------------------------------------------- the rows
@@ -146,15 +154,34 @@ def loss_fn(impl: str, x: LossInputs, kl: bool) -> Callable[[], torch.Tensor]:
     if impl == "liger":
         triton_grpo_loss = loss_baselines.liger_grpo_loss_fn()
         return lambda: loss_baselines.liger_grpo_loss(
-            triton_grpo_loss, x.logits, x.labels, x.old_log_probs, x.seq_advantages, x.response_mask,
-            ref_log_probs=ref, temperature=TEMPERATURE, clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH,
+            triton_grpo_loss,
+            x.logits,
+            x.labels,
+            x.old_log_probs,
+            x.seq_advantages,
+            x.response_mask,
+            ref_log_probs=ref,
+            temperature=TEMPERATURE,
+            clip_ratio_low=CLIP_LOW,
+            clip_ratio_high=CLIP_HIGH,
             kl_coef=kl_coef,
-        )  # fmt: skip
-    kwargs = dict(ref_log_probs=ref, temperature=TEMPERATURE, clip_ratio_low=CLIP_LOW, clip_ratio_high=CLIP_HIGH,
-                  clip_ratio_c=CLIP_C, kl_coef=kl_coef, kl_type=KL_TYPE, entropy_coef=ENTROPY_COEF)  # fmt: skip
+        )
+    kwargs = dict(
+        ref_log_probs=ref,
+        temperature=TEMPERATURE,
+        clip_ratio_low=CLIP_LOW,
+        clip_ratio_high=CLIP_HIGH,
+        clip_ratio_c=CLIP_C,
+        kl_coef=kl_coef,
+        kl_type=KL_TYPE,
+        entropy_coef=ENTROPY_COEF,
+    )
     if impl == "sfpo_triton":
-        return lambda: sfpo_kernels.grpo_loss(x.logits, x.labels, x.old_log_probs, x.advantages, x.response_mask,
-                                              backend="triton", **kwargs).loss  # fmt: skip
+        return lambda: (
+            sfpo_kernels.grpo_loss(
+                x.logits, x.labels, x.old_log_probs, x.advantages, x.response_mask, backend="triton", **kwargs
+            ).loss
+        )
     fn = loss_baselines.verl_grpo_loss if impl == "verl_eager" else loss_baselines.compiled("grpo_loss")
     return lambda: fn(x.logits, x.labels, x.old_log_probs, x.advantages, x.response_mask, **kwargs)[0]
 
@@ -162,6 +189,7 @@ def loss_fn(impl: str, x: LossInputs, kl: bool) -> Callable[[], torch.Tensor]:
 def logprob_fn(impl: str, x: LossInputs) -> Callable[[], object]:
     """The old-policy pass of ``impl``: per-token log-probs and entropy under ``no_grad``."""
     if impl == "sfpo_triton":
+
         def fn(logits, labels, temperature):
             return sfpo_kernels.logprob_entropy(logits, labels, temperature, backend="triton")
     else:
@@ -184,8 +212,9 @@ def full_step(loss: Callable[[], torch.Tensor], logits: torch.Tensor) -> Callabl
     return call
 
 
-def measure(benchmark, bench: Bench, fn: Callable[[], object], x: LossInputs, *, op: str, impl: str, mode: str,
-            kl: bool) -> None:  # fmt: skip
+def measure(
+    benchmark, bench: Bench, fn: Callable[[], object], x: LossInputs, *, op: str, impl: str, mode: str, kl: bool
+) -> None:
     """Time ``fn`` through ``bench.run`` and add the loss rows' fields to ``extra_info``."""
     batch, seq_len = x.labels.shape
     n_tokens, vocab = batch * seq_len, SHAPES.vocab
@@ -193,12 +222,30 @@ def measure(benchmark, bench: Bench, fn: Callable[[], object], x: LossInputs, *,
     work = Workload([x.tokens], bench.device, bench.size)  # the copy probe: one logits-sized copy
     interpreted = impl in ("sfpo_triton", "liger") and triton_interpreting()
     group = f"{op} {mode} N={n_tokens}{' kl' if kl else ''}"  # bench.run names the pytest-benchmark group after op
-    bench.run(benchmark, fn, work=work, op=group, impl=impl, backend="triton" if impl == "sfpo_triton" else "baseline",
-              bytes_moved=limit, slow=interpreted)  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op=group,
+        impl=impl,
+        backend="triton" if impl == "sfpo_triton" else "baseline",
+        bytes_moved=limit,
+        slow=interpreted,
+    )
     info = benchmark.extra_info
-    info.update(op=op, mode=mode, n_tokens=n_tokens, vocab=vocab, batch=batch, seq_len=seq_len,
-                response_tokens=int(x.response_mask.sum()), kl=KL_TYPE if kl else "off", byte_limit=limit,
-                bytes_counted="byte limit", temperature=TEMPERATURE)  # fmt: skip
+    info.update(
+        op=op,
+        mode=mode,
+        n_tokens=n_tokens,
+        vocab=vocab,
+        batch=batch,
+        seq_len=seq_len,
+        response_tokens=int(x.response_mask.sum()),
+        kl=KL_TYPE if kl else "off",
+        byte_limit=limit,
+        bytes_counted="byte limit",
+        temperature=TEMPERATURE,
+    )
     if op == "grpo_loss":
         info.update(entropy_coef=0.0 if impl == "liger" else ENTROPY_COEF, kl_coef=KL_COEF if kl else 0.0)
     stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable

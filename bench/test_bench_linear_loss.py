@@ -39,8 +39,16 @@ from bench.conftest import Bench, Workload, bench_size, peak_memory
 from sfpo_kernels import reference
 
 TEMPERATURE = 1.0
-SETTINGS = {"ref_log_probs": None, "clip_ratio_low": 0.2, "clip_ratio_high": 0.2, "clip_ratio_c": 3.0,
-            "kl_coef": 0.0, "kl_type": "low_var_kl", "entropy_coef": 0.001, "loss_agg_mode": "token-mean"}  # fmt: skip
+SETTINGS = {
+    "ref_log_probs": None,
+    "clip_ratio_low": 0.2,
+    "clip_ratio_high": 0.2,
+    "clip_ratio_c": 3.0,
+    "kl_coef": 0.0,
+    "kl_type": "low_var_kl",
+    "entropy_coef": 0.001,
+    "loss_agg_mode": "token-mean",
+}
 OLD_NOISE = 0.1
 MAX_PAD = 0.25
 
@@ -84,15 +92,23 @@ def make_inputs(n_tokens: int, device: torch.device, seed: int = 0) -> LinearInp
     weight = (torch.randn(s.vocab, s.hidden, generator=g, device=device) * (2.0 / s.hidden**0.5)).to(s.dtype)
     labels = torch.randint(0, s.vocab, (batch, s.seq_len), generator=g, device=device)
     with torch.no_grad():  # one sequence at a time: never [N, V] fp32
-        log_probs = torch.stack([reference.logprob_entropy(hidden[b] @ weight.T, labels[b], TEMPERATURE)[0]
-                                 for b in range(batch)]).float()  # fmt: skip
+        log_probs = torch.stack(
+            [reference.logprob_entropy(hidden[b] @ weight.T, labels[b], TEMPERATURE)[0] for b in range(batch)]
+        ).float()
     old = log_probs + OLD_NOISE * torch.randn(log_probs.shape, generator=g, device=device)
     signs = torch.tensor([1.0, -1.0], device=device).repeat(batch)[:batch]
     seq_adv = torch.rand(batch, generator=g, device=device).add_(0.1) * signs
     lengths = torch.randint(int(s.seq_len * (1 - MAX_PAD)), s.seq_len + 1, (batch,), generator=g, device=device)
     mask = torch.arange(s.seq_len, device=device) < lengths[:, None]
-    return LinearInputs(hidden.requires_grad_(), weight.requires_grad_(), labels, old,
-                        seq_adv[:, None].expand(batch, s.seq_len).contiguous(), seq_adv, mask)  # fmt: skip
+    return LinearInputs(
+        hidden.requires_grad_(),
+        weight.requires_grad_(),
+        labels,
+        old,
+        seq_adv[:, None].expand(batch, s.seq_len).contiguous(),
+        seq_adv,
+        mask,
+    )
 
 
 def skip_unless_runs(impl: str) -> None:
@@ -106,18 +122,29 @@ def loss_fn(impl: str, x: LinearInputs) -> Callable[[], torch.Tensor]:
     args = (x.labels, x.old_log_probs, x.advantages, x.response_mask)
     if impl in ("sfpo_fused", "sfpo_fused_c256"):
         chunk = 256 if impl == "sfpo_fused_c256" else None
-        return lambda: sfpo_kernels.linear_grpo_loss(x.hidden, x.weight, *args, chunk_size=chunk,
-                                                     temperature=TEMPERATURE, **SETTINGS).loss  # fmt: skip
+        return lambda: (
+            sfpo_kernels.linear_grpo_loss(
+                x.hidden, x.weight, *args, chunk_size=chunk, temperature=TEMPERATURE, **SETTINGS
+            ).loss
+        )
     if impl == "materialised":
         return lambda: sfpo_kernels.grpo_loss(x.hidden @ x.weight.T, *args, temperature=TEMPERATURE, **SETTINGS).loss
     if impl == "verl_fused_linear":
         fused = linear_baselines.verl_fused_linear_fn()
-        return lambda: linear_baselines.verl_fused_linear_loss(fused, x.hidden, x.weight, *args,
-                                                               temperature=TEMPERATURE, **SETTINGS)  # fmt: skip
+        return lambda: linear_baselines.verl_fused_linear_loss(
+            fused, x.hidden, x.weight, *args, temperature=TEMPERATURE, **SETTINGS
+        )
     return linear_baselines.liger_fused_linear_loss(
-        x.hidden, x.weight, x.labels, x.old_log_probs, x.seq_advantages, x.response_mask, temperature=TEMPERATURE,
-        clip_ratio_low=SETTINGS["clip_ratio_low"], clip_ratio_high=SETTINGS["clip_ratio_high"],
-    )  # fmt: skip
+        x.hidden,
+        x.weight,
+        x.labels,
+        x.old_log_probs,
+        x.seq_advantages,
+        x.response_mask,
+        temperature=TEMPERATURE,
+        clip_ratio_low=SETTINGS["clip_ratio_low"],
+        clip_ratio_high=SETTINGS["clip_ratio_high"],
+    )
 
 
 def full_step(loss: Callable[[], torch.Tensor], x: LinearInputs) -> Callable[[], None]:
@@ -138,14 +165,35 @@ def test_linear_grpo_loss(benchmark, bench: Bench, mode, impl, n_tokens):
     loss = loss_fn(impl, x)
     fn = full_step(loss, x) if mode == "full" else loss
     s = SHAPES
-    flops = (4 if mode == "full" and impl != "materialised" else 3 if mode == "full" else 1) * 2 * n_tokens * s.hidden * s.vocab
+    flops = (
+        (4 if mode == "full" and impl != "materialised" else 3 if mode == "full" else 1)
+        * 2
+        * n_tokens
+        * s.hidden
+        * s.vocab
+    )
     inputs_bytes = (n_tokens + s.vocab) * s.hidden * x.hidden.element_size()
     work = Workload([x.hidden, x.weight], bench.device, bench.size)
-    bench.run(benchmark, fn, work=work, op=f"linear_grpo_loss {mode} N={n_tokens}", impl=impl,
-              backend="sfpo" if impl.startswith("sfpo") else "baseline", bytes_moved=inputs_bytes)  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op=f"linear_grpo_loss {mode} N={n_tokens}",
+        impl=impl,
+        backend="sfpo" if impl.startswith("sfpo") else "baseline",
+        bytes_moved=inputs_bytes,
+    )
     info = benchmark.extra_info
-    info.update(op="linear_grpo_loss", mode=mode, n_tokens=n_tokens, hidden=s.hidden, vocab=s.vocab,
-                response_tokens=int(x.response_mask.sum()), head_flops=flops, kl="off")  # fmt: skip
+    info.update(
+        op="linear_grpo_loss",
+        mode=mode,
+        n_tokens=n_tokens,
+        hidden=s.hidden,
+        vocab=s.vocab,
+        response_tokens=int(x.response_mask.sum()),
+        head_flops=flops,
+        kl="off",
+    )
     stats = getattr(benchmark.stats, "stats", None)
     if stats is not None and stats.median > 0:
         info["head_tflops"] = round(flops / stats.median / 1e12, 4)

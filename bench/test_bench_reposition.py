@@ -31,9 +31,18 @@ def test_reposition(benchmark, bench, dtype, backend, offload):
     snap = sfpo_kernels.snapshot(work.params, offload=offload, backend=backend)
     fn = functools.partial(sfpo_kernels.reposition_, work.params, snap, ALPHA, backend=backend)
     bytes_moved, limit = (3 * work.nbytes, "d2d") if offload == "none" else (work.nbytes, "h2d")
-    bench.run(benchmark, fn, work=work, op="reposition", impl=f"sfpo_kernels.reposition_[{backend}]",
-              backend=backend, bytes_moved=bytes_moved, limit=limit, offload=offload,
-              slow=bench.is_slow(backend, offload))  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op="reposition",
+        impl=f"sfpo_kernels.reposition_[{backend}]",
+        backend=backend,
+        bytes_moved=bytes_moved,
+        limit=limit,
+        offload=offload,
+        slow=bench.is_slow(backend, offload),
+    )
 
 
 @pytest.mark.parametrize("impl", list(baselines.REPOSITION_TRAFFIC))
@@ -42,5 +51,12 @@ def test_reposition_baseline(benchmark, bench, dtype, impl):
     work = bench.workload(DTYPES[dtype])
     snaps = [p.detach().clone() for p in work.params]
     fn = functools.partial(getattr(baselines, f"reposition_{impl}"), work.params, snaps, ALPHA)
-    bench.run(benchmark, fn, work=work, op="reposition", impl=impl, backend="baseline",
-              bytes_moved=baselines.REPOSITION_TRAFFIC[impl] * work.nbytes)  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op="reposition",
+        impl=impl,
+        backend="baseline",
+        bytes_moved=baselines.REPOSITION_TRAFFIC[impl] * work.nbytes,
+    )

@@ -26,12 +26,24 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 # Qwen2.5-0.5B: hidden 896, 24 layers, 14 heads / 2 KV heads, intermediate 4864, vocab 151936.
 MODEL = (
-    dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
-         vocab_size=151936)
+    dict(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=151936,
+    )
     if ON_GPU
-    else dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              vocab_size=97)
-)  # fmt: skip
+    else dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=97,
+    )
+)
 BATCH, SEQ = (8, 512) if ON_GPU else (4, 16)
 
 
@@ -66,10 +78,13 @@ def _setup():
     [
         pytest.param("grpo", SFPOConfig(alpha=0.0, entropy_control=False), id="grpo"),
         pytest.param("sfpo", SFPOConfig(inner_steps=3, alpha=0.8, entropy_control=False), id="sfpo-k3"),
-        pytest.param("sfpo-offload", SFPOConfig(inner_steps=3, alpha=0.8, entropy_control=False,
-                                                snapshot_offload="cpu"), id="sfpo-k3-offload"),
+        pytest.param(
+            "sfpo-offload",
+            SFPOConfig(inner_steps=3, alpha=0.8, entropy_control=False, snapshot_offload="cpu"),
+            id="sfpo-k3-offload",
+        ),
     ],
-)  # fmt: skip
+)
 def test_sfpo_step(benchmark, algo, config):
     if config.snapshot_offload == "cpu" and DEVICE.type != "cuda":
         pytest.skip("offload='cpu' moves copies of CUDA tensors; on the CPU it is offload='none'")
@@ -96,10 +111,18 @@ def test_sfpo_step(benchmark, algo, config):
     benchmark.pedantic(one_iteration, rounds=rounds, warmup_rounds=1, iterations=1)
 
     info = benchmark.extra_info
-    info.update(op="sfpo_step", algo=algo, device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
-                model="qwen2.5-0.5b-shaped bf16" if ON_GPU else "tiny qwen2 fp32", batch=BATCH, seq=SEQ,
-                param_bytes=param_bytes, inner_steps=config.inner_steps, alpha=config.alpha,
-                offload=config.snapshot_offload)  # fmt: skip
+    info.update(
+        op="sfpo_step",
+        algo=algo,
+        device=torch.cuda.get_device_name() if DEVICE.type == "cuda" else "cpu",
+        model="qwen2.5-0.5b-shaped bf16" if ON_GPU else "tiny qwen2 fp32",
+        batch=BATCH,
+        seq=SEQ,
+        param_bytes=param_bytes,
+        inner_steps=config.inner_steps,
+        alpha=config.alpha,
+        offload=config.snapshot_offload,
+    )
     measured = stages[-rounds:]
     for key in ("timing_s/sfpo_snapshot", "timing_s/sfpo_fast", "timing_s/sfpo_reposition", "timing_s/sfpo_slow"):
         info[key] = sum(m[key] for m in measured) / len(measured)

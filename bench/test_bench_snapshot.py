@@ -31,8 +31,18 @@ def test_snapshot(benchmark, bench, dtype, backend, offload):
     work = bench.workload(DTYPES[dtype])
     fn = functools.partial(sfpo_kernels.snapshot, work.params, offload=offload, backend=backend)
     bytes_moved, limit = (2 * work.nbytes, "d2d") if offload == "none" else (work.nbytes, "d2h")
-    bench.run(benchmark, fn, work=work, op="snapshot", impl=f"sfpo_kernels.snapshot[{backend}]", backend=backend,
-              bytes_moved=bytes_moved, limit=limit, offload=offload, slow=bench.is_slow(backend, offload))  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op="snapshot",
+        impl=f"sfpo_kernels.snapshot[{backend}]",
+        backend=backend,
+        bytes_moved=bytes_moved,
+        limit=limit,
+        offload=offload,
+        slow=bench.is_slow(backend, offload),
+    )
 
 
 @pytest.mark.parametrize("offload", ["none", "cpu"])
@@ -44,8 +54,18 @@ def test_restore(benchmark, bench, dtype, backend, offload):
     snap = sfpo_kernels.snapshot(work.params, offload=offload, backend=backend)
     fn = functools.partial(snap.restore_, work.params, backend=backend)
     bytes_moved, limit = (2 * work.nbytes, "d2d") if offload == "none" else (work.nbytes, "h2d")
-    bench.run(benchmark, fn, work=work, op="restore", impl=f"Snapshot.restore_[{backend}]", backend=backend,
-              bytes_moved=bytes_moved, limit=limit, offload=offload, slow=bench.is_slow(backend, offload))  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op="restore",
+        impl=f"Snapshot.restore_[{backend}]",
+        backend=backend,
+        bytes_moved=bytes_moved,
+        limit=limit,
+        offload=offload,
+        slow=bench.is_slow(backend, offload),
+    )
 
 
 @pytest.mark.parametrize("impl", list(baselines.SNAPSHOT_TRAFFIC))
@@ -56,9 +76,18 @@ def test_snapshot_baseline(benchmark, bench, dtype, impl):
         pytest.skip("a host copy of CPU tensors is the clone row")
     work = bench.workload(DTYPES[dtype])
     fn = functools.partial(getattr(baselines, f"snapshot_{impl}"), work.params)
-    bench.run(benchmark, fn, work=work, op="snapshot", impl=impl, backend="baseline",
-              bytes_moved=baselines.SNAPSHOT_TRAFFIC[impl] * work.nbytes, limit="d2h" if offload == "cpu" else "d2d",
-              offload=offload, slow=offload == "cpu")  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op="snapshot",
+        impl=impl,
+        backend="baseline",
+        bytes_moved=baselines.SNAPSHOT_TRAFFIC[impl] * work.nbytes,
+        limit="d2h" if offload == "cpu" else "d2d",
+        offload=offload,
+        slow=offload == "cpu",
+    )
 
 
 @pytest.mark.parametrize("impl", list(baselines.RESTORE_TRAFFIC))
@@ -67,5 +96,12 @@ def test_restore_baseline(benchmark, bench, dtype, impl):
     work = bench.workload(DTYPES[dtype])
     snaps = [p.detach().clone() for p in work.params]
     fn = functools.partial(getattr(baselines, f"restore_{impl}"), work.params, snaps)
-    bench.run(benchmark, fn, work=work, op="restore", impl=impl, backend="baseline",
-              bytes_moved=baselines.RESTORE_TRAFFIC[impl] * work.nbytes)  # fmt: skip
+    bench.run(
+        benchmark,
+        fn,
+        work=work,
+        op="restore",
+        impl=impl,
+        backend="baseline",
+        bytes_moved=baselines.RESTORE_TRAFFIC[impl] * work.nbytes,
+    )

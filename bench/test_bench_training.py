@@ -20,28 +20,43 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 ON_GPU = torch.cuda.is_available() and os.environ.get("SFPO_BENCH_SIZE") != "tiny"
 ROUNDS, WARMUP = 3, 1  # a whole iteration per round: few rounds, the first (allocation, compilation) not timed
-STAGES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sfpo_snapshot", "sfpo_fast", "sfpo_reposition",
-          "sfpo_slow", "optimizer", "sync_weights", "other", "step")  # fmt: skip
+STAGES = (
+    "gen",
+    "reward",
+    "old_log_prob",
+    "adv",
+    "update_actor",
+    "sfpo_snapshot",
+    "sfpo_fast",
+    "sfpo_reposition",
+    "sfpo_slow",
+    "optimizer",
+    "sync_weights",
+    "other",
+    "step",
+)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """``(preset, overrides, model description)`` shared by both arms."""
     root = tmp_path_factory.mktemp("bench_training")
-    common = [f"trainer.default_local_dir={root}", "trainer.progress_bar=false", "trainer.val_before_train=false",
-              "trainer.total_training_steps=100", "actor_rollout_ref.actor.sfpo.entropy_control=false"]  # fmt: skip
+    common = [
+        f"trainer.default_local_dir={root}",
+        "trainer.progress_bar=false",
+        "trainer.val_before_train=false",
+        "trainer.total_training_steps=100",
+        "actor_rollout_ref.actor.sfpo.entropy_control=false",
+    ]
     if ON_GPU:
         return "qwen2.5-0.5b", common, "qwen2.5-0.5b-shaped bf16"
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model  # the tests' tiny model and data
+    from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model  # the tests' tiny model and data
 
     paths = tiny_overrides(write_tiny_model(str(root / "model")), write_data(str(root))) + ["trainer.device=cpu"]
     return "smoke", common + paths, "tiny qwen2 fp32 (hidden 32, 1 layer)"
@@ -66,11 +81,18 @@ def test_training_step_on_policy(benchmark, setup, algo, old_log_probs, head):
     preset, overrides, _ = setup
     batch = config_lib.load_config(preset, overrides).data.train_batch_size
     mode = "auto" if old_log_probs == "from_update" else "false"
-    _bench_step(benchmark, setup, algo, [f"trainer.experiment_name={algo}-on-policy-{old_log_probs}-{head}",
-                                         f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
-                                         f"actor_rollout_ref.actor.old_log_prob_from_update={mode}",
-                                         f"actor_rollout_ref.model.fused_lm_head={head == 'fused_head'}"],
-                variant=f"on-policy, old log-probs {old_log_probs}, {head}")  # fmt: skip
+    _bench_step(
+        benchmark,
+        setup,
+        algo,
+        [
+            f"trainer.experiment_name={algo}-on-policy-{old_log_probs}-{head}",
+            f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
+            f"actor_rollout_ref.actor.old_log_prob_from_update={mode}",
+            f"actor_rollout_ref.model.fused_lm_head={head == 'fused_head'}",
+        ],
+        variant=f"on-policy, old log-probs {old_log_probs}, {head}",
+    )
     benchmark.extra_info["fused_lm_head"] = head == "fused_head"
     assert benchmark.extra_info["old_log_prob_from_update"] == (old_log_probs == "from_update")
 
@@ -90,10 +112,19 @@ def _bench_step(benchmark, setup, algo: str, extra: list[str], variant: str) -> 
 
     measured = history[-ROUNDS:]
     info = benchmark.extra_info
-    info.update(op="training_step", variant=variant, algo=algo, model=model, preset=preset, device=str(trainer.device),
-                device_name=torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
-                prompts=cfg.data.train_batch_size, responses_per_prompt=cfg.actor_rollout_ref.rollout.n,
-                inner_steps=int(measured[-1]["sfpo/inner_steps_run"]), alpha=float(measured[-1]["sfpo/alpha"]))  # fmt: skip
+    info.update(
+        op="training_step",
+        variant=variant,
+        algo=algo,
+        model=model,
+        preset=preset,
+        device=str(trainer.device),
+        device_name=torch.cuda.get_device_name() if trainer.device.type == "cuda" else "cpu",
+        prompts=cfg.data.train_batch_size,
+        responses_per_prompt=cfg.actor_rollout_ref.rollout.n,
+        inner_steps=int(measured[-1]["sfpo/inner_steps_run"]),
+        alpha=float(measured[-1]["sfpo/alpha"]),
+    )
     for stage in STAGES:
         info[f"timing_s/{stage}"] = statistics.fmean(m.get(f"timing_s/{stage}", 0.0) for m in measured)
     for key in sorted({k for m in measured for k in m if k.startswith("memory/")}):

@@ -37,8 +37,11 @@ ROUNDS, WARMUP = 5, 1
 STAGES = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sync_weights", "step")
 SETTINGS = {
     "default": [],
-    "long": ["actor_rollout_ref.model.random_init=true", "data.max_response_length=128",
-             "actor_rollout_ref.model.override_config={max_position_embeddings:256,vocab_size:4096}"],
+    "long": [
+        "actor_rollout_ref.model.random_init=true",
+        "data.max_response_length=128",
+        "actor_rollout_ref.model.override_config={max_position_embeddings:256,vocab_size:4096}",
+    ],
 }
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (docs/vllm.md)")
@@ -54,13 +57,21 @@ def test_training_step_hf_vs_vllm(benchmark, tmp_path, setting):
     from sfpo_train.trainer import Trainer
 
     device = current_platform.device_type
-    common = [f"trainer.device={device}", f"trainer.default_local_dir={tmp_path}", "trainer.progress_bar=false",
-              "trainer.val_before_train=false", "trainer.test_freq=-1", "trainer.save_freq=-1",
-              "actor_rollout_ref.actor.sfpo.entropy_control=false", *SETTINGS[setting]]  # fmt: skip
+    common = [
+        f"trainer.device={device}",
+        f"trainer.default_local_dir={tmp_path}",
+        "trainer.progress_bar=false",
+        "trainer.val_before_train=false",
+        "trainer.test_freq=-1",
+        "trainer.save_freq=-1",
+        "actor_rollout_ref.actor.sfpo.entropy_control=false",
+        *SETTINGS[setting],
+    ]
     trainers = {}
     for engine in ("hf", "vllm"):
-        cfg = config_lib.load_config("default", common + [f"trainer.experiment_name={engine}",
-                                                          f"actor_rollout_ref.rollout.name={engine}"])  # fmt: skip
+        cfg = config_lib.load_config(
+            "default", common + [f"trainer.experiment_name={engine}", f"actor_rollout_ref.rollout.name={engine}"]
+        )
         start = time.perf_counter()
         trainers[engine] = Trainer.create(cfg)
         if engine == "vllm":
@@ -78,15 +89,26 @@ def test_training_step_hf_vs_vllm(benchmark, tmp_path, setting):
 
     info = benchmark.extra_info
     cfg = trainers["hf"].cfg
-    info.update(op="training_step_rollout_engines", setting=setting, device=device, rounds=ROUNDS,
-                prompts=cfg.data.train_batch_size, responses_per_prompt=cfg.actor_rollout_ref.rollout.n,
-                max_response_length=cfg.data.max_response_length, vllm_start_s=vllm_start,
-                torch_threads=torch.get_num_threads())  # fmt: skip
+    info.update(
+        op="training_step_rollout_engines",
+        setting=setting,
+        device=device,
+        rounds=ROUNDS,
+        prompts=cfg.data.train_batch_size,
+        responses_per_prompt=cfg.actor_rollout_ref.rollout.n,
+        max_response_length=cfg.data.max_response_length,
+        vllm_start_s=vllm_start,
+        torch_threads=torch.get_num_threads(),
+    )
     for engine, rows in history.items():
         measured = rows[-ROUNDS:]
         info[f"{engine}/response_length_mean"] = statistics.fmean(m["response_length/mean"] for m in measured)
         for stage in STAGES:
             values = [m.get(f"timing_s/{stage}", 0.0) for m in measured]
-            info[f"{engine}/timing_s/{stage}"] = {"median": statistics.median(values), "min": min(values),
-                                                  "max": max(values), "n": len(values)}  # fmt: skip
+            info[f"{engine}/timing_s/{stage}"] = {
+                "median": statistics.median(values),
+                "min": min(values),
+                "max": max(values),
+                "n": len(values),
+            }
     assert all(m["sfpo/inner_steps_run"] == 3 for rows in history.values() for m in rows[-ROUNDS:])

@@ -24,14 +24,14 @@ DEFAULT_OUT = TASK_ASSETS["addition"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_OUT,
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
         help=f"directory to write train.parquet and test.parquet into, created if missing (default: the "
         f"package's asset directory, {DEFAULT_OUT})",
-    )  # fmt: skip
+    )
     parser.add_argument("--train-size", type=int, default=20000, help="number of train problems (default 20000)")
     parser.add_argument("--test-size", type=int, default=500, help="number of test problems (default 500)")
     parser.add_argument("--seed", type=int, default=0, help="seed that picks the problems of both splits (default 0)")

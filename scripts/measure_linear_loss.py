@@ -33,21 +33,25 @@ def main(argv: list[str] | None = None) -> int:
         call()
     times: dict[str, list[float]] = {row: [] for row in ROWS}
     for r in range(args.rounds):
-        order = ROWS[r % len(ROWS):] + ROWS[: r % len(ROWS)]
+        order = ROWS[r % len(ROWS) :] + ROWS[: r % len(ROWS)]
         for row in order:
             start = time.process_time()
             calls[row]()
             times[row].append(time.process_time() - start)
     largest = {row: linear_baselines.largest_tensor(calls[row])["largest_tensor_bytes"] for row in ROWS}
     base = statistics.median(times["materialised"])
-    print(f"N={args.tokens} H={SHAPES.hidden} V={SHAPES.vocab} {SHAPES.dtype}, forward+backward, "
-          f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} thread(s)")  # fmt: skip
+    print(
+        f"N={args.tokens} H={SHAPES.hidden} V={SHAPES.vocab} {SHAPES.dtype}, forward+backward, "
+        f"{args.rounds} rounds, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    )
     print(f"{'row':18s} {'median ms':>10s} {'min':>8s} {'max':>8s} {'mat./this':>10s} {'largest MiB':>12s}")
     for row in ROWS:
         t = times[row]
         med = statistics.median(t)
-        print(f"{row:18s} {1e3 * med:10.1f} {1e3 * min(t):8.1f} {1e3 * max(t):8.1f} {base / med:10.2f} "
-              f"{largest[row] / 2**20:12.2f}")  # fmt: skip
+        print(
+            f"{row:18s} {1e3 * med:10.1f} {1e3 * min(t):8.1f} {1e3 * max(t):8.1f} {base / med:10.2f} "
+            f"{largest[row] / 2**20:12.2f}"
+        )
     return 0
 
 

@@ -35,38 +35,50 @@ IGNORE = -100  # label value cross_entropy skips
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--data", type=Path, default=DEFAULT_DATA,
+        "--data",
+        type=Path,
+        default=DEFAULT_DATA,
         help=f"directory holding train.parquet and test.parquet from scripts/make_addition_data.py "
         f"(default: the package's asset directory, {DEFAULT_DATA})",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--out", type=Path, default=DEFAULT_DATA / "model",
+        "--out",
+        type=Path,
+        default=DEFAULT_DATA / "model",
         help=f"directory to save the model and tokenizer into, created if missing (default: {DEFAULT_DATA / 'model'})",
-    )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=300, help="optimizer steps to train for (default 300, the shipped model)")
+    )
+    parser.add_argument(
+        "--steps", type=int, default=300, help="optimizer steps to train for (default 300, the shipped model)"
+    )
     parser.add_argument("--batch-size", type=int, default=128, help="problems per optimizer step (default 128)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after the warm-up (default 1e-3)")
     parser.add_argument(
-        "--warmup-steps", type=int, default=100,
+        "--warmup-steps",
+        type=int,
+        default=100,
         help="steps of linear warm-up from lr/warmup to lr (default 100)",
-    )  # fmt: skip
+    )
     parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
     parser.add_argument(
-        "--seed", type=int, default=0,
+        "--seed",
+        type=int,
+        default=0,
         help="seed for the initial weights, the data order and the sampled evaluation (default 0)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--eval-every", type=int, default=25,
+        "--eval-every",
+        type=int,
+        default=25,
         help="report greedy test accuracy every this many steps; 0 evaluates only at the end (default 25)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--eval-batch-size", type=int, default=500,
+        "--eval-batch-size",
+        type=int,
+        default=500,
         help="prompts per generate call in the evaluations (default 500)",
-    )  # fmt: skip
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     return parser
 
@@ -147,11 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     order = batches(len(train_rows), args.batch_size, torch.Generator().manual_seed(args.seed))
 
     def greedy() -> float:
-        return evaluate(model, tokenizer, test_rows, max_new_tokens=addition.MAX_NEW_TOKENS,
-                        batch_size=args.eval_batch_size)  # fmt: skip
+        return evaluate(
+            model, tokenizer, test_rows, max_new_tokens=addition.MAX_NEW_TOKENS, batch_size=args.eval_batch_size
+        )
 
-    print(f"SFT of {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_rows)} problems, "
-          f"{args.steps} steps x {args.batch_size}; test set {len(test_rows)} problems")  # fmt: skip
+    print(
+        f"SFT of {sum(p.numel() for p in model.parameters()):,} parameters on {len(train_rows)} problems, "
+        f"{args.steps} steps x {args.batch_size}; test set {len(test_rows)} problems"
+    )
     start = time.perf_counter()
     progress = tqdm(range(1, args.steps + 1), desc="sft", disable=args.no_progress, dynamic_ncols=True)
     for step in progress:
@@ -170,11 +185,20 @@ def main(argv: list[str] | None = None) -> int:
 
     greedy_accuracy = greedy()
     torch.manual_seed(args.seed)
-    sampled_accuracy = evaluate(model, tokenizer, test_rows, max_new_tokens=addition.MAX_NEW_TOKENS,
-                                batch_size=args.eval_batch_size, do_sample=True, temperature=1.0)  # fmt: skip
-    print(f"step {args.steps:5d}  loss {loss.item():.4f}  greedy test accuracy {greedy_accuracy:.3f}  "
-          f"sampled (T=1, seed {args.seed}) {sampled_accuracy:.3f}  [{train_seconds:.1f} s of training, "
-          f"{torch.get_num_threads()} threads]")  # fmt: skip
+    sampled_accuracy = evaluate(
+        model,
+        tokenizer,
+        test_rows,
+        max_new_tokens=addition.MAX_NEW_TOKENS,
+        batch_size=args.eval_batch_size,
+        do_sample=True,
+        temperature=1.0,
+    )
+    print(
+        f"step {args.steps:5d}  loss {loss.item():.4f}  greedy test accuracy {greedy_accuracy:.3f}  "
+        f"sampled (T=1, seed {args.seed}) {sampled_accuracy:.3f}  [{train_seconds:.1f} s of training, "
+        f"{torch.get_num_threads()} threads]"
+    )
 
     args.out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(args.out)

@@ -30,7 +30,7 @@ import stat
 import subprocess
 import tempfile
 import warnings
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -105,11 +105,15 @@ def _private_dir(path: Path) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise RuntimeError(f"the sfpo cache directory {path} is a symlink: a library there could be replaced{hint}")
     if hasattr(os, "getuid") and info.st_uid != os.getuid():
-        raise RuntimeError(f"the sfpo cache directory {path} belongs to uid {info.st_uid}, not to you "
-                           f"(uid {os.getuid()}): a library there could be replaced{hint}")  # fmt: skip
+        raise RuntimeError(
+            f"the sfpo cache directory {path} belongs to uid {info.st_uid}, not to you "
+            f"(uid {os.getuid()}): a library there could be replaced{hint}"
+        )
     if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise RuntimeError(f"the sfpo cache directory {path} is writable by other users (mode "
-                           f"{stat.filemode(info.st_mode)}): a library there could be replaced; chmod 700 it{hint}")  # fmt: skip
+        raise RuntimeError(
+            f"the sfpo cache directory {path} is writable by other users (mode "
+            f"{stat.filemode(info.st_mode)}): a library there could be replaced; chmod 700 it{hint}"
+        )
 
 
 def _digest_path(lib: Path) -> Path:
@@ -139,8 +143,19 @@ def _compile(nvcc: str, src: Path, arch: str, lib: Path) -> None:
     compute = "compute_" + arch[3:]
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         tmp_lib = Path(tmp) / lib.name
-        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo",
-               f"-gencode=arch={compute},code={arch}", "-o", str(tmp_lib), str(src)]  # fmt: skip
+        cmd = [
+            nvcc,
+            "-O3",
+            "-std=c++17",
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            "-lineinfo",
+            f"-gencode=arch={compute},code={arch}",
+            "-o",
+            str(tmp_lib),
+            str(src),
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"nvcc failed building {src} for {arch}:\n{proc.stderr}")
@@ -161,7 +176,7 @@ def _locked(path: Path):
         os.close(fd)  # closing the descriptor releases the lock
 
 
-@lru_cache(maxsize=None)
+@cache
 def load(arch: str) -> ctypes.CDLL:
     """Build if needed (or if the cached copy fails its sha256 check) and load the library for ``arch``; cached per
     process."""

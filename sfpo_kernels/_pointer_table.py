@@ -49,11 +49,14 @@ class PointerTable:
     def columns(self) -> tuple[torch.Tensor, ...]:
         """Views ``(a_addr, b_addr, numel, chunk_tensor, chunk_start)``."""
         n, c = self.n_tensors, self.n_chunks
-        return tuple(self.data.narrow(0, off, size) for off, size in ((0, n), (n, n), (2 * n, n), (3 * n, c), (3 * n + c, c)))
+        return tuple(
+            self.data.narrow(0, off, size) for off, size in ((0, n), (n, n), (2 * n, n), (3 * n, c), (3 * n + c, c))
+        )
 
 
-def build_pointer_table(a: list[torch.Tensor], b_addr: list[int], device: torch.device, *, block: int,
-                        chunk: int) -> PointerTable:  # fmt: skip
+def build_pointer_table(
+    a: list[torch.Tensor], b_addr: list[int], device: torch.device, *, block: int, chunk: int
+) -> PointerTable:
     """Table pairing tensor ``a[i]`` with the memory at address ``b_addr[i]`` (same numel and dtype).
 
     ``a`` are contiguous, non-empty tensors; ``b_addr`` are typically offsets
@@ -86,8 +89,9 @@ _TABLE_CACHE: OrderedDict[tuple, PointerTable] = OrderedDict()
 TABLE_CACHE_SIZE = 8
 
 
-def pointer_table(a: list[torch.Tensor], b_addr: list[int], device: torch.device, *, block: int,
-                  chunk: int) -> PointerTable:  # fmt: skip
+def pointer_table(
+    a: list[torch.Tensor], b_addr: list[int], device: torch.device, *, block: int, chunk: int
+) -> PointerTable:
     """:func:`build_pointer_table`, cached by content (addresses, sizes and launch shape).
 
     SFPO snapshots the same parameters every iteration and the caching

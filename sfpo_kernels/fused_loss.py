@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -46,6 +45,7 @@ import triton.language as tl
 from sfpo_kernels import reference
 from sfpo_kernels._backend import empty_for_kernel, resolve_backend
 from sfpo_kernels._triton_utils import store_rounded, triton_interpreting
+from sfpo_kernels.loss_options import GRPOLossOptions
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Launch settings on the GPU: one program per token row streaming V in blocks of GPU_BLOCK_V with
@@ -158,8 +158,20 @@ def _logprob_entropy_fwd_kernel(
 
 
 @triton.jit
-def _dlogits_block(p_row, p_drow, o_v, m_v, label, g_logp, g_h, b_lse, b_mu, inv_temperature,
-                   HAS_GRAD_H: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+def _dlogits_block(
+    p_row,
+    p_drow,
+    o_v,
+    m_v,
+    label,
+    g_logp,
+    g_h,
+    b_lse,
+    b_mu,
+    inv_temperature,
+    HAS_GRAD_H: tl.constexpr,
+    MASKED: tl.constexpr,
+):
     """One block of dlogits = (g_logp (onehot(y) - p) + g_H p (mu - z)) * inv_temperature."""
     if MASKED:
         b_z = tl.load(p_row + o_v, mask=m_v, other=float("-inf")).to(tl.float32) * inv_temperature
@@ -221,10 +233,14 @@ def _logprob_entropy_bwd_kernel(
     if (g_logp != 0.0) | (g_h != 0.0):
         for v0 in range(0, v_full, BLOCK_V):
             o_v = v0 + tl.arange(0, BLOCK_V)
-            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, inv_temperature, HAS_GRAD_H, False)
+            _dlogits_block(
+                p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, inv_temperature, HAS_GRAD_H, False
+            )
         if v_full < V:
             o_v = v_full + tl.arange(0, BLOCK_V)
-            _dlogits_block(p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, inv_temperature, HAS_GRAD_H, True)
+            _dlogits_block(
+                p_row, p_drow, o_v, o_v < V, label, g_logp, g_h, b_lse, b_mu, inv_temperature, HAS_GRAD_H, True
+            )
     else:  # no gradient flows into this row
         b_zero = tl.zeros([BLOCK_V], tl.float32)
         for v0 in range(0, v_full, BLOCK_V):
@@ -267,8 +283,9 @@ def flat_labels(labels: torch.Tensor) -> torch.Tensor:
     return labels.reshape(-1).contiguous().to(torch.int64)
 
 
-def logprob_entropy_fwd(logits: torch.Tensor, labels_flat: torch.Tensor, temperature: float,
-                        keep_flat: torch.Tensor | None = None):  # fmt: skip
+def logprob_entropy_fwd(
+    logits: torch.Tensor, labels_flat: torch.Tensor, temperature: float, keep_flat: torch.Tensor | None = None
+):
     """Triton forward: ``(log_probs, entropy, lse, mu)``, fp32 ``[rows]`` (``labels_flat`` from :func:`flat_labels`).
 
     Rows where ``keep_flat`` (bool ``[rows]``) is False get 0 for all four and are not read.
@@ -278,10 +295,23 @@ def logprob_entropy_fwd(logits: torch.Tensor, labels_flat: torch.Tensor, tempera
     keep = None if keep_flat is None else keep_flat.reshape(-1).contiguous().view(torch.uint8)
     if rows:
         _logprob_entropy_fwd_kernel[(rows,)](
-            logits, stride_b, stride_t, rows_per_batch, labels_flat, labels_flat if keep is None else keep,
-            out[0], out[1], out[2], out[3], 1.0 / float(temperature), logits.shape[-1], HAS_KEEP=keep is not None,
-            BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits), num_warps=GPU_NUM_WARPS,
-        )  # fmt: skip
+            logits,
+            stride_b,
+            stride_t,
+            rows_per_batch,
+            labels_flat,
+            labels_flat if keep is None else keep,
+            out[0],
+            out[1],
+            out[2],
+            out[3],
+            1.0 / float(temperature),
+            logits.shape[-1],
+            HAS_KEEP=keep is not None,
+            BLOCK_V=_block_v(logits),
+            ALIGNED=_rows_aligned(logits),
+            num_warps=GPU_NUM_WARPS,
+        )
     log_probs, entropy, lse, mu = out
     return log_probs, entropy, lse, mu
 
@@ -296,8 +326,17 @@ def _row_gradient(grad: torch.Tensor | None, keep_flat: torch.Tensor | None) -> 
     return grad.contiguous()
 
 
-def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, mu, temperature, inplace: bool,
-                        keep_flat: torch.Tensor | None = None):  # fmt: skip
+def logprob_entropy_bwd(
+    logits,
+    labels_flat,
+    grad_log_probs,
+    grad_entropy,
+    lse,
+    mu,
+    temperature,
+    inplace: bool,
+    keep_flat: torch.Tensor | None = None,
+):
     """Triton backward: ``dlogits`` in ``logits.dtype`` (written into ``logits`` itself when ``inplace``).
 
     Rows where ``keep_flat`` (bool ``[rows]``) is False, and rows whose upstream
@@ -313,13 +352,26 @@ def logprob_entropy_bwd(logits, labels_flat, grad_log_probs, grad_entropy, lse, 
     dummy = lse
     if rows:
         _logprob_entropy_bwd_kernel[(rows,)](
-            logits, stride_b, stride_t, rows_per_batch, labels_flat,
+            logits,
+            stride_b,
+            stride_t,
+            rows_per_batch,
+            labels_flat,
             dummy if grad_log_probs is None else grad_log_probs,
             dummy if grad_entropy is None else grad_entropy,
-            lse, mu, dlogits, d_stride_b, d_stride_t, 1.0 / float(temperature), logits.shape[-1],
-            HAS_GRAD_LOGP=grad_log_probs is not None, HAS_GRAD_H=grad_entropy is not None,
-            BLOCK_V=_block_v(logits), ALIGNED=_rows_aligned(logits, dlogits), num_warps=GPU_NUM_WARPS,
-        )  # fmt: skip
+            lse,
+            mu,
+            dlogits,
+            d_stride_b,
+            d_stride_t,
+            1.0 / float(temperature),
+            logits.shape[-1],
+            HAS_GRAD_LOGP=grad_log_probs is not None,
+            HAS_GRAD_H=grad_entropy is not None,
+            BLOCK_V=_block_v(logits),
+            ALIGNED=_rows_aligned(logits, dlogits),
+            num_warps=GPU_NUM_WARPS,
+        )
     if inplace:
         torch.autograd.graph.increment_version(logits)
     return dlogits
@@ -358,44 +410,6 @@ class GRPOLossOutput(NamedTuple):
     log_probs: torch.Tensor  # [B, T] (or [N]) fp32
     entropy: torch.Tensor  # same shape, fp32
     metrics: dict[str, torch.Tensor]  # 0-d tensors: call float() when logging
-
-
-@dataclass(frozen=True)
-class GRPOLossOptions:
-    """The scalar settings of :func:`grpo_loss`, validated once."""
-
-    temperature: float = 1.0
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float | None = 3.0
-    kl_coef: float = 0.0
-    kl_type: str = "low_var_kl"
-    entropy_coef: float = 0.0
-    loss_agg_mode: str = "token-mean"
-
-    def __post_init__(self):
-        for name in ("temperature", "clip_ratio_low", "clip_ratio_high", "kl_coef", "entropy_coef"):
-            _check_real(name, getattr(self, name))
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        if not 0.0 <= self.clip_ratio_low < 1.0:
-            raise ValueError(f"clip_ratio_low must be in [0, 1), got {self.clip_ratio_low!r}")
-        if self.clip_ratio_high < 0.0:
-            raise ValueError(f"clip_ratio_high must be >= 0, got {self.clip_ratio_high!r}")
-        if self.clip_ratio_c is not None:
-            _check_real("clip_ratio_c", self.clip_ratio_c)
-            if self.clip_ratio_c <= 1.0:
-                raise ValueError(f"clip_ratio_c must be > 1 (dual clip) or None (off), got {self.clip_ratio_c!r}")
-        base_kl = self.kl_type[:-1] if isinstance(self.kl_type, str) and self.kl_type.endswith("+") else self.kl_type
-        if base_kl not in reference.KL_TYPES:
-            raise ValueError(
-                f"kl_type={self.kl_type!r} is not supported; expected one of {', '.join(reference.KL_TYPES)} "
-                "(a '+' suffix takes the k2 gradient)"
-            )
-        if self.loss_agg_mode not in reference.AGG_MODES:
-            raise ValueError(
-                f"loss_agg_mode={self.loss_agg_mode!r} is not supported; expected one of {', '.join(reference.AGG_MODES)}"
-            )
 
 
 def _check_real(name: str, value) -> None:
@@ -539,8 +553,9 @@ def grpo_loss(
         weight (or ref log-prob when ``kl_coef != 0``). Each of them makes the
         loss NaN: the ratio's clamp no longer hides ``log p = -inf``.
     """
-    options = GRPOLossOptions(temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type,
-                              entropy_coef, loss_agg_mode)  # fmt: skip
+    options = GRPOLossOptions(
+        temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type, entropy_coef, loss_agg_mode
+    )
     _check_logits(logits, labels)
     named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask}
     if ref_log_probs is not None:
@@ -550,7 +565,9 @@ def grpo_loss(
     if kl_coef != 0.0 and ref_log_probs is None:
         raise ValueError(f"kl_coef={kl_coef!r} needs ref_log_probs")
     if loss_agg_mode.startswith("seq-") and logits.dim() != 3:
-        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} needs [B, T, V] logits (sequences), got packed {tuple(logits.shape)}")
+        raise ValueError(
+            f"loss_agg_mode={loss_agg_mode!r} needs [B, T, V] logits (sequences), got packed {tuple(logits.shape)}"
+        )
     labels = labels.to(torch.int64)
     keep = reference.response_positions(response_mask)
     if check_labels:
@@ -558,13 +575,25 @@ def grpo_loss(
         bad = keep & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})")
-    log_probs, entropy = logprob_entropy(logits, labels, options.temperature, response_mask=keep, backend=backend,
-                                         inplace_backward=inplace_backward)  # fmt: skip
+            raise ValueError(
+                f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})"
+            )
+    log_probs, entropy = logprob_entropy(
+        logits, labels, options.temperature, response_mask=keep, backend=backend, inplace_backward=inplace_backward
+    )
     loss, metrics = reference.grpo_loss_from_log_probs(
-        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
-        clip_ratio_low=options.clip_ratio_low, clip_ratio_high=options.clip_ratio_high,
-        clip_ratio_c=options.clip_ratio_c, kl_coef=options.kl_coef, kl_type=options.kl_type,
-        entropy_coef=options.entropy_coef, loss_agg_mode=options.loss_agg_mode,
-    )  # fmt: skip
+        log_probs,
+        entropy,
+        old_log_probs,
+        advantages,
+        response_mask,
+        ref_log_probs=ref_log_probs,
+        clip_ratio_low=options.clip_ratio_low,
+        clip_ratio_high=options.clip_ratio_high,
+        clip_ratio_c=options.clip_ratio_c,
+        kl_coef=options.kl_coef,
+        kl_type=options.kl_type,
+        entropy_coef=options.entropy_coef,
+        loss_agg_mode=options.loss_agg_mode,
+    )
     return GRPOLossOutput(loss, log_probs, entropy, metrics)

@@ -220,13 +220,17 @@ def _check_head(hidden, weight, bias, labels) -> None:
     if weight.device != hidden.device:
         raise ValueError(f"weight is on {weight.device} but hidden on {hidden.device}")
     if not torch.is_autocast_enabled(hidden.device.type) and weight.dtype != hidden.dtype:
-        raise ValueError(f"weight has dtype {weight.dtype} but hidden {hidden.dtype} (outside autocast they must agree)")
+        raise ValueError(
+            f"weight has dtype {weight.dtype} but hidden {hidden.dtype} (outside autocast they must agree)"
+        )
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must be [V] = [{weight.shape[0]}] or None, got {_shape(bias)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
-            raise ValueError(f"bias must have weight's dtype and device ({weight.dtype}, {weight.device}), "
-                             f"got {bias.dtype}, {bias.device}")  # fmt: skip
+            raise ValueError(
+                f"bias must have weight's dtype and device ({weight.dtype}, {weight.device}), "
+                f"got {bias.dtype}, {bias.device}"
+            )
     if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {_shape(labels)}")
     if labels.dtype.is_floating_point or labels.dtype == torch.bool:
@@ -261,8 +265,9 @@ def _rows_logprob_entropy(hidden, weight, bias, labels, keep, temperature, chunk
     name = resolve_backend(backend, hidden.device)
     if name == "cuda":
         raise ValueError("backend 'cuda' has no fused loss (csrc/ holds the multi-tensor kernels); use triton or torch")
-    compute_dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
-        else hidden.dtype  # fmt: skip
+    compute_dtype = (
+        torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    )
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat = flat_labels(labels)
     if keep is None:
@@ -272,8 +277,9 @@ def _rows_logprob_entropy(hidden, weight, bias, labels, keep, temperature, chunk
         rows, row_labels = flat_hidden[keep_flat], flat[keep_flat].contiguous()  # a gather: masked rows never read
     on_torch = name == "torch"
     chunk = chunk_size or default_chunk_size(rows.shape[0], weight.shape[0], compute_dtype, on_torch)
-    log_probs, entropy = LinearLogProbEntropyFunction.apply(rows, weight, bias, row_labels, float(temperature), chunk,
-                                                            compute_dtype, not on_torch)  # fmt: skip
+    log_probs, entropy = LinearLogProbEntropyFunction.apply(
+        rows, weight, bias, row_labels, float(temperature), chunk, compute_dtype, not on_torch
+    )
     if keep is None:
         return log_probs.view(labels.shape), entropy.view(labels.shape)
     zeros = torch.zeros(labels.shape, dtype=torch.float32, device=hidden.device)
@@ -364,8 +370,9 @@ def linear_grpo_loss(
         :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``; the loss is
         differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
-    options = GRPOLossOptions(temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type,
-                              entropy_coef, loss_agg_mode)  # fmt: skip
+    options = GRPOLossOptions(
+        temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type, entropy_coef, loss_agg_mode
+    )
     _check_head(hidden, weight, bias, labels)
     _check_chunk(chunk_size)
     named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask}
@@ -376,8 +383,9 @@ def linear_grpo_loss(
     if kl_coef != 0.0 and ref_log_probs is None:
         raise ValueError(f"kl_coef={kl_coef!r} needs ref_log_probs")
     if loss_agg_mode.startswith("seq-") and hidden.dim() != 3:
-        raise ValueError(f"loss_agg_mode={loss_agg_mode!r} needs [B, T, H] hidden (sequences), "
-                         f"got packed {tuple(hidden.shape)}")  # fmt: skip
+        raise ValueError(
+            f"loss_agg_mode={loss_agg_mode!r} needs [B, T, H] hidden (sequences), got packed {tuple(hidden.shape)}"
+        )
     labels = labels.to(torch.int64)
     keep = reference.response_positions(response_mask)
     if check_labels:
@@ -385,13 +393,25 @@ def linear_grpo_loss(
         bad = keep & ((labels < 0) | (labels >= vocab))
         if bool(bad.any()):
             index = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})")
-    log_probs, entropy = _rows_logprob_entropy(hidden, weight, bias, labels, keep, options.temperature, chunk_size,
-                                               backend)  # fmt: skip
+            raise ValueError(
+                f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})"
+            )
+    log_probs, entropy = _rows_logprob_entropy(
+        hidden, weight, bias, labels, keep, options.temperature, chunk_size, backend
+    )
     loss, metrics = reference.grpo_loss_from_log_probs(
-        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
-        clip_ratio_low=options.clip_ratio_low, clip_ratio_high=options.clip_ratio_high,
-        clip_ratio_c=options.clip_ratio_c, kl_coef=options.kl_coef, kl_type=options.kl_type,
-        entropy_coef=options.entropy_coef, loss_agg_mode=options.loss_agg_mode,
-    )  # fmt: skip
+        log_probs,
+        entropy,
+        old_log_probs,
+        advantages,
+        response_mask,
+        ref_log_probs=ref_log_probs,
+        clip_ratio_low=options.clip_ratio_low,
+        clip_ratio_high=options.clip_ratio_high,
+        clip_ratio_c=options.clip_ratio_c,
+        kl_coef=options.kl_coef,
+        kl_type=options.kl_type,
+        entropy_coef=options.entropy_coef,
+        loss_agg_mode=options.loss_agg_mode,
+    )
     return GRPOLossOutput(loss, log_probs, entropy, metrics)

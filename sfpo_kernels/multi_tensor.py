@@ -43,8 +43,17 @@ def launch_shape(device: torch.device) -> tuple[int, int]:
 
 
 @triton.jit
-def _chunk_of_program(a_addr, b_addr, numel, chunk_tensor, chunk_start, type_witness, CHUNK: tl.constexpr,
-                      BLOCK: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
+def _chunk_of_program(
+    a_addr,
+    b_addr,
+    numel,
+    chunk_tensor,
+    chunk_start,
+    type_witness,
+    CHUNK: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
     """This program's chunk: typed pointers to tensor i of lists a and b, and its element range.
 
     Returns ``(p_a, p_b, start, full_stop, stop)``: ``[start, full_stop)`` is a
@@ -153,9 +162,17 @@ def triton_copy_(table: PointerTable, src_is_a: bool, witness: torch.Tensor) -> 
     a_addr, b_addr, numel, chunk_tensor, chunk_start = table.columns
     src, dst = (a_addr, b_addr) if src_is_a else (b_addr, a_addr)
     _mt_copy_kernel[(table.n_chunks,)](
-        src, dst, numel, chunk_tensor, chunk_start, witness,
-        CHUNK=table.chunk, BLOCK=table.block, ALIGNED=table.aligned, num_warps=GPU_NUM_WARPS,
-    )  # fmt: skip
+        src,
+        dst,
+        numel,
+        chunk_tensor,
+        chunk_start,
+        witness,
+        CHUNK=table.chunk,
+        BLOCK=table.block,
+        ALIGNED=table.aligned,
+        num_warps=GPU_NUM_WARPS,
+    )
 
 
 def triton_lerp_(table: PointerTable, weight: float, witness: torch.Tensor) -> None:

@@ -61,8 +61,7 @@ def reposition_(tensors: Iterable[torch.Tensor], snap: list[torch.Tensor], alpha
 # reference and the fused op use as is (it is elementwise over N tokens,
 # ~1e-5 of the traffic, and autograd differentiates it exactly).
 
-KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
-AGG_MODES = ("token-mean", "token-sum", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+from sfpo_kernels.loss_options import AGG_MODES, KL_TYPES  # noqa: E402 (re-exported: older code reads them here)
 
 
 def logprob_entropy(
@@ -312,10 +311,20 @@ def grpo_loss(
     """
     log_probs, entropy = logprob_entropy(logits, labels, temperature, response_mask=response_mask)
     loss, metrics = grpo_loss_from_log_probs(
-        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs,
-        clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high, clip_ratio_c=clip_ratio_c, kl_coef=kl_coef,
-        kl_type=kl_type, entropy_coef=entropy_coef, loss_agg_mode=loss_agg_mode,
-    )  # fmt: skip
+        log_probs,
+        entropy,
+        old_log_probs,
+        advantages,
+        response_mask,
+        ref_log_probs=ref_log_probs,
+        clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high,
+        clip_ratio_c=clip_ratio_c,
+        kl_coef=kl_coef,
+        kl_type=kl_type,
+        entropy_coef=entropy_coef,
+        loss_agg_mode=loss_agg_mode,
+    )
     return loss, log_probs, entropy, metrics
 
 
@@ -331,28 +340,32 @@ def lm_head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     return torch.nn.functional.linear(hidden, weight, bias)
 
 
-def linear_logprob_entropy(hidden, weight, labels, temperature=1.0, *, bias=None, chunk_size=None,
-                           response_mask=None):  # fmt: skip
+def linear_logprob_entropy(hidden, weight, labels, temperature=1.0, *, bias=None, chunk_size=None, response_mask=None):
     """:func:`logprob_entropy` on :func:`lm_head_logits` (``chunk_size`` is accepted and ignored).
 
     Positions where ``response_mask`` is 0 get log-prob and entropy 0 and a zero gradient.
     """
-    log_probs, entropy = logprob_entropy(lm_head_logits(hidden, weight, bias), labels, temperature,
-                                         response_mask=response_mask)  # fmt: skip
+    log_probs, entropy = logprob_entropy(
+        lm_head_logits(hidden, weight, bias), labels, temperature, response_mask=response_mask
+    )
     if response_mask is None:
         return log_probs, entropy
     keep = response_positions(response_mask)
-    return torch.where(keep, log_probs, torch.zeros_like(log_probs)), torch.where(keep, entropy, torch.zeros_like(entropy))
+    return torch.where(keep, log_probs, torch.zeros_like(log_probs)), torch.where(
+        keep, entropy, torch.zeros_like(entropy)
+    )
 
 
-def linear_grpo_loss(hidden, weight, labels, old_log_probs, advantages, response_mask, *, bias=None,
-                     chunk_size=None, **loss_settings):  # fmt: skip
+def linear_grpo_loss(
+    hidden, weight, labels, old_log_probs, advantages, response_mask, *, bias=None, chunk_size=None, **loss_settings
+):
     """:func:`grpo_loss` on :func:`lm_head_logits`; ``log_probs`` / ``entropy`` 0 at masked positions.
 
     Returns ``(loss, log_probs, entropy, metrics)`` like ``sfpo_kernels.linear_grpo_loss``.
     """
-    loss, log_probs, entropy, metrics = grpo_loss(lm_head_logits(hidden, weight, bias), labels, old_log_probs,
-                                                  advantages, response_mask, **loss_settings)  # fmt: skip
+    loss, log_probs, entropy, metrics = grpo_loss(
+        lm_head_logits(hidden, weight, bias), labels, old_log_probs, advantages, response_mask, **loss_settings
+    )
     keep = response_positions(response_mask)
     zero = torch.zeros_like(log_probs)
     return loss, torch.where(keep, log_probs, zero), torch.where(keep, entropy, zero), metrics

@@ -25,6 +25,7 @@ plain 1-D tensors they are.
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Iterable
@@ -97,17 +98,21 @@ def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Te
 
 def _unwritable_message(t: torch.Tensor, where: str) -> str:
     if t.is_inference():
-        return (f"{where} is an inference tensor (made under torch.inference_mode()), which cannot be updated in "
-                "place outside it; pass a normal tensor (clone it outside inference mode)")
+        return (
+            f"{where} is an inference tensor (made under torch.inference_mode()), which cannot be updated in "
+            "place outside it; pass a normal tensor (clone it outside inference mode)"
+        )
     bit = "neg" if t.is_neg() else "conj"
-    return (f"{where} has its {bit} bit set (a lazy view, its memory does not hold its values); "
-            f"pass torch.resolve_{bit}(t) or a plain tensor")
+    return (
+        f"{where} has its {bit} bit set (a lazy view, its memory does not hold its values); "
+        f"pass torch.resolve_{bit}(t) or a plain tensor"
+    )
 
 
 def _check_no_overlap(spans: list[tuple[int, int, int]], name: str) -> None:
     """Two entries sharing memory would be updated twice; reject them. ``spans``: (start, end, index)."""
     spans.sort()
-    for (_, end_a, i), (start_b, _, j) in zip(spans, spans[1:]):
+    for (_, end_a, i), (start_b, _, j) in itertools.pairwise(spans):
         if start_b < end_a:
             raise ValueError(f"{name}[{min(i, j)}] and {name}[{max(i, j)}] share memory; each tensor may appear once")
 
@@ -147,7 +152,8 @@ class _Group:
         """Tensor views of the copies, shaped like the tensors; made on first use (the kernels need none)."""
         if self._views is None:
             self._views = [
-                self.storage.as_strided(shape, _contiguous_strides(shape), off) for shape, off in zip(self.shapes, self.offsets)
+                self.storage.as_strided(shape, _contiguous_strides(shape), off)
+                for shape, off in zip(self.shapes, self.offsets)
             ]
         return self._views
 
@@ -157,8 +163,9 @@ class _Group:
         if self._table is None:
             base, elem = self.storage.data_ptr(), self.storage.element_size()
             block, chunk = mt.launch_shape(self.device)
-            self._table = pointer_table(tensors, [base + off * elem for off in self.offsets], self.device, block=block,
-                                        chunk=chunk)  # fmt: skip
+            self._table = pointer_table(
+                tensors, [base + off * elem for off in self.offsets], self.device, block=block, chunk=chunk
+            )
         return self._table
 
 
@@ -280,8 +287,11 @@ class Snapshot:
             raise ValueError(f"tensors has {len(local)} tensors but the snapshot holds {len(self)}")
         if [(t.shape, t.dtype, t.device) for t in local] != self._signature:
             for i, t in enumerate(local):
-                for what, got, want in (("shape", t.shape, self.shapes[i]), ("dtype", t.dtype, self.dtypes[i]),
-                                        ("device", t.device, self.devices[i])):  # fmt: skip
+                for what, got, want in (
+                    ("shape", t.shape, self.shapes[i]),
+                    ("dtype", t.dtype, self.dtypes[i]),
+                    ("device", t.device, self.devices[i]),
+                ):
                     if got != want:
                         raise ValueError(f"tensors[{i}] has {what} {_fmt(got)} but the snapshot has {_fmt(want)}")
         return local

@@ -32,7 +32,7 @@ import typing
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,31 +65,48 @@ class SFPOConfig:
     """SFPO's hyperparameters (paper notation in each help text); every value is checked on construction."""
 
     inner_steps: int = _setting(3, "K, fast-trajectory update passes per iteration (>= 0)")
-    alpha: float = _setting(0.8, "alpha_0, the reposition step theta <- theta_0 + alpha (theta_K - theta_0), in [0, 1] "
-                                 "(1 keeps theta_K, 0 is plain GRPO)")
+    alpha: float = _setting(
+        0.8,
+        "alpha_0, the reposition step theta <- theta_0 + alpha (theta_K - theta_0), in [0, 1] "
+        "(1 keeps theta_K, 0 is plain GRPO)",
+    )
     zscore_window: int = _setting(30, "omega, entropies in the trigger's rolling window (>= 2)")
     zscore_threshold: float = _setting(1.0, "tau, the entropy z-score that switches SFPO off (> 0)")
-    trigger: str = _setting("up", "up fires on z >= tau (the authors' code), abs on |z| >= tau (the paper's "
-                                  "Algorithm 1), down on z <= -tau", TRIGGERS)
-    decay: str = _setting("hard", "after the trigger: hard (alpha 0 at once) or linear (to 0 over decay_steps "
-                                  "iterations)", DECAYS)
+    trigger: str = _setting(
+        "up",
+        "up fires on z >= tau (the authors' code), abs on |z| >= tau (the paper's Algorithm 1), down on z <= -tau",
+        TRIGGERS,
+    )
+    decay: str = _setting(
+        "hard", "after the trigger: hard (alpha 0 at once) or linear (to 0 over decay_steps iterations)", DECAYS
+    )
     decay_steps: int = _setting(0, "iterations of the linear decay (>= 1 with decay=linear)")
-    slow_correction: bool = _setting(True, "run Stage III, the slow correction pass (ablation: false skips it while "
-                                           "alpha > 0)")
-    snapshot_offload: str = _setting("none", "where theta_0 lives during the iteration: none (beside the "
-                                             "parameters) or cpu (pinned host memory, no GPU memory)",
-                                     sfpo_kernels.reposition.OFFLOAD_MODES)
+    slow_correction: bool = _setting(
+        True, "run Stage III, the slow correction pass (ablation: false skips it while alpha > 0)"
+    )
+    snapshot_offload: str = _setting(
+        "none",
+        "where theta_0 lives during the iteration: none (beside the "
+        "parameters) or cpu (pinned host memory, no GPU memory)",
+        sfpo_kernels.reposition.OFFLOAD_MODES,
+    )
     reposition: bool = _setting(True, "run Stage II, the reposition (ablation: false keeps theta_K)")
     entropy_control: bool = _setting(True, "the entropy trigger (ablation: false keeps alpha constant)")
-    trigger_entropy: str = _setting("old_log_prob", "the entropy the trigger watches: old_log_prob (the iteration's "
-                                                    "old-log-prob pass at theta_0 before any update, verl's "
-                                                    "actor/entropy) or last_pass (the last update pass of the "
-                                                    "iteration, the slow one, what the authors' code records)",
-                                    TRIGGER_ENTROPIES)
+    trigger_entropy: str = _setting(
+        "old_log_prob",
+        "the entropy the trigger watches: old_log_prob (the iteration's "
+        "old-log-prob pass at theta_0 before any update, verl's "
+        "actor/entropy) or last_pass (the last update pass of the "
+        "iteration, the slow one, what the authors' code records)",
+        TRIGGER_ENTROPIES,
+    )
     # Optional[...] rather than "str | None": the trainer's omegaconf 2.3 structured config reads only the former.
-    backend: Optional[str] = _setting(None, "kernel backend of the snapshot and reposition: triton, cuda or torch "
-                                            "(null: triton for CUDA tensors, torch for CPU tensors)",
-                                      sfpo_kernels.BACKENDS)
+    backend: str | None = _setting(
+        None,
+        "kernel backend of the snapshot and reposition: triton, cuda or torch "
+        "(null: triton for CUDA tensors, torch for CPU tensors)",
+        sfpo_kernels.BACKENDS,
+    )
 
     def __post_init__(self):
         def need(ok: bool, name: str, what: str) -> None:
@@ -100,8 +117,11 @@ class SFPOConfig:
             need(isinstance(getattr(self, name), int) and not isinstance(getattr(self, name), bool), name, "an integer")
         for name in ("alpha", "zscore_threshold"):
             value = getattr(self, name)
-            need(isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value), name,
-                 "a finite number")  # fmt: skip
+            need(
+                isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value),
+                name,
+                "a finite number",
+            )
         for name in ("slow_correction", "reposition", "entropy_control"):
             need(isinstance(getattr(self, name), bool), name, "True or False")
         need(self.inner_steps >= 0, "inner_steps", ">= 0")
@@ -114,7 +134,9 @@ class SFPOConfig:
             choices, value = f.metadata.get("choices"), getattr(self, f.name)
             if choices is not None and not (value is None and f.default is None):
                 allowed = ", ".join(map(str, choices))
-                need(value in choices, f.name, f"None or one of {allowed}" if f.default is None else f"one of {allowed}")
+                need(
+                    value in choices, f.name, f"None or one of {allowed}" if f.default is None else f"one of {allowed}"
+                )
 
 
 class Setting(NamedTuple):
@@ -138,8 +160,13 @@ def settings_schema(enable_default: bool) -> tuple[Setting, ...]:
     """
     hints = typing.get_type_hints(SFPOConfig)
     own = Setting("enable", bool, enable_default, ENABLE_HELP, None)
-    return (own, *(Setting(f.name, hints[f.name], f.default, f.metadata["help"], f.metadata.get("choices"))
-                   for f in fields(SFPOConfig)))  # fmt: skip
+    return (
+        own,
+        *(
+            Setting(f.name, hints[f.name], f.default, f.metadata["help"], f.metadata.get("choices"))
+            for f in fields(SFPOConfig)
+        ),
+    )
 
 
 # --------------------------------------------------------------------------- functional core
@@ -291,8 +318,10 @@ class SFPO:
         last_pass = cfg.trigger_entropy == "last_pass"
         if entropy is not None:
             if last_pass:
-                raise ValueError("entropy= was given, but SFPOConfig.trigger_entropy='last_pass' reads the entropy of "
-                                 "the iteration's last update pass (its 'entropy' metric): pass entropy=None")  # fmt: skip
+                raise ValueError(
+                    "entropy= was given, but SFPOConfig.trigger_entropy='last_pass' reads the entropy of "
+                    "the iteration's last update pass (its 'entropy' metric): pass entropy=None"
+                )
             entropy = _as_entropy(entropy, "entropy")
         alpha = self.alpha
         plan = self.planned_passes()
@@ -327,8 +356,10 @@ class SFPO:
                 timings["sfpo_slow"] = clock.lap()
             if cfg.entropy_control and last_pass:  # the last pass's entropy, checked before the step is accepted
                 if not passes:
-                    raise ValueError("SFPOConfig.trigger_entropy='last_pass' reads the last update pass's entropy, but "
-                                     "this iteration ran none (inner_steps=0 with slow_correction=False)")  # fmt: skip
+                    raise ValueError(
+                        "SFPOConfig.trigger_entropy='last_pass' reads the last update pass's entropy, but "
+                        "this iteration ran none (inner_steps=0 with slow_correction=False)"
+                    )
                 entropy = _pass_entropy(passes[-1], last=True)
             if entropy is None and cfg.entropy_control:  # no pass ran (K = 0 without slow correction)
                 entropy = _pass_entropy({})
@@ -344,14 +375,16 @@ class SFPO:
 
         if schedule is not None:
             self.entropies, self.last_zscore, self.fired_at = schedule
-        metrics.update({
-            "sfpo/alpha": alpha,
-            "sfpo/zscore": self.last_zscore,
-            "sfpo/triggered": float(self.fired_at is not None),
-            "sfpo/inner_steps_run": float(plan.count("fast")),
-            "sfpo/snapshot_bytes": float(snapshot_bytes),
-            "sfpo/entropy": math.nan if entropy is None else float(entropy),  # what the trigger recorded
-        })  # fmt: skip
+        metrics.update(
+            {
+                "sfpo/alpha": alpha,
+                "sfpo/zscore": self.last_zscore,
+                "sfpo/triggered": float(self.fired_at is not None),
+                "sfpo/inner_steps_run": float(plan.count("fast")),
+                "sfpo/snapshot_bytes": float(snapshot_bytes),
+                "sfpo/entropy": math.nan if entropy is None else float(entropy),  # what the trigger recorded
+            }
+        )
         metrics.update({f"timing_s/{k}": v for k, v in timings.items()})
         self.iteration += 1
         return metrics
@@ -400,8 +433,10 @@ class SFPO:
             if value is None:
                 raise ValueError(f"state['entropies'][{i}] must be a finite number, got {h!r}")
         if len(entropies) > self.config.zscore_window:
-            raise ValueError(f"state['entropies'] holds {len(entropies)} entries, more than "
-                             f"zscore_window={self.config.zscore_window}")  # fmt: skip
+            raise ValueError(
+                f"state['entropies'] holds {len(entropies)} entries, more than "
+                f"zscore_window={self.config.zscore_window}"
+            )
         fired_at = state.get("fired_at")
         if fired_at is not None and not (_is_int(fired_at) and 0 <= fired_at < iteration):
             raise ValueError(f"state['fired_at'] must be None or an integer in [0, {iteration}), got {fired_at!r}")
@@ -457,16 +492,20 @@ def _pass_metrics(result, number: int, total: int) -> dict[str, float]:
     if result is None:
         return {}
     if not isinstance(result, dict):
-        raise ValueError(f"update_pass must return a dict of metrics (or None), got {type(result).__name__} "
-                         f"from update pass {number} of {total}")  # fmt: skip
+        raise ValueError(
+            f"update_pass must return a dict of metrics (or None), got {type(result).__name__} "
+            f"from update pass {number} of {total}"
+        )
     out = {}
     for key, value in result.items():
         if not isinstance(key, str):
             raise ValueError(f"update pass {number} of {total} returned a metric named {key!r}; names must be strings")
         converted = _as_float(value)
         if converted is None:
-            raise ValueError(f"update pass {number} of {total} returned {key}={value!r}; a metric must be a number "
-                             "(int, float, a one-element tensor)")  # fmt: skip
+            raise ValueError(
+                f"update pass {number} of {total} returned {key}={value!r}; a metric must be a number "
+                "(int, float, a one-element tensor)"
+            )
         out[key] = converted
     return out
 
@@ -487,8 +526,10 @@ def _pass_entropy(metrics: dict[str, float], last: bool = False) -> float:
     """This iteration's entropy for the trigger from a pass's metrics (the first pass's, or with ``last`` the last's)."""
     if "entropy" not in metrics:
         if last:
-            raise ValueError("SFPOConfig.trigger_entropy='last_pass' needs the entropy of the iteration's last update "
-                             "pass: return 'entropy' from update_pass")  # fmt: skip
+            raise ValueError(
+                "SFPOConfig.trigger_entropy='last_pass' needs the entropy of the iteration's last update "
+                "pass: return 'entropy' from update_pass"
+            )
         raise ValueError(
             "SFPO needs this iteration's entropy: pass entropy= to step() or return 'entropy' from update_pass"
         )
@@ -502,6 +543,6 @@ def _combine(passes: list[dict]) -> dict:
     for key in sorted(keys):
         values = [float(p[key]) for p in passes if key in p]
         out[key] = sum(values) / len(values)
-    for key, value in (passes[-1].items() if passes else ()):
+    for key, value in passes[-1].items() if passes else ():
         out[f"sfpo/last/{key}"] = float(value)
     return out

@@ -33,7 +33,9 @@ def _imports(path: Path, name: str, known: set[str]) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                base = ".".join(
+                    package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else [])
+                )
             for a in node.names:
                 out.add(f"{base}.{a.name}" if f"{base}.{a.name}" in known else base)
     return {m for m in out if m in known and m != name}
@@ -49,7 +51,7 @@ def test_no_import_cycle_even_through_lazy_imports():
         state[node] = 1
         for nxt in sorted(graph[node]):
             if state.get(nxt) == 1:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = 2
@@ -70,7 +72,29 @@ def test_no_test_module_imports_another():
     offenders = []
     for path in sorted((ROOT / "tests").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else []  # fmt: skip
-            offenders += [f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[-1].startswith(("test_", "conftest"))]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            offenders += [
+                f"{path.relative_to(ROOT)}: {n}" for n in names if n.split(".")[-1].startswith(("test_", "conftest"))
+            ]
     assert not offenders, offenders
+
+
+def test_no_test_folder_shadows_an_installed_package():
+    """``tests/`` itself is never on ``sys.path``: its folders (``tests/verl``) would hide the package of the same
+    name, so ``import_or_skip("verl")`` would find the folder and never skip where verl is not installed."""
+    import importlib.util
+    import sys
+
+    tests_dir = ROOT / "tests"
+    on_path = [p for p in sys.path if p and Path(p).resolve() == tests_dir]
+    assert not on_path, f"{tests_dir} is on sys.path; tests/ folders would shadow installed packages"
+    for name in ("verl", "trl", "vllm"):
+        spec = importlib.util.find_spec(name)
+        origin = Path(spec.origin or next(iter(spec.submodule_search_locations or []), "")) if spec else None
+        assert origin is None or tests_dir not in origin.resolve().parents, f"import {name} finds {origin}"

@@ -16,14 +16,14 @@ import sys
 # name -> one-line help; the subcommand's code is sfpo_train.cli.<name>
 SUBCOMMANDS = {
     "demo": "run SFPO's Stage II (snapshot -> K optimizer steps -> reposition) on a tiny real Qwen2 model with every "
-            "backend that can run here, and check it bit for bit against the reference",
+    "backend that can run here, and check it bit for bit against the reference",
     "train": "train GRPO/SFPO with verl's config keys; with no arguments SFPO on the embedded default task "
-             "(CPU, minutes)",
+    "(CPU, minutes)",
     "report": "per-stage time/memory tables and plots of runs, and SFPO vs GRPO headline measures (Markdown + HTML)",
     "compare": "train GRPO and SFPO on a preset over several seeds (same seeds, same data order), then report",
     "sweep": "the paper's ablations as one resumable grid (K x alpha, decay, entropy control, stages, lr), then a "
-             "table and a heat map",
-}  # fmt: skip
+    "table and a heat map",
+}
 
 
 def _command_in(argv: list[str]) -> str | None:
@@ -35,8 +35,12 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 # options people try that are config keys here: option -> the key
-CONFIG_KEY_OPTIONS = {"--device": "trainer.device", "--seed": "trainer.seed", "--lr": "actor_rollout_ref.actor.optim.lr",
-                      "--model": "actor_rollout_ref.model.path"}  # fmt: skip
+CONFIG_KEY_OPTIONS = {
+    "--device": "trainer.device",
+    "--seed": "trainer.seed",
+    "--lr": "actor_rollout_ref.actor.optim.lr",
+    "--model": "actor_rollout_ref.model.path",
+}
 
 
 def _config_key_hint(argv: list[str]) -> str | None:
@@ -52,8 +56,10 @@ def _config_key_hint(argv: list[str]) -> str | None:
             if not value and i + 1 < len(argv) and not argv[i + 1].startswith("-"):
                 value = argv[i + 1]
             command = _command_in([w for w in argv if w != word and w != value]) or "train"
-            return (f"{option} is not an option: settings are verl's config keys, e.g. "
-                    f"sfpo {command} {CONFIG_KEY_OPTIONS[option]}={value or '...'} (sfpo {command} --help lists them)")
+            return (
+                f"{option} is not an option: settings are verl's config keys, e.g. "
+                f"sfpo {command} {CONFIG_KEY_OPTIONS[option]}={value or '...'} (sfpo {command} --help lists them)"
+            )
     return None
 
 
@@ -73,8 +79,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             continue
         module = importlib.import_module(f"sfpo_train.cli.{name}")
         epilog = module.epilog() if hasattr(module, "epilog") else None
-        parsed = sub.add_parser(name, help=help_text, description=module.__doc__, epilog=epilog,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        parsed = sub.add_parser(
+            name,
+            help=help_text,
+            description=module.__doc__,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         module.add_arguments(parsed)
         parsed.set_defaults(run=module.main)
     return parser

@@ -28,47 +28,84 @@ from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, run_compare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="verl-style config overrides applied to both arms (see sfpo train --help for the keys); "
-                             f"not {', '.join(RESERVED)}")  # fmt: skip
-    parser.add_argument("--preset", choices=sorted(config_lib.PRESETS), default="default",
-                        help="starting configuration of both arms (default: the embedded task on CPU)")  # fmt: skip
-    parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
-                        help="verl's recipe for both arms: grpo, drgrpo or dapo; the SFPO arm wraps the same one")  # fmt: skip
-    parser.add_argument("--seeds", type=int, default=5,
-                        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 5; fewer "
-                             "give wide intervals)")  # fmt: skip
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training iterations per run (default: the preset's trainer.total_training_steps; "
-                             "300 on the default preset)")  # fmt: skip
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="directory for the runs (DIR/grpo-s1, DIR/sfpo-s1, ...) and the report (DIR/report); "
-                             "default runs/compare-<preset>-<time>")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="verl-style config overrides applied to both arms (see sfpo train --help for the keys); "
+        f"not {', '.join(RESERVED)}",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(config_lib.PRESETS),
+        default="default",
+        help="starting configuration of both arms (default: the embedded task on CPU)",
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=sorted(config_lib.ALGORITHMS),
+        default="grpo",
+        help="verl's recipe for both arms: grpo, drgrpo or dapo; the SFPO arm wraps the same one",
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=5,
+        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 5; fewer give wide intervals)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training iterations per run (default: the preset's trainer.total_training_steps; "
+        "300 on the default preset)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="directory for the runs (DIR/grpo-s1, DIR/sfpo-s1, ...) and the report (DIR/report); "
+        "default runs/compare-<preset>-<time>",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
 
 
 def main(args: argparse.Namespace) -> int:
     base = args.algorithm.upper().replace("DRGRPO", "Dr. GRPO")
-    print(f"sfpo compare: {base} vs SFPO over {base} on preset {args.preset!r}, seeds 1..{args.seeds}, "
-          f"{len(ARM_SLUGS) * args.seeds} runs", flush=True)  # fmt: skip
+    print(
+        f"sfpo compare: {base} vs SFPO over {base} on preset {args.preset!r}, seeds 1..{args.seeds}, "
+        f"{len(ARM_SLUGS) * args.seeds} runs",
+        flush=True,
+    )
     from sfpo_train.trainer.run_guard import StopInterrupt
 
     try:
-        result = run_compare(args.preset, seeds=args.seeds, steps=args.steps, out_dir=args.out,
-                             algorithm=args.algorithm, overrides=args.overrides, progress=not args.no_progress)  # fmt: skip
+        result = run_compare(
+            args.preset,
+            seeds=args.seeds,
+            steps=args.steps,
+            out_dir=args.out,
+            algorithm=args.algorithm,
+            overrides=args.overrides,
+            progress=not args.no_progress,
+        )
     except StopInterrupt as e:  # the run in progress saved a checkpoint; the finished ones are complete
-        print(f"sfpo compare: {e}\nsfpo compare: finish that run with: sfpo train --resume {shlex.quote(e.run_dir)}; "
-              f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"sfpo compare: {e}\nsfpo compare: finish that run with: sfpo train --resume {shlex.quote(e.run_dir)}; "
+            f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))}",
+            file=sys.stderr,
+        )
         return e.exit_code
-    print(f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "
-          f"and {result.files['report.html']}")  # fmt: skip
+    print(
+        f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "
+        f"and {result.files['report.html']}"
+    )
     headline = os.path.join(result.report_dir, "report.md")
     with open(headline) as f:
         text = f.read()
     start = text.find("## Over seeds")
     end = text.find("## Against the paper")
     if start >= 0:
-        section = text[start:end if end > start else None]
-        print(section[:section.find("\n| measure")] if "\n| measure" in section else section.rstrip())
+        section = text[start : end if end > start else None]
+        print(section[: section.find("\n| measure")] if "\n| measure" in section else section.rstrip())
     return 0

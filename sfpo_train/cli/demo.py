@@ -24,15 +24,16 @@ import argparse
 import torch
 
 import sfpo_kernels
-from sfpo_kernels import reference
-from sfpo_kernels import triton_interpreting
+from sfpo_kernels import reference, triton_interpreting
 from sfpo_train.clock import StageClock
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--alpha", type=float, default=0.8, help="reposition step alpha in [0, 1] (default 0.8, the paper's)")
+    parser.add_argument(
+        "--alpha", type=float, default=0.8, help="reposition step alpha in [0, 1] (default 0.8, the paper's)"
+    )
     parser.add_argument("--inner-steps", type=int, default=3, help="K, AdamW steps of the fast trajectory (default 3)")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (default 1e-3)")
     parser.add_argument("--hidden", type=int, default=64, help="model hidden size (default 64)")
@@ -157,9 +158,13 @@ def main(args: argparse.Namespace) -> int:
     _check_args(args)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backends = args.backend or available_backends(device)
-    print(f"sfpo demo: Qwen2 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}) on {device}")
-    print(f"  theta_0 -> {args.inner_steps} AdamW steps (lr {args.lr}) -> reposition alpha={args.alpha}, "
-          f"offload={args.offload}")  # fmt: skip
+    print(
+        f"sfpo demo: Qwen2 (hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, {args.dtype}) on {device}"
+    )
+    print(
+        f"  theta_0 -> {args.inner_steps} AdamW steps (lr {args.lr}) -> reposition alpha={args.alpha}, "
+        f"offload={args.offload}"
+    )
     if device.type == "cpu" and "triton" not in backends:
         print("  (the triton backend runs on CPU only under TRITON_INTERPRET=1; skipped)")
     elif device.type == "cpu":
@@ -211,9 +216,11 @@ def run_loss_and_sfpo(args: argparse.Namespace, device: torch.device, backend: s
     grad_err = float((logits.grad.double() - exact.grad).abs().max()) / scale
     tol = LOSS_TOLERANCE[args.dtype]
     ok = loss_err <= tol * max(1.0, abs(ref_loss.item())) and grad_err <= tol
-    print(f"  [{backend:>6}] grpo_loss on {tuple(logits.shape)} logits: loss {fused.loss.item():.5f}, vs float64 "
-          f"reference |dloss| {loss_err:.2e}, max |dgrad| / max |grad| {grad_err:.2e} (tolerance {tol:.0e}) "
-          f"-> {'OK' if ok else 'FAILED'}")  # fmt: skip
+    print(
+        f"  [{backend:>6}] grpo_loss on {tuple(logits.shape)} logits: loss {fused.loss.item():.5f}, vs float64 "
+        f"reference |dloss| {loss_err:.2e}, max |dgrad| / max |grad| {grad_err:.2e} (tolerance {tol:.0e}) "
+        f"-> {'OK' if ok else 'FAILED'}"
+    )
 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
 
@@ -224,12 +231,16 @@ def run_loss_and_sfpo(args: argparse.Namespace, device: torch.device, backend: s
         opt.step()
         return {k: float(v) for k, v in out.metrics.items()}
 
-    sfpo = SFPO(model, SFPOConfig(inner_steps=args.inner_steps, alpha=args.alpha, zscore_window=2,
-                                  snapshot_offload=args.offload))  # fmt: skip
+    sfpo = SFPO(
+        model,
+        SFPOConfig(inner_steps=args.inner_steps, alpha=args.alpha, zscore_window=2, snapshot_offload=args.offload),
+    )
     for it in range(args.sfpo_steps):
         m = sfpo.step(update_pass, None)
         stages = ", ".join(f"{k.split('/sfpo_')[1]} {1e3 * v:.1f}" for k, v in m.items() if k.startswith("timing_s/"))
-        print(f"  SFPO step {it}: alpha {m['sfpo/alpha']:.2f}, {m['sfpo/inner_steps_run']:.0f} fast passes "
-              f"on the same batch, pg_loss {m['pg_loss']:+.4f}, clipfrac {m['pg_clipfrac']:.2f}, entropy {m['entropy']:.3f}, "
-              f"z {m['sfpo/zscore']:.2f}; ms: {stages}")  # fmt: skip
+        print(
+            f"  SFPO step {it}: alpha {m['sfpo/alpha']:.2f}, {m['sfpo/inner_steps_run']:.0f} fast passes "
+            f"on the same batch, pg_loss {m['pg_loss']:+.4f}, clipfrac {m['pg_clipfrac']:.2f}, entropy {m['entropy']:.3f}, "
+            f"z {m['sfpo/zscore']:.2f}; ms: {stages}"
+        )
     return ok

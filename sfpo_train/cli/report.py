@@ -15,12 +15,19 @@ from sfpo_train.reports.build import build_report, default_out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run directories (holding metrics.jsonl, as sfpo train writes them); a directory whose "
-                             "subdirectories are runs (e.g. an sfpo compare output) stands for all of them")  # fmt: skip
-    parser.add_argument("--out", metavar="DIR",
-                        help="where the report goes (default: RUN/report for one run, else report/ in the runs' common parent "
-                             "directory)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="run directories (holding metrics.jsonl, as sfpo train writes them); a directory whose "
+        "subdirectories are runs (e.g. an sfpo compare output) stands for all of them",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where the report goes (default: RUN/report for one run, else report/ in the runs' common parent "
+        "directory)",
+    )
     parser.add_argument("--title", help="the report's title")
 
 

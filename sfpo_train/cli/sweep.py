@@ -31,38 +31,76 @@ from sfpo_train.reports.grid import GROUPS, run_sweep
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="verl-style config overrides applied to every run (not the keys the grid sets)")  # fmt: skip
-    parser.add_argument("--preset", choices=sorted(config_lib.PRESETS), default="default",
-                        help="starting configuration of every run (default: the embedded task on CPU)")
-    parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
-                        help="verl's recipe of every run: grpo, drgrpo or dapo")
-    parser.add_argument("--groups", nargs="+", choices=GROUPS, default=list(GROUPS), metavar="GROUP",
-                        help=f"the parts of the grid to run (default all: {' '.join(GROUPS)}); the baseline is "
-                             "needed for the targets")  # fmt: skip
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="verl-style config overrides applied to every run (not the keys the grid sets)",
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(config_lib.PRESETS),
+        default="default",
+        help="starting configuration of every run (default: the embedded task on CPU)",
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=sorted(config_lib.ALGORITHMS),
+        default="grpo",
+        help="verl's recipe of every run: grpo, drgrpo or dapo",
+    )
+    parser.add_argument(
+        "--groups",
+        nargs="+",
+        choices=GROUPS,
+        default=list(GROUPS),
+        metavar="GROUP",
+        help=f"the parts of the grid to run (default all: {' '.join(GROUPS)}); the baseline is needed for the targets",
+    )
     parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N for every point (default 1)")
-    parser.add_argument("--steps", type=int, default=None,
-                        help="training iterations per run (default: the preset's; 300 on the default preset)")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="directory of the runs and the report (default runs/sweep-<preset>-<time>); the same DIR "
-                             "again continues the sweep")  # fmt: skip
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training iterations per run (default: the preset's; 300 on the default preset)",
+    )
+    parser.add_argument(
+        "--out",
+        metavar="DIR",
+        default=None,
+        help="directory of the runs and the report (default runs/sweep-<preset>-<time>); the same DIR "
+        "again continues the sweep",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (e.g. in logs)")
 
 
 def main(args: argparse.Namespace) -> int:
     from sfpo_train.trainer.run_guard import StopInterrupt
 
-    print(f"sfpo sweep: preset {args.preset!r} ({args.algorithm}), groups {' '.join(args.groups)}, "
-          f"seeds 1..{args.seeds}", flush=True)  # fmt: skip
+    print(
+        f"sfpo sweep: preset {args.preset!r} ({args.algorithm}), groups {' '.join(args.groups)}, seeds 1..{args.seeds}",
+        flush=True,
+    )
     try:
-        result = run_sweep(args.preset, groups=tuple(args.groups), seeds=args.seeds, steps=args.steps, out_dir=args.out,
-                           algorithm=args.algorithm, overrides=args.overrides, progress=not args.no_progress,
-                           log=lambda text: print(text, flush=True))  # fmt: skip
+        result = run_sweep(
+            args.preset,
+            groups=tuple(args.groups),
+            seeds=args.seeds,
+            steps=args.steps,
+            out_dir=args.out,
+            algorithm=args.algorithm,
+            overrides=args.overrides,
+            progress=not args.no_progress,
+            log=lambda text: print(text, flush=True),
+        )
     except StopInterrupt as e:
         out = os.path.dirname(e.run_dir)
-        print(f"sfpo sweep: {e}\nsfpo sweep: continue with the same command and --out {shlex.quote(out)}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"sfpo sweep: {e}\nsfpo sweep: continue with the same command and --out {shlex.quote(out)}", file=sys.stderr
+        )
         return e.exit_code
-    print(f"sfpo sweep: {len(set(result.run_dirs.values()))} runs per seed in {result.seconds / 60:.1f} min; "
-          f"table {result.files['sweep.csv']}, report {result.files['report.md']}")  # fmt: skip
+    print(
+        f"sfpo sweep: {len(set(result.run_dirs.values()))} runs per seed in {result.seconds / 60:.1f} min; "
+        f"table {result.files['sweep.csv']}, report {result.files['report.md']}"
+    )
     return 0

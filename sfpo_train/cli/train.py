@@ -41,27 +41,42 @@ from sfpo_train.trainer.key_help import describe_keys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="verl-style config overrides (every key is listed below)")  # fmt: skip
-    parser.add_argument("--preset", choices=sorted(config_lib.PRESETS), default="default",
-                        help="starting configuration: default (the embedded task on CPU, a few minutes), smoke "
-                             "(3 tiny iterations, seconds), qwen2.5-0.5b (a Qwen2.5-0.5B-shaped bf16 model on a GPU)")  # fmt: skip
-    parser.add_argument("--algorithm", choices=sorted(config_lib.ALGORITHMS), default="grpo",
-                        help="verl's recipe applied after the preset: grpo, drgrpo (no std, seq-mean-token-sum-norm), "
-                             "dapo (clip-higher 0.28, token-mean, dynamic sampling); SFPO wraps any of them")  # fmt: skip
-    parser.add_argument("--resume", metavar="RUN_DIR",
-                        help="continue the run in RUN_DIR from its newest intact checkpoint (its saved config is used "
-                             "and must match the checkpoint's; only trainer.total_training_steps/save_freq/test_freq/"
-                             "progress_bar may be overridden). A run stopped before its first checkpoint cannot be "
-                             "resumed: run its sfpo train command again (same trainer.experiment_name) to restart it "
-                             "from step 0")  # fmt: skip
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the resolved config as YAML and exit without training")  # fmt: skip
+    parser.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="verl-style config overrides (every key is listed below)"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=sorted(config_lib.PRESETS),
+        default="default",
+        help="starting configuration: default (the embedded task on CPU, a few minutes), smoke "
+        "(3 tiny iterations, seconds), qwen2.5-0.5b (a Qwen2.5-0.5B-shaped bf16 model on a GPU)",
+    )
+    parser.add_argument(
+        "--algorithm",
+        choices=sorted(config_lib.ALGORITHMS),
+        default="grpo",
+        help="verl's recipe applied after the preset: grpo, drgrpo (no std, seq-mean-token-sum-norm), "
+        "dapo (clip-higher 0.28, token-mean, dynamic sampling); SFPO wraps any of them",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its newest intact checkpoint (its saved config is used "
+        "and must match the checkpoint's; only trainer.total_training_steps/save_freq/test_freq/"
+        "progress_bar may be overridden). A run stopped before its first checkpoint cannot be "
+        "resumed: run its sfpo train command again (same trainer.experiment_name) to restart it "
+        "from step 0",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as YAML and exit without training"
+    )
 
 
 def epilog() -> str:
-    return ("config keys (verl's names; values of --preset default, which other presets and --algorithm change):\n"
-            + describe_keys(config_lib.load_config("default")))
+    return (
+        "config keys (verl's names; values of --preset default, which other presets and --algorithm change):\n"
+        + describe_keys(config_lib.load_config("default"))
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -84,8 +99,10 @@ def main(args: argparse.Namespace) -> int:
             if e.checkpoint is None:
                 print(f"sfpo train: {e}; run the same command again to start over", file=sys.stderr)
             else:
-                print(f"sfpo train: {e}\nsfpo train: continue with: sfpo train --resume {shlex.quote(e.run_dir)}",
-                      file=sys.stderr)  # fmt: skip
+                print(
+                    f"sfpo train: {e}\nsfpo train: continue with: sfpo train --resume {shlex.quote(e.run_dir)}",
+                    file=sys.stderr,
+                )
             return e.exit_code
         except KeyboardInterrupt:
             print("\nsfpo train: interrupted; no checkpoint was written for the current step", file=sys.stderr)
@@ -107,8 +124,10 @@ def cpu_note() -> str:
         load = f"load average {load1:.1f} (1 min)" + (" - busy, expect a slower run" if load1 > 0.75 * cores else "")
     except OSError:
         load = "load average unknown"
-    return (f"{torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS={threads if threads is not None else 'unset'}), "
-            f"{cores} CPU core(s), {load}; run time depends on free CPU")  # fmt: skip
+    return (
+        f"{torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS={threads if threads is not None else 'unset'}), "
+        f"{cores} CPU core(s), {load}; run time depends on free CPU"
+    )
 
 
 def _with_embedded_paths(cfg):
@@ -135,8 +154,10 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("--resume uses the run's saved config; drop --preset/--algorithm")
         print(f"sfpo train: {cpu_note()}", flush=True)
         trainer = Trainer.resume(args.resume, args.overrides)
-        print(f"sfpo train: resuming {trainer.run_dir} from {trainer.resumed_from} (step {trainer.global_step})",
-              flush=True)  # fmt: skip
+        print(
+            f"sfpo train: resuming {trainer.run_dir} from {trainer.resumed_from} (step {trainer.global_step})",
+            flush=True,
+        )
     else:
         cfg = config_lib.load_config(args.preset, args.overrides, args.algorithm)
         if args.print_config:
@@ -148,11 +169,16 @@ def _train(args: argparse.Namespace) -> int:
         trainer = Trainer.create(cfg, preset=args.preset)
     cfg = trainer.cfg
     sfpo = cfg.actor_rollout_ref.actor.sfpo
-    algorithm = config_lib.algorithm_of(lambda key: config_lib.OmegaConf.select(cfg, key)).upper().replace("DRGRPO", "Dr. GRPO")
+    algorithm = (
+        config_lib.algorithm_of(lambda key: config_lib.OmegaConf.select(cfg, key)).upper().replace("DRGRPO", "Dr. GRPO")
+    )
     kind = f"SFPO (K={sfpo.inner_steps}, alpha={sfpo.alpha}) over {algorithm}" if sfpo.enable else algorithm
-    print(f"sfpo train: {kind} on {trainer.model_path} ({trainer.device}), "
-          f"{cfg.trainer.total_training_steps} iterations of {cfg.data.train_batch_size} prompts x "
-          f"{cfg.actor_rollout_ref.rollout.n}; run directory {trainer.run_dir}", flush=True)  # fmt: skip
+    print(
+        f"sfpo train: {kind} on {trainer.model_path} ({trainer.device}), "
+        f"{cfg.trainer.total_training_steps} iterations of {cfg.data.train_batch_size} prompts x "
+        f"{cfg.actor_rollout_ref.rollout.n}; run directory {trainer.run_dir}",
+        flush=True,
+    )
     start_val = next(iter(trainer.last_val.values()), None)
     history = trainer.fit()
     rows = trainer.log.read()
@@ -167,7 +193,10 @@ def _train(args: argparse.Namespace) -> int:
         total = sum(h["timing_s/step"] for h in history)
         print(f"{len(history)} iterations in {total:.1f} s; metrics in {trainer.log.jsonl} and {trainer.log.csv}")
     checkpoint = latest_checkpoint(trainer.run_dir)
-    print(f"checkpoint: {checkpoint} (a transformers model directory in model/; continue with sfpo train --resume "
-          f"{shlex.quote(trainer.run_dir)})" if checkpoint else
-          "checkpoint: none written (trainer.save_freq <= 0)")  # fmt: skip
+    print(
+        f"checkpoint: {checkpoint} (a transformers model directory in model/; continue with sfpo train --resume "
+        f"{shlex.quote(trainer.run_dir)})"
+        if checkpoint
+        else "checkpoint: none written (trainer.save_freq <= 0)"
+    )
     return 0

@@ -23,9 +23,21 @@ PLOTS = {
     "entropy_zscore_alpha.png": "Entropy, z-score and alpha over steps (trigger marked)",
 }
 # The columns of headline.csv the report shows, in this order.
-HEADLINE_COLUMNS = ("seed", "finished", "grpo_initial_acc", "target_acc", "grpo_rollouts", "sfpo_rollouts", "rollouts_ratio",
-                    "grpo_time_s", "sfpo_time_s", "time_ratio", "step_time_ratio", "active_step_time_ratio",
-                    "extra_memory_gb")  # fmt: skip
+HEADLINE_COLUMNS = (
+    "seed",
+    "finished",
+    "grpo_initial_acc",
+    "target_acc",
+    "grpo_rollouts",
+    "sfpo_rollouts",
+    "rollouts_ratio",
+    "grpo_time_s",
+    "sfpo_time_s",
+    "time_ratio",
+    "step_time_ratio",
+    "active_step_time_ratio",
+    "extra_memory_gb",
+)
 
 
 def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None) -> dict[str, str]:
@@ -41,13 +53,22 @@ def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None
     seconds, share = arm_stage_table(runs)
     memory = arm_memory_table(runs)
     head = headline_table(runs)
-    csvs = {"runs.csv": (summary, False), "stage_time.csv": (seconds, True), "stage_share.csv": (share, True),
-            "stage_memory.csv": (memory, False)}  # fmt: skip
+    csvs = {
+        "runs.csv": (summary, False),
+        "stage_time.csv": (seconds, True),
+        "stage_share.csv": (share, True),
+        "stage_memory.csv": (memory, False),
+    }
     tables = {}
     if len(head):
         tables["summary"], tables["cost"] = summary_table(head), cost_model_table(runs, head)
-        csvs.update({"headline.csv": (head, False), "summary.csv": (tables["summary"], False),
-                     "cost_model.csv": (tables["cost"], False)})  # fmt: skip
+        csvs.update(
+            {
+                "headline.csv": (head, False),
+                "summary.csv": (tables["summary"], False),
+                "cost_model.csv": (tables["cost"], False),
+            }
+        )
     written = write_csvs(out_dir, csvs)
 
     png = {name: os.path.join(out_dir, name) for name in PLOTS if name != "stage_memory.png" or on_gpu(memory)}
@@ -61,7 +82,9 @@ def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None
 
     sections = report_sections(runs, summary, seconds, share, memory, head, tables)
     algorithm = ", ".join(sorted({r.algorithm for r in runs}))
-    written.update(write_pages(out_dir, title or f"SFPO report ({algorithm}): per-stage profile and training", sections))
+    written.update(
+        write_pages(out_dir, title or f"SFPO report ({algorithm}): per-stage profile and training", sections)
+    )
     return written
 
 
@@ -74,74 +97,129 @@ def _image(name: str) -> Image:
     return Image(name, PLOTS[name])
 
 
-def report_sections(runs: list[Run], summary: pd.DataFrame, seconds: pd.DataFrame, share: pd.DataFrame,
-                    memory: pd.DataFrame, head: pd.DataFrame, tables: dict | None = None) -> list[Section]:
+def report_sections(
+    runs: list[Run],
+    summary: pd.DataFrame,
+    seconds: pd.DataFrame,
+    share: pd.DataFrame,
+    memory: pd.DataFrame,
+    head: pd.DataFrame,
+    tables: dict | None = None,
+) -> list[Section]:
     """The report's sections, from the tables :func:`build_report` writes as CSV."""
     tables = tables or {}
     counts = ", ".join(f"{a}: {sum(r.arm == a for r in runs)}" for a in arms(runs))
     algorithms = sorted({r.algorithm for r in runs})
-    intro = Section("", [Paragraph(f"Runs: {', '.join(r.name for r in runs)} ({counts}). Algorithm: "
-                                   f"{', '.join(algorithms)} (the GRPO arm is plain {'/'.join(algorithms)}, the SFPO "
-                                   "arm wraps the same recipe).")])  # fmt: skip
+    intro = Section(
+        "",
+        [
+            Paragraph(
+                f"Runs: {', '.join(r.name for r in runs)} ({counts}). Algorithm: "
+                f"{', '.join(algorithms)} (the GRPO arm is plain {'/'.join(algorithms)}, the SFPO "
+                "arm wraps the same recipe)."
+            )
+        ],
+    )
     unfinished = summary[~summary["finished"].astype(bool)]
     if len(unfinished):
-        listed = "; ".join(f"{r['run']} stopped at {r['steps']} of {r['planned_steps']} steps" for _, r in unfinished.iterrows())
-        intro.blocks.append(Paragraph(f"**Unfinished runs**: {listed}. Their final_acc is the last validation before "
-                                      "the stop, not the end of training; their seeds are left out of summary.csv "
-                                      "and the cost model (`finished` in runs.csv and headline.csv)."))  # fmt: skip
+        listed = "; ".join(
+            f"{r['run']} stopped at {r['steps']} of {r['planned_steps']} steps" for _, r in unfinished.iterrows()
+        )
+        intro.blocks.append(
+            Paragraph(
+                f"**Unfinished runs**: {listed}. Their final_acc is the last validation before "
+                "the stop, not the end of training; their seeds are left out of summary.csv "
+                "and the cost model (`finished` in runs.csv and headline.csv)."
+            )
+        )
     overhead = pd.concat([column(r.train, "perf/profiler_overhead_frac") for r in runs]).dropna() * 100
     if overhead.size:
-        intro.blocks.append(Paragraph(f"Profiler overhead (its own bookkeeping per step, over the step time): median "
-                                      f"{overhead.median():.2f}%, max {overhead.max():.2f}% of a step."))  # fmt: skip
+        intro.blocks.append(
+            Paragraph(
+                f"Profiler overhead (its own bookkeeping per step, over the step time): median "
+                f"{overhead.median():.2f}%, max {overhead.max():.2f}% of a step."
+            )
+        )
     sections = [intro]
     if len(head):
         note, measures, verdicts = headline_lines(head)
         sections += [
             Section("Headline: SFPO against GRPO (paper Fig. 4, appendix C.5)", [Paragraph(note), Bullets(measures)]),
-            Section("Over seeds with 95% intervals (summary.csv)", [
-                Paragraph(f"Paired by seed: each row uses the same seeds for both arms (listed); {INTERVAL}; "
-                          "diff and ratio are taken per seed (SFPO - GRPO, SFPO / GRPO), then averaged."),
-                Bullets(summary_lines(tables["summary"])), Table(summary_display(tables["summary"]))]),
+            Section(
+                "Over seeds with 95% intervals (summary.csv)",
+                [
+                    Paragraph(
+                        f"Paired by seed: each row uses the same seeds for both arms (listed); {INTERVAL}; "
+                        "diff and ratio are taken per seed (SFPO - GRPO, SFPO / GRPO), then averaged."
+                    ),
+                    Bullets(summary_lines(tables["summary"])),
+                    Table(summary_display(tables["summary"])),
+                ],
+            ),
             Section("Against the paper", [Bullets(verdicts)]),
-            Section("Cost model: a projection to other generation shares (cost_model.csv)", [
-                Bullets(cost_model_lines(tables["cost"], head)), Table(tables["cost"])]),
+            Section(
+                "Cost model: a projection to other generation shares (cost_model.csv)",
+                [Bullets(cost_model_lines(tables["cost"], head)), Table(tables["cost"])],
+            ),
             Section("Per seed (headline.csv)", [Table(head[[c for c in HEADLINE_COLUMNS if c in head]])]),
-        ]  # fmt: skip
+        ]
     sections.append(Section("Runs (runs.csv)", [Table(summary)]))
-    sections.append(Section("Time per stage, milliseconds per step (stage_time.csv: the same in seconds)", [
-        Paragraph("Mean over each run's steps (the first step left out as warm-up when a run has 3 or more), then "
-                  "over the arm's runs. The stacked stages add up to `step` exactly: `unattributed` is the rest (LR "
-                  "scheduler, batch assembly, SFPO's bookkeeping inside update_actor, the profiler itself). "
-                  "`optimizer` (gradient clipping + AdamW step, every pass) lies inside the fast and slow passes and "
-                  "is not stacked."),
-        Table(labelled(seconds * 1e3, "ms")), _image("stage_time_per_step.png"),
-        Paragraph("Share of the step, percent (stage_share.csv):"),
-        Table(labelled(share, "%")), _image("stage_share.png"),
-    ]))  # fmt: skip
+    sections.append(
+        Section(
+            "Time per stage, milliseconds per step (stage_time.csv: the same in seconds)",
+            [
+                Paragraph(
+                    "Mean over each run's steps (the first step left out as warm-up when a run has 3 or more), then "
+                    "over the arm's runs. The stacked stages add up to `step` exactly: `unattributed` is the rest (LR "
+                    "scheduler, batch assembly, SFPO's bookkeeping inside update_actor, the profiler itself). "
+                    "`optimizer` (gradient clipping + AdamW step, every pass) lies inside the fast and slow passes and "
+                    "is not stacked."
+                ),
+                Table(labelled(seconds * 1e3, "ms")),
+                _image("stage_time_per_step.png"),
+                Paragraph("Share of the step, percent (stage_share.csv):"),
+                Table(labelled(share, "%")),
+                _image("stage_share.png"),
+            ],
+        )
+    )
     if len(memory):
         blocks = [
-            Paragraph("CUDA: max_allocated_gb / max_reserved_gb are torch's peaks during the stage (peaks reset when "
-                      "it starts); device_used_gb and gpu_util_pct come from NVML when the stage ends. CPU: rss_gb is "
-                      "the process's resident set size when the stage ends. The largest reading over the arm's runs."),
-            Table(memory)]  # fmt: skip
+            Paragraph(
+                "CUDA: max_allocated_gb / max_reserved_gb are torch's peaks during the stage (peaks reset when "
+                "it starts); device_used_gb and gpu_util_pct come from NVML when the stage ends. CPU: rss_gb is "
+                "the process's resident set size when the stage ends. The largest reading over the arm's runs."
+            ),
+            Table(memory),
+        ]
         if on_gpu(memory):
             blocks.append(_image("stage_memory.png"))
         else:
-            blocks.append(Paragraph("No plot on the CPU: the RSS is the whole process's (runs of one compare share "
-                                    "it, and the allocator keeps freed memory), nearly the same at every stage, so "
-                                    "it does not show what a stage allocates; the snapshot's exact size is "
-                                    "snapshot_mb in runs.csv."))  # fmt: skip
+            blocks.append(
+                Paragraph(
+                    "No plot on the CPU: the RSS is the whole process's (runs of one compare share "
+                    "it, and the allocator keeps freed memory), nearly the same at every stage, so "
+                    "it does not show what a stage allocates; the snapshot's exact size is "
+                    "snapshot_mb in runs.csv."
+                )
+            )
         sections.append(Section("Memory per stage (stage_memory.csv)", blocks))
     sections.append(Section("Reward and test accuracy", [_image("reward_accuracy.png")]))
     fired = summary[(summary["arm"] == "SFPO") & (summary["trigger_step"] >= 0)]
     n_sfpo = int((summary["arm"] == "SFPO").sum())
     if len(fired):
         where = ", ".join(f"{r['run']} at step {r['trigger_step']}" for _, r in fired.iterrows())
-        trigger = (f"The entropy trigger fired in {len(fired)} of {n_sfpo} SFPO run(s) ({where}); vertical lines mark "
-                   "those steps (alpha follows the decay after them).")  # fmt: skip
+        trigger = (
+            f"The entropy trigger fired in {len(fired)} of {n_sfpo} SFPO run(s) ({where}); vertical lines mark "
+            "those steps (alpha follows the decay after them)."
+        )
     else:
-        trigger = (f"The entropy trigger never fired in the {n_sfpo} SFPO run(s): alpha stayed at its initial value "
-                   "throughout." if n_sfpo else "No SFPO run: alpha is 0 throughout.")  # fmt: skip
+        trigger = (
+            f"The entropy trigger never fired in the {n_sfpo} SFPO run(s): alpha stayed at its initial value "
+            "throughout."
+            if n_sfpo
+            else "No SFPO run: alpha is 0 throughout."
+        )
     sections.append(Section("Entropy, z-score and alpha", [Paragraph(trigger), _image("entropy_zscore_alpha.png")]))
     return sections
 

@@ -33,8 +33,14 @@ import sfpo_train.trainer.config as config_lib
 from sfpo_train.reports.build import build_report
 
 # Keys compare sets per run; an override of one would break the pairing.
-RESERVED = ("actor_rollout_ref.actor.sfpo.enable", "trainer.seed", "data.seed", "trainer.experiment_name",
-            "trainer.default_local_dir", "trainer.total_training_steps")  # fmt: skip
+RESERVED = (
+    "actor_rollout_ref.actor.sfpo.enable",
+    "trainer.seed",
+    "data.seed",
+    "trainer.experiment_name",
+    "trainer.default_local_dir",
+    "trainer.total_training_steps",
+)
 ARM_SLUGS = ("grpo", "sfpo")  # run names <slug>-s<seed>, in the order compare trains them
 
 
@@ -52,6 +58,7 @@ def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]
 
     Names carry the algorithm: ``grpo-s1`` / ``sfpo-s1`` for GRPO, ``dapo-s1`` / ``sfpo-dapo-s1`` for DAPO.
     """
+
     def name(arm: str, seed: int) -> str:
         if algorithm == "grpo":
             return f"{arm}-s{seed}"
@@ -60,16 +67,32 @@ def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]
     return [(name(arm, seed), seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
 
 
-def arm_config(preset: str, algorithm: str, overrides: list[str], *, arm: str, seed: int, steps: int | None,
-               out_dir: str, name: str):
+def arm_config(
+    preset: str,
+    algorithm: str,
+    overrides: list[str],
+    *,
+    arm: str,
+    seed: int,
+    steps: int | None,
+    out_dir: str,
+    name: str,
+):
     """The resolved config of one compare run (``ValueError`` on an override of a key compare sets)."""
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
         if key in RESERVED:
-            raise ValueError(f"override {item!r}: compare sets {key} itself"
-                             + (" (use --steps)" if key == "trainer.total_training_steps" else ""))  # fmt: skip
-    own = [f"actor_rollout_ref.actor.sfpo.enable={'true' if arm == 'sfpo' else 'false'}", f"trainer.seed={seed}",
-           f"data.seed={seed}", f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name={name}"]  # fmt: skip
+            raise ValueError(
+                f"override {item!r}: compare sets {key} itself"
+                + (" (use --steps)" if key == "trainer.total_training_steps" else "")
+            )
+    own = [
+        f"actor_rollout_ref.actor.sfpo.enable={'true' if arm == 'sfpo' else 'false'}",
+        f"trainer.seed={seed}",
+        f"data.seed={seed}",
+        f"trainer.default_local_dir={out_dir}",
+        f"trainer.experiment_name={name}",
+    ]
     if steps is not None:
         own.append(f"trainer.total_training_steps={steps}")
     cfg = config_lib.load_config(preset, list(overrides) + own, algorithm)
@@ -85,12 +108,17 @@ def check_same_run(cfg, run_dir: str) -> None:
     saved = config_lib.config_from_yaml(path)
     # a run may be continued to more steps, never taken for one of fewer
     longer = saved.trainer.total_training_steps <= cfg.trainer.total_training_steps
-    diff = {k: v for k, v in config_lib.config_diff(saved, cfg).items()
-            if k != "trainer.progress_bar" and not (k == "trainer.total_training_steps" and longer)}  # fmt: skip
+    diff = {
+        k: v
+        for k, v in config_lib.config_diff(saved, cfg).items()
+        if k != "trainer.progress_bar" and not (k == "trainer.total_training_steps" and longer)
+    }
     if diff:
         listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items())[:6])
-        raise ValueError(f"--out {os.path.dirname(run_dir)!r} already holds run {os.path.basename(run_dir)} made with "
-                         f"other settings ({listed}); use the same settings to continue it, or choose another --out")  # fmt: skip
+        raise ValueError(
+            f"--out {os.path.dirname(run_dir)!r} already holds run {os.path.basename(run_dir)} made with "
+            f"other settings ({listed}); use the same settings to continue it, or choose another --out"
+        )
 
 
 def train_or_continue(cfg, preset: str, log=None) -> str:
@@ -115,8 +143,13 @@ def train_or_continue(cfg, preset: str, log=None) -> str:
         found = ckpt.find_resumable(run_dir)
         if found is not None:
             say(f"{run_dir}: continuing from {found[0]} ({logged} of {total} steps logged)")
-            trainer = Trainer.resume(run_dir, [f"trainer.total_training_steps={total}",
-                                               f"trainer.progress_bar={str(cfg.trainer.progress_bar).lower()}"])  # fmt: skip
+            trainer = Trainer.resume(
+                run_dir,
+                [
+                    f"trainer.total_training_steps={total}",
+                    f"trainer.progress_bar={str(cfg.trainer.progress_bar).lower()}",
+                ],
+            )
             trainer.fit()
             return trainer.run_dir
     trainer = Trainer.create(cfg, preset=preset)
@@ -124,8 +157,16 @@ def train_or_continue(cfg, preset: str, log=None) -> str:
     return trainer.run_dir
 
 
-def run_compare(preset: str = "default", *, seeds: int = 5, steps: int | None = None, out_dir: str | None = None,
-                algorithm: str = "grpo", overrides: list[str] | None = None, progress: bool = True) -> CompareResult:
+def run_compare(
+    preset: str = "default",
+    *,
+    seeds: int = 5,
+    steps: int | None = None,
+    out_dir: str | None = None,
+    algorithm: str = "grpo",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+) -> CompareResult:
     """Train both arms for every seed, then write the report; see the module docstring."""
     from tqdm.auto import tqdm
 
@@ -136,8 +177,10 @@ def run_compare(preset: str = "default", *, seeds: int = 5, steps: int | None = 
     overrides = list(overrides or [])
     out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     plan = run_names(seeds, algorithm)
-    configs = {name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
-               for name, seed, arm in plan}  # every config checked before the first run starts  # fmt: skip
+    configs = {
+        name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
+        for name, seed, arm in plan
+    }  # every config checked before the first run starts
     for name, cfg in configs.items():
         check_same_run(cfg, os.path.join(out_dir, name))  # all checked before the first run trains
     start = time.perf_counter()
@@ -153,6 +196,9 @@ def run_compare(preset: str = "default", *, seeds: int = 5, steps: int | None = 
     finally:
         bar.close()
     report_dir = os.path.join(out_dir, "report")
-    files = build_report(run_dirs, report_dir, title=f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset "
-                                                     f"{preset!r}, {seeds} seed(s)")  # fmt: skip
+    files = build_report(
+        run_dirs,
+        report_dir,
+        title=f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset {preset!r}, {seeds} seed(s)",
+    )
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

@@ -58,8 +58,9 @@ def _lr_name(lr: float) -> str:
     return f"{lr:.0e}".replace("e-0", "e-")
 
 
-def grid_points(groups: tuple[str, ...] = GROUPS, *, default_lr: float = 3e-5, k: int = 3, alpha: float = 0.8
-                ) -> list[Point]:  # fmt: skip
+def grid_points(
+    groups: tuple[str, ...] = GROUPS, *, default_lr: float = 3e-5, k: int = 3, alpha: float = 0.8
+) -> list[Point]:
     """The grid's points in ``groups`` (table order); ``default_lr``, ``k``, ``alpha``: the preset's values."""
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
@@ -75,7 +76,9 @@ def grid_points(groups: tuple[str, ...] = GROUPS, *, default_lr: float = 3e-5, k
                 points.append(Point(f"K{kk}-a{a:g}", "k_alpha", True, own))
     if "decay" in groups:
         points.append(Point("decay-hard", "decay", True, ()))
-        points.append(Point("decay-linear", "decay", True, (f"{s}decay=linear", f"{s}decay_steps={LINEAR_DECAY_STEPS}")))
+        points.append(
+            Point("decay-linear", "decay", True, (f"{s}decay=linear", f"{s}decay_steps={LINEAR_DECAY_STEPS}"))
+        )
     if "entropy" in groups:
         points.append(Point("entropy-control", "entropy", True, ()))
         points.append(Point("no-entropy-control", "entropy", True, (f"{s}entropy_control=false",)))
@@ -114,30 +117,61 @@ class SweepResult:
     seconds: float
 
 
-def sweep_configs(preset: str, algorithm: str, overrides: list[str], *, groups: tuple[str, ...], seeds: int,
-                  steps: int | None, out_dir: str) -> tuple[list[Point], dict[str, Point], dict[tuple[str, int], object]]:  # fmt: skip
+def sweep_configs(
+    preset: str,
+    algorithm: str,
+    overrides: list[str],
+    *,
+    groups: tuple[str, ...],
+    seeds: int,
+    steps: int | None,
+    out_dir: str,
+) -> tuple[list[Point], dict[str, Point], dict[tuple[str, int], object]]:
     """``(points, owners, {(run name, seed): resolved config})``: every config validated before anything runs."""
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    taken = RESERVED + (LR_KEY,) + tuple(SFPO_KEY + k for k in ("inner_steps", "alpha", "decay", "decay_steps",
-                                                                "entropy_control", "reposition", "slow_correction"))  # fmt: skip
+    taken = (
+        RESERVED
+        + (LR_KEY,)
+        + tuple(
+            SFPO_KEY + k
+            for k in (
+                "inner_steps",
+                "alpha",
+                "decay",
+                "decay_steps",
+                "entropy_control",
+                "reposition",
+                "slow_correction",
+            )
+        )
+    )
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
         if key in taken:
-            raise ValueError(f"override {item!r}: the sweep sets {key} itself"
-                             + (" (use --steps)" if key == "trainer.total_training_steps" else ""))  # fmt: skip
+            raise ValueError(
+                f"override {item!r}: the sweep sets {key} itself"
+                + (" (use --steps)" if key == "trainer.total_training_steps" else "")
+            )
     base = config_lib.load_config(preset, list(overrides), algorithm)
     arr = base.actor_rollout_ref.actor
-    points = grid_points(groups, default_lr=float(arr.optim.lr), k=int(arr.sfpo.inner_steps), alpha=float(arr.sfpo.alpha))
+    points = grid_points(
+        groups, default_lr=float(arr.optim.lr), k=int(arr.sfpo.inner_steps), alpha=float(arr.sfpo.alpha)
+    )
     owners = unique_runs(points)
     configs = {}
     for owner in dict.fromkeys(owners.values()):  # each run once, in training order
         for seed in range(1, seeds + 1):
             name = f"{owner.name}-s{seed}"
-            own = [f"{SFPO_KEY}enable={'true' if owner.sfpo else 'false'}", f"trainer.seed={seed}", f"data.seed={seed}",
-                   f"trainer.default_local_dir={out_dir}", f"trainer.experiment_name={name}"]  # fmt: skip
+            own = [
+                f"{SFPO_KEY}enable={'true' if owner.sfpo else 'false'}",
+                f"trainer.seed={seed}",
+                f"data.seed={seed}",
+                f"trainer.default_local_dir={out_dir}",
+                f"trainer.experiment_name={name}",
+            ]
             if steps is not None:
                 own.append(f"trainer.total_training_steps={steps}")
             cfg = config_lib.load_config(preset, list(overrides) + list(owner.overrides) + own, algorithm)
@@ -147,15 +181,25 @@ def sweep_configs(preset: str, algorithm: str, overrides: list[str], *, groups: 
     return points, owners, configs
 
 
-def run_sweep(preset: str = "default", *, groups: tuple[str, ...] = GROUPS, seeds: int = 1, steps: int | None = None,
-              out_dir: str | None = None, algorithm: str = "grpo", overrides: list[str] | None = None,
-              progress: bool = True, log=print) -> SweepResult:  # fmt: skip
+def run_sweep(
+    preset: str = "default",
+    *,
+    groups: tuple[str, ...] = GROUPS,
+    seeds: int = 1,
+    steps: int | None = None,
+    out_dir: str | None = None,
+    algorithm: str = "grpo",
+    overrides: list[str] | None = None,
+    progress: bool = True,
+    log=print,
+) -> SweepResult:
     """Train (or continue) every run of the grid, seed by seed in :data:`TRAIN_ORDER`, then write the report."""
     from sfpo_train.reports.sweep_report import build_sweep_report
 
     out_dir = out_dir or os.path.join("runs", f"sweep-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    points, owners, configs = sweep_configs(preset, algorithm, list(overrides or []), groups=groups, seeds=seeds,
-                                            steps=steps, out_dir=out_dir)  # fmt: skip
+    points, owners, configs = sweep_configs(
+        preset, algorithm, list(overrides or []), groups=groups, seeds=seeds, steps=steps, out_dir=out_dir
+    )
     start = time.perf_counter()
     order = sorted(configs, key=lambda ks: ks[1])  # seed 1 of every point first
     for i, (name, seed) in enumerate(order, 1):
@@ -163,10 +207,18 @@ def run_sweep(preset: str = "default", *, groups: tuple[str, ...] = GROUPS, seed
         cfg.trainer.progress_bar = progress
         t0 = time.perf_counter()
         run_dir = train_or_continue(cfg, preset, log=log)
-        log(f"sfpo sweep: [{i}/{len(order)}] {os.path.basename(run_dir)} done after {time.perf_counter() - t0:.0f} s "
-            f"({(time.perf_counter() - start) / 60:.1f} min so far)")  # fmt: skip
+        log(
+            f"sfpo sweep: [{i}/{len(order)}] {os.path.basename(run_dir)} done after {time.perf_counter() - t0:.0f} s "
+            f"({(time.perf_counter() - start) / 60:.1f} min so far)"
+        )
     run_dirs = {p.name: os.path.join(out_dir, owners[p.name].name) for p in points}
     report_dir = os.path.join(out_dir, "report")
-    files = build_sweep_report(out_dir, report_dir, points, owners, seeds=seeds,
-                               title=f"sfpo sweep on preset {preset!r} ({algorithm}), {seeds} seed(s)")  # fmt: skip
+    files = build_sweep_report(
+        out_dir,
+        report_dir,
+        points,
+        owners,
+        seeds=seeds,
+        title=f"sfpo sweep on preset {preset!r} ({algorithm}), {seeds} seed(s)",
+    )
     return SweepResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

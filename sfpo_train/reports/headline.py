@@ -55,23 +55,45 @@ def headline_table(runs: list[Run]) -> pd.DataFrame:
     for seed, grpo, sfpo in pair_runs(runs):
         gv, sv = grpo.val, sfpo.val
         initial = initial_accuracy(gv)
-        row = {"seed": seed, "grpo_run": grpo.name, "sfpo_run": sfpo.name, "target_known": bool(len(gv)),
-               "initial_known": not math.isnan(initial), "grpo_initial_acc": initial, "target_acc": math.nan,
-               "grpo_improved": False, "grpo_best_step": -1, "grpo_rollouts": math.nan, "grpo_time_s": math.nan,
-               "sfpo_reached": False, "sfpo_step": -1, "sfpo_rollouts": math.nan, "sfpo_time_s": math.nan,
-               "rollouts_ratio": math.nan, "time_ratio": math.nan,
-               "grpo_final_acc": float(gv["accuracy"].iloc[-1]) if len(gv) else math.nan,
-               "sfpo_final_acc": float(sv["accuracy"].iloc[-1]) if len(sv) else math.nan,
-               "grpo_best_acc": float(gv["accuracy"].max()) if len(gv) else math.nan,
-               "sfpo_best_acc": float(sv["accuracy"].max()) if len(sv) else math.nan}  # fmt: skip
+        row = {
+            "seed": seed,
+            "grpo_run": grpo.name,
+            "sfpo_run": sfpo.name,
+            "target_known": bool(len(gv)),
+            "initial_known": not math.isnan(initial),
+            "grpo_initial_acc": initial,
+            "target_acc": math.nan,
+            "grpo_improved": False,
+            "grpo_best_step": -1,
+            "grpo_rollouts": math.nan,
+            "grpo_time_s": math.nan,
+            "sfpo_reached": False,
+            "sfpo_step": -1,
+            "sfpo_rollouts": math.nan,
+            "sfpo_time_s": math.nan,
+            "rollouts_ratio": math.nan,
+            "time_ratio": math.nan,
+            "grpo_final_acc": float(gv["accuracy"].iloc[-1]) if len(gv) else math.nan,
+            "sfpo_final_acc": float(sv["accuracy"].iloc[-1]) if len(sv) else math.nan,
+            "grpo_best_acc": float(gv["accuracy"].max()) if len(gv) else math.nan,
+            "sfpo_best_acc": float(sv["accuracy"].max()) if len(sv) else math.nan,
+        }
         if len(gv):
             target = float(gv["accuracy"].max())
             g_hit, s_hit = first_reaching(gv, target), first_reaching(sv, target)
-            row.update(target_acc=target, grpo_best_step=int(g_hit["step"]), grpo_rollouts=float(g_hit["rollouts"]),
-                       grpo_time_s=float(g_hit["elapsed_s"]))  # fmt: skip
+            row.update(
+                target_acc=target,
+                grpo_best_step=int(g_hit["step"]),
+                grpo_rollouts=float(g_hit["rollouts"]),
+                grpo_time_s=float(g_hit["elapsed_s"]),
+            )
             if s_hit is not None:
-                row.update(sfpo_reached=True, sfpo_step=int(s_hit["step"]), sfpo_rollouts=float(s_hit["rollouts"]),
-                           sfpo_time_s=float(s_hit["elapsed_s"]))  # fmt: skip
+                row.update(
+                    sfpo_reached=True,
+                    sfpo_step=int(s_hit["step"]),
+                    sfpo_rollouts=float(s_hit["rollouts"]),
+                    sfpo_time_s=float(s_hit["elapsed_s"]),
+                )
             # GRPO's best lies after step 0 and the step-0 accuracy is known: it improved on its start
             row["grpo_improved"] = row["initial_known"] and row["grpo_best_step"] > 0
             ok = row["sfpo_reached"] and row["grpo_improved"] and row["sfpo_rollouts"] > 0
@@ -125,32 +147,54 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
     reached = int(reached_seeds.sum())
     no_target, unknown = ~has_target, has_target & ~known
     compared = head["rollouts_ratio"].notna()
-    note = (f"Over {n} seed(s); each number is the mean over seeds with its interval in brackets ({INTERVAL}); "
-            "where a measure is defined in only some seeds, both arms' means are over those seeds.")
+    note = (
+        f"Over {n} seed(s); each number is the mean over seeds with its interval in brackets ({INTERVAL}); "
+        "where a measure is defined in only some seeds, both arms' means are over those seeds."
+    )
     measures: list[str] = []
     if n_target == 0:
-        measures.append("GRPO's best test accuracy (the target): **not measurable**: no GRPO run has a validation row "
-                     "(trainer.test_freq, trainer.val_before_train).")  # fmt: skip
+        measures.append(
+            "GRPO's best test accuracy (the target): **not measurable**: no GRPO run has a validation row "
+            "(trainer.test_freq, trainer.val_before_train)."
+        )
     else:
         measures += [
             f"GRPO's best test accuracy (the target): {_spread(head['target_acc'], '{:.3f}')}"
-            + (f" over {n_target} seed(s); not measurable in seed(s) {_seeds(head, no_target)}, whose GRPO run has no "
-               "validation row" if no_target.any() else "") + ".",
-            (f"GRPO improved on its initial accuracy (step 0) in {improved} of {n_known} seed(s)"
-             + (f"; its initial accuracy is unknown in seed(s) {_seeds(head, unknown)} (no step-0 validation: "
-                "trainer.val_before_train=false), so there it is not known whether GRPO improved and no GRPO/SFPO "
-                "ratio is taken" if unknown.any() else "") + "."
-             if n_known else "GRPO's initial accuracy is unknown (no step-0 validation: trainer.val_before_train="
-             "false), so it is not known whether GRPO improved and no GRPO/SFPO ratio is taken."),
+            + (
+                f" over {n_target} seed(s); not measurable in seed(s) {_seeds(head, no_target)}, whose GRPO run has no "
+                "validation row"
+                if no_target.any()
+                else ""
+            )
+            + ".",
+            (
+                f"GRPO improved on its initial accuracy (step 0) in {improved} of {n_known} seed(s)"
+                + (
+                    f"; its initial accuracy is unknown in seed(s) {_seeds(head, unknown)} (no step-0 validation: "
+                    "trainer.val_before_train=false), so there it is not known whether GRPO improved and no GRPO/SFPO "
+                    "ratio is taken"
+                    if unknown.any()
+                    else ""
+                )
+                + "."
+                if n_known
+                else "GRPO's initial accuracy is unknown (no step-0 validation: trainer.val_before_train="
+                "false), so it is not known whether GRPO improved and no GRPO/SFPO ratio is taken."
+            ),
             f"SFPO reached it in {reached} of {n_target} seed(s)"
-            + ("" if reached == n_target else f" (not reached: seed(s) {_seeds(head, has_target & ~reached_seeds)})") + ".",
-            (f"Rollouts to reach it, over the {int(compared.sum())} seed(s) where both arms reached it and GRPO improved on "
-             f"its known initial accuracy ({_seeds(head, compared) or 'none'}): GRPO {_spread(head.loc[compared, 'grpo_rollouts'], '{:.0f}')}, "
-             f"SFPO {_spread(head.loc[compared, 'sfpo_rollouts'], '{:.0f}')}; GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x')}."),
-            (f"Wall-clock to reach it, the same seed(s): GRPO {_spread(head.loc[compared, 'grpo_time_s'], '{:.1f} s')}, "
-             f"SFPO {_spread(head.loc[compared, 'sfpo_time_s'], '{:.1f} s')}; GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x')}."),
+            + ("" if reached == n_target else f" (not reached: seed(s) {_seeds(head, has_target & ~reached_seeds)})")
+            + ".",
+            (
+                f"Rollouts to reach it, over the {int(compared.sum())} seed(s) where both arms reached it and GRPO improved on "
+                f"its known initial accuracy ({_seeds(head, compared) or 'none'}): GRPO {_spread(head.loc[compared, 'grpo_rollouts'], '{:.0f}')}, "
+                f"SFPO {_spread(head.loc[compared, 'sfpo_rollouts'], '{:.0f}')}; GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x')}."
+            ),
+            (
+                f"Wall-clock to reach it, the same seed(s): GRPO {_spread(head.loc[compared, 'grpo_time_s'], '{:.1f} s')}, "
+                f"SFPO {_spread(head.loc[compared, 'sfpo_time_s'], '{:.1f} s')}; GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x')}."
+            ),
             f"Final test accuracy: GRPO {_spread(head['grpo_final_acc'], '{:.3f}')}, SFPO {_spread(head['sfpo_final_acc'], '{:.3f}')}.",
-        ]  # fmt: skip
+        ]
     measures += [
         f"Step time: GRPO {_spread(head['grpo_step_s'], '{:.3f} s')}, SFPO {_spread(head['sfpo_step_s'], '{:.3f} s')}; "
         f"SFPO/GRPO {_spread(head['step_time_ratio'], '{:.2f}x')}; counting only SFPO's steps with the fast passes "
@@ -158,15 +202,22 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
         f"{_spread(head['grpo_gen_share_pct'], '{:.0f}%')} of a GRPO step here.",
         f"Extra memory of SFPO ({head['memory_reading'].iloc[0]}): {_spread(head['extra_memory_gb'], '{:+.3f} GB')}; "
         f"its snapshot of theta_0 (held from the fast passes through the slow one): {_spread(head['sfpo_snapshot_mb'], '{:.2f} MB')}.",
-    ]  # fmt: skip
+    ]
 
     # why each seed left out of the rollouts / wall-clock verdicts is not measurable
-    why = [f"seed(s) {_seeds(head, mask)}: {reason}" for mask, reason in (
-        (no_target, "GRPO's run has no validation row (validate with trainer.test_freq)"),
-        (unknown, "GRPO's initial accuracy unknown (no step-0 validation; set trainer.val_before_train=true)"),
-        (known & ~improved_seeds, "GRPO never improved on its initial accuracy, so both arms 'reach' it before "
-                                  "training (train longer, --steps, or on a task with room to learn)"),
-    ) if mask.any()]  # fmt: skip
+    why = [
+        f"seed(s) {_seeds(head, mask)}: {reason}"
+        for mask, reason in (
+            (no_target, "GRPO's run has no validation row (validate with trainer.test_freq)"),
+            (unknown, "GRPO's initial accuracy unknown (no step-0 validation; set trainer.val_before_train=true)"),
+            (
+                known & ~improved_seeds,
+                "GRPO never improved on its initial accuracy, so both arms 'reach' it before "
+                "training (train longer, --steps, or on a task with room to learn)",
+            ),
+        )
+        if mask.any()
+    ]
     verdicts = []
     if improved == 0:
         verdicts.append(f"Rollouts and wall-clock to GRPO's best: **not measurable here**: {'; '.join(why)}.")
@@ -175,30 +226,47 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
         reached_m = int((improved_seeds & reached_seeds).sum())
         r, t = head.loc[improved_seeds, "rollouts_ratio"], head.loc[improved_seeds, "time_ratio"]
         if reached_m == improved and r.notna().all() and (r > 1).all():
-            verdicts.append(f"Rollouts: same direction as the paper ({PAPER['rollouts']}): SFPO needed {_spread(r)}x "
-                            f"fewer in {improved} measurable seed(s){left_out}.")  # fmt: skip
+            verdicts.append(
+                f"Rollouts: same direction as the paper ({PAPER['rollouts']}): SFPO needed {_spread(r)}x "
+                f"fewer in {improved} measurable seed(s){left_out}."
+            )
         else:
-            verdicts.append(f"Rollouts: **does not show the paper's direction in every measurable seed** (paper: "
-                            f"{PAPER['rollouts']}): SFPO reached GRPO's best in {reached_m} of {improved} measurable "
-                            f"seed(s) and needed fewer rollouts in {int((r > 1).sum())} of {improved}{left_out}.")  # fmt: skip
+            verdicts.append(
+                f"Rollouts: **does not show the paper's direction in every measurable seed** (paper: "
+                f"{PAPER['rollouts']}): SFPO reached GRPO's best in {reached_m} of {improved} measurable "
+                f"seed(s) and needed fewer rollouts in {int((r > 1).sum())} of {improved}{left_out}."
+            )
         if reached_m == improved and t.notna().all() and (t > 1).all():
             verdicts.append(f"Wall-clock: same direction as the paper ({PAPER['wall_clock']}): {_spread(t)}x less.")
         else:
-            verdicts.append(f"Wall-clock: **does not show the paper's direction in every measurable seed** (paper: "
-                            f"{PAPER['wall_clock']}): SFPO got there sooner in {int((t > 1).sum())} of {improved}.")  # fmt: skip
+            verdicts.append(
+                f"Wall-clock: **does not show the paper's direction in every measurable seed** (paper: "
+                f"{PAPER['wall_clock']}): SFPO got there sooner in {int((t > 1).sum())} of {improved}."
+            )
     ratio = head["active_step_time_ratio"].mean()
     if math.isnan(ratio):  # the trigger fired before the first timed step: no SFPO step ran its fast passes
         ratio = head["step_time_ratio"].mean()
     gen = head["grpo_gen_share_pct"].mean()
-    verdicts.append(f"Step time (SFPO steps with the fast passes): SFPO/GRPO {ratio:.2f}x here against the paper's "
-                    f"~1.37x ({PAPER['step_time']}). "
-                    + (f"Generation is only {gen:.0f}% of a GRPO step here, so SFPO's K extra passes weigh far more than in "
-                       "the paper's long-rollout regime." if gen < 60 and ratio > 1.6 else "Comparable regime.")) # fmt: skip
+    verdicts.append(
+        f"Step time (SFPO steps with the fast passes): SFPO/GRPO {ratio:.2f}x here against the paper's "
+        f"~1.37x ({PAPER['step_time']}). "
+        + (
+            f"Generation is only {gen:.0f}% of a GRPO step here, so SFPO's K extra passes weigh far more than in "
+            "the paper's long-rollout regime."
+            if gen < 60 and ratio > 1.6
+            else "Comparable regime."
+        )
+    )
     extra = head["extra_memory_gb"].max()
-    verdicts.append(f"Memory: paper: {PAPER['memory']}; here SFPO's peak is {extra:+.3f} GB against GRPO's "
-                    f"({head['memory_reading'].iloc[0]}); by design SFPO holds one copy of the trainable parameters "
-                    "(the snapshot) from the fast passes through the slow one, 0 with snapshot_offload=cpu."
-                    + ("" if head["memory_reading"].iloc[0].startswith("GPU") else
-                       " On the CPU the RSS difference is only indicative (the runs of one compare share a process "
-                       "and the allocator keeps freed memory); the snapshot's size is exact."))  # fmt: skip
+    verdicts.append(
+        f"Memory: paper: {PAPER['memory']}; here SFPO's peak is {extra:+.3f} GB against GRPO's "
+        f"({head['memory_reading'].iloc[0]}); by design SFPO holds one copy of the trainable parameters "
+        "(the snapshot) from the fast passes through the slow one, 0 with snapshot_offload=cpu."
+        + (
+            ""
+            if head["memory_reading"].iloc[0].startswith("GPU")
+            else " On the CPU the RSS difference is only indicative (the runs of one compare share a process "
+            "and the allocator keeps freed memory); the snapshot's size is exact."
+        )
+    )
     return note, measures, verdicts

@@ -15,8 +15,19 @@ from sfpo_train.reports.runs import ARMS, Run, arms, column, nested
 from sfpo_train.reports.tables import STACKED_STAGES, stage_times
 
 ARM_COLORS = {"GRPO": "#4C72B0", "SFPO": "#DD8452"}
-STAGE_COLORS = ["#4C72B0", "#55A868", "#8172B3", "#937860", "#DA8BC3", "#8C8C8C", "#DD8452", "#CCB974", "#C44E52",
-                "#64B5CD", "#DDDDDD"]  # one per stacked stage, in order  # fmt: skip
+STAGE_COLORS = [
+    "#4C72B0",
+    "#55A868",
+    "#8172B3",
+    "#937860",
+    "#DA8BC3",
+    "#8C8C8C",
+    "#DD8452",
+    "#CCB974",
+    "#C44E52",
+    "#64B5CD",
+    "#DDDDDD",
+]  # one per stacked stage, in order
 
 
 def _plt():
@@ -55,7 +66,9 @@ def plot_stage_time(runs: list[Run], path: str) -> None:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     ordered = [lab for lab in STACKED_STAGES.values() if lab in handles][::-1]  # top of the stack first
-    axes[0][-1].legend([handles[lab] for lab in ordered], ordered, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    axes[0][-1].legend(
+        [handles[lab] for lab in ordered], ordered, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -99,7 +112,9 @@ def plot_memory(memory: pd.DataFrame, path: str) -> None:
             ax.bar(x + i * width, table[arm].to_numpy(), width, label=arm, color=ARM_COLORS[arm])
         ax.set_xticks(x + width * (len(shown) - 1) / 2, table.index, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(f"{reading} (GB)")
-        ax.set_title("peak memory per stage" if reading == "max_allocated_gb" else "process RSS at the end of each stage")
+        ax.set_title(
+            "peak memory per stage" if reading == "max_allocated_gb" else "process RSS at the end of each stage"
+        )
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -157,9 +172,19 @@ def plot_dynamics(runs: list[Run], path: str) -> None:
                 s = fired["training/global_step"].iloc[0]
                 for ax in axes:
                     ax.axvline(s, color=color, ls=ls, lw=0.8, alpha=0.6)
-                axes[2].annotate(f"trigger (seed {run.seed})", (s, 0), xytext=(3, 4 + 10 * seeds.index(run.seed)),
-                                 textcoords="offset points", fontsize=7, color=color)  # fmt: skip
-    thresholds = {float(nested(r.config, "actor_rollout_ref.actor.sfpo.zscore_threshold", math.nan)) for r in runs if r.arm == "SFPO"}
+                axes[2].annotate(
+                    f"trigger (seed {run.seed})",
+                    (s, 0),
+                    xytext=(3, 4 + 10 * seeds.index(run.seed)),
+                    textcoords="offset points",
+                    fontsize=7,
+                    color=color,
+                )
+    thresholds = {
+        float(nested(r.config, "actor_rollout_ref.actor.sfpo.zscore_threshold", math.nan))
+        for r in runs
+        if r.arm == "SFPO"
+    }
     for tau in thresholds:
         if math.isfinite(tau):
             axes[1].axhline(tau, color="gray", ls=":", lw=1, label=f"threshold {tau:g}")

@@ -50,9 +50,11 @@ class Section:
     blocks: list[Block] = field(default_factory=list)
 
 
-CSS = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
-       "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
-       "text-align:right}th{background:#f3f3f3}img{max-width:100%}")  # fmt: skip
+CSS = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;font-size:13px;margin:0.5em 0}td,th{border:1px solid #ccc;padding:3px 7px;"
+    "text-align:right}th{background:#f3f3f3}img{max-width:100%}"
+)
 
 
 def format_cell(value) -> str:
@@ -79,8 +81,11 @@ def format_column(values: pd.Series) -> pd.Series:
     magnitude), or 2 significant digits of the largest value when all lie below 0.01. Non-numbers as
     :func:`format_cell`.
     """
-    numbers = [float(v) for v in values
-               if isinstance(v, (float, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)]  # fmt: skip
+    numbers = [
+        float(v)
+        for v in values
+        if isinstance(v, (float, np.floating)) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v)
+    ]
     if not numbers or all(x.is_integer() for x in numbers):
         return values.map(format_cell)
     top = max(abs(x) for x in numbers)
@@ -145,8 +150,11 @@ def markdown(title: str, sections: list[Section]) -> str:
 
 def html_page(title: str, sections: list[Section]) -> str:
     """The report as a standalone page: the same blocks, tables as HTML tables, the PNGs inline by name."""
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>"]  # fmt: skip
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<style>{CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
     for section in sections:
         if section.heading:
             parts.append(f"<h2>{html.escape(section.heading)}</h2>")

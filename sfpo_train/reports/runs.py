@@ -42,12 +42,14 @@ class Run:
         if not cols:
             return pd.DataFrame(columns=["step", "accuracy", "rollouts", "elapsed_s"])
         rows = self.rows.dropna(subset=cols, how="all")
-        out = pd.DataFrame({
-            "step": rows["training/global_step"].astype(int),
-            "accuracy": rows[cols].mean(axis=1),
-            "rollouts": rows.get("train/rollouts_total", pd.Series(0, index=rows.index)).fillna(0),
-            "elapsed_s": rows.get("train/elapsed_s", pd.Series(0.0, index=rows.index)).fillna(0.0),
-        })  # fmt: skip
+        out = pd.DataFrame(
+            {
+                "step": rows["training/global_step"].astype(int),
+                "accuracy": rows[cols].mean(axis=1),
+                "rollouts": rows.get("train/rollouts_total", pd.Series(0, index=rows.index)).fillna(0),
+                "elapsed_s": rows.get("train/elapsed_s", pd.Series(0.0, index=rows.index)).fillna(0.0),
+            }
+        )
         return out.reset_index(drop=True)
 
 
@@ -105,8 +107,15 @@ def load_run(path: str) -> Run:
     else:  # no config: the logged alpha says which rule ran
         is_sfpo = bool((rows.get("sfpo/alpha", pd.Series([0.0])).fillna(0) > 0).any())
     seed = int(nested(config, "trainer.seed", 0) or 0)
-    return Run(os.path.abspath(path), os.path.basename(os.path.normpath(path)), "SFPO" if is_sfpo else "GRPO", seed,
-               config, rows, algorithm_of(config))  # fmt: skip
+    return Run(
+        os.path.abspath(path),
+        os.path.basename(os.path.normpath(path)),
+        "SFPO" if is_sfpo else "GRPO",
+        seed,
+        config,
+        rows,
+        algorithm_of(config),
+    )
 
 
 def expand_run_paths(paths: list[str]) -> list[str]:
@@ -118,8 +127,9 @@ def expand_run_paths(paths: list[str]) -> list[str]:
         if os.path.isfile(os.path.join(path, "metrics.jsonl")):
             out.append(path)
             continue
-        children = sorted(os.path.join(path, d) for d in os.listdir(path)
-                          if os.path.isfile(os.path.join(path, d, "metrics.jsonl")))  # fmt: skip
+        children = sorted(
+            os.path.join(path, d) for d in os.listdir(path) if os.path.isfile(os.path.join(path, d, "metrics.jsonl"))
+        )
         if not children:
             raise ValueError(f"RUN {path!r} holds no metrics.jsonl, nor do its subdirectories")
         out.extend(children)

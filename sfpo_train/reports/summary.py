@@ -65,20 +65,40 @@ def summary_table(head: pd.DataFrame) -> pd.DataFrame:
     target = done[done["target_known"].astype(bool)]
     measurable = done[done["grpo_improved"].astype(bool)]
     reached = measurable[measurable["sfpo_reached"].astype(bool)]
-    reach = (f"SFPO reached GRPO's best in {len(reached)} of {len(measurable)} seed(s) where GRPO improved on its "
-             f"step-0 accuracy; both arms' means are over those {len(reached)} seed(s)")  # fmt: skip
+    reach = (
+        f"SFPO reached GRPO's best in {len(reached)} of {len(measurable)} seed(s) where GRPO improved on its "
+        f"step-0 accuracy; both arms' means are over those {len(reached)} seed(s)"
+    )
     memory = head["memory_reading"].iloc[0] if n else "n/a"
     rows = [
-        _row("final_acc", "accuracy", target, "grpo_final_acc", "sfpo_final_acc",
-             "greedy test accuracy at the last validation" + left_out),
+        _row(
+            "final_acc",
+            "accuracy",
+            target,
+            "grpo_final_acc",
+            "sfpo_final_acc",
+            "greedy test accuracy at the last validation" + left_out,
+        ),
         _row("best_acc", "accuracy", target, "grpo_best_acc", "sfpo_best_acc", "best greedy test accuracy" + left_out),
         _row("rollouts_to_grpo_best", "rollouts", reached, "grpo_rollouts", "sfpo_rollouts", reach + left_out),
         _row("wall_clock_to_grpo_best", "s", reached, "grpo_time_s", "sfpo_time_s", reach + left_out),
-        _row("step_time", "s", done, "grpo_step_s", "sfpo_step_s",
-             "mean seconds per step, warm-up step left out" + left_out),
-        _row("peak_memory", "GB", done, "grpo_peak_memory_gb", "sfpo_peak_memory_gb",
-             f"{memory}; diff = SFPO's extra memory" + left_out),
-    ]  # fmt: skip
+        _row(
+            "step_time",
+            "s",
+            done,
+            "grpo_step_s",
+            "sfpo_step_s",
+            "mean seconds per step, warm-up step left out" + left_out,
+        ),
+        _row(
+            "peak_memory",
+            "GB",
+            done,
+            "grpo_peak_memory_gb",
+            "sfpo_peak_memory_gb",
+            f"{memory}; diff = SFPO's extra memory" + left_out,
+        ),
+    ]
     return pd.DataFrame(rows)
 
 
@@ -114,8 +134,10 @@ def summary_lines(summary: pd.DataFrame) -> list[str]:
         if r["n_seeds"] == 0:
             out.append(f"{r['measure']}: not measurable in any seed ({r['note']}).")
             continue
-        out.append(f"{r['measure']} ({r['unit']}, seeds {r['seeds']}): GRPO {ci('grpo')}{unit}, SFPO {ci('sfpo')}{unit}; "
-                   f"SFPO - GRPO {ci('diff')}{unit}, SFPO / GRPO {ci('ratio', '{:.2f}x')}. {r['note']}.")  # fmt: skip
+        out.append(
+            f"{r['measure']} ({r['unit']}, seeds {r['seeds']}): GRPO {ci('grpo')}{unit}, SFPO {ci('sfpo')}{unit}; "
+            f"SFPO - GRPO {ci('diff')}{unit}, SFPO / GRPO {ci('ratio', '{:.2f}x')}. {r['note']}."
+        )
     return out
 
 
@@ -125,6 +147,7 @@ def update_split(timed: pd.DataFrame) -> tuple[pd.Series, pd.Series, pd.Series]:
     The passes are K fast ones plus the slow one unless ``slow_correction=false`` (a
     step whose slow stage took no time had none); an alpha-0 step ran one slow pass.
     """
+
     def stage(name: str) -> pd.Series:
         return column(timed, f"timing_s/{name}").fillna(0.0)
 
@@ -163,8 +186,17 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
         steps = None
         if h["grpo_improved"] and h["sfpo_reached"]:
             steps = (int(h["grpo_best_step"]), int(h["sfpo_step"]), _active_steps(sfpo, int(h["sfpo_step"])))
-        parts.append({"U": u, "G": g, "S": s, "passes": float(n_passes.mean()), "steps": steps, "measured_time_ratio": measured_time,
-                      "measured_step_ratio": h["active_step_time_ratio"]})  # fmt: skip
+        parts.append(
+            {
+                "U": u,
+                "G": g,
+                "S": s,
+                "passes": float(n_passes.mean()),
+                "steps": steps,
+                "measured_time_ratio": measured_time,
+                "measured_step_ratio": h["active_step_time_ratio"],
+            }
+        )
         seeds.append(int(h["seed"]))
     if not parts:
         return pd.DataFrame(columns=["generation_share", "kind"])
@@ -181,18 +213,42 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
                 time_ratios.append(n_g * grpo_step / (a * sfpo_step + (n_s - a) * grpo_step))
         step = mean_ci(step_ratios)
         t_mean, t_lo, t_hi, t_n = mean_ci(time_ratios)
-        wins = "n/a" if t_n == 0 else ("yes" if t_mean > 1 else "no") + (
-            "" if math.isnan(t_lo) else " (interval above 1)" if t_lo > 1 else " (interval below 1)" if t_hi < 1
-            else " (interval spans 1)")  # fmt: skip
-        rows.append({
-            "generation_share": round(share, 4), "kind": kind, "n_seeds": len(parts),
-            "step_ratio_sfpo_over_grpo": step[0], "step_ratio_ci_low": step[1], "step_ratio_ci_high": step[2],
-            "time_to_grpo_best_ratio_grpo_over_sfpo": t_mean, "time_ratio_ci_low": t_lo, "time_ratio_ci_high": t_hi,
-            "time_ratio_seeds": t_n, "sfpo_wins_wall_clock": wins,
-            # the model checked against the measurement, at the share measured here
-            "measured_step_ratio": mean_ci(p["measured_step_ratio"] for p in parts)[0] if kind != "projection" else math.nan,
-            "measured_time_ratio": mean_ci(p["measured_time_ratio"] for p in parts)[0] if kind != "projection" else math.nan,
-        })  # fmt: skip
+        wins = (
+            "n/a"
+            if t_n == 0
+            else ("yes" if t_mean > 1 else "no")
+            + (
+                ""
+                if math.isnan(t_lo)
+                else " (interval above 1)"
+                if t_lo > 1
+                else " (interval below 1)"
+                if t_hi < 1
+                else " (interval spans 1)"
+            )
+        )
+        rows.append(
+            {
+                "generation_share": round(share, 4),
+                "kind": kind,
+                "n_seeds": len(parts),
+                "step_ratio_sfpo_over_grpo": step[0],
+                "step_ratio_ci_low": step[1],
+                "step_ratio_ci_high": step[2],
+                "time_to_grpo_best_ratio_grpo_over_sfpo": t_mean,
+                "time_ratio_ci_low": t_lo,
+                "time_ratio_ci_high": t_hi,
+                "time_ratio_seeds": t_n,
+                "sfpo_wins_wall_clock": wins,
+                # the model checked against the measurement, at the share measured here
+                "measured_step_ratio": mean_ci(p["measured_step_ratio"] for p in parts)[0]
+                if kind != "projection"
+                else math.nan,
+                "measured_time_ratio": mean_ci(p["measured_time_ratio"] for p in parts)[0]
+                if kind != "projection"
+                else math.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -200,23 +256,35 @@ def cost_model_lines(cost: pd.DataFrame, head: pd.DataFrame) -> list[str]:
     """The projection in words: the step ratio and whether the rollout saving wins wall-clock at each share."""
     if cost.empty:
         return ["Cost model: not computable (no finished pair of runs with a timed update pass)."]
-    out = [("**Projection, not a measurement**: the measured stage times with the non-update part of a GRPO step "
-            "(generation, reward, log-probs, the rest) scaled to each share; intervals over seeds as above.")]
+    out = [
+        (
+            "**Projection, not a measurement**: the measured stage times with the non-update part of a GRPO step "
+            "(generation, reward, log-probs, the rest) scaled to each share; intervals over seeds as above."
+        )
+    ]
     for _, r in cost.iterrows():
         step = f"{r['step_ratio_sfpo_over_grpo']:.2f}x"
         if r["time_ratio_seeds"]:
             lo, hi = r["time_ratio_ci_low"], r["time_ratio_ci_high"]
             interval = "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
-            time = (f"GRPO/SFPO wall-clock to GRPO's best {r['time_to_grpo_best_ratio_grpo_over_sfpo']:.2f}x{interval} "
-                    f"over {int(r['time_ratio_seeds'])} seed(s): SFPO wins wall-clock: {r['sfpo_wins_wall_clock']}")  # fmt: skip
+            time = (
+                f"GRPO/SFPO wall-clock to GRPO's best {r['time_to_grpo_best_ratio_grpo_over_sfpo']:.2f}x{interval} "
+                f"over {int(r['time_ratio_seeds'])} seed(s): SFPO wins wall-clock: {r['sfpo_wins_wall_clock']}"
+            )
         else:
             time = "wall-clock to GRPO's best: no seed where it is measurable"
         out.append(f"generation share {100 * r['generation_share']:.0f}% ({r['kind']}): SFPO/GRPO step {step}; {time}.")
     here = cost.iloc[-1]
     if not math.isnan(here["measured_step_ratio"]):
-        out.append(f"Check of the model at the share measured here: projected step ratio "
-                   f"{here['step_ratio_sfpo_over_grpo']:.2f}x, measured {here['measured_step_ratio']:.2f}x (SFPO's steps "
-                   "with the fast passes; the arms run one after the other, so a change in machine load between them "
-                   "shows up here)." + ("" if math.isnan(here["measured_time_ratio"]) else
-                   f" Measured GRPO/SFPO wall-clock to GRPO's best: {here['measured_time_ratio']:.2f}x."))  # fmt: skip
+        out.append(
+            f"Check of the model at the share measured here: projected step ratio "
+            f"{here['step_ratio_sfpo_over_grpo']:.2f}x, measured {here['measured_step_ratio']:.2f}x (SFPO's steps "
+            "with the fast passes; the arms run one after the other, so a change in machine load between them "
+            "shows up here)."
+            + (
+                ""
+                if math.isnan(here["measured_time_ratio"])
+                else f" Measured GRPO/SFPO wall-clock to GRPO's best: {here['measured_time_ratio']:.2f}x."
+            )
+        )
     return out

@@ -60,10 +60,15 @@ def sweep_table(out_dir: str, points: list, owners: dict, *, seeds: int) -> pd.D
             summary = run_summary(run)
             if not settings:
                 sfpo = nested(run.config, "actor_rollout_ref.actor.sfpo", {}) or {}
-                settings = {"K": sfpo.get("inner_steps"), "alpha": sfpo.get("alpha"), "decay": sfpo.get("decay"),
-                            "entropy_control": sfpo.get("entropy_control"), "reposition": sfpo.get("reposition"),
-                            "slow_correction": sfpo.get("slow_correction"),
-                            "lr": nested(run.config, "actor_rollout_ref.actor.optim.lr")}  # fmt: skip
+                settings = {
+                    "K": sfpo.get("inner_steps"),
+                    "alpha": sfpo.get("alpha"),
+                    "decay": sfpo.get("decay"),
+                    "entropy_control": sfpo.get("entropy_control"),
+                    "reposition": sfpo.get("reposition"),
+                    "slow_correction": sfpo.get("slow_correction"),
+                    "lr": nested(run.config, "actor_rollout_ref.actor.optim.lr"),
+                }
             if not summary["finished"]:
                 continue
             finished += 1
@@ -87,19 +92,29 @@ def sweep_table(out_dir: str, points: list, owners: dict, *, seeds: int) -> pd.D
             settings.update(K="", alpha="", decay="", entropy_control="", reposition="", slow_correction="")
         if settings.get("lr") is not None:
             settings["lr"] = f"{float(settings['lr']):.0e}".replace("e-0", "e-")
-        records.append({
-            "point": point.name, "group": point.group, "arm": "SFPO" if point.sfpo else "GRPO", "run": owner.name,
-            **{k: settings.get(k) for k in ("K", "alpha", "decay", "entropy_control", "reposition", "slow_correction",
-                                            "lr")},
-            "seeds_finished": f"{finished} of {seeds}",
-            "final_acc_mean": final, "final_acc_ci_low": final_lo, "final_acc_ci_high": final_hi, "best_acc_mean": best,
-            "reached_grpo_best": f"{reached} of {len(base_s)}" if base_s else "n/a",
-            "rollouts_to_grpo_best_mean": mean_ci(rollouts)[0],
-            "step_s_mean": step_s,
-            "step_ratio_vs_grpo": step_s / base_step if base_step and not math.isnan(base_step) else math.nan,
-            "step_ratio_own_stages": mean_ci(own)[0],
-            "trigger_fired": f"{fired} of {finished}" if point.sfpo else "",
-        })  # fmt: skip
+        records.append(
+            {
+                "point": point.name,
+                "group": point.group,
+                "arm": "SFPO" if point.sfpo else "GRPO",
+                "run": owner.name,
+                **{
+                    k: settings.get(k)
+                    for k in ("K", "alpha", "decay", "entropy_control", "reposition", "slow_correction", "lr")
+                },
+                "seeds_finished": f"{finished} of {seeds}",
+                "final_acc_mean": final,
+                "final_acc_ci_low": final_lo,
+                "final_acc_ci_high": final_hi,
+                "best_acc_mean": best,
+                "reached_grpo_best": f"{reached} of {len(base_s)}" if base_s else "n/a",
+                "rollouts_to_grpo_best_mean": mean_ci(rollouts)[0],
+                "step_s_mean": step_s,
+                "step_ratio_vs_grpo": step_s / base_step if base_step and not math.isnan(base_step) else math.nan,
+                "step_ratio_own_stages": mean_ci(own)[0],
+                "trigger_fired": f"{fired} of {finished}" if point.sfpo else "",
+            }
+        )
     return pd.DataFrame(records)
 
 
@@ -129,9 +144,10 @@ def plot_k_alpha(table: pd.DataFrame, path: str) -> bool:
     ks = sorted({int(k) for k in grid["K"]})
     alphas = sorted({float(a) for a in grid["alpha"]})
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, col, title, fmt in ((axes[0], "final_acc_mean", "final test accuracy (mean over seeds)", "{:.3f}"),
-                                (axes[1], "step_ratio_own_stages", "step time / a GRPO step (own stage times)",
-                                 "{:.2f}x")):  # fmt: skip
+    for ax, col, title, fmt in (
+        (axes[0], "final_acc_mean", "final test accuracy (mean over seeds)", "{:.3f}"),
+        (axes[1], "step_ratio_own_stages", "step time / a GRPO step (own stage times)", "{:.2f}x"),
+    ):
         values = [[math.nan] * len(alphas) for _ in ks]
         for _, row in grid.iterrows():
             values[ks.index(int(row["K"]))][alphas.index(float(row["alpha"]))] = row[col]
@@ -155,27 +171,50 @@ def plot_k_alpha(table: pd.DataFrame, path: str) -> bool:
     return True
 
 
-SHOWN = ("point", "group", "K", "alpha", "decay", "entropy_control", "reposition", "slow_correction", "lr",
-         "seeds_finished", "final_acc_mean", "final_acc_ci_low", "final_acc_ci_high", "best_acc_mean",
-         "reached_grpo_best", "rollouts_to_grpo_best_mean", "step_s_mean", "step_ratio_vs_grpo", "step_ratio_own_stages",
-         "trigger_fired")  # fmt: skip
+SHOWN = (
+    "point",
+    "group",
+    "K",
+    "alpha",
+    "decay",
+    "entropy_control",
+    "reposition",
+    "slow_correction",
+    "lr",
+    "seeds_finished",
+    "final_acc_mean",
+    "final_acc_ci_low",
+    "final_acc_ci_high",
+    "best_acc_mean",
+    "reached_grpo_best",
+    "rollouts_to_grpo_best_mean",
+    "step_s_mean",
+    "step_ratio_vs_grpo",
+    "step_ratio_own_stages",
+    "trigger_fired",
+)
 
 
-def build_sweep_report(out_dir: str, report_dir: str, points: list, owners: dict, *, seeds: int,
-                       title: str) -> dict[str, str]:  # fmt: skip
+def build_sweep_report(
+    out_dir: str, report_dir: str, points: list, owners: dict, *, seeds: int, title: str
+) -> dict[str, str]:
     """sweep.csv, the heat map and sweep.md / sweep.html (as report.md / report.html) into ``report_dir``."""
     os.makedirs(report_dir, exist_ok=True)
     table = sweep_table(out_dir, points, owners, seeds=seeds)
     written = {"sweep.csv": os.path.join(report_dir, "sweep.csv")}
     table.to_csv(written["sweep.csv"], index=False)
-    blocks = [Paragraph(f"{len(points)} points, {len({o.name for o in owners.values()})} distinct runs per seed, "
-                        f"{seeds} seed(s). Accuracy: greedy test accuracy at the run's last validation; "
-                        f"intervals: {INTERVAL}. Target: the same seed's GRPO run's best test accuracy (the lr points: "
-                        "GRPO at the same lr). Unfinished runs are counted in seeds_finished and left out of every "
-                        "mean. step_s_mean and step_ratio_vs_grpo are wall-clock of runs made one after the other, so "
-                        "they move with the machine's load; step_ratio_own_stages sets each run's step against a GRPO "
-                        "step built from its own stage times (one load)."),
-              Table(table[list(SHOWN)])]  # fmt: skip
+    blocks = [
+        Paragraph(
+            f"{len(points)} points, {len({o.name for o in owners.values()})} distinct runs per seed, "
+            f"{seeds} seed(s). Accuracy: greedy test accuracy at the run's last validation; "
+            f"intervals: {INTERVAL}. Target: the same seed's GRPO run's best test accuracy (the lr points: "
+            "GRPO at the same lr). Unfinished runs are counted in seeds_finished and left out of every "
+            "mean. step_s_mean and step_ratio_vs_grpo are wall-clock of runs made one after the other, so "
+            "they move with the machine's load; step_ratio_own_stages sets each run's step against a GRPO "
+            "step built from its own stage times (one load)."
+        ),
+        Table(table[list(SHOWN)]),
+    ]
     if plot_k_alpha(table, os.path.join(report_dir, HEATMAP)):
         written[HEATMAP] = os.path.join(report_dir, HEATMAP)
         blocks.append(Image(HEATMAP, "SFPO over K x alpha"))

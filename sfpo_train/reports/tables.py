@@ -65,8 +65,10 @@ def peak_memory_gb(run: Run) -> tuple[float, str]:
     """The run's peak memory and what it is: torch's peak allocated on CUDA, else the process's peak RSS."""
     # On CPU the RSS at the end of each step, not the process's lifetime peak (VmHWM): the runs of one
     # compare share a process, and a later run would inherit an earlier run's peak.
-    for col, what in (("perf/max_memory_allocated_gb", "GPU peak allocated (torch)"),
-                      ("perf/cpu_memory_used_gb", "largest process RSS at a step's end")):  # fmt: skip
+    for col, what in (
+        ("perf/max_memory_allocated_gb", "GPU peak allocated (torch)"),
+        ("perf/cpu_memory_used_gb", "largest process RSS at a step's end"),
+    ):
         if col in run.rows and run.rows[col].notna().any():
             return float(run.rows[col].max()), what
     return math.nan, "n/a"
@@ -88,7 +90,10 @@ def run_summary(run: Run) -> dict:
     done = int(train["training/global_step"].max()) if len(train) else 0
     planned = nested(run.config, "trainer.total_training_steps")
     return {
-        "run": run.name, "arm": run.arm, "seed": run.seed, "steps": done,
+        "run": run.name,
+        "arm": run.arm,
+        "seed": run.seed,
+        "steps": done,
         "planned_steps": int(planned) if planned is not None else done,
         "finished": planned is None or done >= int(planned),
         "rollouts": int(column(train, "train/rollouts_total").max()) if len(train) else 0,
@@ -103,7 +108,7 @@ def run_summary(run: Run) -> dict:
         "peak_memory_gb": peak,
         "snapshot_mb": float(column(train, "sfpo/snapshot_bytes").max() / 1e6) if len(train) else 0.0,
         "profiler_overhead_pct": float(100 * column(train, "perf/profiler_overhead_frac").median()),
-    }  # fmt: skip
+    }
 
 
 def arm_stage_table(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -96,7 +96,9 @@ def generate_responses(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if tokenizer.padding_side != "left":
         # Right padding would put pad tokens between a prompt and its continuation.
-        raise ValueError(f"tokenizer.padding_side must be 'left' for batched generation, got {tokenizer.padding_side!r}")
+        raise ValueError(
+            f"tokenizer.padding_side must be 'left' for batched generation, got {tokenizer.padding_side!r}"
+        )
     if do_sample:
         # top_k=0 and top_p=1.0 switch the warpers off, whatever the model's generation_config says.
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}

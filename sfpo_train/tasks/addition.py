@@ -106,7 +106,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 def _byte_level(pre_tokenizer: pre_tokenizers.ByteLevel, char: str) -> str:
     """``char`` in the byte-level alphabet (``"7"`` -> ``"7"``, newline -> ``"Ċ"``); one byte, one character."""
-    (piece, _), = pre_tokenizer.pre_tokenize_str(char)
+    ((piece, _),) = pre_tokenizer.pre_tokenize_str(char)
     assert len(piece) == 1, (char, piece)
     return piece
 

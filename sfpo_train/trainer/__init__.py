@@ -17,5 +17,13 @@ from sfpo_train.trainer.checkpoint import latest_checkpoint
 from sfpo_train.trainer.loop import Trainer
 from sfpo_train.trainer.metrics_log import MetricsLog
 
-__all__ = ["Actor", "MetricsLog", "TrainBatch", "Trainer", "grpo_advantages", "latest_checkpoint", "lr_lambda",
-           "micro_batch_weights"]
+__all__ = [
+    "Actor",
+    "MetricsLog",
+    "TrainBatch",
+    "Trainer",
+    "grpo_advantages",
+    "latest_checkpoint",
+    "lr_lambda",
+    "micro_batch_weights",
+]

@@ -39,8 +39,17 @@ from sfpo_train.trainer.profiler import StageProfiler
 class Actor:
     """The trained ``model`` and its ``optimizer`` under the ``actor_rollout_ref.actor`` settings of ``cfg``."""
 
-    def __init__(self, cfg: DictConfig, model, optimizer: torch.optim.Optimizer, loss_options: GRPOLossOptions, *,
-                 compute_dtype: torch.dtype, device: torch.device, profiler: StageProfiler):  # fmt: skip
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model,
+        optimizer: torch.optim.Optimizer,
+        loss_options: GRPOLossOptions,
+        *,
+        compute_dtype: torch.dtype,
+        device: torch.device,
+        profiler: StageProfiler,
+    ):
         self.cfg, self.model, self.optimizer, self.loss_options = cfg, model, optimizer, loss_options
         self.compute_dtype, self.device, self.profiler = compute_dtype, device, profiler
         self.fused_head = use_fused_head(cfg.actor_rollout_ref.model.fused_lm_head, model, device)
@@ -56,8 +65,12 @@ class Actor:
         input_ids = torch.cat([rows["prompt_ids"], rows["responses"]], dim=1)
         attention_mask = torch.cat([rows["prompt_mask"], rows["response_mask"]], dim=1)
         position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-                "use_cache": False}  # fmt: skip
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "use_cache": False,
+        }
 
     def response_logits(self, model, rows: dict) -> torch.Tensor:
         """``[b, R, V]`` logits predicting each response token (a strided view of the model's output)."""
@@ -120,12 +133,22 @@ class Actor:
                 rows = batch.rows(index)
                 backend = self.cfg.actor_rollout_ref.actor.kernel_backend
                 if self.fused_head:  # response positions only: padding gets 0, which nothing reads unmasked
-                    lp, h = self._head(sfpo_kernels.linear_logprob_entropy, model, self.response_hidden(model, rows),
-                                       rows["responses"], self.loss_options.temperature,
-                                       response_mask=rows["response_mask"], backend=backend)  # fmt: skip
+                    lp, h = self._head(
+                        sfpo_kernels.linear_logprob_entropy,
+                        model,
+                        self.response_hidden(model, rows),
+                        rows["responses"],
+                        self.loss_options.temperature,
+                        response_mask=rows["response_mask"],
+                        backend=backend,
+                    )
                 else:
-                    lp, h = sfpo_kernels.logprob_entropy(self.response_logits(model, rows), rows["responses"],
-                                                         self.loss_options.temperature, backend=backend)  # fmt: skip
+                    lp, h = sfpo_kernels.logprob_entropy(
+                        self.response_logits(model, rows),
+                        rows["responses"],
+                        self.loss_options.temperature,
+                        backend=backend,
+                    )
                 log_probs.append(lp)
                 entropy.append(h)
         finally:
@@ -159,9 +182,11 @@ class Actor:
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         supply = batch.old_log_probs is None
         if supply and not (actor.ppo_epochs == 1 and n_rows <= mini):
-            raise ValueError(f"update_pass: batch.old_log_probs is None, but this pass is off-policy (ppo_epochs="
-                             f"{actor.ppo_epochs}, {n_rows} responses in mini-batches of {mini}); compute them first "
-                             "with Actor.log_probs")  # fmt: skip
+            raise ValueError(
+                f"update_pass: batch.old_log_probs is None, but this pass is off-policy (ppo_epochs="
+                f"{actor.ppo_epochs}, {n_rows} responses in mini-batches of {mini}); compute them first "
+                "with Actor.log_probs"
+            )
         if supply:
             old_log_probs = torch.zeros(batch.responses.shape, dtype=torch.float32, device=self.device)
             old_entropy = torch.zeros_like(old_log_probs)
@@ -184,23 +209,35 @@ class Actor:
                     if supply:  # theta_0 and no optimizer step yet in this mini-batch: log p_theta0 itself
                         if self.fused_head:
                             with torch.no_grad():
-                                old, entropy = self._head(sfpo_kernels.linear_logprob_entropy, self.model, hidden,
-                                                          rows["responses"], o.temperature,
-                                                          response_mask=rows["response_mask"],
-                                                          backend=actor.kernel_backend)  # fmt: skip
+                                old, entropy = self._head(
+                                    sfpo_kernels.linear_logprob_entropy,
+                                    self.model,
+                                    hidden,
+                                    rows["responses"],
+                                    o.temperature,
+                                    response_mask=rows["response_mask"],
+                                    backend=actor.kernel_backend,
+                                )
                         else:
-                            old, entropy = sfpo_kernels.logprob_entropy(logits.detach(), rows["responses"],
-                                                                        o.temperature, backend=actor.kernel_backend)  # fmt: skip
+                            old, entropy = sfpo_kernels.logprob_entropy(
+                                logits.detach(), rows["responses"], o.temperature, backend=actor.kernel_backend
+                            )
                         old = old.float()
                         old_log_probs[micro_index], old_entropy[micro_index] = old, entropy.float()
                     loss_args = (rows["responses"], old, rows["advantages"], rows["response_mask"])
                     settings = {
-                        "ref_log_probs": rows["ref_log_probs"], "temperature": o.temperature,
-                        "clip_ratio_low": o.clip_ratio_low, "clip_ratio_high": o.clip_ratio_high,
-                        "clip_ratio_c": o.clip_ratio_c, "kl_coef": o.kl_coef, "kl_type": o.kl_type,
-                        "entropy_coef": o.entropy_coef, "loss_agg_mode": o.loss_agg_mode,
-                        "backend": actor.kernel_backend, "check_labels": False,
-                    }  # fmt: skip
+                        "ref_log_probs": rows["ref_log_probs"],
+                        "temperature": o.temperature,
+                        "clip_ratio_low": o.clip_ratio_low,
+                        "clip_ratio_high": o.clip_ratio_high,
+                        "clip_ratio_c": o.clip_ratio_c,
+                        "kl_coef": o.kl_coef,
+                        "kl_type": o.kl_type,
+                        "entropy_coef": o.entropy_coef,
+                        "loss_agg_mode": o.loss_agg_mode,
+                        "backend": actor.kernel_backend,
+                        "check_labels": False,
+                    }
                     if self.fused_head:
                         out = self._head(sfpo_kernels.linear_grpo_loss, self.model, hidden, *loss_args, **settings)
                     else:
@@ -242,5 +279,10 @@ def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:
             return False
     config = getattr(model, "config", None)
     entries = config.to_dict() if hasattr(config, "to_dict") else {}
-    return not any(("dropout" in key or "pdrop" in key) and isinstance(value, (int, float))
-                   and not isinstance(value, bool) and value > 0 for key, value in entries.items())  # fmt: skip
+    return not any(
+        ("dropout" in key or "pdrop" in key)
+        and isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and value > 0
+        for key, value in entries.items()
+    )

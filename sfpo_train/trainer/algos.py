@@ -26,7 +26,9 @@ def grpo_advantages(scores: torch.Tensor, group_size: int, norm_by_std: bool) ->
     return adv.reshape(-1).float()
 
 
-def micro_batch_weights(response_mask: torch.Tensor, micro_batches: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
+def micro_batch_weights(
+    response_mask: torch.Tensor, micro_batches: list[torch.Tensor], mode: str
+) -> list[torch.Tensor]:
     """Each micro-batch's share of its mini-batch's aggregate under ``mode``.
 
     ``sum_i w_i * agg(micro_i) == agg(mini-batch)``: token-mean weights by

@@ -50,10 +50,15 @@ def rng_state() -> dict:
     name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     state = {
         "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64), "gauss_next": gauss_next},
-        "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "name": str(name),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "torch": torch.get_rng_state(),
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,8 +68,9 @@ def set_rng_state(state: dict) -> None:
     py = state["python"]
     random.setstate((int(py["version"]), tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
     npy = state["numpy"]
-    np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["cached_gaussian"]))  # fmt: skip
+    np.random.set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -100,14 +106,18 @@ def load_state(checkpoint: str) -> dict:
         raise ValueError(f"{path} is missing")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read is reported with the file's name
+    except Exception as e:
         needs = re.search(r"GLOBAL (\S+)", str(e))
         if isinstance(e, pickle.UnpicklingError) and needs:
-            raise ValueError(f"{path} is not a weights-only trainer state (it needs {needs[1]}), so it is not loaded: "
-                             f"unpickling it could run code. Checkpoints of sfpo before state format {STATE_FORMAT} "
-                             "cannot be resumed; one you did not write should be deleted") from None  # fmt: skip
+            raise ValueError(
+                f"{path} is not a weights-only trainer state (it needs {needs[1]}), so it is not loaded: "
+                f"unpickling it could run code. Checkpoints of sfpo before state format {STATE_FORMAT} "
+                "cannot be resumed; one you did not write should be deleted"
+            ) from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {first}); truncated or not a torch file?") from None
+        raise ValueError(
+            f"{path} cannot be read ({type(e).__name__}: {first}); truncated or not a torch file?"
+        ) from None
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise ValueError(f"{path} has state format {found!r}, this sfpo reads format {STATE_FORMAT}")
@@ -166,7 +176,9 @@ def find_resumable(run_dir: str) -> tuple[str, dict] | None:
             _check_model_dir(os.path.join(path, "model"))
             state = load_state(path)
             if state.get("global_step") != step:
-                raise ValueError(f"{os.path.join(path, STATE_FILE)} is for step {state.get('global_step')!r}, not {step}")
+                raise ValueError(
+                    f"{os.path.join(path, STATE_FILE)} is for step {state.get('global_step')!r}, not {step}"
+                )
         except ValueError as e:
             skipped.append(f"skipped {path}: {e}")
             continue
@@ -197,7 +209,7 @@ def _check_model_dir(model_dir: str) -> None:
         try:
             with safe_open(path, "pt"):  # reads the header; a truncated file does not cover its tensors
                 pass
-        except Exception as e:  # noqa: BLE001 - safetensors raises its own error type
+        except Exception as e:
             raise ValueError(f"{path} cannot be read ({e})") from None
 
 
@@ -213,8 +225,10 @@ def restart_reason(run_dir: str) -> str | None:
     config_path = os.path.join(run_dir, CONFIG_FILE)
     if not os.path.exists(config_path):
         return None
-    keep = ValueError(f"run directory {run_dir!r} already holds a run: continue it with --resume {run_dir}, "
-                      "or choose another trainer.experiment_name")  # fmt: skip
+    keep = ValueError(
+        f"run directory {run_dir!r} already holds a run: continue it with --resume {run_dir}, "
+        "or choose another trainer.experiment_name"
+    )
     if checkpoint_dirs(run_dir):
         raise keep
     logged, total = logged_steps(run_dir), None
@@ -224,9 +238,11 @@ def restart_reason(run_dir: str) -> str | None:
         pass  # an unreadable config.yaml and no checkpoint: nothing there can be resumed
     if logged is not None and total is not None and logged >= total:
         raise keep  # it finished without checkpoints (trainer.save_freq <= 0): its metrics are its result
-    return (f"{run_dir} holds a run stopped before its first checkpoint ({logged if logged is not None else '?'} of "
-            f"{total if total is not None else '?'} steps logged, nothing to resume): starting it again from step 0, "
-            "replacing its config.yaml and metrics")  # fmt: skip
+    return (
+        f"{run_dir} holds a run stopped before its first checkpoint ({logged if logged is not None else '?'} of "
+        f"{total if total is not None else '?'} steps logged, nothing to resume): starting it again from step 0, "
+        "replacing its config.yaml and metrics"
+    )
 
 
 def logged_steps(run_dir: str) -> int | None:

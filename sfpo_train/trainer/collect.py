@@ -24,8 +24,18 @@ from sfpo_train.trainer.rollout import RolloutBatch, SamplingSettings
 class RolloutCollector:
     """Generation, reward and dynamic sampling over ``prompts``, in the order ``sampler`` gives."""
 
-    def __init__(self, cfg: DictConfig, *, rollout, tokenizer, reward_fn: Callable, prompts: Sequence[Prompt],
-                 sampler: PromptSampler, profiler: StageProfiler, device: torch.device):  # fmt: skip
+    def __init__(
+        self,
+        cfg: DictConfig,
+        *,
+        rollout,
+        tokenizer,
+        reward_fn: Callable,
+        prompts: Sequence[Prompt],
+        sampler: PromptSampler,
+        profiler: StageProfiler,
+        device: torch.device,
+    ):
         self.cfg, self.rollout, self.tokenizer, self.reward_fn = cfg, rollout, tokenizer, reward_fn
         self.prompts, self.sampler, self.profiler, self.device = prompts, sampler, profiler, device
 
@@ -33,14 +43,21 @@ class RolloutCollector:
         """Training's sampling settings (``rollout.*``), or validation's (``rollout.val_kwargs.*``)."""
         r = self.cfg.actor_rollout_ref.rollout
         s = r.val_kwargs if validation else r
-        return SamplingSettings(n=s.n, do_sample=s.do_sample, temperature=s.temperature if s.do_sample else 1.0,
-                                top_p=s.top_p, top_k=s.top_k, max_new_tokens=self.cfg.data.max_response_length)  # fmt: skip
+        return SamplingSettings(
+            n=s.n,
+            do_sample=s.do_sample,
+            temperature=s.temperature if s.do_sample else 1.0,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            max_new_tokens=self.cfg.data.max_response_length,
+        )
 
     def score(self, prompts: Sequence[Prompt], batch: RolloutBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(score, acc)`` per response; ``acc`` is a reward dict's ``"acc"`` entry, else the score."""
         texts = self.tokenizer.batch_decode(
             [row[mask.bool()].tolist() for row, mask in zip(batch.responses.cpu(), batch.response_mask.cpu())],
-            skip_special_tokens=True)  # fmt: skip
+            skip_special_tokens=True,
+        )
         scores, accs = [], []
         for i, text in enumerate(texts):
             p = prompts[i // n]
@@ -71,7 +88,9 @@ class RolloutCollector:
             with self.profiler.stage("reward"):
                 scores, accs = self.score(prompts, rollout, n)
             groups = (accs if filtering.metric == "acc" else scores).view(-1, n)
-            keep = (groups.amax(1) != groups.amin(1)) if filtering.enable else torch.ones(len(prompts), dtype=torch.bool)
+            keep = (
+                (groups.amax(1) != groups.amin(1)) if filtering.enable else torch.ones(len(prompts), dtype=torch.bool)
+            )
             for g in keep.nonzero().flatten().tolist():
                 rows = slice(g * n, (g + 1) * n)
                 kept.append((prompts[g].input_ids, rollout.responses[rows], rollout.response_mask[rows], scores[rows]))
@@ -83,10 +102,17 @@ class RolloutCollector:
                     f"dynamic sampling kept {len(kept)} of the {want} groups it needs after {num_gen_batches} generation "
                     f"batches (algorithm.filter_groups.max_num_gen_batches={limit}): nearly every group's rewards are "
                     "all equal, so the data is too easy or too hard for the model; raise the limit (0: none) or "
-                    "turn filter_groups off")  # fmt: skip
+                    "turn filter_groups off"
+                )
         kept = kept[:want]
-        prompt_ids, prompt_mask = left_pad([ids for ids, *_ in kept for _ in range(n)], self.tokenizer.pad_token_id,
-                                           self.device)  # fmt: skip
-        batch = TrainBatch(prompt_ids, prompt_mask, torch.cat([k[1] for k in kept]), torch.cat([k[2] for k in kept]),
-                           torch.cat([k[3] for k in kept]))  # fmt: skip
+        prompt_ids, prompt_mask = left_pad(
+            [ids for ids, *_ in kept for _ in range(n)], self.tokenizer.pad_token_id, self.device
+        )
+        batch = TrainBatch(
+            prompt_ids,
+            prompt_mask,
+            torch.cat([k[1] for k in kept]),
+            torch.cat([k[2] for k in kept]),
+            torch.cat([k[3] for k in kept]),
+        )
         return batch, {"train/num_gen_batches": float(num_gen_batches)}, generated

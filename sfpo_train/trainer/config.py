@@ -20,7 +20,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -42,16 +42,25 @@ SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
 # The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's:
 # its length and bookkeeping, and the SFPO settings that are not schedule (SFPO.load_state_dict accepts a
 # change of them, e.g. offloading the snapshot to resume on a smaller GPU).
-RESUMABLE_KEYS = ("trainer.total_training_steps", "trainer.save_freq", "trainer.test_freq", "trainer.progress_bar",
-                  "actor_rollout_ref.model.fused_lm_head",  # the same math either way, to fp32 rounding
-                  *(SFPO_KEY_PREFIX + name for name in RESUMABLE_CHANGES))  # fmt: skip
+RESUMABLE_KEYS = (
+    "trainer.total_training_steps",
+    "trainer.save_freq",
+    "trainer.test_freq",
+    "trainer.progress_bar",
+    "actor_rollout_ref.model.fused_lm_head",  # the same math either way, to fp32 rounding
+    *(SFPO_KEY_PREFIX + name for name in RESUMABLE_CHANGES),
+)
 # The fields of the loss options and of SFPOConfig, as the keys that set them (their errors name the key).
 LOSS_OPTION_KEYS = {
-    "temperature": "actor_rollout_ref.rollout.temperature", "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
-    "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high", "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
-    "kl_coef": "actor_rollout_ref.actor.kl_loss_coef", "kl_type": "actor_rollout_ref.actor.kl_loss_type",
-    "entropy_coef": "actor_rollout_ref.actor.entropy_coeff", "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
-}  # fmt: skip
+    "temperature": "actor_rollout_ref.rollout.temperature",
+    "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
+    "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high",
+    "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
+    "kl_coef": "actor_rollout_ref.actor.kl_loss_coef",
+    "kl_type": "actor_rollout_ref.actor.kl_loss_type",
+    "entropy_coef": "actor_rollout_ref.actor.entropy_coeff",
+    "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
+}
 
 
 # --------------------------------------------------------------------------- the tree (verl's names)
@@ -59,8 +68,8 @@ LOSS_OPTION_KEYS = {
 
 @dataclass
 class DataConfig:
-    train_files: Optional[str] = None  # None: the embedded default task's files
-    val_files: Optional[str] = None
+    train_files: str | None = None  # None: the embedded default task's files
+    val_files: str | None = None
     prompt_key: str = "prompt"
     reward_fn_key: str = "data_source"
     train_batch_size: int = 16
@@ -74,7 +83,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    path: Optional[str] = None  # None: the embedded default model
+    path: str | None = None  # None: the embedded default model
     dtype: str = "fp32"  # parameters and compute dtype: fp32 | bf16 | fp16
     # verl's override_config: keys applied to the transformers config. With
     # random_init they shape a fresh model (e.g. Qwen2.5-0.5B's sizes).
@@ -104,7 +113,9 @@ def _sfpo_keys_dataclass() -> type:
     entries = [(s.name, s.type, field(default=s.default)) for s in settings_schema(enable_default=True)]
     keys = make_dataclass("SFPOKeys", entries)
     keys.__doc__ = "``actor_rollout_ref.actor.sfpo.*``: the fields of :class:`sfpo_train.SFPOConfig` plus ``enable``."
-    keys.__module__ = __name__  # make_dataclass would say "types" (its module= needs Python 3.12): pickling finds it here
+    keys.__module__ = (
+        __name__  # make_dataclass would say "types" (its module= needs Python 3.12): pickling finds it here
+    )
     return keys
 
 
@@ -119,13 +130,13 @@ class ActorConfig:
     shuffle: bool = False
     clip_ratio_low: float = 0.2
     clip_ratio_high: float = 0.2
-    clip_ratio_c: Optional[float] = 3.0  # dual clip; null: off
+    clip_ratio_c: float | None = 3.0  # dual clip; null: off
     loss_agg_mode: str = "token-mean"
     entropy_coeff: float = 0.0
     use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
-    kernel_backend: Optional[str] = None  # sfpo_kernels backend for the loss: triton | torch | None (default)
+    kernel_backend: str | None = None  # sfpo_kernels backend for the loss: triton | torch | None (default)
     old_log_prob_from_update: str = "auto"  # auto: the first update pass supplies the old log-probs when on-policy
     optim: OptimConfig = field(default_factory=OptimConfig)
     sfpo: SFPOKeys = field(default_factory=SFPOKeys)
@@ -150,7 +161,7 @@ class RolloutConfig:
     do_sample: bool = True
     log_prob_micro_batch_size_per_gpu: int = 128
     gpu_memory_utilization: float = 0.5  # vllm on a GPU
-    kv_cache_memory_gb: Optional[float] = None  # vllm: the KV cache in GiB (null: see trainer/key_help.py)
+    kv_cache_memory_gb: float | None = None  # vllm: the KV cache in GiB (null: see trainer/key_help.py)
     val_kwargs: ValKwargs = field(default_factory=ValKwargs)
 
 
@@ -185,14 +196,14 @@ class AlgorithmConfig:
 
 @dataclass
 class CustomRewardFunctionConfig:
-    path: Optional[str] = None  # a .py file defining compute_score(data_source, solution_str, ground_truth, extra_info)
+    path: str | None = None  # a .py file defining compute_score(data_source, solution_str, ground_truth, extra_info)
     name: str = "compute_score"
 
 
 @dataclass
 class TrainerSection:
     project_name: str = "sfpo"
-    experiment_name: Optional[str] = None  # None: "<preset>-[sfpo-]<algorithm>-<time>"
+    experiment_name: str | None = None  # None: "<preset>-[sfpo-]<algorithm>-<time>"
     default_local_dir: str = "runs"
     total_training_steps: int = 300
     test_freq: int = 50  # validate every N steps (and at the end); <= 0: only at the end
@@ -238,9 +249,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "actor_rollout_ref.model.dtype": "bf16",
         "actor_rollout_ref.model.random_init": True,
         "actor_rollout_ref.model.override_config": {
-            "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
-            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
-            "max_position_embeddings": 32768, "tie_word_embeddings": True,
+            "hidden_size": 896,
+            "intermediate_size": 4864,
+            "num_hidden_layers": 24,
+            "num_attention_heads": 14,
+            "num_key_value_heads": 2,
+            "vocab_size": 151936,
+            "max_position_embeddings": 32768,
+            "tie_word_embeddings": True,
         },
         "data.train_batch_size": 64,
         "actor_rollout_ref.actor.ppo_mini_batch_size": 16,
@@ -252,7 +268,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trainer.save_freq": -1,
         "trainer.val_before_train": False,
     },
-}  # fmt: skip
+}
 
 # verl's recipes for the three algorithms, as overrides (applied after the preset).
 ALGORITHMS: dict[str, dict[str, Any]] = {
@@ -305,7 +321,9 @@ def apply_overrides(cfg: DictConfig, items: dict[str, Any] | list[str], source: 
         pairs = []
         for item in items:
             if "=" not in item:
-                raise ValueError(f"{source}: override {item!r} must look like key=value (e.g. data.train_batch_size=32)")
+                raise ValueError(
+                    f"{source}: override {item!r} must look like key=value (e.g. data.train_batch_size=32)"
+                )
             key, value = item.split("=", 1)
             if value.startswith("{"):  # hydra writes {a:1,b:2}; YAML needs a space after each colon
                 value = re.sub(r"([\w.]+):(?=\S)", r"\1: ", value)
@@ -317,8 +335,11 @@ def apply_overrides(cfg: DictConfig, items: dict[str, Any] | list[str], source: 
             hint = f"; did you mean {' or '.join(close)}?" if close else "; `sfpo train --help-config` lists every key"
             raise ValueError(f"{source}: unknown config key {key!r}{hint}")
         try:
-            parsed = OmegaConf.from_dotlist([f"{key}={value}"]) if isinstance(value, str) else \
-                OmegaConf.create(_nest(key, value))  # fmt: skip
+            parsed = (
+                OmegaConf.from_dotlist([f"{key}={value}"])
+                if isinstance(value, str)
+                else OmegaConf.create(_nest(key, value))
+            )
             cfg = OmegaConf.merge(cfg, parsed)
         except (ConfigKeyError, OmegaConfBaseException) as e:
             first = str(e).splitlines()[0]
@@ -389,52 +410,94 @@ def validate(cfg: DictConfig) -> None:
         if not ok:
             raise ValueError(f"{key} must be {what}, got {OmegaConf.select(cfg, key)!r}")
 
-    data, arr, actor, rollout = cfg.data, cfg.actor_rollout_ref, cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.rollout
-    for key in ("data.train_batch_size", "data.val_batch_size", "data.max_prompt_length", "data.max_response_length",
-                "actor_rollout_ref.rollout.n", "actor_rollout_ref.actor.ppo_mini_batch_size",
-                "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", "actor_rollout_ref.actor.ppo_epochs",
-                "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
-                "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu", "trainer.total_training_steps"):
-        need(OmegaConf.select(cfg, key) >= 1, key, ">= 1")  # fmt: skip
-    need(actor.ppo_mini_batch_size <= data.train_batch_size, "actor_rollout_ref.actor.ppo_mini_batch_size",
-         f"<= data.train_batch_size ({data.train_batch_size})")
-    need(data.train_batch_size % actor.ppo_mini_batch_size == 0, "actor_rollout_ref.actor.ppo_mini_batch_size",
-         f"a divisor of data.train_batch_size ({data.train_batch_size})")
+    data, arr, actor, rollout = (
+        cfg.data,
+        cfg.actor_rollout_ref,
+        cfg.actor_rollout_ref.actor,
+        cfg.actor_rollout_ref.rollout,
+    )
+    for key in (
+        "data.train_batch_size",
+        "data.val_batch_size",
+        "data.max_prompt_length",
+        "data.max_response_length",
+        "actor_rollout_ref.rollout.n",
+        "actor_rollout_ref.actor.ppo_mini_batch_size",
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+        "actor_rollout_ref.actor.ppo_epochs",
+        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
+        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu",
+        "trainer.total_training_steps",
+    ):
+        need(OmegaConf.select(cfg, key) >= 1, key, ">= 1")
+    need(
+        actor.ppo_mini_batch_size <= data.train_batch_size,
+        "actor_rollout_ref.actor.ppo_mini_batch_size",
+        f"<= data.train_batch_size ({data.train_batch_size})",
+    )
+    need(
+        data.train_batch_size % actor.ppo_mini_batch_size == 0,
+        "actor_rollout_ref.actor.ppo_mini_batch_size",
+        f"a divisor of data.train_batch_size ({data.train_batch_size})",
+    )
     mini_responses = actor.ppo_mini_batch_size * rollout.n
-    need(mini_responses % min(actor.ppo_micro_batch_size_per_gpu, mini_responses) == 0,
-         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
-         f"a divisor of ppo_mini_batch_size * rollout.n ({mini_responses} responses)")
+    need(
+        mini_responses % min(actor.ppo_micro_batch_size_per_gpu, mini_responses) == 0,
+        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
+        f"a divisor of ppo_mini_batch_size * rollout.n ({mini_responses} responses)",
+    )
     need(arr.model.dtype in MODEL_DTYPES, "actor_rollout_ref.model.dtype", f"one of {', '.join(MODEL_DTYPES)}")
     need(rollout.name in ROLLOUT_NAMES, "actor_rollout_ref.rollout.name", f"one of {', '.join(ROLLOUT_NAMES)}")
     need(rollout.temperature > 0, "actor_rollout_ref.rollout.temperature", "> 0 (it divides the logits)")
     need(0 < rollout.top_p <= 1, "actor_rollout_ref.rollout.top_p", "in (0, 1]")
     need(rollout.val_kwargs.n == 1, "actor_rollout_ref.rollout.val_kwargs.n", "1 (one response per test prompt)")
-    for prefix, sampling in (("actor_rollout_ref.rollout", rollout), ("actor_rollout_ref.rollout.val_kwargs",
-                                                                      rollout.val_kwargs)):  # fmt: skip
+    for prefix, sampling in (
+        ("actor_rollout_ref.rollout", rollout),
+        ("actor_rollout_ref.rollout.val_kwargs", rollout.val_kwargs),
+    ):
         need(0 < sampling.top_p <= 1, f"{prefix}.top_p", "in (0, 1]")
     need(rollout.val_kwargs.temperature >= 0, "actor_rollout_ref.rollout.val_kwargs.temperature", ">= 0")
     fused = arr.model.fused_lm_head
-    need(isinstance(fused, bool) or fused == "auto", "actor_rollout_ref.model.fused_lm_head",
-         "auto, true or false")
-    need(arr.model.attn_implementation in ATTN_IMPLEMENTATIONS, "actor_rollout_ref.model.attn_implementation",
-         f"one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    need(isinstance(fused, bool) or fused == "auto", "actor_rollout_ref.model.fused_lm_head", "auto, true or false")
+    need(
+        arr.model.attn_implementation in ATTN_IMPLEMENTATIONS,
+        "actor_rollout_ref.model.attn_implementation",
+        f"one of {', '.join(ATTN_IMPLEMENTATIONS)}",
+    )
     name = cfg.trainer.experiment_name
-    need(name is None or (name.strip() not in ("", ".", "..") and "/" not in name and os.sep not in name),
-         "trainer.experiment_name", "a plain directory name (no path separators, not empty, '.' or '..')")
+    need(
+        name is None or (name.strip() not in ("", ".", "..") and "/" not in name and os.sep not in name),
+        "trainer.experiment_name",
+        "a plain directory name (no path separators, not empty, '.' or '..')",
+    )
     need(bool(cfg.custom_reward_function.name), "custom_reward_function.name", "the name of a function")
     need(0 < rollout.gpu_memory_utilization <= 1, "actor_rollout_ref.rollout.gpu_memory_utilization", "in (0, 1]")
-    need(rollout.kv_cache_memory_gb is None or rollout.kv_cache_memory_gb > 0,
-         "actor_rollout_ref.rollout.kv_cache_memory_gb", "null or > 0")
-    need(cfg.algorithm.adv_estimator in ADV_ESTIMATORS, "algorithm.adv_estimator", f"one of {', '.join(ADV_ESTIMATORS)}")
+    need(
+        rollout.kv_cache_memory_gb is None or rollout.kv_cache_memory_gb > 0,
+        "actor_rollout_ref.rollout.kv_cache_memory_gb",
+        "null or > 0",
+    )
+    need(
+        cfg.algorithm.adv_estimator in ADV_ESTIMATORS, "algorithm.adv_estimator", f"one of {', '.join(ADV_ESTIMATORS)}"
+    )
     need(cfg.algorithm.filter_groups.metric in ("acc", "score"), "algorithm.filter_groups.metric", "acc or score")
-    need(not cfg.algorithm.filter_groups.enable or rollout.n >= 2, "actor_rollout_ref.rollout.n",
-         ">= 2 with algorithm.filter_groups.enable (a group of one always has equal rewards)")
+    need(
+        not cfg.algorithm.filter_groups.enable or rollout.n >= 2,
+        "actor_rollout_ref.rollout.n",
+        ">= 2 with algorithm.filter_groups.enable (a group of one always has equal rewards)",
+    )
     optim = actor.optim
     need(optim.lr >= 0, "actor_rollout_ref.actor.optim.lr", ">= 0")
-    need(len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas), "actor_rollout_ref.actor.optim.betas",
-         "two numbers in [0, 1)")
-    need(optim.lr_scheduler_type in LR_SCHEDULERS, "actor_rollout_ref.actor.optim.lr_scheduler_type",
-         f"one of {', '.join(LR_SCHEDULERS)}")
+    need(
+        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
+        "actor_rollout_ref.actor.optim.betas",
+        "two numbers in [0, 1)",
+    )
+    need(
+        optim.lr_scheduler_type in LR_SCHEDULERS,
+        "actor_rollout_ref.actor.optim.lr_scheduler_type",
+        f"one of {', '.join(LR_SCHEDULERS)}",
+    )
     need(0 <= optim.lr_warmup_steps_ratio <= 1, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "in [0, 1]")
     need(0 <= optim.min_lr_ratio <= 1, "actor_rollout_ref.actor.optim.min_lr_ratio", "in [0, 1]")
     need(optim.clip_grad > 0, "actor_rollout_ref.actor.optim.clip_grad", "> 0")
@@ -445,10 +508,16 @@ def validate(cfg: DictConfig) -> None:
     for key in ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "custom_reward_function.path"):
         value = OmegaConf.select(cfg, key)
         need(value is None or os.path.exists(value), key, "an existing path")
-    need(actor.kernel_backend is None or actor.kernel_backend in LOSS_BACKENDS, "actor_rollout_ref.actor.kernel_backend",
-         f"null or one of {', '.join(LOSS_BACKENDS)} (the cuda backend has no fused loss)")
-    need(str(actor.old_log_prob_from_update).lower() in OLD_LOG_PROB_MODES,
-         "actor_rollout_ref.actor.old_log_prob_from_update", "auto or false")
+    need(
+        actor.kernel_backend is None or actor.kernel_backend in LOSS_BACKENDS,
+        "actor_rollout_ref.actor.kernel_backend",
+        f"null or one of {', '.join(LOSS_BACKENDS)} (the cuda backend has no fused loss)",
+    )
+    need(
+        str(actor.old_log_prob_from_update).lower() in OLD_LOG_PROB_MODES,
+        "actor_rollout_ref.actor.old_log_prob_from_update",
+        "auto or false",
+    )
     # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work,
     # named by the key that set it.
     try:
@@ -457,7 +526,7 @@ def validate(cfg: DictConfig) -> None:
         field_name = str(e).split("=")[0].split(" ")[0]
         if field_name not in LOSS_OPTION_KEYS:
             raise
-        raise ValueError(LOSS_OPTION_KEYS[field_name] + str(e)[len(field_name):]) from None
+        raise ValueError(LOSS_OPTION_KEYS[field_name] + str(e)[len(field_name) :]) from None
     try:
         sfpo_config(cfg)
     except ValueError as e:
@@ -471,8 +540,9 @@ def validate(cfg: DictConfig) -> None:
             try:
                 resolve_backend(backend, torch.device(device))
             except ValueError as e:
-                raise ValueError(f"{key}={backend!r} cannot run with trainer.device={cfg.trainer.device} "
-                                 f"({device}): {e}") from None  # fmt: skip
+                raise ValueError(
+                    f"{key}={backend!r} cannot run with trainer.device={cfg.trainer.device} ({device}): {e}"
+                ) from None
 
 
 # --------------------------------------------------------------------------- config -> the parts it builds

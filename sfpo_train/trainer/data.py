@@ -36,8 +36,16 @@ def _to_python(value):
     return value
 
 
-def load_prompts(path: str, tokenizer, *, prompt_key: str, reward_fn_key: str, max_prompt_length: int,
-                 max_samples: int = -1, key: str = "data.train_files") -> list[Prompt]:  # fmt: skip
+def load_prompts(
+    path: str,
+    tokenizer,
+    *,
+    prompt_key: str,
+    reward_fn_key: str,
+    max_prompt_length: int,
+    max_samples: int = -1,
+    key: str = "data.train_files",
+) -> list[Prompt]:
     """Read and tokenise a verl-layout parquet file; ``ValueError`` for anything a training run would trip on."""
     import pandas as pd
 
@@ -49,8 +57,10 @@ def load_prompts(path: str, tokenizer, *, prompt_key: str, reward_fn_key: str, m
         raise ValueError(f"{key}={path!r} is not a readable parquet file ({type(e).__name__}: {e})") from None
     missing = [c for c in (prompt_key, reward_fn_key, "reward_model") if c not in frame.columns]
     if missing:
-        raise ValueError(f"{key}={path!r} lacks column(s) {missing} (verl layout: {prompt_key}, {reward_fn_key}, "
-                         f"reward_model.ground_truth); it has {list(frame.columns)}")  # fmt: skip
+        raise ValueError(
+            f"{key}={path!r} lacks column(s) {missing} (verl layout: {prompt_key}, {reward_fn_key}, "
+            f"reward_model.ground_truth); it has {list(frame.columns)}"
+        )
     if len(frame) == 0:
         raise ValueError(f"{key}={path!r} has no rows")
     if max_samples > 0:
@@ -64,16 +74,25 @@ def load_prompts(path: str, tokenizer, *, prompt_key: str, reward_fn_key: str, m
             text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(ids) > max_prompt_length:
-            raise ValueError(f"{key}={path!r} row {i}: the prompt has {len(ids)} tokens, more than "
-                             f"data.max_prompt_length={max_prompt_length}")  # fmt: skip
+            raise ValueError(
+                f"{key}={path!r} row {i}: the prompt has {len(ids)} tokens, more than "
+                f"data.max_prompt_length={max_prompt_length}"
+            )
         if len(ids) == 0:
             raise ValueError(f"{key}={path!r} row {i}: the prompt is empty")
         reward_model = _to_python(row["reward_model"])
         if not isinstance(reward_model, dict) or "ground_truth" not in reward_model:
             raise ValueError(f"{key}={path!r} row {i}: reward_model has no ground_truth")
         extra = _to_python(row.get("extra_info")) if "extra_info" in frame.columns else None
-        prompts.append(Prompt(ids, str(row[reward_fn_key]), _to_python(reward_model["ground_truth"]),
-                              extra if isinstance(extra, dict) else {}, text))  # fmt: skip
+        prompts.append(
+            Prompt(
+                ids,
+                str(row[reward_fn_key]),
+                _to_python(reward_model["ground_truth"]),
+                extra if isinstance(extra, dict) else {},
+                text,
+            )
+        )
     return prompts
 
 
@@ -83,8 +102,8 @@ def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Ten
     ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), length), dtype=torch.long)
     for i, s in enumerate(sequences):
-        ids[i, length - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, length - len(s):] = 1
+        ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
+        mask[i, length - len(s) :] = 1
     return ids.to(device), mask.to(device)
 
 
@@ -97,7 +116,9 @@ class PromptSampler:
 
     def __init__(self, num_prompts: int, batch_size: int, *, shuffle: bool, seed: int):
         if batch_size > num_prompts:
-            raise ValueError(f"data.train_batch_size={batch_size} is larger than the training set ({num_prompts} prompts)")
+            raise ValueError(
+                f"data.train_batch_size={batch_size} is larger than the training set ({num_prompts} prompts)"
+            )
         self.num_prompts, self.batch_size, self.shuffle, self.seed = num_prompts, batch_size, shuffle, seed
         self.epoch, self.position = 0, 0
         self._order = self._permutation(0)
@@ -112,7 +133,7 @@ class PromptSampler:
         if self.position + self.batch_size > self.num_prompts:
             self.epoch, self.position = self.epoch + 1, 0
             self._order = self._permutation(self.epoch)
-        batch = self._order[self.position:self.position + self.batch_size]
+        batch = self._order[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return batch
 

@@ -29,12 +29,12 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.model.random_init": "start from random weights (model.path gives config and tokenizer)",
     "actor_rollout_ref.model.attn_implementation": "transformers attention: sdpa | eager | flash_attention_2",
     "actor_rollout_ref.model.fused_lm_head": "auto | true | false: run the base model and fuse the LM head into the "
-                                             "loss and log-prob passes (no [tokens, vocab] logits, response tokens "
-                                             "only); auto: on for CUDA, where the logits are the memory peak; off on "
-                                             "CPU, where the models are small (the embedded one has 16 tokens: its "
-                                             "logits are smaller than its hidden states) and runs stay bit-identical "
-                                             "to the model's-logits path; true on a model whose head cannot be fused "
-                                             "(not a plain Linear, soft-capped or scaled logits) is an error",
+    "loss and log-prob passes (no [tokens, vocab] logits, response tokens "
+    "only); auto: on for CUDA, where the logits are the memory peak; off on "
+    "CPU, where the models are small (the embedded one has 16 tokens: its "
+    "logits are smaller than its hidden states) and runs stay bit-identical "
+    "to the model's-logits path; true on a model whose head cannot be fused "
+    "(not a plain Linear, soft-capped or scaled logits) is an error",
     "actor_rollout_ref.actor.ppo_mini_batch_size": "prompts per optimizer step (must divide data.train_batch_size)",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu": "responses per forward/backward (gradient accumulation)",
     "actor_rollout_ref.actor.ppo_epochs": "passes over the batch per update pass",
@@ -43,15 +43,15 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.actor.clip_ratio_high": "PPO clip: ratio <= 1 + clip_ratio_high (DAPO's clip-higher: 0.28)",
     "actor_rollout_ref.actor.clip_ratio_c": "dual-clip bound for negative advantages (> 1; null: off)",
     "actor_rollout_ref.actor.loss_agg_mode": "token-mean | token-sum | seq-mean-token-sum | seq-mean-token-mean | "
-                                             "seq-mean-token-sum-norm (Dr. GRPO)",
+    "seq-mean-token-sum-norm (Dr. GRPO)",
     "actor_rollout_ref.actor.entropy_coeff": "entropy bonus coefficient",
     "actor_rollout_ref.actor.use_kl_loss": "add a KL penalty to a frozen reference (the starting model)",
     "actor_rollout_ref.actor.kl_loss_coef": "KL penalty coefficient",
     "actor_rollout_ref.actor.kl_loss_type": "kl/k1 | abs | mse/k2 | low_var_kl/k3 (a '+' takes the k2 gradient)",
     "actor_rollout_ref.actor.kernel_backend": "loss kernels: triton | torch | null (triton on GPU, torch on CPU)",
     "actor_rollout_ref.actor.old_log_prob_from_update": "auto: when on-policy (ppo_epochs=1, one mini-batch, no dropout) "
-                                                        "the first update pass's forward gives the old log-probs and "
-                                                        "entropy, no separate pass | false: always the separate pass",
+    "the first update pass's forward gives the old log-probs and "
+    "entropy, no separate pass | false: always the separate pass",
     "actor_rollout_ref.actor.optim.lr": "AdamW learning rate (actor/lr logs the rate each iteration used)",
     "actor_rollout_ref.actor.optim.weight_decay": "AdamW weight decay",
     "actor_rollout_ref.actor.optim.betas": "AdamW betas, e.g. [0.9,0.999]",
@@ -70,8 +70,8 @@ KEY_HELP: dict[str, str] = {
     "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu": "responses per forward of the old-log-prob pass",
     "actor_rollout_ref.rollout.gpu_memory_utilization": "vLLM's share of GPU memory (its KV cache on a GPU)",
     "actor_rollout_ref.rollout.kv_cache_memory_gb": "vLLM's KV cache in GiB (null: gpu_memory_utilization on a GPU, "
-                                                    "twice one generation batch at full length on the CPU, in [64 MiB, "
-                                                    "a quarter of the free RAM])",
+    "twice one generation batch at full length on the CPU, in [64 MiB, "
+    "a quarter of the free RAM])",
     "actor_rollout_ref.rollout.val_kwargs.do_sample": "sample during validation (false: greedy)",
     "actor_rollout_ref.rollout.val_kwargs.temperature": "validation temperature (with do_sample)",
     "actor_rollout_ref.rollout.val_kwargs.top_p": "validation top-p (with do_sample)",
@@ -84,8 +84,8 @@ KEY_HELP: dict[str, str] = {
     "algorithm.filter_groups.metric": "what must differ within a group: score, or acc (a reward dict's 'acc' entry, else the score)",
     "algorithm.filter_groups.max_num_gen_batches": "give up after this many generation batches (<= 0: never)",
     "custom_reward_function.path": "a .py file with compute_score(data_source, solution_str, ground_truth, extra_info); "
-                                   "it is imported, so its code runs as the user running sfpo train (as in verl): "
-                                   "only give a file you trust",
+    "it is imported, so its code runs as the user running sfpo train (as in verl): "
+    "only give a file you trust",
     "custom_reward_function.name": "the function's name in that file",
     "trainer.project_name": "project name (recorded in the run's config)",
     "trainer.experiment_name": "run name; the run lives in default_local_dir/experiment_name (default: preset-[sfpo-]algorithm-time)",

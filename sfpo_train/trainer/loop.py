@@ -90,14 +90,21 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if self.tokenizer.pad_token_id is None or self.tokenizer.eos_token_id is None:
-            raise ValueError(f"actor_rollout_ref.model.path={self.model_path!r}: the tokenizer needs a pad and an eos token")
+            raise ValueError(
+                f"actor_rollout_ref.model.path={self.model_path!r}: the tokenizer needs a pad and an eos token"
+            )
         self.tokenizer.padding_side = "left"
         data = cfg.data
-        common = dict(prompt_key=data.prompt_key, reward_fn_key=data.reward_fn_key, max_prompt_length=data.max_prompt_length)
+        common = dict(
+            prompt_key=data.prompt_key, reward_fn_key=data.reward_fn_key, max_prompt_length=data.max_prompt_length
+        )
         self.train_prompts = load_prompts(train_files, self.tokenizer, key="data.train_files", **common)
-        self.val_prompts = load_prompts(val_files, self.tokenizer, key="data.val_files", max_samples=data.val_max_samples,
-                                        **common)  # fmt: skip
-        self.sampler = PromptSampler(len(self.train_prompts), data.train_batch_size, shuffle=data.shuffle, seed=data.seed)
+        self.val_prompts = load_prompts(
+            val_files, self.tokenizer, key="data.val_files", max_samples=data.val_max_samples, **common
+        )
+        self.sampler = PromptSampler(
+            len(self.train_prompts), data.train_batch_size, shuffle=data.shuffle, seed=data.seed
+        )
         self.reward_fn = load_reward_fn(cfg.custom_reward_function.path, cfg.custom_reward_function.name)
 
         self.model = self._build_model(checkpoint)
@@ -107,20 +114,36 @@ class Trainer:
             self.ref_model = self._build_model(None).requires_grad_(False).eval()
         params = [p for p in self.model.parameters() if p.requires_grad]
         optim = arr.actor.optim
-        self.optimizer = torch.optim.AdamW(params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                           weight_decay=optim.weight_decay)  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            params, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay
+        )
         total = cfg.trainer.total_training_steps
         warmup = optim.lr_warmup_steps if optim.lr_warmup_steps > 0 else int(optim.lr_warmup_steps_ratio * total)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(total, warmup, optim.lr_scheduler_type, optim.min_lr_ratio))
+            self.optimizer, lr_lambda(total, warmup, optim.lr_scheduler_type, optim.min_lr_ratio)
+        )
         self.profiler = StageProfiler(self.device)
-        self.actor = Actor(cfg, self.model, self.optimizer, config_lib.loss_options(cfg), compute_dtype=self.compute_dtype,
-                           device=self.device, profiler=self.profiler)  # fmt: skip
+        self.actor = Actor(
+            cfg,
+            self.model,
+            self.optimizer,
+            config_lib.loss_options(cfg),
+            compute_dtype=self.compute_dtype,
+            device=self.device,
+            profiler=self.profiler,
+        )
         self.sfpo = SFPO(self.model, config_lib.sfpo_config(cfg))
         self.rollout = self._build_rollout()
-        self.collector = RolloutCollector(cfg, rollout=self.rollout, tokenizer=self.tokenizer, reward_fn=self.reward_fn,
-                                          prompts=self.train_prompts, sampler=self.sampler, profiler=self.profiler,
-                                          device=self.device)  # fmt: skip
+        self.collector = RolloutCollector(
+            cfg,
+            rollout=self.rollout,
+            tokenizer=self.tokenizer,
+            reward_fn=self.reward_fn,
+            prompts=self.train_prompts,
+            sampler=self.sampler,
+            profiler=self.profiler,
+            device=self.device,
+        )
         self.log = MetricsLog(run_dir)
         self.global_step = 0
         self.rollouts_total = 0
@@ -180,13 +203,16 @@ class Trainer:
         config_lib.validate(cfg)
         found = ckpt.find_resumable(run_dir)
         if found is None:
-            raise ValueError(f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq); one stopped "
-                             f"before its first checkpoint ({ckpt.logged_steps(run_dir)} steps logged) starts again "
-                             "from step 0 when you run its sfpo train command again (same "
-                             "trainer.experiment_name)")  # fmt: skip
+            raise ValueError(
+                f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq); one stopped "
+                f"before its first checkpoint ({ckpt.logged_steps(run_dir)} steps logged) starts again "
+                "from step 0 when you run its sfpo train command again (same "
+                "trainer.experiment_name)"
+            )
         checkpoint, state = found
-        _check_same_config(config_lib.parse_config(state.get("config", ""), os.path.join(checkpoint, ckpt.STATE_FILE)),
-                           cfg, path)  # fmt: skip
+        _check_same_config(
+            config_lib.parse_config(state.get("config", ""), os.path.join(checkpoint, ckpt.STATE_FILE)), cfg, path
+        )
         trainer = cls(cfg, run_dir, checkpoint=checkpoint)
         trainer._load_checkpoint(state)
         trainer.resumed_from = checkpoint
@@ -205,8 +231,9 @@ class Trainer:
         overrides = OmegaConf.to_container(model_cfg.override_config)
         unknown = sorted(k for k in overrides if k not in entries)
         if unknown:
-            raise ValueError(f"actor_rollout_ref.model.override_config: {unknown} are not entries of "
-                             f"{type(base).__name__}")  # fmt: skip
+            raise ValueError(
+                f"actor_rollout_ref.model.override_config: {unknown} are not entries of {type(base).__name__}"
+            )
         if "num_hidden_layers" in overrides:
             entries.pop("layer_types", None)  # per-layer lists follow the new depth (rebuilt from defaults)
         hf_config = type(base)(**{**entries, **overrides})
@@ -229,9 +256,11 @@ class Trainer:
         max_model_len = data.max_prompt_length + data.max_response_length
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions is not None and max_model_len > positions:  # vLLM refuses what HF generate would run past
-            raise ValueError(f"actor_rollout_ref.rollout.name=vllm: data.max_prompt_length + data.max_response_length "
-                             f"= {max_model_len} exceeds the model's max_position_embeddings ({positions}); lower "
-                             "them, or raise it with actor_rollout_ref.model.override_config")  # fmt: skip
+            raise ValueError(
+                f"actor_rollout_ref.rollout.name=vllm: data.max_prompt_length + data.max_response_length "
+                f"= {max_model_len} exceeds the model's max_position_embeddings ({positions}); lower "
+                "them, or raise it with actor_rollout_ref.model.override_config"
+            )
         engine_dir = os.path.join(self.run_dir, "rollout_model")
         self.model.save_pretrained(engine_dir)
         self.tokenizer.save_pretrained(engine_dir)
@@ -241,10 +270,18 @@ class Trainer:
         # the model (vllm_rollout's docstring).
         try:
             engine = vllm_rollout.VLLMRollout(
-                engine_dir, self.tokenizer, device=self.device, dtype=dtype, max_model_len=max_model_len,
-                seed=self.cfg.trainer.seed, gpu_memory_utilization=rollout.gpu_memory_utilization,
-                kv_cache_memory_bytes=kv_bytes, probe_prompts=[p.input_ids for p in self.val_prompts[:4]],
-                autocast=self.actor.autocast, checked_syncs=3 if self._resuming else 2)  # fmt: skip
+                engine_dir,
+                self.tokenizer,
+                device=self.device,
+                dtype=dtype,
+                max_model_len=max_model_len,
+                seed=self.cfg.trainer.seed,
+                gpu_memory_utilization=rollout.gpu_memory_utilization,
+                kv_cache_memory_bytes=kv_bytes,
+                probe_prompts=[p.input_ids for p in self.val_prompts[:4]],
+                autocast=self.actor.autocast,
+                checked_syncs=3 if self._resuming else 2,
+            )
             engine.sync_weights(self.model)
         except BaseException:  # a failed start leaves no engine copy (and a new run no directory) behind
             shutil.rmtree(engine_dir, ignore_errors=True)
@@ -277,7 +314,9 @@ class Trainer:
                     ref_micro = cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu
                     batch.ref_log_probs, _ = self.actor.log_probs(self.ref_model, batch, ref_micro)
             with self.profiler.stage("adv"):
-                adv = grpo_advantages(batch.scores, cfg.actor_rollout_ref.rollout.n, cfg.algorithm.norm_adv_by_std_in_grpo)
+                adv = grpo_advantages(
+                    batch.scores, cfg.actor_rollout_ref.rollout.n, cfg.algorithm.norm_adv_by_std_in_grpo
+                )
                 batch.advantages = adv[:, None] * mask
             with self.profiler.stage("update_actor"):
                 old_entropy = mean_entropy if self.sfpo.config.trigger_entropy == "old_log_prob" else None
@@ -301,14 +340,21 @@ class Trainer:
             metrics["rollout/sync_check_max_abs_diff"] = check["max_abs_diff"]
         metrics.update(self._batch_metrics(batch))
         num_tokens = int(batch.prompt_mask.sum() + batch.response_mask.sum())
-        metrics.update({
-            "training/global_step": self.global_step, "training/epoch": self.sampler.epoch,
-            "actor/entropy": mean_entropy, "actor/lr": lr, "sfpo/alpha_used": alpha,
-            "actor/old_log_prob_from_update": float(reuse),
-            "perf/total_num_tokens": num_tokens, "perf/time_per_step": step_metrics["timing_s/step"],
-            "perf/throughput": num_tokens / max(step_metrics["timing_s/step"], 1e-9),
-            "train/rollouts_total": self.rollouts_total, "train/elapsed_s": self.elapsed_s,
-        })  # fmt: skip
+        metrics.update(
+            {
+                "training/global_step": self.global_step,
+                "training/epoch": self.sampler.epoch,
+                "actor/entropy": mean_entropy,
+                "actor/lr": lr,
+                "sfpo/alpha_used": alpha,
+                "actor/old_log_prob_from_update": float(reuse),
+                "perf/total_num_tokens": num_tokens,
+                "perf/time_per_step": step_metrics["timing_s/step"],
+                "perf/throughput": num_tokens / max(step_metrics["timing_s/step"], 1e-9),
+                "train/rollouts_total": self.rollouts_total,
+                "train/elapsed_s": self.elapsed_s,
+            }
+        )
         return metrics
 
     def _batch_metrics(self, batch: TrainBatch) -> dict:
@@ -317,9 +363,13 @@ class Trainer:
         valid_adv = batch.advantages[mask]
         response_length = batch.response_mask.sum(1).float()
         prompt_length = batch.prompt_mask.sum(1).float()
-        for name, values in (("critic/score", batch.scores), ("critic/rewards", batch.scores),
-                             ("critic/advantages", valid_adv), ("response_length", response_length),
-                             ("prompt_length", prompt_length)):  # fmt: skip
+        for name, values in (
+            ("critic/score", batch.scores),
+            ("critic/rewards", batch.scores),
+            ("critic/advantages", valid_adv),
+            ("response_length", response_length),
+            ("prompt_length", prompt_length),
+        ):
             out[f"{name}/mean"] = float(values.mean()) if values.numel() else 0.0
             out[f"{name}/max"] = float(values.max()) if values.numel() else 0.0
             out[f"{name}/min"] = float(values.min()) if values.numel() else 0.0
@@ -338,7 +388,7 @@ class Trainer:
         devices = [self.device] if self.device.type == "cuda" else []
         with self.profiler.stage("testing"), torch.random.fork_rng(devices=devices):
             for start in range(0, len(self.val_prompts), size):
-                prompts = self.val_prompts[start:start + size]
+                prompts = self.val_prompts[start : start + size]
                 batch = self.rollout.generate([p.input_ids for p in prompts], settings)
                 scores = self.collector.score(prompts, batch, 1)[0].tolist()
                 for p, s in zip(prompts, scores):
@@ -352,11 +402,17 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """``checkpoints/global_step_<N>/`` with everything :meth:`resume` needs (see :mod:`.checkpoint`)."""
         state = {
-            "global_step": self.global_step, "optimizer": self.optimizer.state_dict(),
-            "lr_scheduler": self.lr_scheduler.state_dict(), "sfpo": self.sfpo.state_dict(),
-            "sampler": self.sampler.state_dict(), "rng": ckpt.rng_state(), "rollouts_total": self.rollouts_total,
-            "elapsed_s": self.elapsed_s, "last_val": self.last_val, "config": config_lib.to_yaml(self.cfg),
-        }  # fmt: skip
+            "global_step": self.global_step,
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "sfpo": self.sfpo.state_dict(),
+            "sampler": self.sampler.state_dict(),
+            "rng": ckpt.rng_state(),
+            "rollouts_total": self.rollouts_total,
+            "elapsed_s": self.elapsed_s,
+            "last_val": self.last_val,
+            "config": config_lib.to_yaml(self.cfg),
+        }
         path = ckpt.save_checkpoint(self.run_dir, self.global_step, self.model, self.tokenizer, state)
         self._saved_step = self.global_step
         return path
@@ -398,8 +454,14 @@ class Trainer:
             val = self.validate()
             val.update({"training/global_step": 0, **self.profiler.collect()})
             self.log.append(val)
-        bar = tqdm(total=total, initial=self.global_step, disable=not cfg.progress_bar, unit="step", dynamic_ncols=True,
-                   desc=self.cfg.trainer.experiment_name)  # fmt: skip
+        bar = tqdm(
+            total=total,
+            initial=self.global_step,
+            disable=not cfg.progress_bar,
+            unit="step",
+            dynamic_ncols=True,
+            desc=self.cfg.trainer.experiment_name,
+        )
         try:
             while self.global_step < total and (stop_after is None or len(history) < stop_after):
                 if stop.signum is not None:  # set by the handler during the previous step (or validation)
@@ -408,8 +470,13 @@ class Trainer:
                 last = self.global_step == total
                 if last or (cfg.test_freq > 0 and self.global_step % cfg.test_freq == 0):
                     metrics.update(self.validate())
-                    metrics.update({k: v for k, v in self.profiler.collect().items()
-                                    if k.startswith(("timing_s/", "memory/testing/"))})  # fmt: skip
+                    metrics.update(
+                        {
+                            k: v
+                            for k, v in self.profiler.collect().items()
+                            if k.startswith(("timing_s/", "memory/testing/"))
+                        }
+                    )
                 if save_seconds is not None:
                     metrics["timing_s/save_checkpoint"] = save_seconds  # the previous step's checkpoint
                     save_seconds = None
@@ -439,8 +506,11 @@ class Trainer:
         return run_guard.StopInterrupt(signum, self.global_step, self.run_dir, checkpoint)
 
     def _postfix(self, metrics: dict) -> dict:
-        out = {"reward": f"{metrics['critic/score/mean']:.3f}", "entropy": f"{metrics['actor/entropy']:.3f}",
-               "alpha": f"{metrics['sfpo/alpha']:.2f}"}  # fmt: skip
+        out = {
+            "reward": f"{metrics['critic/score/mean']:.3f}",
+            "entropy": f"{metrics['actor/entropy']:.3f}",
+            "alpha": f"{metrics['sfpo/alpha']:.2f}",
+        }
         val = next(iter(self.last_val.values()), None)
         if val is not None:
             out["val"] = f"{val:.3f}"
@@ -453,9 +523,11 @@ def _check_same_config(saved: DictConfig, cfg: DictConfig, path: str) -> None:
     if diff:
         listed = "; ".join(f"{k}: checkpoint {a!r}, config.yaml {b!r}" for k, (a, b) in sorted(diff.items())[:12])
         more = f" (and {len(diff) - 12} more)" if len(diff) > 12 else ""
-        raise ValueError(f"{path} does not match the run's checkpoint in {len(diff)} key(s) that cannot change in a "
-                         f"resumed run: {listed}{more}; restore it (only {', '.join(RESUMABLE_KEYS)} may change, as "
-                         "--resume overrides)")  # fmt: skip
+        raise ValueError(
+            f"{path} does not match the run's checkpoint in {len(diff)} key(s) that cannot change in a "
+            f"resumed run: {listed}{more}; restore it (only {', '.join(RESUMABLE_KEYS)} may change, as "
+            "--resume overrides)"
+        )
 
 
 def _default_paths() -> dict:

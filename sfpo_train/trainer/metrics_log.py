@@ -36,10 +36,15 @@ class MetricsLog:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
                 if i < len(lines) - 1:
-                    raise ValueError(f"{self.jsonl}, line {number}: not a JSON row ({e}); only a torn last line "
-                                     "(a kill mid-write) is dropped on its own") from None  # fmt: skip
-                warnings.warn(f"{self.jsonl}, line {number}: dropped a torn last row ({len(line)} characters, {e})",
-                              RunWarning, stacklevel=2)  # fmt: skip
+                    raise ValueError(
+                        f"{self.jsonl}, line {number}: not a JSON row ({e}); only a torn last line "
+                        "(a kill mid-write) is dropped on its own"
+                    ) from None
+                warnings.warn(
+                    f"{self.jsonl}, line {number}: dropped a torn last row ({len(line)} characters, {e})",
+                    RunWarning,
+                    stacklevel=2,
+                )
         return rows
 
     def truncate_after(self, step: int) -> None:

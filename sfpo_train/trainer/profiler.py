@@ -199,7 +199,9 @@ class StageProfiler:
         for name, reading in self._memory.items():
             out.update({f"memory/{name}/{k}": v for k, v in reading.items()})
         if self.cuda:
-            out["perf/max_memory_allocated_gb"] = max((r["max_allocated_gb"] for r in self._memory.values()), default=0.0)
+            out["perf/max_memory_allocated_gb"] = max(
+                (r["max_allocated_gb"] for r in self._memory.values()), default=0.0
+            )
             out["perf/max_memory_reserved_gb"] = max((r["max_reserved_gb"] for r in self._memory.values()), default=0.0)
             used = [r["device_used_gb"] for r in self._memory.values() if "device_used_gb" in r]
             if used:

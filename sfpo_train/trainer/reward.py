@@ -37,8 +37,9 @@ def load_reward_fn(path: str | None, name: str) -> ScoreFn:
     return fn
 
 
-def score_one(fn: ScoreFn, index: int, data_source: str, prompt: str, response: str, ground_truth,
-              extra_info) -> tuple[float, dict[str, float]]:  # fmt: skip
+def score_one(
+    fn: ScoreFn, index: int, data_source: str, prompt: str, response: str, ground_truth, extra_info
+) -> tuple[float, dict[str, float]]:
     """One sample's ``(score, extra)``: the score as a float and a dict reward's other numeric entries.
 
     Errors name the sample so the user can reproduce them.

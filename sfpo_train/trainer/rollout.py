@@ -52,8 +52,14 @@ def _repeated_prompts(prompts: list[list[int]], n: int, pad_id: int, device) -> 
     return left_pad([p for p in prompts for _ in range(n)], pad_id, device)
 
 
-def _finish(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: list[list[int]] | torch.Tensor,
-            settings: SamplingSettings, pad_id: int, eos_id: int) -> RolloutBatch:  # fmt: skip
+def _finish(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    responses: list[list[int]] | torch.Tensor,
+    settings: SamplingSettings,
+    pad_id: int,
+    eos_id: int,
+) -> RolloutBatch:
     """Responses right-padded to ``max_new_tokens``, masked after the first EOS, pad written there."""
     out = torch.full((prompt_ids.shape[0], settings.max_new_tokens), pad_id, dtype=torch.long, device=prompt_ids.device)
     if isinstance(responses, torch.Tensor):
@@ -87,11 +93,24 @@ class HFRollout:
         device = next(self.model.parameters()).device
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
         ids, mask = _repeated_prompts(prompts, settings.n, pad_id, device)
-        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
-                        top_k=settings.top_k if settings.top_k > 0 else 0) if settings.do_sample else \
-            dict(do_sample=False, temperature=None, top_p=None, top_k=None)  # fmt: skip
-        config = GenerationConfig(max_new_tokens=settings.max_new_tokens, min_new_tokens=0, pad_token_id=pad_id,
-                                  eos_token_id=eos_id, bos_token_id=self.tokenizer.bos_token_id, **sampling)  # fmt: skip
+        sampling = (
+            dict(
+                do_sample=True,
+                temperature=settings.temperature,
+                top_p=settings.top_p,
+                top_k=settings.top_k if settings.top_k > 0 else 0,
+            )
+            if settings.do_sample
+            else dict(do_sample=False, temperature=None, top_p=None, top_k=None)
+        )
+        config = GenerationConfig(
+            max_new_tokens=settings.max_new_tokens,
+            min_new_tokens=0,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+            bos_token_id=self.tokenizer.bos_token_id,
+            **sampling,
+        )
         was_training = self.model.training
         self.model.eval()
         try:
@@ -99,4 +118,4 @@ class HFRollout:
                 out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
         finally:
             self.model.train(was_training)
-        return _finish(ids, mask, out[:, ids.shape[1]:], settings, pad_id, eos_id)
+        return _finish(ids, mask, out[:, ids.shape[1] :], settings, pad_id, eos_id)

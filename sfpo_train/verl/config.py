@@ -39,10 +39,12 @@ AUTHOR_KEYS = {
 }
 # The block's keys: enable and every SFPOConfig field (the rule's schema), then the verl-only fused_kernels.
 SCHEMA = settings_schema(enable_default=False)
-FUSED_KERNELS_HELP = ("sfpo_kernels.linear_logprob_entropy (the LM head fused in, one chunk of logits at a time) for "
-                      "the actor's log-probs and the sfpo_vanilla policy loss: auto (on for CUDA runs with SFPO on; "
-                      "the first forward is checked against verl's eager numbers and falls back to torch on a "
-                      "mismatch), true (checked too: a mismatch is an error), false")  # fmt: skip
+FUSED_KERNELS_HELP = (
+    "sfpo_kernels.linear_logprob_entropy (the LM head fused in, one chunk of logits at a time) for "
+    "the actor's log-probs and the sfpo_vanilla policy loss: auto (on for CUDA runs with SFPO on; "
+    "the first forward is checked against verl's eager numbers and falls back to torch on a "
+    "mismatch), true (checked too: a mismatch is an error), false"
+)
 _OWN_KEYS = ("enable", "fused_kernels")
 _CONFIG_KEYS = tuple(s.name for s in SCHEMA if s.name != "enable")
 _FLOAT_KEYS = tuple(s.name for s in SCHEMA if s.type is float)
@@ -61,7 +63,7 @@ class VerlSFPOSettings:
     """
 
     enable: bool = False
-    sfpo: SFPOConfig = SFPOConfig()
+    sfpo: SFPOConfig = SFPOConfig()  # noqa: RUF009 (frozen: one shared default is safe)
     fused_kernels: bool | str = "auto"
 
     def to_dict(self) -> dict:

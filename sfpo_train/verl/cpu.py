@@ -59,8 +59,14 @@ class _CPUDeviceModule(ModuleType):
             return getattr(torch, name)
         if name == "get_device_name":  # verl's MFU looks up peak FLOPs by this name; unknown -> none
             return lambda *args, **kwargs: "CPU"
-        if name in ("empty_cache", "reset_peak_memory_stats", "ipc_collect", "set_device", "manual_seed",
-                    "manual_seed_all"):  # fmt: skip
+        if name in (
+            "empty_cache",
+            "reset_peak_memory_stats",
+            "ipc_collect",
+            "set_device",
+            "manual_seed",
+            "manual_seed_all",
+        ):
             return lambda *args, **kwargs: None
         raise AttributeError(f"the CPU device module has no {name!r}")
 
@@ -209,8 +215,9 @@ def use_cpu() -> None:
             if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each rank would pick a port of its own and wait forever
                 raise ValueError("use_cpu: WORLD_SIZE > 1 needs MASTER_PORT (one rendezvous port for every rank)")
             os.environ["MASTER_PORT"] = str(free_port())
-        dist.init_process_group("gloo", rank=int(os.environ.get("RANK", "0")),
-                                world_size=int(os.environ.get("WORLD_SIZE", "1")))  # fmt: skip
+        dist.init_process_group(
+            "gloo", rank=int(os.environ.get("RANK", "0")), world_size=int(os.environ.get("WORLD_SIZE", "1"))
+        )
 
 
 register_platform()  # importing this module is what makes VERL_PLATFORM=cpu valid (the plugin imports it)

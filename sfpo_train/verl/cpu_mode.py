@@ -99,7 +99,9 @@ def apply_cpu_mode(config: DictConfig) -> list[str]:
     if PLUGIN_MODULE not in modules:
         os.environ[MODULES_ENV] = ",".join([*modules, PLUGIN_MODULE])
     joins_a_cluster = bool(os.environ.get("RAY_ADDRESS")) or _get(config, "ray_kwargs.ray_init.address") not in (
-        _MISSING, None)  # fmt: skip
+        _MISSING,
+        None,
+    )
     changed = []
     for key, verl_default, value in CPU_DEFAULTS:
         if joins_a_cluster and key in _LOCAL_CLUSTER_ONLY:

@@ -61,12 +61,14 @@ def compute_policy_loss_sfpo(
     low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
     high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
     clip_c = config.get("clip_ratio_c", 3.0)
-    pg_losses, terms = reference.policy_loss_terms(log_prob, old_log_prob.to(log_prob.dtype),
-                                                   advantages.to(log_prob.dtype), response_mask, low, high, clip_c)  # fmt: skip
+    pg_losses, terms = reference.policy_loss_terms(
+        log_prob, old_log_prob.to(log_prob.dtype), advantages.to(log_prob.dtype), response_mask, low, high, clip_c
+    )
     if rollout_is_weights is not None:
         pg_losses = pg_losses * rollout_is_weights
-    pg_loss = agg_loss(loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode,
-                       **config.global_batch_info)  # fmt: skip
+    pg_loss = agg_loss(
+        loss_mat=pg_losses, loss_mask=response_mask, loss_agg_mode=loss_agg_mode, **config.global_batch_info
+    )
     # verl logs python floats per micro-batch; one sync for all three.
     values = torch.stack([terms["pg_clipfrac"], terms["ppo_kl"], terms["pg_clipfrac_lower"]]).tolist()
     return pg_loss, dict(zip(("actor/pg_clipfrac", "actor/ppo_kl", "actor/pg_clipfrac_lower"), values))
@@ -103,10 +105,17 @@ def forward_with_sfpo_kernels(
     if return_dict is False:
         raise ValueError("forward_with_sfpo_kernels returns a CausalLMOutputForPPO; return_dict=False is not supported")
     outputs = dense_common.forward_base_model(
-        self, input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-        past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-        output_attentions=output_attentions, output_hidden_states=output_hidden_states, cache_position=cache_position,
-    )  # fmt: skip
+        self,
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        inputs_embeds=inputs_embeds,
+        use_cache=use_cache,
+        output_attentions=output_attentions,
+        output_hidden_states=output_hidden_states,
+        cache_position=cache_position,
+    )
     if shift_labels is not None:
         rolled = shift_labels
     elif labels is not None:
@@ -119,12 +128,16 @@ def forward_with_sfpo_kernels(
     backend = "torch" if getattr(self, CHECK_ATTR, None) == "fallback" else None
     log_probs, entropy = call_as_forward(self.lm_head, _linear_logprob_entropy, hidden, rolled, temperature, backend)
     if backend is None and not _first_use_check(self, hidden, rolled, temperature, log_probs, entropy):
-        log_probs, entropy = call_as_forward(self.lm_head, _linear_logprob_entropy, hidden, rolled, temperature,
-                                             "torch")  # fmt: skip
+        log_probs, entropy = call_as_forward(
+            self.lm_head, _linear_logprob_entropy, hidden, rolled, temperature, "torch"
+        )
     return dense_common.CausalLMOutputForPPO(
-        log_probs=log_probs, entropy=entropy, past_key_values=outputs.past_key_values,
-        hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-    )  # fmt: skip
+        log_probs=log_probs,
+        entropy=entropy,
+        past_key_values=outputs.past_key_values,
+        hidden_states=outputs.hidden_states,
+        attentions=outputs.attentions,
+    )
 
 
 def _linear_logprob_entropy(hidden, weight, labels, temperature, backend, bias=None):
@@ -221,8 +234,10 @@ def eager_mismatch(log_probs, entropy, logits, labels, temperature: float) -> st
         err = (got - want).abs() - rtol * want.abs()
         if got.numel() and not bool((err <= atol).all()):  # NaN fails too
             worst = int(torch.nan_to_num(err, nan=float("inf")).argmax())
-            return (f"{name} differ at {int((~(err <= atol)).sum())} of {got.numel()} tokens (worst: fused "
-                    f"{float(got[worst]):.6g} vs eager {float(want[worst]):.6g}; tolerance {atol:g} + {rtol:g}|eager|)")
+            return (
+                f"{name} differ at {int((~(err <= atol)).sum())} of {got.numel()} tokens (worst: fused "
+                f"{float(got[worst]):.6g} vs eager {float(want[worst]):.6g}; tolerance {atol:g} + {rtol:g}|eager|)"
+            )
     return None
 
 
@@ -235,8 +250,13 @@ def _first_use_check(model, hidden, labels, temperature, log_probs, entropy) -> 
     flat_y = labels.reshape(-1)[:CHECK_ROWS]
     with torch.no_grad():
         logits = model.lm_head(flat_h.detach())  # as verl's eager path makes them (FSDP gathers the head)
-        problem = eager_mismatch(log_probs.reshape(-1)[:CHECK_ROWS].detach(), entropy.reshape(-1)[:CHECK_ROWS].detach(),
-                                 logits, flat_y, temperature)  # fmt: skip
+        problem = eager_mismatch(
+            log_probs.reshape(-1)[:CHECK_ROWS].detach(),
+            entropy.reshape(-1)[:CHECK_ROWS].detach(),
+            logits,
+            flat_y,
+            temperature,
+        )
     if problem is None:
         setattr(model, CHECK_ATTR, "passed")
         logger.info("fused_kernels: the first fused forward matches verl's eager log-probs and entropy")
@@ -244,7 +264,10 @@ def _first_use_check(model, hidden, labels, temperature, log_probs, entropy) -> 
     if mode == "strict":
         raise RuntimeError(f"fused_kernels=true: the fused log-probs disagree with verl's eager ones: {problem}")
     setattr(model, CHECK_ATTR, "fallback")
-    warnings.warn(f"fused_kernels=auto: the fused Triton pass disagrees with verl's eager numbers ({problem}); "
-                  "falling back to the chunked head with the vocabulary pass in torch for this run", RuntimeWarning,
-                  stacklevel=2)  # fmt: skip
+    warnings.warn(
+        f"fused_kernels=auto: the fused Triton pass disagrees with verl's eager numbers ({problem}); "
+        "falling back to the chunked head with the vocabulary pass in torch for this run",
+        RuntimeWarning,
+        stacklevel=2,
+    )
     return False

@@ -41,15 +41,20 @@ from dataclasses import dataclass
 import ray
 import torch
 import torch.distributed as dist
-from transformers import LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from verl.plugin.platform import get_platform
 from verl.utils.device import get_device_name, get_resource_name, get_visible_devices_keyword
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
 from sfpo_train.trainer.data import left_pad
-
 
 NAME = "hf"
 SERVER_PREFIX = "hf_server_"
@@ -105,11 +110,15 @@ class Sampling:
         temperature = float(params.get("temperature", 1.0))
         if temperature < 0:
             raise ValueError(f"sampling parameter temperature must be >= 0, got {temperature}")
-        return cls(temperature=temperature, top_p=float(params.get("top_p", 1.0)),
-                   top_k=int(params.get("top_k", -1) or -1),
-                   repetition_penalty=float(params.get("repetition_penalty", 1.0)), max_tokens=max_tokens,
-                   logprobs=bool(params.get("logprobs", False)),
-                   ignore_eos=bool(params.get("ignore_eos", ignore_eos)))  # fmt: skip
+        return cls(
+            temperature=temperature,
+            top_p=float(params.get("top_p", 1.0)),
+            top_k=int(params.get("top_k", -1) or -1),
+            repetition_penalty=float(params.get("repetition_penalty", 1.0)),
+            max_tokens=max_tokens,
+            logprobs=bool(params.get("logprobs", False)),
+            ignore_eos=bool(params.get("ignore_eos", ignore_eos)),
+        )
 
     def generate_kwargs(self, recorder: LogitsProcessor | None) -> dict:
         """``generate`` keywords: the warpers in vLLM's order (after penalties: temperature, top-k, top-p), then ``recorder``.
@@ -119,8 +128,11 @@ class Sampling:
         ``recorder`` must see the final, processed scores.
         """
         greedy = self.temperature == 0
-        kwargs = {"do_sample": not greedy, "max_new_tokens": self.max_tokens,
-                  "repetition_penalty": self.repetition_penalty}  # fmt: skip
+        kwargs = {
+            "do_sample": not greedy,
+            "max_new_tokens": self.max_tokens,
+            "repetition_penalty": self.repetition_penalty,
+        }
         processors = []
         if not greedy:
             kwargs.update(temperature=1.0, top_k=None, top_p=1.0)
@@ -177,8 +189,14 @@ def generate_batch(model, prompts: list[list[int]], sampling: Sampling, pad_id: 
     recorder = ProcessedLogProbs() if sampling.logprobs else None
     stop = None if sampling.ignore_eos else sorted(eos_ids)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, pad_token_id=pad_id, eos_token_id=stop,
-                             return_dict_in_generate=True, **sampling.generate_kwargs(recorder))  # fmt: skip
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            pad_token_id=pad_id,
+            eos_token_id=stop,
+            return_dict_in_generate=True,
+            **sampling.generate_kwargs(recorder),
+        )
     new = out.sequences[:, width:].cpu()
     logprobs = None if recorder is None else recorder.result(out.sequences)
     results = []
@@ -209,18 +227,22 @@ class HFRolloutServer:
         from verl.workers.config import HFModelConfig
 
         if config.logprobs_mode not in (None, "processed_logprobs"):
-            raise ValueError(f"the hf rollout returns processed log-probs only; got rollout.logprobs_mode="
-                             f"{config.logprobs_mode!r}")  # fmt: skip
+            raise ValueError(
+                f"the hf rollout returns processed log-probs only; got rollout.logprobs_mode={config.logprobs_mode!r}"
+            )
         self.config = config
         self.replica_rank = replica_rank
         self.global_steps = None
         model_config = omega_conf_to_dataclass(model_config, dataclass_type=HFModelConfig)  # copies a remote path here
         path = model_config.local_path
-        dtype = getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(config.dtype, config.dtype))
+        dtype = getattr(
+            torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}.get(config.dtype, config.dtype)
+        )
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         # hf_config carries model.override_config (attention implementation, rope scaling, ...), as the actor's does
-        self.model = AutoModelForCausalLM.from_pretrained(path, config=model_config.hf_config, dtype=dtype,
-                                                          trust_remote_code=model_config.trust_remote_code)  # fmt: skip
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, config=model_config.hf_config, dtype=dtype, trust_remote_code=model_config.trust_remote_code
+        )
         self.model.to(self.device).eval()
         generation = self.model.generation_config  # the model directory's generation_config.json
         eos = generation.eos_token_id
@@ -236,8 +258,18 @@ class HFRolloutServer:
 
     # ---- generation
 
-    async def generate(self, prompt_ids, sampling_params: dict, request_id: str, image_data=None, video_data=None,
-                       audio_data=None, mm_processor_kwargs=None, priority: int = 0, **kwargs):  # fmt: skip
+    async def generate(
+        self,
+        prompt_ids,
+        sampling_params: dict,
+        request_id: str,
+        image_data=None,
+        video_data=None,
+        audio_data=None,
+        mm_processor_kwargs=None,
+        priority: int = 0,
+        **kwargs,
+    ):
         """verl's ``TokenOutput`` for one prompt (``sampling_params`` as the agent loop sends them)."""
         from verl.utils import normalize_token_ids
         from verl.workers.rollout.replica import TokenOutput
@@ -248,18 +280,25 @@ class HFRolloutServer:
         params = dict(sampling_params)
         budget = self.max_model_len - len(prompt_ids)
         if budget < 1:
-            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room within max_model_len {self.max_model_len}")
+            raise ValueError(
+                f"prompt of {len(prompt_ids)} tokens leaves no room within max_model_len {self.max_model_len}"
+            )
         requested = params.pop("max_tokens", params.pop("max_new_tokens", None))
         if requested is None:
-            requested = min(self.config.response_length,
-                            self.config.prompt_length + self.config.response_length - len(prompt_ids))  # fmt: skip
+            requested = min(
+                self.config.response_length, self.config.prompt_length + self.config.response_length - len(prompt_ids)
+            )
         sampling = Sampling.from_request(params, max(1, min(int(requested), budget)), self.config.ignore_eos)
         future = asyncio.get_running_loop().create_future()
         self._pending.append((prompt_ids, sampling, future))
         self._ensure_batcher()
         tokens, log_probs = await future
-        return TokenOutput(token_ids=tokens, log_probs=log_probs, stop_reason="completed",
-                           extra_fields={"global_steps": self.global_steps})  # fmt: skip
+        return TokenOutput(
+            token_ids=tokens,
+            log_probs=log_probs,
+            stop_reason="completed",
+            extra_fields={"global_steps": self.global_steps},
+        )
 
     def _ensure_batcher(self) -> None:
         # Started on the first request; started again if it ended or belongs to another event loop (Ray keeps
@@ -281,9 +320,10 @@ class HFRolloutServer:
                 taken = {id(r) for r in group}
                 self._pending = [r for r in self._pending if id(r) not in taken]
                 try:
-                    results = await asyncio.to_thread(generate_batch, self.model, [r[0] for r in group],
-                                                      first_sampling, self.pad_id, self.eos_ids)  # fmt: skip
-                except BaseException as exc:  # noqa: BLE001  (each waiting request gets the error)
+                    results = await asyncio.to_thread(
+                        generate_batch, self.model, [r[0] for r in group], first_sampling, self.pad_id, self.eos_ids
+                    )
+                except BaseException as exc:
                     for _, _, future in group:
                         if not future.done():
                             future.set_exception(exc)
@@ -312,8 +352,10 @@ class HFRolloutServer:
         unknown = sorted(set(incoming) - set(state))
         reshaped = sorted(k for k in set(incoming) & set(state) if incoming[k].shape != state[k].shape)
         if missing or unknown or reshaped:
-            raise ValueError(f"weight sync does not match the rollout model: missing {missing[:5]}, unknown "
-                             f"{unknown[:5]}, other shapes {reshaped[:5]}; no weight was changed")  # fmt: skip
+            raise ValueError(
+                f"weight sync does not match the rollout model: missing {missing[:5]}, unknown "
+                f"{unknown[:5]}, other shapes {reshaped[:5]}; no weight was changed"
+            )
         with torch.no_grad():
             for name, tensor in incoming.items():
                 state[name].copy_(tensor)
@@ -363,23 +405,33 @@ class HFReplica(RolloutReplica):
 
     async def launch_servers(self):
         if self.rollout_mode != RolloutMode.HYBRID:
-            raise ValueError(f"rollout.name=hf supports verl's hybrid mode (the trainer's workers hold the rollout), "
-                             f"not {self.rollout_mode.value!r}")  # fmt: skip
+            raise ValueError(
+                f"rollout.name=hf supports verl's hybrid mode (the trainer's workers hold the rollout), "
+                f"not {self.rollout_mode.value!r}"
+            )
         if self.world_size != 1 or len(self.workers) != 1:
             raise ValueError(f"rollout.name=hf serves one model per rank; this replica spans {self.world_size} ranks")
         resource = get_resource_name()
         node_id, accelerators = await self.workers[0].__ray_call__.remote(
-            lambda worker: (ray.get_runtime_context().get_node_id(),
-                            ray.get_runtime_context().get_accelerator_ids().get(resource, [])))  # fmt: skip
+            lambda worker: (
+                ray.get_runtime_context().get_node_id(),
+                ray.get_runtime_context().get_accelerator_ids().get(resource, []),
+            )
+        )
         # Ray gives the server no accelerator of its own (its worker holds it): show it the worker's, from the start
         env_vars = {var: "1" for var in get_platform().ray_noset_envvars()}
         if get_device_name() != "cpu" and accelerators:
             env_vars[get_visible_devices_keyword()] = ",".join(str(a) for a in accelerators)
-        server = ray.remote(HFRolloutServer).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
-            runtime_env={"env_vars": env_vars}, name=server_name(self.replica_rank),
-            max_concurrency=self.max_concurrency,
-        ).remote(self.config, self.model_config, self.replica_rank)  # fmt: skip
+        server = (
+            ray.remote(HFRolloutServer)
+            .options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+                runtime_env={"env_vars": env_vars},
+                name=server_name(self.replica_rank),
+                max_concurrency=self.max_concurrency,
+            )
+            .remote(self.config, self.model_config, self.replica_rank)
+        )
         self.servers = [server]
         self._server_handle = server
         self._server_address = f"hf://{server_name(self.replica_rank)}"  # no HTTP endpoint: Ray calls only

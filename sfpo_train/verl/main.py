@@ -34,7 +34,9 @@ def prepare_config(config):
         return settings
     what = "SFPO" if settings.enable else "fused_kernels" if settings.fused_kernels is True else "trainer.device=cpu"
     if not config.trainer.get("use_v1", True):
-        raise ValueError(f"{what} runs on verl's v1 trainer; trainer.use_v1=False (the legacy trainer) is not supported")
+        raise ValueError(
+            f"{what} runs on verl's v1 trainer; trainer.use_v1=False (the legacy trainer) is not supported"
+        )
     mode = config.trainer.v1.get("trainer_mode", "sync")
     if mode != "sync":
         raise ValueError(f"{what} wraps verl's synchronous trainer; trainer.v1.trainer_mode={mode!r} is not supported")
@@ -71,8 +73,11 @@ def run(config) -> None:
 
         changes = apply_cpu_mode(config)
         select_platform()  # before auto_set_device, which would otherwise turn "cpu" into a detected "cuda"
-        print("trainer.device=cpu: verl's Ray job on the CPU; defaults of the mode: "
-              + ("; ".join(changes) or "none applied (all set explicitly)"), flush=True)  # fmt: skip
+        print(
+            "trainer.device=cpu: verl's Ray job on the CPU; defaults of the mode: "
+            + ("; ".join(changes) or "none applied (all set explicitly)"),
+            flush=True,
+        )
     else:
         apply_hf_rollout_defaults(config)
     auto_set_device(config)

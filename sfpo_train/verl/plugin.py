@@ -27,5 +27,8 @@ try:
 except Exception as exc:
     logging.getLogger(__name__).error(
         "sfpo's verl plugin failed to load (%s: %s): sfpo_vanilla, the hf rollout and the cpu platform are not "
-        "registered. Check the install with: python -c 'import sfpo_train.verl.plugin'", type(exc).__name__, exc)  # fmt: skip
+        "registered. Check the install with: python -c 'import sfpo_train.verl.plugin'",
+        type(exc).__name__,
+        exc,
+    )
     raise

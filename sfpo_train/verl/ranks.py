@@ -55,7 +55,9 @@ def check_ranks_agree(what: str, **values: float | None) -> None:
         return
     names = list(values)
     # None -> -inf and NaN -> +inf: both stay distinguishable from every real number and from each other
-    numbers = [-math.inf if values[n] is None else math.inf if math.isnan(values[n]) else float(values[n]) for n in names]
+    numbers = [
+        -math.inf if values[n] is None else math.inf if math.isnan(values[n]) else float(values[n]) for n in names
+    ]
     local = torch.tensor(numbers, dtype=torch.float64, device=_collective_device())
     both = torch.cat([local, -local])
     dist.all_reduce(both, op=dist.ReduceOp.MAX)

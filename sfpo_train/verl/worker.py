@@ -135,8 +135,14 @@ class SFPOTrainingWorker(TrainingWorker):
     def _check_schedule_agrees(self, when: str) -> None:
         """Every rank's rule holds the same schedule (see :mod:`sfpo_train.verl.ranks`), or all raise."""
         rule = self.sfpo
-        check_ranks_agree(f"{when} {rule.iteration}", iteration=rule.iteration, alpha=rule.alpha,
-                          fired_at=rule.fired_at, window=len(rule.entropies), last_zscore=rule.last_zscore)  # fmt: skip
+        check_ranks_agree(
+            f"{when} {rule.iteration}",
+            iteration=rule.iteration,
+            alpha=rule.alpha,
+            fired_at=rule.fired_at,
+            window=len(rule.entropies),
+            last_zscore=rule.last_zscore,
+        )
 
     def _pass_entropy(self, output) -> float:
         """One pass's entropy for ``trigger_entropy=last_pass``: the mean of its ``actor/entropy_loss`` values.
@@ -154,8 +160,10 @@ class SFPOTrainingWorker(TrainingWorker):
             dist.all_reduce(both)
             mean, count = (float(both[0] / both[1]) if both[1] > 0 else 0.0), float(both[1])
         if count == 0:
-            raise ValueError("actor_rollout_ref.actor.sfpo.trigger_entropy=last_pass needs each update pass's entropy "
-                             "(verl's actor/entropy_loss): set actor_rollout_ref.actor.calculate_entropy=true")  # fmt: skip
+            raise ValueError(
+                "actor_rollout_ref.actor.sfpo.trigger_entropy=last_pass needs each update pass's entropy "
+                "(verl's actor/entropy_loss): set actor_rollout_ref.actor.calculate_entropy=true"
+            )
         return mean
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
@@ -198,8 +206,9 @@ class SFPOTrainingWorker(TrainingWorker):
         if state is not None:
             self.sfpo.load_state_dict(state)
         elif self.sfpo is not None:
-            logger.warning("no %s in %s: SFPO's schedule starts fresh (resuming a GRPO checkpoint?)", STATE_FILE,
-                           local_path)  # fmt: skip
+            logger.warning(
+                "no %s in %s: SFPO's schedule starts fresh (resuming a GRPO checkpoint?)", STATE_FILE, local_path
+            )
         return result
 
 

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers.bits import ulp
-from helpers.oracles import (
+from tests.helpers.bits import ulp
+from tests.helpers.oracles import (
     EPS32,
     FP32_TINY,
     RATIO_OFFSETS,
@@ -54,8 +54,9 @@ class LinearBatch:
         return z if self.bias is None else z + self.bias.double()
 
     def as_batch(self) -> Batch:
-        return Batch(self.logits64(), self.labels, self.old_log_probs, self.advantages, self.response_mask,
-                     self.ref_log_probs)  # fmt: skip
+        return Batch(
+            self.logits64(), self.labels, self.old_log_probs, self.advantages, self.response_mask, self.ref_log_probs
+        )
 
     def loss_args(self):
         return self.labels, self.old_log_probs, self.advantages, self.response_mask
@@ -117,8 +118,10 @@ def input_grads(hidden, weight, bias, dz, err, dtype, n_rows):
     dh = dz @ w
     dw = dz.T @ h
     out = {
-        "hidden.grad": (dh.view(hidden.shape), (err @ w.abs() + ulp(dh.to(dtype)) + hidden.shape[-1] * EPS32 *
-                                                 (adz @ w.abs())).view(hidden.shape)),  # fmt: skip
+        "hidden.grad": (
+            dh.view(hidden.shape),
+            (err @ w.abs() + ulp(dh.to(dtype)) + hidden.shape[-1] * EPS32 * (adz @ w.abs())).view(hidden.shape),
+        ),
         "weight.grad": (dw, err.T @ h.abs() + ulp(dw.to(weight.dtype)) + n_rows * EPS32 * (adz.T @ h.abs())),
     }
     if bias is not None:

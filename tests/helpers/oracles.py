@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from helpers.bits import ulp
-from helpers.devices import kernel_devices
+from tests.helpers.bits import ulp
+from tests.helpers.devices import kernel_devices
 
 EPS32 = 2.0**-23  # fp32 unit roundoff
 FLOAT_METRICS = ("pg_loss", "ppo_kl", "entropy", "kl")
@@ -166,9 +166,20 @@ class Expected:
     flush_scale: torch.Tensor
 
 
-def verl_oracle(batch: Batch, tol: Tol, *, temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2,
-                clip_ratio_c=3.0, kl_coef=0.0, kl_type="low_var_kl", entropy_coef=0.0,
-                loss_agg_mode="token-mean", with_ref=True) -> Expected:  # fmt: skip
+def verl_oracle(
+    batch: Batch,
+    tol: Tol,
+    *,
+    temperature=1.0,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    kl_coef=0.0,
+    kl_type="low_var_kl",
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+    with_ref=True,
+) -> Expected:
     x = batch.logits.detach().double().requires_grad_()
     z = x / temperature
     log_softmax = z - torch.logsumexp(z, dim=-1, keepdim=True)
@@ -237,8 +248,7 @@ def verl_oracle(batch: Batch, tol: Tol, *, temperature=1.0, clip_ratio_low=0.2, 
     (dg_logp,) = torch.autograd.grad(g_logp.sum(), [log_probs], retain_graph=True, allow_unused=True)
     dg_logp = torch.zeros_like(g_logp) if dg_logp is None else dg_logp
     (grad,) = torch.autograd.grad(loss, [x])
-    scales = token_oracle(batch.logits, batch.labels, temperature, g_logp.detach().abs() + dg_logp.abs(),
-                          g_h.detach())  # fmt: skip
+    scales = token_oracle(batch.logits, batch.labels, temperature, g_logp.detach().abs() + dg_logp.abs(), g_h.detach())
     return Expected(
         loss=loss.detach(),
         # the op's outputs: 0 at masked positions (the kernels skip those rows; verl's values there are unused)
@@ -280,6 +290,7 @@ def make_batch(shape, vocab, dtype, temperature, seed=0, masked_row=True, mask=N
     labels[~mask & (torch.rand(shape, generator=g) > 0.3)] = -100  # padding labels where masked
     exact_log_probs = token_oracle(logits, labels, temperature, None, None).log_probs
     n = labels.numel()
+
     def pick(values):
         return torch.tensor(values, dtype=torch.float64)[torch.randint(len(values), (n,), generator=g)]
 
@@ -302,8 +313,10 @@ def make_batch(shape, vocab, dtype, temperature, seed=0, masked_row=True, mask=N
 
 def _fail(name, got, exact, tol, bad):
     idx = bad.nonzero()[0].tolist() if bad.dim() else []
-    return (f"{name}: {int(bad.sum())} of {bad.numel()} off; first at {idx}: got {got[bad].flatten()[0].item()!r}, "
-            f"exact {exact[bad].flatten()[0].item()!r}, tol {tol[bad].flatten()[0].item():.3g}")  # fmt: skip
+    return (
+        f"{name}: {int(bad.sum())} of {bad.numel()} off; first at {idx}: got {got[bad].flatten()[0].item()!r}, "
+        f"exact {exact[bad].flatten()[0].item()!r}, tol {tol[bad].flatten()[0].item():.3g}"
+    )
 
 
 def check_close(name, got, exact, tol):

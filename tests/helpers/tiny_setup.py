@@ -19,8 +19,16 @@ def write_tiny_model(path: str) -> str:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     shipped = {k: v for k, v in addition.build_model_config().to_dict().items() if k != "layer_types"}
-    config = Qwen2Config(**{**shipped, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                            "num_attention_heads": 2, "num_key_value_heads": 2})  # fmt: skip
+    config = Qwen2Config(
+        **{
+            **shipped,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+        }
+    )
     with torch.random.fork_rng():
         torch.manual_seed(0)
         Qwen2ForCausalLM(config).save_pretrained(path)

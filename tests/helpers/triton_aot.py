@@ -17,12 +17,12 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
-import triton  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
 
-from sfpo_kernels import fused_loss as fl  # noqa: E402
-from sfpo_kernels import multi_tensor as mt  # noqa: E402
+from sfpo_kernels import fused_loss as fl
+from sfpo_kernels import multi_tensor as mt
 
 TABLE = ("*i64",) * 5
 
@@ -36,11 +36,26 @@ def signature(kernel, dtype: str) -> dict[str, str]:
 # The fused-loss kernels' runtime arguments as the host launches them: strides and the rows per batch
 # are int64 (token counts times V pass 2^31), the vocabulary size int32, every per-token vector fp32.
 LOSS_ARG_TYPES = {
-    "logits": "*{dtype}", "dlogits": "*{dtype}", "labels": "*i64",
-    "stride_b": "i64", "stride_t": "i64", "rows_per_batch": "i64", "d_stride_b": "i64", "d_stride_t": "i64",
-    "log_probs": "*fp32", "entropy": "*fp32", "lse_out": "*fp32", "mu_out": "*fp32", "lse": "*fp32", "mu": "*fp32",
-    "grad_log_probs": "*fp32", "grad_entropy": "*fp32", "inv_temperature": "fp32", "V": "i32", "keep": "*u8",
-}  # fmt: skip
+    "logits": "*{dtype}",
+    "dlogits": "*{dtype}",
+    "labels": "*i64",
+    "stride_b": "i64",
+    "stride_t": "i64",
+    "rows_per_batch": "i64",
+    "d_stride_b": "i64",
+    "d_stride_t": "i64",
+    "log_probs": "*fp32",
+    "entropy": "*fp32",
+    "lse_out": "*fp32",
+    "mu_out": "*fp32",
+    "lse": "*fp32",
+    "mu": "*fp32",
+    "grad_log_probs": "*fp32",
+    "grad_entropy": "*fp32",
+    "inv_temperature": "fp32",
+    "V": "i32",
+    "keep": "*u8",
+}
 # (HAS_GRAD_LOGP, HAS_GRAD_H) of the backward: both outputs used, only the log-prob, only the entropy.
 LOSS_BWD_GRADS = ((True, True), (True, False), (False, True))
 
@@ -61,9 +76,12 @@ def ptx_counts(compiled) -> dict:
     """What the arithmetic compiled to: fp32 divisions of any rounding (``div.rn.f32``, and ``div.full.f32``,
     which is what Triton emits for an fp32 ``/``) and hardware bf16 conversions (``cvt.rn.bf16*.f32``)."""
     ptx = compiled.asm["ptx"]
-    return {"fma": "fma.rn" in ptx, "div_f32": len(re.findall(r"\bdiv\.(?:rn|full|approx)[a-z.]*\.f32\b", ptx)),
-            "cvt_rn_bf16": len(re.findall(r"\bcvt\.rn\.bf16(?:x2)?\.f32\b", ptx)),
-            "bf16_bit_rounding": bool(re.search(r"\b(?:32767|0[xX]0*7[fF]{3})\b", ptx))}  # fmt: skip
+    return {
+        "fma": "fma.rn" in ptx,
+        "div_f32": len(re.findall(r"\bdiv\.(?:rn|full|approx)[a-z.]*\.f32\b", ptx)),
+        "cvt_rn_bf16": len(re.findall(r"\bcvt\.rn\.bf16(?:x2)?\.f32\b", ptx)),
+        "bf16_bit_rounding": bool(re.search(r"\b(?:32767|0[xX]0*7[fF]{3})\b", ptx)),
+    }
 
 
 def unspecialized(kernel) -> list[str]:
@@ -77,8 +95,10 @@ def loss_variants(target) -> None:
     for kernel in (fl._logprob_entropy_fwd_kernel, fl._logprob_entropy_bwd_kernel):
         grads = LOSS_BWD_GRADS if kernel is fl._logprob_entropy_bwd_kernel else ("keep", "no-keep")
         for dtype in ("fp32", "bf16", "fp16"):
-            sig = {n: (LOSS_ARG_TYPES[n].format(dtype=dtype) if n in LOSS_ARG_TYPES else "constexpr")
-                   for n in kernel.arg_names}  # fmt: skip
+            sig = {
+                n: (LOSS_ARG_TYPES[n].format(dtype=dtype) if n in LOSS_ARG_TYPES else "constexpr")
+                for n in kernel.arg_names
+            }
             for aligned in (False, True):
                 for has_grad in grads:
                     constexprs = {"BLOCK_V": fl.GPU_BLOCK_V, "ALIGNED": aligned}
@@ -90,8 +110,16 @@ def loss_variants(target) -> None:
                         record["has_grad_logp"], record["has_grad_h"] = has_grad
                     src = ASTSource(fn=kernel, signature=sig, constexprs=constexprs)
                     compiled = triton.compile(src, target=target, options={"num_warps": fl.GPU_NUM_WARPS})
-                    print(json.dumps({**record, "ops": ptx_ops(compiled), **ptx_counts(compiled),
-                                      "do_not_specialize": unspecialized(kernel)}))  # fmt: skip
+                    print(
+                        json.dumps(
+                            {
+                                **record,
+                                "ops": ptx_ops(compiled),
+                                **ptx_counts(compiled),
+                                "do_not_specialize": unspecialized(kernel),
+                            }
+                        )
+                    )
 
 
 def main(capability: int) -> None:
@@ -104,8 +132,17 @@ def main(capability: int) -> None:
                     constexprs["COMPUTE_FP64"] = dtype == "fp64"
                 src = ASTSource(fn=kernel, signature=signature(kernel, dtype), constexprs=constexprs)
                 compiled = triton.compile(src, target=target, options={"num_warps": mt.GPU_NUM_WARPS})
-                print(json.dumps({"kernel": kernel.__name__, "dtype": dtype, "aligned": aligned,
-                                  "ops": ptx_ops(compiled), **ptx_counts(compiled)}))  # fmt: skip
+                print(
+                    json.dumps(
+                        {
+                            "kernel": kernel.__name__,
+                            "dtype": dtype,
+                            "aligned": aligned,
+                            "ops": ptx_ops(compiled),
+                            **ptx_counts(compiled),
+                        }
+                    )
+                )
     loss_variants(target)
 
 

@@ -36,9 +36,15 @@ def save_tiny_qwen2(path: str) -> str:
     import transformers
 
     config = transformers.Qwen2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=VOCAB, max_position_embeddings=64, tie_word_embeddings=False,
-    )  # fmt: skip
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     transformers.Qwen2ForCausalLM(config).save_pretrained(path)
     return path
@@ -88,8 +94,12 @@ def make_worker(config, sfpo: bool = True):
     return worker
 
 
-def make_batch(seed: int = 1, entropy: float | None = ITERATION_ENTROPY, rows: list[int] | None = None,
-               mini_batch: int = MINI_BATCH):
+def make_batch(
+    seed: int = 1,
+    entropy: float | None = ITERATION_ENTROPY,
+    rows: list[int] | None = None,
+    mini_batch: int = MINI_BATCH,
+):
     """An update batch as verl's trainer builds it: left-padded prompts, right-padded responses, then no-padding.
 
     ``rows`` picks (and orders) rows of the 8-row batch: a data-parallel rank's share, or a reordering.
@@ -105,22 +115,37 @@ def make_batch(seed: int = 1, entropy: float | None = ITERATION_ENTROPY, rows: l
     response_mask = torch.ones(BATCH, RESPONSE, dtype=torch.long)
     for i in range(BATCH):  # ragged prompts and responses
         prompt_mask[i, : i % 3] = 0
-        response_mask[i, RESPONSE - (i % 4):] = 0
+        response_mask[i, RESPONSE - (i % 4) :] = 0
     attention_mask = torch.cat([prompt_mask, response_mask], 1)
     old_log_probs = -4.6 + 0.3 * torch.randn(BATCH, RESPONSE, generator=g)
     advantages = torch.randn(BATCH, 1, generator=g).expand(BATCH, RESPONSE).contiguous()
-    td = TensorDict({
-        "prompts": prompts, "responses": responses, "input_ids": torch.cat([prompts, responses], 1),
-        "attention_mask": attention_mask, "position_ids": (attention_mask.cumsum(1) - 1).clamp_min(0),
-        "response_mask": response_mask.float(),
-        "old_log_probs": old_log_probs, "advantages": advantages,
-    }, batch_size=[BATCH])  # fmt: skip
+    td = TensorDict(
+        {
+            "prompts": prompts,
+            "responses": responses,
+            "input_ids": torch.cat([prompts, responses], 1),
+            "attention_mask": attention_mask,
+            "position_ids": (attention_mask.cumsum(1) - 1).clamp_min(0),
+            "response_mask": response_mask.float(),
+            "old_log_probs": old_log_probs,
+            "advantages": advantages,
+        },
+        batch_size=[BATCH],
+    )
     if rows is not None:
         td = td[torch.tensor(rows)]
     td = left_right_2_no_padding(td)
-    tu.assign_non_tensor(td, calculate_entropy=True, global_batch_size=mini_batch, mini_batch_size=mini_batch,
-                         epochs=1, seed=1, dataloader_kwargs={"shuffle": False}, compute_loss=True,
-                         temperature=1.0)  # fmt: skip
+    tu.assign_non_tensor(
+        td,
+        calculate_entropy=True,
+        global_batch_size=mini_batch,
+        mini_batch_size=mini_batch,
+        epochs=1,
+        seed=1,
+        dataloader_kwargs={"shuffle": False},
+        compute_loss=True,
+        temperature=1.0,
+    )
     if entropy is not None:
         tu.assign_non_tensor(td, sfpo_entropy=entropy)
     return td

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.devices import HAS_CUDA, requires_cuda
-from helpers.bits import assert_bit_equal
 
 import sfpo_kernels
 from sfpo_kernels import _cuda_lib, reference
 from sfpo_kernels import multi_tensor as mt
+from tests.helpers.bits import assert_bit_equal
+from tests.helpers.devices import HAS_CUDA, requires_cuda
 
 # Tolerances, one table for the file.
 #   "values": every comparison of tensor values is exact. Copies are bit copies;
@@ -135,10 +135,13 @@ def test_build_records_the_sha256_in_a_private_cache_directory(tmp_path, monkeyp
     assert _recorded_sha256(lib) == hashlib.sha256(lib.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("tamper, message", [
-    pytest.param("flip-byte", "does not match its recorded sha256", id="library-changed"),
-    pytest.param("drop-record", "has no recorded sha256", id="record-missing"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        pytest.param("flip-byte", "does not match its recorded sha256", id="library-changed"),
+        pytest.param("drop-record", "has no recorded sha256", id="record-missing"),
+    ],
+)
 def test_a_tampered_cached_library_is_rebuilt_before_it_is_loaded(built, tmp_path, monkeypatch, tamper, message):
     cache = tmp_path / "cache"
     cache.mkdir(mode=0o700)

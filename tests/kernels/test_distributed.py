@@ -22,11 +22,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from helpers.bits import assert_bit_equal
 from torch import nn
 
 import sfpo_kernels
 from sfpo_kernels import reference
+from tests.helpers.bits import assert_bit_equal
 
 TOLERANCES = {"values": 0, "forward": 0}
 BACKENDS = ["torch", "triton"]  # triton through the interpreter on the CPU
@@ -207,7 +207,10 @@ def test_fsdp1_flat_parameter_step_then_reposition(mesh, backend):
     # One rank cannot shard; FSDP1 would switch FULL_SHARD to NO_SHARD with a
     # warning. NO_SHARD still flattens every parameter into one FlatParameter.
     model = FullyShardedDataParallel(
-        module, process_group=mesh.get_group(), device_id=torch.device("cpu"), use_orig_params=False,
+        module,
+        process_group=mesh.get_group(),
+        device_id=torch.device("cpu"),
+        use_orig_params=False,
         sharding_strategy=ShardingStrategy.NO_SHARD,
     )
     params = list(model.parameters())

@@ -32,10 +32,13 @@ import math
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal, ulp
-from helpers.devices import kernel_devices
-from helpers.optional import import_or_skip
-from helpers.oracles import (
+
+import sfpo_kernels
+from sfpo_kernels import reference
+from tests.helpers.bits import assert_bit_equal, ulp
+from tests.helpers.devices import kernel_devices
+from tests.helpers.optional import import_or_skip
+from tests.helpers.oracles import (
     ALL_METRICS,
     EPS32,
     FLOAT_METRICS,
@@ -48,9 +51,6 @@ from helpers.oracles import (
     make_batch,
     verl_oracle,
 )
-
-import sfpo_kernels
-from sfpo_kernels import reference
 
 DEVICE = kernel_devices()[0]
 # The interpreter evaluates masked-off lanes too; numpy warns about their 0 * -inf, which the kernel discards.
@@ -89,8 +89,16 @@ def reference64(batch: Batch, **settings):
 
 # --------------------------------------------------------------------------- against the oracle
 
-BASE = dict(temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
-            kl_type="low_var_kl", entropy_coef=0.0, loss_agg_mode="token-mean")  # fmt: skip
+BASE = dict(
+    temperature=1.0,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    kl_coef=0.0,
+    kl_type="low_var_kl",
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
 FULL = dict(BASE, temperature=0.7, kl_coef=0.1, entropy_coef=0.01)  # every term on
 
 CASES = [
@@ -171,8 +179,19 @@ def test_fully_masked_rows_change_nothing(mode):
     assert not bool(batch.response_mask[1].any())
     out, grad = fused(batch, ref_log_probs=batch.ref_log_probs, **dict(FULL, loss_agg_mode=mode))
     keep = torch.tensor([0, 2], device=DEVICE)
-    small = Batch(*(t[keep] for t in (batch.logits, batch.labels, batch.old_log_probs, batch.advantages,
-                                      batch.response_mask, batch.ref_log_probs)))  # fmt: skip
+    small = Batch(
+        *(
+            t[keep]
+            for t in (
+                batch.logits,
+                batch.labels,
+                batch.old_log_probs,
+                batch.advantages,
+                batch.response_mask,
+                batch.ref_log_probs,
+            )
+        )
+    )
     want = verl_oracle(small, TOL[torch.float32], **dict(FULL, loss_agg_mode=mode))
     check_close(f"loss without the masked row ({mode})", out.loss, want.loss, want.tol["loss"])
     for name in FLOAT_METRICS:
@@ -210,7 +229,7 @@ def test_nonfinite_logits_at_response_positions_are_counted(dtype):
     (b0, t0), (b1, t1) = response[0], response[-1]
     batch.logits[b0, t0, 3] = float("nan")
     batch.logits[b1, t1, 64] = float("inf")
-    out, grad = fused(batch, ref_log_probs=batch.ref_log_probs, **FULL)
+    out, _ = fused(batch, ref_log_probs=batch.ref_log_probs, **FULL)
     assert not math.isfinite(out.loss.item()), f"loss {out.loss.item()} with non-finite response logits"
     assert int(out.metrics["nonfinite_tokens"]) == 2
     want = verl_oracle(batch, TOL[dtype], **FULL)
@@ -373,8 +392,12 @@ def test_nonfinite_weight_gives_a_nonfinite_loss(backend, mode, value):
 
 def _verl_actor_config(clip_ratio_low, clip_ratio_high, clip_ratio_c):
     """What compute_policy_loss_vanilla reads: clip_ratio(_low/_high), get('clip_ratio_c'), global_batch_info."""
-    values = dict(clip_ratio=clip_ratio_low, clip_ratio_low=clip_ratio_low, clip_ratio_high=clip_ratio_high,
-                  clip_ratio_c=clip_ratio_c)  # fmt: skip
+    values = dict(
+        clip_ratio=clip_ratio_low,
+        clip_ratio_low=clip_ratio_low,
+        clip_ratio_high=clip_ratio_high,
+        clip_ratio_c=clip_ratio_c,
+    )
     # Called after import_or_skip("verl"): with verl installed, any error here fails the test.
     from verl.workers.config import ActorConfig
 
@@ -418,12 +441,19 @@ def compare_with_verl(dtype, settings, weighted):
     entropy = verl_F.entropy_from_logits(z)
     config = _verl_actor_config(settings["clip_ratio_low"], settings["clip_ratio_high"], settings["clip_ratio_c"])
     pg_loss, pg_metrics = core_algos.compute_policy_loss_vanilla(
-        batch.old_log_probs.double(), log_probs, batch.advantages.double(), mask,
-        loss_agg_mode=settings["loss_agg_mode"], config=config,
-    )  # fmt: skip
+        batch.old_log_probs.double(),
+        log_probs,
+        batch.advantages.double(),
+        mask,
+        loss_agg_mode=settings["loss_agg_mode"],
+        config=config,
+    )
     entropy_agg = core_algos.agg_loss(entropy, mask, settings["loss_agg_mode"])
-    kl = core_algos.agg_loss(core_algos.kl_penalty(log_probs, batch.ref_log_probs.double(), settings["kl_type"]),
-                             mask, settings["loss_agg_mode"])  # fmt: skip
+    kl = core_algos.agg_loss(
+        core_algos.kl_penalty(log_probs, batch.ref_log_probs.double(), settings["kl_type"]),
+        mask,
+        settings["loss_agg_mode"],
+    )
     loss = pg_loss - settings["entropy_coef"] * entropy_agg + settings["kl_coef"] * kl
     (verl_grad,) = torch.autograd.grad(loss, [x])
 
@@ -431,21 +461,36 @@ def compare_with_verl(dtype, settings, weighted):
     want = verl_oracle(batch, TOL[dtype], **settings)  # for the tolerances, and verl against the oracle
     check_close("verl loss vs oracle", loss.detach(), want.loss, 1e-7 * (1.0 + want.loss.abs()))
     check_close("loss vs verl", out.loss, loss.detach(), want.tol["loss"] + 1e-7 * loss.detach().abs())
-    check_close("metric pg_loss vs verl", out.metrics["pg_loss"], pg_loss.detach(),
-                want.tol["pg_loss"] + 1e-7 * pg_loss.detach().abs())  # fmt: skip
+    check_close(
+        "metric pg_loss vs verl",
+        out.metrics["pg_loss"],
+        pg_loss.detach(),
+        want.tol["pg_loss"] + 1e-7 * pg_loss.detach().abs(),
+    )
     check_close("metric entropy vs verl", out.metrics["entropy"], entropy_agg.detach(), want.tol["entropy"])
     check_close("metric kl vs verl", out.metrics["kl"], kl.detach(), want.tol["kl"])
     for name in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
         verl_value = torch.as_tensor(pg_metrics[f"actor/{name}"], dtype=torch.float64)
-        tol = want.tol[name] if name in want.tol else EPS32
+        tol = want.tol.get(name, EPS32)
         check_close(f"metric {name} vs verl", out.metrics[name], verl_value, tol + 1e-7 * verl_value.abs())
     # verl's log-probs at masked positions are those of label 0 (it has no padding label): compare the rest
-    check_close("log_probs vs verl", out.log_probs[keep], log_probs.detach()[keep],
-                TOL[dtype].value * EPS32 * want.row_scale[keep])  # fmt: skip
-    check_close("entropy vs verl", out.entropy[keep], entropy.detach()[keep],
-                TOL[dtype].value * EPS32 * want.row_scale[keep])  # fmt: skip
+    check_close(
+        "log_probs vs verl",
+        out.log_probs[keep],
+        log_probs.detach()[keep],
+        TOL[dtype].value * EPS32 * want.row_scale[keep],
+    )
+    check_close(
+        "entropy vs verl", out.entropy[keep], entropy.detach()[keep], TOL[dtype].value * EPS32 * want.row_scale[keep]
+    )
     assert bool((out.entropy[~keep] == 0).all()) and bool((out.log_probs[~keep] == 0).all()), "masked outputs are 0"
     exact = verl_grad  # masked positions get no gradient in either
-    check_close("logits.grad vs verl", grad.double(), exact,
-                TOL[dtype].rounding * ulp(exact.to(dtype)) + TOL[dtype].grad * EPS32 * want.grad_scale
-                + FP32_TINY * want.flush_scale + 1e-7 * exact.abs())  # fmt: skip
+    check_close(
+        "logits.grad vs verl",
+        grad.double(),
+        exact,
+        TOL[dtype].rounding * ulp(exact.to(dtype))
+        + TOL[dtype].grad * EPS32 * want.grad_scale
+        + FP32_TINY * want.flush_scale
+        + 1e-7 * exact.abs(),
+    )

@@ -7,10 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers.devices import kernel_devices
 
 import sfpo_kernels
 from sfpo_kernels import reference
+from tests.helpers.devices import kernel_devices
 
 DEVICE = kernel_devices()[0]
 # The interpreter evaluates masked-off lanes too; numpy warns about their 0 * -inf, which the kernel discards.
@@ -22,16 +22,25 @@ def _batch() -> SimpleNamespace:
     g = torch.Generator().manual_seed(71)
     labels = torch.randint(0, 7, (2, 3), generator=g)
     return SimpleNamespace(
-        logits=torch.randn(2, 3, 7, generator=g).to(DEVICE).requires_grad_(), labels=labels.to(DEVICE),
-        old_log_probs=-torch.rand(2, 3, generator=g).to(DEVICE), advantages=torch.randn(2, 3, generator=g).to(DEVICE),
-        response_mask=torch.ones(2, 3, dtype=torch.bool, device=DEVICE), ref_log_probs=-torch.rand(2, 3, generator=g).to(DEVICE),
-    )  # fmt: skip
+        logits=torch.randn(2, 3, 7, generator=g).to(DEVICE).requires_grad_(),
+        labels=labels.to(DEVICE),
+        old_log_probs=-torch.rand(2, 3, generator=g).to(DEVICE),
+        advantages=torch.randn(2, 3, generator=g).to(DEVICE),
+        response_mask=torch.ones(2, 3, dtype=torch.bool, device=DEVICE),
+        ref_log_probs=-torch.rand(2, 3, generator=g).to(DEVICE),
+    )
 
 
 def _call(**overrides):
     batch = _batch()
-    kwargs = dict(logits=batch.logits, labels=batch.labels, old_log_probs=batch.old_log_probs,
-                  advantages=batch.advantages, response_mask=batch.response_mask, backend="triton")  # fmt: skip
+    kwargs = dict(
+        logits=batch.logits,
+        labels=batch.labels,
+        old_log_probs=batch.old_log_probs,
+        advantages=batch.advantages,
+        response_mask=batch.response_mask,
+        backend="triton",
+    )
     kwargs.update(overrides)
     args = [kwargs.pop(k) for k in ("logits", "labels", "old_log_probs", "advantages", "response_mask")]
     return sfpo_kernels.grpo_loss(*args, **kwargs)
@@ -39,9 +48,13 @@ def _call(**overrides):
 
 def _packed(**overrides):
     batch = _batch()
-    flat = dict(logits=batch.logits.reshape(6, 7), labels=batch.labels.reshape(6),
-                old_log_probs=batch.old_log_probs.reshape(6), advantages=batch.advantages.reshape(6),
-                response_mask=batch.response_mask.reshape(6))  # fmt: skip
+    flat = dict(
+        logits=batch.logits.reshape(6, 7),
+        labels=batch.labels.reshape(6),
+        old_log_probs=batch.old_log_probs.reshape(6),
+        advantages=batch.advantages.reshape(6),
+        response_mask=batch.response_mask.reshape(6),
+    )
     return _call(**flat, **overrides)
 
 
@@ -70,14 +83,18 @@ INVALID = [
     pytest.param(lambda: _call(kl_coef=True, ref_log_probs=_batch().ref_log_probs), "kl_coef", id="kl_coef-bool"),
     pytest.param(lambda: _call(entropy_coef=INF), "entropy_coef", id="entropy_coef-inf"),
     pytest.param(lambda: _call(entropy_coef=False), "entropy_coef", id="entropy_coef-bool"),
-    pytest.param(lambda: _call(kl_type="k4"), r"kl_type='k4'.*kl, k1, abs, mse, k2, low_var_kl, k3",
-                 id="kl_type-unknown"),  # fmt: skip
+    pytest.param(
+        lambda: _call(kl_type="k4"), r"kl_type='k4'.*kl, k1, abs, mse, k2, low_var_kl, k3", id="kl_type-unknown"
+    ),
     pytest.param(lambda: _call(kl_type="full"), r"kl_type.*low_var_kl", id="kl_type-full"),
     pytest.param(lambda: _call(kl_type="k3++"), r"kl_type.*low_var_kl", id="kl_type-double-plus"),
     pytest.param(lambda: _call(kl_type=None), r"kl_type", id="kl_type-none"),
-    pytest.param(lambda: _call(loss_agg_mode="seq-sum"),
-                 r"loss_agg_mode='seq-sum'.*token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean, "
-                 r"seq-mean-token-sum-norm", id="loss_agg_mode-unknown"),  # fmt: skip
+    pytest.param(
+        lambda: _call(loss_agg_mode="seq-sum"),
+        r"loss_agg_mode='seq-sum'.*token-mean, token-sum, seq-mean-token-sum, seq-mean-token-mean, "
+        r"seq-mean-token-sum-norm",
+        id="loss_agg_mode-unknown",
+    ),
     pytest.param(lambda: _call(kl_coef=0.1), "ref_log_probs", id="kl_coef-without-ref"),
     pytest.param(lambda: _call(labels=_zeros(2, 4, dtype=torch.int64)), "labels", id="labels-shape"),
     pytest.param(lambda: _call(labels=_zeros(2, 3)), "labels", id="labels-float"),
@@ -91,8 +108,11 @@ INVALID = [
     pytest.param(lambda: _call(logits=_zeros(2, 3, 7, dtype=torch.float64)), "logits", id="logits-fp64"),
     pytest.param(lambda: _call(logits=_zeros(2, 3, 14)[..., ::2]), "logits", id="logits-vocab-strided"),
     pytest.param(lambda: _call(backend="tritonx"), "backend", id="backend-unknown"),
-    *(pytest.param(lambda mode=mode: _packed(loss_agg_mode=mode), "loss_agg_mode", id=f"packed-{mode}")
-      for mode in reference.AGG_MODES if mode.startswith("seq-")),  # fmt: skip
+    *(
+        pytest.param(lambda mode=mode: _packed(loss_agg_mode=mode), "loss_agg_mode", id=f"packed-{mode}")
+        for mode in reference.AGG_MODES
+        if mode.startswith("seq-")
+    ),
 ]
 
 

@@ -25,10 +25,11 @@ import dataclasses
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal
-from helpers.devices import kernel_devices
-from helpers.optional import import_or_skip
-from helpers.oracles import (
+
+from tests.helpers.bits import assert_bit_equal
+from tests.helpers.devices import kernel_devices
+from tests.helpers.optional import import_or_skip
+from tests.helpers.oracles import (
     ALL_METRICS,
     EPS32,
     Batch,
@@ -50,14 +51,19 @@ from sfpo_kernels import reference
 
 DEVICE = kernel_devices()[0]
 # The poisons run through the interpreter's numpy, which warns about what the kernels then discard.
-NUMPY_WARNINGS = ("invalid value encountered", "overflow encountered", "divide by zero encountered",
-                  "All-NaN slice encountered")
+NUMPY_WARNINGS = (
+    "invalid value encountered",
+    "overflow encountered",
+    "divide by zero encountered",
+    "All-NaN slice encountered",
+)
 pytestmark = [pytest.mark.filterwarnings(f"ignore:{message}:RuntimeWarning") for message in NUMPY_WARNINGS]
 # test_grpo_loss.py's and test_logprob_entropy.py's bounds: the same arithmetic on the same kind of inputs
 # (make_batch), so the same derivation (see those files' docstrings).
 TOL = {dtype: Tol(value=8.0, agg=8.0, grad=8.0, rounding=0.5) for dtype in (torch.float32, torch.bfloat16)}
-PROPERTY = settings(max_examples=50, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+PROPERTY = settings(
+    max_examples=50, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 BACKENDS = ("triton", "torch")
 # INTERPRETER_BLOCK_V is 64: one partial block, exactly one block, one block and a 1-wide tail, two and a tail.
@@ -87,8 +93,9 @@ def problems(draw, weights: bool = False) -> Problem:
     mask = torch.tensor(draw(st.lists(st.booleans(), min_size=n, max_size=n))).view(shape)
     temperature = draw(st.sampled_from((1.0, 0.7, 1.3)))
     dtype = draw(st.sampled_from(tuple(TOL)))
-    batch = make_batch(shape, draw(st.sampled_from(VOCABS)), dtype, temperature, seed=draw(st.integers(0, 2**16)),
-                       mask=mask)  # fmt: skip
+    batch = make_batch(
+        shape, draw(st.sampled_from(VOCABS)), dtype, temperature, seed=draw(st.integers(0, 2**16)), mask=mask
+    )
     if weights and draw(st.booleans()):
         w = torch.tensor([draw(st.sampled_from(TOKEN_WEIGHTS)) for _ in range(n)]).view(shape)
         batch = dataclasses.replace(batch, response_mask=torch.where(mask, w, 0.0).to(DEVICE))
@@ -226,17 +233,23 @@ REJECTIONS = {
 
 
 @PROPERTY
-@given(problem=problems(weights=True), rejection=st.sampled_from(sorted(REJECTIONS)),
-       inplace=st.booleans())  # fmt: skip
+@given(problem=problems(weights=True), rejection=st.sampled_from(sorted(REJECTIONS)), inplace=st.booleans())
 def test_a_rejected_call_changes_nothing(problem, rejection, inplace):
     changes, name = REJECTIONS[rejection]
     batch = problem.batch
     if rejection == "label_outside_vocab" and not bool((batch.response_mask != 0).any()):
         batch = dataclasses.replace(batch, response_mask=torch.ones_like(batch.response_mask))  # a position to check
     x = batch.logits.detach().clone().requires_grad_()
-    call = {"logits": x, "labels": batch.labels, "old_log_probs": batch.old_log_probs,
-            "advantages": batch.advantages, "response_mask": batch.response_mask, "backend": problem.backend,
-            "inplace_backward": inplace, **problem.options}  # fmt: skip
+    call = {
+        "logits": x,
+        "labels": batch.labels,
+        "old_log_probs": batch.old_log_probs,
+        "advantages": batch.advantages,
+        "response_mask": batch.response_mask,
+        "backend": problem.backend,
+        "inplace_backward": inplace,
+        **problem.options,
+    }
     call.update({key: bad(dataclasses.replace(problem, batch=batch)) for key, bad in changes.items()})
     inputs = {k: v for k, v in call.items() if isinstance(v, torch.Tensor)}
     before = {k: v.detach().clone() for k, v in inputs.items()}

@@ -16,17 +16,21 @@ import math
 
 import pytest
 import torch
-from helpers.alloc_probe import LargestAllocation
-from helpers.bits import assert_bit_equal, ulp
-from helpers.devices import kernel_devices
-from helpers.linear_oracle import (
+
+import sfpo_kernels
+from sfpo_kernels import linear_loss, reference
+from sfpo_kernels.linear_loss import CHUNK_BUDGET_BYTES, default_chunk_size
+from tests.helpers.alloc_probe import LargestAllocation
+from tests.helpers.bits import assert_bit_equal, ulp
+from tests.helpers.devices import kernel_devices
+from tests.helpers.linear_oracle import (
     check_grads,
     input_grads,
     linear_oracle,
     make_linear_batch,
     unit,
 )
-from helpers.oracles import (
+from tests.helpers.oracles import (
     EPS32,
     FRACTION_METRICS,
     Tol,
@@ -34,10 +38,6 @@ from helpers.oracles import (
     check_metrics,
     token_oracle,
 )
-
-import sfpo_kernels
-from sfpo_kernels import linear_loss, reference
-from sfpo_kernels.linear_loss import CHUNK_BUDGET_BYTES, default_chunk_size
 
 DEVICE = kernel_devices()[0]
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
@@ -49,24 +49,36 @@ TOL = {
     torch.float32: Tol(value=8.0, agg=8.0, grad=8.0, rounding=0.5),
     # bf16: each logit is rounded once to bf16, |dz| <= u |z| <= u S with u = 2^-8 = 2^15 eps; log p = z_y - lse
     # moves by at most twice that, and so does dlogits per unit of S G; rounding: dz is stored in bf16.
-    torch.bfloat16: Tol(value=2.0 * unit(torch.bfloat16) + 8.0, agg=8.0, grad=2.0 * unit(torch.bfloat16) + 8.0,
-                        rounding=0.5),  # fmt: skip
+    torch.bfloat16: Tol(
+        value=2.0 * unit(torch.bfloat16) + 8.0, agg=8.0, grad=2.0 * unit(torch.bfloat16) + 8.0, rounding=0.5
+    ),
 }
-TOL[torch.float16] = Tol(value=2.0 * unit(torch.float16) + 8.0, agg=8.0, grad=2.0 * unit(torch.float16) + 8.0,
-                         rounding=0.5)  # the same argument with u = 2^-11  # fmt: skip
+TOL[torch.float16] = Tol(
+    value=2.0 * unit(torch.float16) + 8.0, agg=8.0, grad=2.0 * unit(torch.float16) + 8.0, rounding=0.5
+)  # the same argument with u = 2^-11
 DTYPES = [torch.float32, torch.bfloat16]
 BACKENDS = ["torch", "triton"]
 
-BASE = dict(temperature=1.0, clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, kl_coef=0.0,
-            kl_type="low_var_kl", entropy_coef=0.0, loss_agg_mode="token-mean")  # fmt: skip
+BASE = dict(
+    temperature=1.0,
+    clip_ratio_low=0.2,
+    clip_ratio_high=0.2,
+    clip_ratio_c=3.0,
+    kl_coef=0.0,
+    kl_type="low_var_kl",
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
 FULL = dict(BASE, temperature=0.7, kl_coef=0.1, entropy_coef=0.01)
 
 # (settings, shape, hidden size, vocab, bias, chunk size): chunk sizes that do not divide the response count,
 # a chunk of one row, the default rule, and one chunk larger than everything.
 CASES = [
     *(pytest.param(dict(FULL, loss_agg_mode=m), (3, 5), 8, 70, True, 4, id=f"agg-{m}") for m in reference.AGG_MODES),
-    *(pytest.param(dict(BASE, kl_coef=0.1, kl_type=k), (3, 4), 8, 70, False, 3, id=f"kl-{k}")
-      for k in ("kl", "abs", "mse", "low_var_kl", "low_var_kl+")),  # fmt: skip
+    *(
+        pytest.param(dict(BASE, kl_coef=0.1, kl_type=k), (3, 4), 8, 70, False, 3, id=f"kl-{k}")
+        for k in ("kl", "abs", "mse", "low_var_kl", "low_var_kl+")
+    ),
     pytest.param(dict(BASE, clip_ratio_c=None, clip_ratio_high=0.28), (3, 5), 8, 70, True, 5, id="clip-c-off-high"),
     pytest.param(dict(FULL), (30,), 16, 130, False, 7, id="packed"),
     pytest.param(dict(FULL, loss_agg_mode="token-sum"), (11,), 8, 70, True, None, id="packed-default-chunk"),
@@ -82,19 +94,36 @@ def run(batch, backend, chunk_size, **settings):
     w = batch.weight.detach().clone().to(DEVICE).requires_grad_()
     b = None if batch.bias is None else batch.bias.detach().clone().to(DEVICE).requires_grad_()
     args = [t.to(DEVICE) for t in batch.loss_args()]
-    out = sfpo_kernels.linear_grpo_loss(h, w, *args, bias=b, chunk_size=chunk_size, backend=backend,
-                                        ref_log_probs=batch.ref_log_probs.to(DEVICE), **settings)  # fmt: skip
+    out = sfpo_kernels.linear_grpo_loss(
+        h,
+        w,
+        *args,
+        bias=b,
+        chunk_size=chunk_size,
+        backend=backend,
+        ref_log_probs=batch.ref_log_probs.to(DEVICE),
+        **settings,
+    )
     inputs = {"hidden.grad": h, "weight.grad": w, **({} if b is None else {"bias.grad": b})}
     grads = torch.autograd.grad(out.loss, list(inputs.values()))
-    out = out._replace(loss=out.loss.cpu(), log_probs=out.log_probs.cpu(), entropy=out.entropy.cpu(),
-                       metrics={k: v.cpu() for k, v in out.metrics.items()})  # fmt: skip
+    out = out._replace(
+        loss=out.loss.cpu(),
+        log_probs=out.log_probs.cpu(),
+        entropy=out.entropy.cpu(),
+        metrics={k: v.cpu() for k, v in out.metrics.items()},
+    )
     return out, {k: g.cpu() for k, g in zip(inputs, grads)}
 
 
 def on_device(batch):
     """The batch's tensors on DEVICE (the oracle stays on the CPU)."""
-    return dataclasses.replace(batch, **{f.name: None if getattr(batch, f.name) is None else
-                                         getattr(batch, f.name).to(DEVICE) for f in dataclasses.fields(batch)})
+    return dataclasses.replace(
+        batch,
+        **{
+            f.name: None if getattr(batch, f.name) is None else getattr(batch, f.name).to(DEVICE)
+            for f in dataclasses.fields(batch)
+        },
+    )
 
 
 def check_against(label, out, grads, want, dtype, batch):
@@ -116,8 +145,9 @@ def check_against(label, out, grads, want, dtype, batch):
 @pytest.mark.parametrize("settings,shape,hidden_size,vocab,bias,chunk", CASES)
 def test_matches_float64_oracle(backend, dtype, settings, shape, hidden_size, vocab, bias, chunk):
     """Loss, log-probs, entropy, every metric and the hidden / weight / bias gradients against the oracle."""
-    batch = make_linear_batch(shape, hidden_size, vocab, dtype, settings["temperature"], bias=bias,
-                              seed=len(shape) * 100 + vocab)  # fmt: skip
+    batch = make_linear_batch(
+        shape, hidden_size, vocab, dtype, settings["temperature"], bias=bias, seed=len(shape) * 100 + vocab
+    )
     want = linear_oracle(batch, TOL[dtype], dtype, **settings)
     out, grads = run(batch, backend, chunk, **settings)
     check_against(f"{backend} {dtype}", out, grads, want, dtype, batch)
@@ -135,10 +165,15 @@ def test_logprob_entropy_matches_token_oracle(backend, dtype):
     g_lp, g_h = torch.randn(2, 5, generator=g), torch.randn(2, 5, generator=g)
     batch.labels[0, 1] = -100  # a padding label: log-prob 0, no gradient through it
     h, w, b = (t.detach().clone().to(DEVICE).requires_grad_() for t in (batch.hidden, batch.weight, batch.bias))
-    lp, ent = sfpo_kernels.linear_logprob_entropy(h, w, batch.labels.to(DEVICE), 0.8, bias=b, chunk_size=3,
-                                                  backend=backend)  # fmt: skip
-    grads = dict(zip(("hidden.grad", "weight.grad", "bias.grad"),
-                     torch.autograd.grad((lp * g_lp).sum() + (ent * g_h).sum(), [h, w, b])))  # fmt: skip
+    lp, ent = sfpo_kernels.linear_logprob_entropy(
+        h, w, batch.labels.to(DEVICE), 0.8, bias=b, chunk_size=3, backend=backend
+    )
+    grads = dict(
+        zip(
+            ("hidden.grad", "weight.grad", "bias.grad"),
+            torch.autograd.grad((lp * g_lp).sum() + (ent * g_h).sum(), [h, w, b]),
+        )
+    )
     exact = token_oracle(batch.logits64(), batch.labels, 0.8, g_lp, g_h)
     t = TOL[dtype]
     lp, ent, grads = lp.cpu(), ent.cpu(), {k: v.cpu() for k, v in grads.items()}
@@ -146,7 +181,9 @@ def test_logprob_entropy_matches_token_oracle(backend, dtype):
     check_close(f"{backend} entropy", ent, exact.entropy, t.value * EPS32 * exact.row_scale)
     assert float(lp[0, 1].detach()) == 0.0
     err = t.grad * EPS32 * exact.grad_scale + t.rounding * ulp(exact.grad.to(dtype))
-    check_grads(f"{backend} {dtype}", grads, input_grads(batch.hidden, batch.weight, batch.bias, exact.grad, err, dtype, 10))
+    check_grads(
+        f"{backend} {dtype}", grads, input_grads(batch.hidden, batch.weight, batch.bias, exact.grad, err, dtype, 10)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -213,12 +250,14 @@ def test_autocast_bf16_with_fp32_parameters():
     want = linear_oracle(batch, TOL[torch.bfloat16], torch.float32, **FULL)
     h, w, b = (t.detach().clone().requires_grad_() for t in (batch.hidden, batch.weight, batch.bias))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = sfpo_kernels.linear_grpo_loss(h, w, *batch.loss_args(), bias=b, chunk_size=5, backend="torch",
-                                            ref_log_probs=batch.ref_log_probs, **FULL)  # fmt: skip
+        out = sfpo_kernels.linear_grpo_loss(
+            h, w, *batch.loss_args(), bias=b, chunk_size=5, backend="torch", ref_log_probs=batch.ref_log_probs, **FULL
+        )
     grads = torch.autograd.grad(out.loss, [h, w, b])
     assert all(g.dtype == torch.float32 for g in grads)
-    check_close("autocast loss", out.loss, want.loss, 2 * unit(torch.bfloat16) / TOL[torch.float32].value *
-                want.tol["loss"])  # fmt: skip
+    check_close(
+        "autocast loss", out.loss, want.loss, 2 * unit(torch.bfloat16) / TOL[torch.float32].value * want.tol["loss"]
+    )
     for name, g in zip(("hidden.grad", "weight.grad", "bias.grad"), grads):
         exact, tol = want.grads[name]
         check_close(f"autocast {name}", g, exact, 2 * unit(torch.bfloat16) * tol)
@@ -237,14 +276,24 @@ def test_no_tensor_holds_more_than_one_chunk_of_logits(backend):
     saved = []
     mode = LargestAllocation()
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t), mode:
-        out = sfpo_kernels.linear_grpo_loss(h, w, *batch.loss_args(), bias=b, chunk_size=chunk, backend=backend,
-                                            ref_log_probs=batch.ref_log_probs, **FULL)  # fmt: skip
+        out = sfpo_kernels.linear_grpo_loss(
+            h,
+            w,
+            *batch.loss_args(),
+            bias=b,
+            chunk_size=chunk,
+            backend=backend,
+            ref_log_probs=batch.ref_log_probs,
+            **FULL,
+        )
         forward_largest = mode.largest
         out.loss.backward()
     chunk_bytes = 4 * chunk * vocab  # fp32 logits of one chunk
     limit = max(chunk_bytes, 4 * vocab * hidden_size)
     assert forward_largest <= chunk_bytes, f"forward allocated {forward_largest} bytes, one chunk is {chunk_bytes}"
-    assert mode.largest <= limit, f"backward allocated {mode.largest} bytes, limit {limit} (all logits: {4 * n * vocab})"
+    assert mode.largest <= limit, (
+        f"backward allocated {mode.largest} bytes, limit {limit} (all logits: {4 * n * vocab})"
+    )
     assert saved and max(saved) <= vocab * hidden_size < n * vocab, f"saved for backward: {sorted(saved)[-3:]}"
     # The same probe sees the materialised path's [n, V] logits: it can fail.
     with LargestAllocation() as probe:
@@ -257,8 +306,9 @@ def test_float64_reference_matches_oracle():
     batch = make_linear_batch((3, 5), 8, 70, torch.float32, 0.7, seed=31)
     want = linear_oracle(batch, TOL[torch.float32], torch.float32, **FULL)
     h, w, b = (t.detach().double().requires_grad_() for t in (batch.hidden, batch.weight, batch.bias))
-    loss, lp, ent, _ = reference.linear_grpo_loss(h, w, *batch.loss_args(), bias=b,
-                                                        ref_log_probs=batch.ref_log_probs, **FULL)  # fmt: skip
+    loss, lp, ent, _ = reference.linear_grpo_loss(
+        h, w, *batch.loss_args(), bias=b, ref_log_probs=batch.ref_log_probs, **FULL
+    )
     check_close("reference loss", loss, want.loss, 1e-12)
     check_close("reference log_probs", lp, want.log_probs, 1e-12)
     check_close("reference entropy", ent, want.entropy, 1e-12)
@@ -296,8 +346,15 @@ BAD_CALLS = [
 @pytest.mark.parametrize("change,message", BAD_CALLS)
 def test_bad_arguments_raise_value_error_naming_them(change, message):
     batch = make_linear_batch((3, 4), 8, 70, torch.float32, 1.0, seed=37)
-    args = dict(hidden=batch.hidden, weight=batch.weight, labels=batch.labels, old_log_probs=batch.old_log_probs,
-                advantages=batch.advantages, response_mask=batch.response_mask, bias=batch.bias)  # fmt: skip
+    args = dict(
+        hidden=batch.hidden,
+        weight=batch.weight,
+        labels=batch.labels,
+        old_log_probs=batch.old_log_probs,
+        advantages=batch.advantages,
+        response_mask=batch.response_mask,
+        bias=batch.bias,
+    )
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         sfpo_kernels.linear_grpo_loss(**change(args))
 

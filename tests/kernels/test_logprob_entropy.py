@@ -40,12 +40,12 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal, ulp
-from helpers.devices import kernel_devices
-from helpers.oracles import FP32_TINY, Oracle, token_oracle
 
 import sfpo_kernels
 from sfpo_kernels import fused_loss
+from tests.helpers.bits import assert_bit_equal, ulp
+from tests.helpers.devices import kernel_devices
+from tests.helpers.oracles import FP32_TINY, Oracle, token_oracle
 
 DEVICE = kernel_devices()[0]
 # The interpreter evaluates masked-off lanes too, and numpy warns about what they compute and the kernel
@@ -398,8 +398,9 @@ def test_backward_kernel_variants(dtype, has_logp, has_h):
     labels_flat = fused_loss.flat_labels(labels)
     flat = fused_loss.logprob_entropy_fwd(logits, labels_flat, temperature)
     log_probs, entropy, lse, mu = (x.view(shape) for x in flat)  # the host functions work on [rows]
-    grad = fused_loss.logprob_entropy_bwd(logits, labels_flat, g_logp, g_h, flat[2], flat[3], temperature,
-                                          inplace=False)  # fmt: skip
+    grad = fused_loss.logprob_entropy_bwd(
+        logits, labels_flat, g_logp, g_h, flat[2], flat[3], temperature, inplace=False
+    )
     want = token_oracle(logits, labels, temperature, g_logp, g_h)
     assert_values_close("log_probs", log_probs, want.log_probs, want.row_scale, dtype)
     assert_values_close("entropy", entropy, want.entropy, want.row_scale, dtype)
@@ -485,8 +486,15 @@ def test_response_mask_rows_get_exact_zero_gradient_whatever_they_hold(backend, 
     want_lp, want_h, want_grad = run(logits, labels, 0.7, g_logp, g_h, backend=backend)
     poisoned = torch.where(keep.unsqueeze(-1), logits, poison)
     nan = torch.full_like(g_logp, float("nan"))
-    lp, h, grad = run(poisoned, labels, 0.7, torch.where(keep, g_logp, nan), torch.where(keep, g_h, nan),
-                      backend=backend, response_mask=keep)  # fmt: skip
+    lp, h, grad = run(
+        poisoned,
+        labels,
+        0.7,
+        torch.where(keep, g_logp, nan),
+        torch.where(keep, g_h, nan),
+        backend=backend,
+        response_mask=keep,
+    )
     assert bool((grad[~keep] == 0).all()), f"logits.grad of masked rows: {grad[~keep]}"
     assert_bit_equal("logits.grad of response rows", grad[keep], want_grad[keep])
     assert_bit_equal("log_probs of response rows", lp[keep], want_lp[keep])
@@ -530,17 +538,29 @@ INVALID = [
     pytest.param(lambda: (_logits(dtype=torch.int32), _labels()), {}, "logits", id="logits-int"),
     pytest.param(lambda: (_logits(vocab=0), _labels()), {}, "logits", id="empty-vocab"),
     pytest.param(lambda: (_logits(vocab=14)[..., ::2], _labels()), {}, "logits", id="vocab-stride-2"),
-    pytest.param(lambda: (_logits((3, 2)).transpose(1, 2).transpose(0, 1), _labels((7, 3))), {}, "logits",
-                 id="vocab-not-last-contiguous"),  # fmt: skip
+    pytest.param(
+        lambda: (_logits((3, 2)).transpose(1, 2).transpose(0, 1), _labels((7, 3))),
+        {},
+        "logits",
+        id="vocab-not-last-contiguous",
+    ),
     pytest.param(lambda: (_logits(), _labels((2, 4))), {}, "labels", id="labels-shape"),
     pytest.param(lambda: (_logits(), _labels((6,))), {}, "labels", id="labels-flattened"),
     pytest.param(lambda: (_logits(), _labels(dtype=torch.float32)), {}, "labels", id="labels-float"),
     pytest.param(lambda: (_logits(), _labels(dtype=torch.bool)), {}, "labels", id="labels-bool"),
     pytest.param(lambda: (_logits(), [[0, 1, 2], [0, 1, 2]]), {}, "labels", id="labels-not-a-tensor"),
-    pytest.param(lambda: (_logits(), _labels()), {"response_mask": _labels((2, 4)).bool()}, "response_mask",
-                 id="response_mask-shape"),  # fmt: skip
-    pytest.param(lambda: (_logits(), _labels()), {"response_mask": [[1, 1, 1]] * 2}, "response_mask",
-                 id="response_mask-not-a-tensor"),  # fmt: skip
+    pytest.param(
+        lambda: (_logits(), _labels()),
+        {"response_mask": _labels((2, 4)).bool()},
+        "response_mask",
+        id="response_mask-shape",
+    ),
+    pytest.param(
+        lambda: (_logits(), _labels()),
+        {"response_mask": [[1, 1, 1]] * 2},
+        "response_mask",
+        id="response_mask-not-a-tensor",
+    ),
     pytest.param(lambda: (_logits(), _labels()), {"temperature": 0.0}, "temperature", id="temperature-0"),
     pytest.param(lambda: (_logits(), _labels()), {"temperature": -1.0}, "temperature", id="temperature-negative"),
     pytest.param(lambda: (_logits(), _labels()), {"temperature": float("nan")}, "temperature", id="temperature-nan"),

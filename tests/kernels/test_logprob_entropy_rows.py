@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal
-from helpers.devices import kernel_devices
 
 import sfpo_kernels
 from sfpo_kernels import fused_loss
+from tests.helpers.bits import assert_bit_equal
+from tests.helpers.devices import kernel_devices
 
 DEVICE = kernel_devices()[0]
 

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal
 
 import sfpo_kernels
 from sfpo_kernels import reference
+from tests.helpers.bits import assert_bit_equal
 
 transformers = pytest.importorskip("transformers")
 

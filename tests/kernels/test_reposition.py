@@ -20,11 +20,11 @@ import math
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal, make_tensors, ulp
-from helpers.devices import kernel_devices
 
 import sfpo_kernels
 from sfpo_kernels import reference
+from tests.helpers.bits import assert_bit_equal, make_tensors, ulp
+from tests.helpers.devices import kernel_devices
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 COMPUTE_EPS = {torch.float64: 2.0**-52, torch.float32: 2.0**-23, torch.bfloat16: 2.0**-23, torch.float16: 2.0**-23}

@@ -13,11 +13,11 @@ import sys
 
 import pytest
 import torch
-from helpers.devices import kernel_devices
-from helpers.bits import assert_bit_equal, make_tensors
 
 import sfpo_kernels
 from sfpo_kernels import Snapshot
+from tests.helpers.bits import assert_bit_equal, make_tensors
+from tests.helpers.devices import kernel_devices
 
 SHAPES = [(3, 5), (), (0,), (0, 4), (1000,), (7,), (300, 2), (1,)]
 BACKENDS = ["torch", "triton"]
@@ -89,6 +89,7 @@ def test_release_frees_and_blocks_reuse():
 
 # ----------------------------------------------------------------------------- rejected calls
 
+
 def _params():
     return [torch.randn(4, 3), torch.randn(5), torch.randn(2, dtype=torch.bfloat16)]
 
@@ -104,20 +105,48 @@ def _bad_reposition_calls():
         ("alpha-string", lambda p, s: sfpo_kernels.reposition_(p, s, "0.5"), r"alpha"),
         ("too-few", lambda p, s: sfpo_kernels.reposition_(p[:2], s, 0.5), r"2 tensors.*holds 3"),
         ("too-many", lambda p, s: sfpo_kernels.reposition_(p + [torch.zeros(1)], s, 0.5), r"4 tensors.*holds 3"),
-        ("wrong-shape", lambda p, s: sfpo_kernels.reposition_([p[0].view(3, 4), p[1], p[2]], s, 0.5),
-         r"tensors\[0\] has shape \(3, 4\).*\(4, 3\)"),
-        ("wrong-dtype", lambda p, s: sfpo_kernels.reposition_([p[0], p[1].double(), p[2]], s, 0.5),
-         r"tensors\[1\] has dtype torch.float64.*torch.float32"),
-        ("non-contiguous", lambda p, s: sfpo_kernels.reposition_([p[0].t().contiguous().t(), p[1], p[2]], s, 0.5),
-         r"tensors\[0\].*not contiguous"),
-        ("aliased", lambda p, s: sfpo_kernels.reposition_([p[0], p[0].view(-1)[:5], p[2]], s, 0.5),
-         r"tensors\[0\] and tensors\[1\] share memory"),
-        ("not-a-snapshot", lambda p, s: sfpo_kernels.reposition_(p, [x.clone() for x in p], 0.5), r"snap must be a Snapshot"),
-        ("unknown-backend", lambda p, s: sfpo_kernels.reposition_(p, s, 0.5, backend="numba"), r"backend='numba'.*triton, cuda, torch"),
-        ("cuda-backend-on-cpu", lambda p, s: sfpo_kernels.reposition_(p, s, 0.5, backend="cuda"), r"backend 'cuda' needs CUDA"),
+        (
+            "wrong-shape",
+            lambda p, s: sfpo_kernels.reposition_([p[0].view(3, 4), p[1], p[2]], s, 0.5),
+            r"tensors\[0\] has shape \(3, 4\).*\(4, 3\)",
+        ),
+        (
+            "wrong-dtype",
+            lambda p, s: sfpo_kernels.reposition_([p[0], p[1].double(), p[2]], s, 0.5),
+            r"tensors\[1\] has dtype torch.float64.*torch.float32",
+        ),
+        (
+            "non-contiguous",
+            lambda p, s: sfpo_kernels.reposition_([p[0].t().contiguous().t(), p[1], p[2]], s, 0.5),
+            r"tensors\[0\].*not contiguous",
+        ),
+        (
+            "aliased",
+            lambda p, s: sfpo_kernels.reposition_([p[0], p[0].view(-1)[:5], p[2]], s, 0.5),
+            r"tensors\[0\] and tensors\[1\] share memory",
+        ),
+        (
+            "not-a-snapshot",
+            lambda p, s: sfpo_kernels.reposition_(p, [x.clone() for x in p], 0.5),
+            r"snap must be a Snapshot",
+        ),
+        (
+            "unknown-backend",
+            lambda p, s: sfpo_kernels.reposition_(p, s, 0.5, backend="numba"),
+            r"backend='numba'.*triton, cuda, torch",
+        ),
+        (
+            "cuda-backend-on-cpu",
+            lambda p, s: sfpo_kernels.reposition_(p, s, 0.5, backend="cuda"),
+            r"backend 'cuda' needs CUDA",
+        ),
         ("restore-wrong-count", lambda p, s: s.restore_(p[1:]), r"2 tensors.*holds 3"),
-        ("restore-integer-tensor", lambda p, s: s.restore_([p[0], torch.arange(5), p[2]]), r"tensors\[1\] has dtype torch.int64"),
-    ]  # fmt: skip
+        (
+            "restore-integer-tensor",
+            lambda p, s: s.restore_([p[0], torch.arange(5), p[2]]),
+            r"tensors\[1\] has dtype torch.int64",
+        ),
+    ]
 
 
 @pytest.mark.parametrize("call,pattern", [pytest.param(c, m, id=i) for i, c, m in _bad_reposition_calls()])

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal
-from helpers.devices import kernel_devices
 
 import sfpo_kernels
+from tests.helpers.bits import assert_bit_equal
+from tests.helpers.devices import kernel_devices
 
 DEVICE = kernel_devices()[0]
 BACKENDS = ["torch", "triton"]
@@ -109,8 +109,10 @@ def test_a_changed_tensor_is_caught_and_nothing_is_written(backend, change, mess
     snap = _cached_snapshot(params, backend)
     change(params)
     before = [p.detach().resolve_neg().clone() if p.device.type != "meta" else None for p in params]
-    for call in (lambda: sfpo_kernels.reposition_(params, snap, 0.5, backend=backend),
-                 lambda: snap.restore_(params, backend=backend)):  # fmt: skip
+    for call in (
+        lambda: sfpo_kernels.reposition_(params, snap, 0.5, backend=backend),
+        lambda: snap.restore_(params, backend=backend),
+    ):
         with pytest.raises(ValueError, match=message):
             call()
         for i, (p, b) in enumerate(zip(params, before)):
@@ -132,11 +134,14 @@ def _set_new_storage(params):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("change", [
-    pytest.param(_replace_same_signature, id="replaced-same-signature"),
-    pytest.param(_data_new_memory, id="data-new-memory"),
-    pytest.param(_set_new_storage, id="set-new-storage"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "change",
+    [
+        pytest.param(_replace_same_signature, id="replaced-same-signature"),
+        pytest.param(_data_new_memory, id="data-new-memory"),
+        pytest.param(_set_new_storage, id="set-new-storage"),
+    ],
+)
 def test_a_valid_new_tensor_is_revalidated_and_written(backend, change):
     """A list that is still valid but holds other memory: the call must write the new tensors, not the cached."""
     params = _params()

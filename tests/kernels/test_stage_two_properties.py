@@ -30,13 +30,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers.bits import assert_bit_equal
-from helpers.devices import kernel_devices
-from helpers.optional import import_or_skip
+
+from tests.helpers.bits import assert_bit_equal
+from tests.helpers.devices import kernel_devices
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("hypothesis")  # the test extra installs it; the GPU machine's image may not
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import sfpo_kernels
 from sfpo_kernels import reference
@@ -48,8 +49,13 @@ EDGE_SHAPES = ((), (0,), (3, 0), (1,), (65,), (257,), (2, 129))
 
 
 def _settings(max_examples: int):
-    return settings(max_examples=max_examples, derandomize=True, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
+    return settings(
+        max_examples=max_examples,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
 
 
 @dataclass(frozen=True)
@@ -65,8 +71,9 @@ class Spec:
 SHAPES = st.one_of(st.sampled_from(EDGE_SHAPES), st.lists(st.integers(0, 5), max_size=3).map(tuple))
 SPECS = st.lists(
     st.builds(Spec, SHAPES, st.sampled_from(DTYPES), st.sampled_from((0, 0, 1, 3)), st.sampled_from((0, 2))),
-    min_size=1, max_size=5,
-)  # fmt: skip
+    min_size=1,
+    max_size=5,
+)
 SEEDS = st.integers(0, 2**31 - 1)
 OFFLOADS = st.sampled_from(("none", "cpu"))
 # alpha in [2^-24, 1) for the comparison with the reference (see the module docstring); 0 and 1 are exact copies.
@@ -95,7 +102,7 @@ def _build(specs: list[Spec], seed: int, special: bool = False) -> tuple[list[to
 
 
 def _views(specs: list[Spec], buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [b[s.offset: s.offset + math.prod(s.shape)].view(s.shape) for s, b in zip(specs, buffers)]
+    return [b[s.offset : s.offset + math.prod(s.shape)].view(s.shape) for s, b in zip(specs, buffers)]
 
 
 def _theta_k(specs: list[Spec], seed: int, special: bool = False) -> list[torch.Tensor]:
@@ -199,10 +206,13 @@ REPLACEMENTS = {
     "non-contiguous": (_non_contiguous, r"tensors\[{i}\].*not contiguous"),
     "inference": (_inference, r"tensors\[{i}\] is an inference tensor"),
     "neg-bit": (torch._neg_view, r"tensors\[{i}\] has its neg bit set"),
-    "integer": (lambda t: torch.zeros(t.shape, dtype=torch.int32, device=t.device), r"tensors\[{i}\] has dtype torch.int32"),
+    "integer": (
+        lambda t: torch.zeros(t.shape, dtype=torch.int32, device=t.device),
+        r"tensors\[{i}\] has dtype torch.int32",
+    ),
     "other-shape": (_other_shape, r"tensors\[{i}\] has shape"),
     "other-dtype": (_other_dtype, r"tensors\[{i}\] has dtype"),
-}  # fmt: skip
+}
 SNAPSHOT_REPLACEMENTS = ("non-contiguous", "inference", "neg-bit", "integer")
 BAD_ALPHAS = (math.nan, math.inf, -0.5, 1.5, 10**400, True, "0.5", None, torch.tensor([0.1, 0.2]))
 

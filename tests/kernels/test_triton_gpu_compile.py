@@ -20,7 +20,9 @@ HERE = Path(__file__).resolve().parent
 
 @pytest.fixture(scope="module")
 def variants() -> list[dict]:
-    proc = subprocess.run([sys.executable, str(HERE.parent / "helpers" / "triton_aot.py"), "90"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, str(HERE.parent / "helpers" / "triton_aot.py"), "90"], capture_output=True, text=True
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -33,8 +35,9 @@ LOSS_BWD_GRADS = ((True, True), (True, False), (False, True))  # (HAS_GRAD_LOGP,
 
 def test_every_variant_compiles(variants):
     compiled = {(v["kernel"], v["dtype"], v["aligned"]) for v in variants}
-    expected = {(k, d, a) for k in MULTI_TENSOR_KERNELS for d in ("fp32", "bf16", "fp16", "fp64")
-                for a in (False, True)}  # fmt: skip
+    expected = {
+        (k, d, a) for k in MULTI_TENSOR_KERNELS for d in ("fp32", "bf16", "fp16", "fp64") for a in (False, True)
+    }
     expected |= {(k, d, a) for k in (LOSS_FWD, LOSS_BWD) for d in LOSS_DTYPES for a in (False, True)}
     assert compiled == expected
     assert {v.get("has_keep") for v in variants if v["kernel"] == LOSS_FWD} == {False, True}
@@ -51,14 +54,20 @@ def test_vocabulary_loops_have_no_fp32_division(variants):
     assert per_thread > 1
     for v in _loss(variants, LOSS_FWD) + _loss(variants, LOSS_BWD):
         allowed = 1 if v["kernel"] == LOSS_FWD else 0
-        assert v["div_f32"] <= allowed, f"{v['kernel']} {v['dtype']} aligned={v['aligned']}: {v['div_f32']} fp32 divisions"
+        assert v["div_f32"] <= allowed, (
+            f"{v['kernel']} {v['dtype']} aligned={v['aligned']}: {v['div_f32']} fp32 divisions"
+        )
 
 
 def test_loss_kernels_do_not_specialise_on_the_micro_batch_shape(variants):
     """T and the batch strides change with every micro-batch's padded length: no recompilation per new value."""
     for v in _loss(variants, LOSS_FWD) + _loss(variants, LOSS_BWD):
-        dynamic = {"stride_b", "stride_t", "rows_per_batch"} | ({"d_stride_b", "d_stride_t"} if v["kernel"] == LOSS_BWD else set())
-        assert dynamic <= set(v["do_not_specialize"]), f"{v['kernel']}: specialises on {dynamic - set(v['do_not_specialize'])}"
+        dynamic = {"stride_b", "stride_t", "rows_per_batch"} | (
+            {"d_stride_b", "d_stride_t"} if v["kernel"] == LOSS_BWD else set()
+        )
+        assert dynamic <= set(v["do_not_specialize"]), (
+            f"{v['kernel']}: specialises on {dynamic - set(v['do_not_specialize'])}"
+        )
         assert "V" not in v["do_not_specialize"]
 
 
@@ -77,8 +86,12 @@ def test_aligned_tables_get_128_bit_accesses(variants):
             continue  # the loss kernels store per-token scalars: their own test below
         vector = {op: n for op, n in v["ops"].items() if ".v4." in op or ".v2.b64" in op or ".v2.f64" in op}
         if v["aligned"]:
-            assert any(op.startswith("ld.global") for op in vector), f"{v['kernel']} {v['dtype']}: no vector loads: {v['ops']}"
-            assert any(op.startswith("st.global") for op in vector), f"{v['kernel']} {v['dtype']}: no vector stores: {v['ops']}"
+            assert any(op.startswith("ld.global") for op in vector), (
+                f"{v['kernel']} {v['dtype']}: no vector loads: {v['ops']}"
+            )
+            assert any(op.startswith("st.global") for op in vector), (
+                f"{v['kernel']} {v['dtype']}: no vector stores: {v['ops']}"
+            )
         else:  # no alignment promise: element-wise accesses are the only safe ones
             assert not vector, f"{v['kernel']} {v['dtype']} unaligned uses vector accesses: {v['ops']}"
 

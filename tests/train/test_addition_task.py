@@ -194,8 +194,10 @@ def test_shipped_tokenizer_matches_the_built_one(shipped):
     batch = loaded(["1+2=", "123+456="], padding=True, add_special_tokens=False)
     assert batch["input_ids"][0] == [0, 0, 0, 0, 3, 12, 4, 13]
     assert set(batch) == {"input_ids", "attention_mask"}  # no token_type_ids, which generate() rejects
-    assert loaded.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True,
-                                      tokenize=False) == "1+2="  # fmt: skip
+    assert (
+        loaded.apply_chat_template([{"role": "user", "content": "1+2="}], add_generation_prompt=True, tokenize=False)
+        == "1+2="
+    )
     # a class name transformers 4.x (verl) resolves too
     config = json.loads((Path(paths["model"]) / "tokenizer_config.json").read_text())
     assert config["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -217,8 +219,9 @@ def test_shipped_model_leaves_room_for_rl(shipped):
     greedy = tasks.evaluate(model, tokenizer, test, max_new_tokens=addition.MAX_NEW_TOKENS, batch_size=500)
     assert 0.15 <= greedy <= 0.60, f"shipped model's greedy test accuracy {greedy:.3f} is outside [0.15, 0.60]"
     torch.manual_seed(0)
-    sampled = tasks.evaluate(model, tokenizer, test, max_new_tokens=addition.MAX_NEW_TOKENS, batch_size=500,
-                             do_sample=True)  # fmt: skip
+    sampled = tasks.evaluate(
+        model, tokenizer, test, max_new_tokens=addition.MAX_NEW_TOKENS, batch_size=500, do_sample=True
+    )
     assert sampled < greedy
 
 
@@ -261,10 +264,24 @@ def test_evaluate_rejects_bad_arguments(shipped):
     "script,options",
     [
         ("make_addition_data", ["--out", "--train-size", "--test-size", "--seed"]),
-        ("train_addition_model", ["--data", "--out", "--steps", "--batch-size", "--lr", "--warmup-steps",
-                                  "--weight-decay", "--seed", "--eval-every", "--eval-batch-size", "--no-progress"]),
+        (
+            "train_addition_model",
+            [
+                "--data",
+                "--out",
+                "--steps",
+                "--batch-size",
+                "--lr",
+                "--warmup-steps",
+                "--weight-decay",
+                "--seed",
+                "--eval-every",
+                "--eval-batch-size",
+                "--no-progress",
+            ],
+        ),
     ],
-)  # fmt: skip
+)
 def test_script_help_lists_every_option(script, options, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _load_script(script).main(["--help"])
@@ -279,8 +296,21 @@ def test_scripts_run_end_to_end_and_train_deterministically(tmp_path, capsys):
     assert tasks.load_rows(tmp_path / "test.parquet") == addition.make_rows(20, 1, "test")
     outs = [tmp_path / "model-a", tmp_path / "model-b"]
     for out in outs:
-        argv = ["--data", str(tmp_path), "--out", str(out), "--steps", "3", "--batch-size", "16",
-                "--eval-every", "2", "--eval-batch-size", "8", "--no-progress"]  # fmt: skip
+        argv = [
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--batch-size",
+            "16",
+            "--eval-every",
+            "2",
+            "--eval-batch-size",
+            "8",
+            "--no-progress",
+        ]
         assert train.main(argv) == 0
     log = capsys.readouterr().out
     assert "step     2" in log and "greedy test accuracy" in log and "sampled (T=1" in log

@@ -14,13 +14,13 @@ import copy
 
 import pytest
 import torch
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 from omegaconf import OmegaConf
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer
 from sfpo_train.trainer.actor import Actor
 from sfpo_train.trainer.lm_head import unfusable_reason, use_fused_head
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 # fp32 throughout: the two paths differ by the order of the head's sums (chunked matmul, fused softmax),
 # a few ulp of each logit; through a 1-layer model's backward that stays within 1e-5 relative.
@@ -35,9 +35,17 @@ def tiny(tmp_path_factory):
 
 def make_trainer(tiny, tmp_path, *overrides):
     model_dir, data = tiny
-    cfg = config_lib.load_config("smoke", [*tiny_overrides(model_dir, data), f"trainer.default_local_dir={tmp_path}",
-                                           "trainer.progress_bar=false", "trainer.val_before_train=false",
-                                           *overrides], "grpo")  # fmt: skip
+    cfg = config_lib.load_config(
+        "smoke",
+        [
+            *tiny_overrides(model_dir, data),
+            f"trainer.default_local_dir={tmp_path}",
+            "trainer.progress_bar=false",
+            "trainer.val_before_train=false",
+            *overrides,
+        ],
+        "grpo",
+    )
     return Trainer.create(cfg)
 
 
@@ -47,20 +55,36 @@ def close(name, got, want, scale=None):
     assert err <= RTOL * float(scale) + 1e-30, f"{name}: max error {err:.3g}, scale {float(scale):.3g}"
 
 
-@pytest.mark.parametrize("settings", [
-    pytest.param([], id="grpo-token-mean"),
-    pytest.param(["actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean", "actor_rollout_ref.actor.entropy_coeff=0.01",
-                  "actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.rollout.temperature=0.8"],
-                 id="seq-mean-entropy-kl-temperature"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "settings",
+    [
+        pytest.param([], id="grpo-token-mean"),
+        pytest.param(
+            [
+                "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-mean",
+                "actor_rollout_ref.actor.entropy_coeff=0.01",
+                "actor_rollout_ref.actor.use_kl_loss=true",
+                "actor_rollout_ref.rollout.temperature=0.8",
+            ],
+            id="seq-mean-entropy-kl-temperature",
+        ),
+    ],
+)
 def test_fused_head_matches_model_logits_over_one_step(tiny, tmp_path, settings):
     trainer = make_trainer(tiny, tmp_path, "actor_rollout_ref.model.fused_lm_head=false", *settings)
     assert not trainer.actor.fused_head
     assert trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight, "tied"
     fused_cfg = copy.deepcopy(trainer.cfg)
     OmegaConf.update(fused_cfg, "actor_rollout_ref.model.fused_lm_head", True)
-    fused = Actor(fused_cfg, trainer.model, trainer.optimizer, trainer.actor.loss_options,
-                  compute_dtype=trainer.compute_dtype, device=trainer.device, profiler=trainer.profiler)  # fmt: skip
+    fused = Actor(
+        fused_cfg,
+        trainer.model,
+        trainer.optimizer,
+        trainer.actor.loss_options,
+        compute_dtype=trainer.compute_dtype,
+        device=trainer.device,
+        profiler=trainer.profiler,
+    )
     assert fused.fused_head
     batch, _, _ = trainer.collector.collect()
     mask = batch.response_mask.bool()
@@ -88,7 +112,9 @@ def test_fused_head_matches_model_logits_over_one_step(tiny, tmp_path, settings)
     assert bool((lp1[~mask] == 0).all()), "padding positions never went through the head"
     assert m0.keys() == m1.keys()
     for key in m0:
-        close(f"metric {key}", torch.tensor(m1[key]), torch.tensor(m0[key]), max(abs(m0[key]), 1.0))  # O(1): log-prob units
+        close(
+            f"metric {key}", torch.tensor(m1[key]), torch.tensor(m0[key]), max(abs(m0[key]), 1.0)
+        )  # O(1): log-prob units
     assert g0.keys() == g1.keys() and len(g0) > 0
     assert any(bool(g.abs().sum() > 0) for g in g0.values()), "the update pass must produce gradients"
     for key in g0:
@@ -98,8 +124,16 @@ def test_fused_head_matches_model_logits_over_one_step(tiny, tmp_path, settings)
 def test_unfusable_head_is_an_error_with_true_and_off_with_auto():
     from transformers import Gemma2Config, Gemma2ForCausalLM
 
-    config = Gemma2Config(vocab_size=16, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-                          num_attention_heads=1, num_key_value_heads=1, head_dim=8, final_logit_softcapping=30.0)  # fmt: skip
+    config = Gemma2Config(
+        vocab_size=16,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        num_key_value_heads=1,
+        head_dim=8,
+        final_logit_softcapping=30.0,
+    )
     model = Gemma2ForCausalLM(config)
     assert "final_logit_softcapping=30.0" in unfusable_reason(model)
     with pytest.raises(ValueError, match=r"fused_lm_head=true cannot fuse .*final_logit_softcapping"):
@@ -108,14 +142,17 @@ def test_unfusable_head_is_an_error_with_true_and_off_with_auto():
     config.final_logit_softcapping = None
     plain = Gemma2ForCausalLM(config)
     assert unfusable_reason(plain) is None
-    assert use_fused_head("auto", plain, torch.device("cuda")) and not use_fused_head("auto", plain, torch.device("cpu"))
+    assert use_fused_head("auto", plain, torch.device("cuda")) and not use_fused_head(
+        "auto", plain, torch.device("cpu")
+    )
     assert use_fused_head(True, plain, torch.device("cpu")) and not use_fused_head(False, plain, torch.device("cuda"))
 
 
 @pytest.mark.parametrize("value", ["maybe", "1", "0"])
 def test_bad_fused_lm_head_value_names_the_key(tiny, value):
     model_dir, data = tiny
-    cfg = config_lib.load_config("smoke", [*tiny_overrides(model_dir, data),
-                                           f"actor_rollout_ref.model.fused_lm_head={value}"], "grpo")  # fmt: skip
+    cfg = config_lib.load_config(
+        "smoke", [*tiny_overrides(model_dir, data), f"actor_rollout_ref.model.fused_lm_head={value}"], "grpo"
+    )
     with pytest.raises(ValueError, match=r"actor_rollout_ref.model.fused_lm_head must be auto, true or false"):
         config_lib.validate(cfg)

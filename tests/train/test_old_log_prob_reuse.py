@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
-ON_POLICY = ("data.train_batch_size=4", "actor_rollout_ref.actor.ppo_mini_batch_size=4",
-             "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
-             "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8", "actor_rollout_ref.actor.optim.lr=1e-3",
-             "trainer.val_before_train=false", "actor_rollout_ref.actor.sfpo.zscore_window=2")  # fmt: skip
+ON_POLICY = (
+    "data.train_batch_size=4",
+    "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu=8",
+    "actor_rollout_ref.actor.optim.lr=1e-3",
+    "trainer.val_before_train=false",
+    "actor_rollout_ref.actor.sfpo.zscore_window=2",
+)
 PASS_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower", "actor/ppo_kl", "actor/grad_norm")
 
 
@@ -33,16 +38,28 @@ PASS_METRICS = ("actor/pg_loss", "actor/pg_clipfrac", "actor/pg_clipfrac_lower",
 def paths(tmp_path_factory):
     root = tmp_path_factory.mktemp("reuse")
     reward = root / "parity.py"  # rewards that differ within a group (the random model solves nothing): A != 0
-    reward.write_text("import zlib\n"
-                      "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
-                      "    return float(zlib.crc32(solution_str.encode()) % 2)\n")  # fmt: skip
+    reward.write_text(
+        "import zlib\n"
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    return float(zlib.crc32(solution_str.encode()) % 2)\n"
+    )
     return tiny_overrides(write_tiny_model(str(root / "model")), write_data(str(root))) + [
-        "trainer.device=cpu", f"custom_reward_function.path={reward}"]
+        "trainer.device=cpu",
+        f"custom_reward_function.path={reward}",
+    ]
 
 
 def _trainer(paths, tmp_path, name: str, *overrides: str) -> Trainer:
-    cfg = config_lib.load_config("smoke", [*paths, f"trainer.default_local_dir={tmp_path}", "trainer.progress_bar=false",
-                                           f"trainer.experiment_name={name}", *overrides])  # fmt: skip
+    cfg = config_lib.load_config(
+        "smoke",
+        [
+            *paths,
+            f"trainer.default_local_dir={tmp_path}",
+            "trainer.progress_bar=false",
+            f"trainer.experiment_name={name}",
+            *overrides,
+        ],
+    )
     return Trainer.create(cfg)
 
 
@@ -66,10 +83,15 @@ def _one_iteration(trainer: Trainer) -> tuple[dict, list[dict], torch.Tensor, to
 
 @pytest.mark.parametrize(("algo", "head"), [("grpo", "logits"), ("sfpo", "logits"), ("sfpo", "fused")])
 def test_reuse_equals_the_separate_pass(paths, tmp_path, algo, head):
-    enable = (f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}",
-              f"actor_rollout_ref.model.fused_lm_head={head == 'fused'}")  # fmt: skip
-    separate = _one_iteration(_trainer(paths, tmp_path, "separate", *ON_POLICY, *enable,
-                                       "actor_rollout_ref.actor.old_log_prob_from_update=false"))  # fmt: skip
+    enable = (
+        f"actor_rollout_ref.actor.sfpo.enable={algo == 'sfpo'}",
+        f"actor_rollout_ref.model.fused_lm_head={head == 'fused'}",
+    )
+    separate = _one_iteration(
+        _trainer(
+            paths, tmp_path, "separate", *ON_POLICY, *enable, "actor_rollout_ref.actor.old_log_prob_from_update=false"
+        )
+    )
     reused_trainer = _trainer(paths, tmp_path, "reused", *ON_POLICY, *enable)
     reused = _one_iteration(reused_trainer)
     (m_sep, p_sep, old_sep, mask, w_sep), (m_re, p_re, old_re, mask_re, w_re) = separate, reused
@@ -91,12 +113,15 @@ def test_reuse_equals_the_separate_pass(paths, tmp_path, algo, head):
         torch.testing.assert_close(w_re[name], w_sep[name], rtol=0, atol=1e-8, msg=f"parameter {name}")
 
 
-@pytest.mark.parametrize("overrides", [
-    pytest.param(("actor_rollout_ref.actor.ppo_epochs=2",), id="two-epochs"),
-    pytest.param(("actor_rollout_ref.actor.ppo_mini_batch_size=2",), id="two-mini-batches"),
-    pytest.param(("actor_rollout_ref.model.override_config={attention_dropout: 0.1}",), id="dropout"),
-    pytest.param(("actor_rollout_ref.actor.old_log_prob_from_update=false",), id="switched-off"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        pytest.param(("actor_rollout_ref.actor.ppo_epochs=2",), id="two-epochs"),
+        pytest.param(("actor_rollout_ref.actor.ppo_mini_batch_size=2",), id="two-mini-batches"),
+        pytest.param(("actor_rollout_ref.model.override_config={attention_dropout: 0.1}",), id="dropout"),
+        pytest.param(("actor_rollout_ref.actor.old_log_prob_from_update=false",), id="switched-off"),
+    ],
+)
 def test_off_policy_never_reuses(paths, tmp_path, overrides):
     trainer = _trainer(paths, tmp_path, "off", *ON_POLICY, *overrides)
     metrics, _, _, _, _ = _one_iteration(trainer)

@@ -22,10 +22,12 @@ def test_imports_without_gpu_only_packages():
 
 def test_top_level_help_imports_no_subcommand():
     """``sfpo --help`` answers without importing the kernels, pandas, transformers or any subcommand's module."""
-    code = ("import sys\nfrom sfpo_train import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
-            "heavy = ('triton', 'pandas', 'transformers', 'matplotlib', 'sfpo_kernels', 'sfpo_train.cli.demo', "
-            "'sfpo_train.cli.train', 'sfpo_train.cli.report', 'sfpo_train.cli.compare')\n"
-            "print(sorted(m for m in heavy if m in sys.modules))")
+    code = (
+        "import sys\nfrom sfpo_train import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = ('triton', 'pandas', 'transformers', 'matplotlib', 'sfpo_kernels', 'sfpo_train.cli.demo', "
+        "'sfpo_train.cli.train', 'sfpo_train.cli.report', 'sfpo_train.cli.compare')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
     assert "compare" in out and "train" in out  # the subcommands are listed all the same
@@ -58,8 +60,23 @@ def test_cli_without_command_prints_help_and_fails(capsys):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_demo_runs_and_checks_pass(backend, capsys):
-    status = cli.main(["demo", "--hidden", "16", "--layers", "1", "--vocab", "32", "--backend", backend, "--dtype", "bf16",
-                       "--sfpo-steps", "1"])  # fmt: skip
+    status = cli.main(
+        [
+            "demo",
+            "--hidden",
+            "16",
+            "--layers",
+            "1",
+            "--vocab",
+            "32",
+            "--backend",
+            backend,
+            "--dtype",
+            "bf16",
+            "--sfpo-steps",
+            "1",
+        ]
+    )
     out = capsys.readouterr().out
     assert status == 0, out
     assert f"[{backend:>6}]" in out and "0 elements differ" in out and "alpha 0/1 exact: True" in out
@@ -85,7 +102,7 @@ def test_demo_rejects_bad_options(argv, pattern, capsys):
 
 def test_ci_requires_the_extras_the_test_command_installs(monkeypatch):
     """CI cannot pass with the verl tests skipped: a package SFPO_REQUIRE names fails when missing."""
-    from helpers.optional import import_or_skip
+    from tests.helpers.optional import import_or_skip
 
     ci = (ROOT / ".ci" / "run").read_text()
     required = re.search(r"export SFPO_REQUIRE=(\S+)", ci).group(1).split(",")

@@ -14,11 +14,11 @@ import time
 import pytest
 import torch
 
-from helpers.devices import requires_cuda
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.trainer.profiler import GB, StageProfiler, nvml_handle
 from sfpo_train.trainer import Trainer
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
+from sfpo_train.trainer.profiler import GB, StageProfiler, nvml_handle
+from tests.helpers.devices import requires_cuda
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 TOP_LEVEL = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sync_weights")
 SFPO_STAGES = ("sfpo_snapshot", "sfpo_fast", "sfpo_reposition", "sfpo_slow")
@@ -58,7 +58,8 @@ def test_stages_nest_accumulate_and_add_up_to_the_step(clock):
         clock.advance(0.03125)  # between stages: unattributed
     out = prof.collect()
     assert {k for k in out if k.startswith("timing_s/")} == {
-        f"timing_s/{s}" for s in ("step", "gen", "update_actor", "optimizer", "sfpo_fast", "other")}
+        f"timing_s/{s}" for s in ("step", "gen", "update_actor", "optimizer", "sfpo_fast", "other")
+    }
     assert out["timing_s/gen"] == 0.75
     assert out["timing_s/optimizer"] == 0.0625
     assert out["timing_s/update_actor"] == 0.125 + 0.0625  # a child's time lies inside its parent's
@@ -67,7 +68,8 @@ def test_stages_nest_accumulate_and_add_up_to_the_step(clock):
     assert out["timing_s/other"] == 0.03125  # only the direct children count: optimizer is not subtracted twice
     assert out["timing_s/gen"] + out["timing_s/update_actor"] + out["timing_s/other"] == out["timing_s/step"]
     assert {k for k in out if k.startswith("memory/")} == {
-        f"memory/{s}/rss_gb" for s in ("step", "gen", "update_actor", "optimizer")}
+        f"memory/{s}/rss_gb" for s in ("step", "gen", "update_actor", "optimizer")
+    }
     for stage in ("step", "gen", "update_actor", "optimizer"):
         assert out[f"memory/{stage}/rss_gb"] > 0, stage
     assert out["perf/cpu_memory_used_gb"] > 0 and out["perf/cpu_memory_peak_gb"] >= out["perf/cpu_memory_used_gb"] * 0.5
@@ -81,12 +83,11 @@ def test_stages_nest_accumulate_and_add_up_to_the_step(clock):
 
 def test_a_stage_that_raises_is_still_recorded(clock):
     prof = StageProfiler(torch.device("cpu"))
-    with pytest.raises(RuntimeError):
-        with prof.stage("step"):
-            clock.advance(0.5)
-            with prof.stage("gen"):
-                clock.advance(0.25)
-                raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), prof.stage("step"):
+        clock.advance(0.5)
+        with prof.stage("gen"):
+            clock.advance(0.25)
+            raise RuntimeError("boom")
     out = prof.collect()
     assert "memory/gen/rss_gb" in out
     assert (out["timing_s/gen"], out["timing_s/step"], out["timing_s/other"]) == (0.25, 0.75, 0.5)
@@ -114,11 +115,10 @@ class _QueuedWorkProfiler(StageProfiler):
 
 def test_sync_waits_are_not_counted_as_overhead(clock):
     prof = _QueuedWorkProfiler(clock)
-    with prof.stage("step"):
-        with prof.stage("update_actor"):
-            prof.queued_s = 0.25  # the backward, still running on the device
-            with prof.stage("optimizer"):  # entering waits for it
-                prof.queued_s = 0.125  # the optimizer's own kernels: waited for when it ends
+    with prof.stage("step"), prof.stage("update_actor"):
+        prof.queued_s = 0.25  # the backward, still running on the device
+        with prof.stage("optimizer"):  # entering waits for it
+            prof.queued_s = 0.125  # the optimizer's own kernels: waited for when it ends
     out = prof.collect()
     assert out["timing_s/optimizer"] == 0.125  # the wait on exit is the stage's own work
     assert out["timing_s/update_actor"] == 0.25 + 0.125  # the wait on entry is the enclosing stage's work
@@ -155,9 +155,17 @@ def sfpo_history(tmp_path_factory):
     root = tmp_path_factory.mktemp("profiled")
     model = write_tiny_model(str(root / "model"))
     data = write_data(str(root))
-    cfg = config_lib.load_config("smoke", tiny_overrides(model, data) + [
-        f"trainer.default_local_dir={root}", "trainer.experiment_name=run", "trainer.progress_bar=false",
-        "trainer.total_training_steps=2", "trainer.val_before_train=false"])  # fmt: skip
+    cfg = config_lib.load_config(
+        "smoke",
+        tiny_overrides(model, data)
+        + [
+            f"trainer.default_local_dir={root}",
+            "trainer.experiment_name=run",
+            "trainer.progress_bar=false",
+            "trainer.total_training_steps=2",
+            "trainer.val_before_train=false",
+        ],
+    )
     return Trainer.create(cfg).fit()
 
 

@@ -25,7 +25,7 @@ from sfpo_train.reports import EXTRA_STAGES, STACKED_STAGES, build_report, headl
 from sfpo_train.reports.compare import run_compare
 from sfpo_train.reports.render import format_cell
 from sfpo_train.reports.tables import run_summary
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUNS = ("grpo-s1", "sfpo-s1", "grpo-s2", "sfpo-s2")
@@ -40,8 +40,14 @@ def tiny(tmp_path_factory):
 @pytest.fixture(scope="module")
 def compared(tiny):
     root, overrides = tiny
-    return run_compare("smoke", seeds=2, steps=2, out_dir=str(root / "compare"), progress=False,
-                       overrides=overrides + ["trainer.test_freq=1"])  # fmt: skip
+    return run_compare(
+        "smoke",
+        seeds=2,
+        steps=2,
+        out_dir=str(root / "compare"),
+        progress=False,
+        overrides=overrides + ["trainer.test_freq=1"],
+    )
 
 
 def read(path: str) -> str:
@@ -124,10 +130,22 @@ def table_with(tables: list[pd.DataFrame], column: str) -> pd.DataFrame:
     return found[0]
 
 
-@pytest.mark.parametrize("value,shown", [
-    (True, "yes"), (np.bool_(False), "no"), (math.nan, "n/a"), (np.float64(48.0), "48"), (np.int64(-1), "-1"),
-    (123.456, "123"), (-12.34, "-12.3"), (1.23456, "1.235"), (0.0123, "0.012"), (0.0012345, "0.0012"), ("GRPO", "GRPO"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "value,shown",
+    [
+        (True, "yes"),
+        (np.bool_(False), "no"),
+        (math.nan, "n/a"),
+        (np.float64(48.0), "48"),
+        (np.int64(-1), "-1"),
+        (123.456, "123"),
+        (-12.34, "-12.3"),
+        (1.23456, "1.235"),
+        (0.0123, "0.012"),
+        (0.0012345, "0.0012"),
+        ("GRPO", "GRPO"),
+    ],
+)
 def test_table_cells_are_formatted_by_size(value, shown):
     assert format_cell(value) == shown
 
@@ -141,7 +159,10 @@ def test_compare_writes_paired_runs_with_the_same_seeds(compared):
         assert all(a == 0.8 for a in alphas) if name.startswith("sfpo") else all(a == 0.0 for a in alphas)
     # same seed: same initial weights and data, so the same validation before training and the same first batch
     for seed in (1, 2):
-        g, s = logs(os.path.join(compared.out_dir, f"grpo-s{seed}")), logs(os.path.join(compared.out_dir, f"sfpo-s{seed}"))
+        g, s = (
+            logs(os.path.join(compared.out_dir, f"grpo-s{seed}")),
+            logs(os.path.join(compared.out_dir, f"sfpo-s{seed}")),
+        )
         assert accuracy(g[0]) == accuracy(s[0])
         assert g[1]["critic/score/mean"] == s[1]["critic/score/mean"]
         assert g[1]["actor/entropy"] == s[1]["actor/entropy"]
@@ -151,9 +172,21 @@ def test_report_files_are_there_and_plots_are_pngs(compared):
     import matplotlib.image
 
     # on the CPU there is no memory plot (the process RSS says nothing per stage; the report says so)
-    expected = {"report.md", "report.html", "runs.csv", "stage_time.csv", "stage_share.csv", "stage_memory.csv",
-                "headline.csv", "summary.csv", "cost_model.csv", "stage_time_per_step.png", "stage_share.png",
-                "reward_accuracy.png", "entropy_zscore_alpha.png"}  # fmt: skip
+    expected = {
+        "report.md",
+        "report.html",
+        "runs.csv",
+        "stage_time.csv",
+        "stage_share.csv",
+        "stage_memory.csv",
+        "headline.csv",
+        "summary.csv",
+        "cost_model.csv",
+        "stage_time_per_step.png",
+        "stage_share.png",
+        "reward_accuracy.png",
+        "entropy_zscore_alpha.png",
+    }
     assert set(compared.files) == expected
     for name in expected:
         path = os.path.join(compared.report_dir, name)
@@ -245,7 +278,10 @@ def test_report_numbers_match_the_runs_logs(compared):
 
     head = pd.read_csv(os.path.join(d, "headline.csv")).set_index("seed")
     for seed in (1, 2):
-        g, s = logs(os.path.join(compared.out_dir, f"grpo-s{seed}")), logs(os.path.join(compared.out_dir, f"sfpo-s{seed}"))
+        g, s = (
+            logs(os.path.join(compared.out_dir, f"grpo-s{seed}")),
+            logs(os.path.join(compared.out_dir, f"sfpo-s{seed}")),
+        )
         target = max(accuracy(r) for r in g)
         g_hit = next(r for r in g if accuracy(r) >= target)
         s_hit = next((r for r in s if accuracy(r) >= target), None)
@@ -273,13 +309,21 @@ def write_run(root, name: str, seed: int, sfpo: bool, accuracies: list[float | N
     """A run directory with logged metrics, no training: validation at step 0 (None: none) and every 2nd step."""
     d = root / name
     d.mkdir()
-    (d / "config.yaml").write_text(f"trainer:\n  seed: {seed}\nactor_rollout_ref:\n  actor:\n    sfpo:\n"
-                                   f"      enable: {str(sfpo).lower()}\n      alpha: 0.8\n")  # fmt: skip
+    (d / "config.yaml").write_text(
+        f"trainer:\n  seed: {seed}\nactor_rollout_ref:\n  actor:\n    sfpo:\n"
+        f"      enable: {str(sfpo).lower()}\n      alpha: 0.8\n"
+    )
     rows = [{"training/global_step": 0, "val-core/x/reward/mean@1": accuracies[0]}] if accuracies[:1] != [None] else []
     for step in range(1, steps + 1):
-        row = {"training/global_step": step, "timing_s/step": 1.0 + sfpo, "timing_s/gen": 0.5,
-               "train/rollouts_total": 8 * step, "train/elapsed_s": (1.0 + sfpo) * step,
-               "sfpo/inner_steps_run": 3.0 * sfpo, "perf/cpu_memory_used_gb": 1.0}  # fmt: skip
+        row = {
+            "training/global_step": step,
+            "timing_s/step": 1.0 + sfpo,
+            "timing_s/gen": 0.5,
+            "train/rollouts_total": 8 * step,
+            "train/elapsed_s": (1.0 + sfpo) * step,
+            "sfpo/inner_steps_run": 3.0 * sfpo,
+            "perf/cpu_memory_used_gb": 1.0,
+        }
         if step % 2 == 0 and len(accuracies) > step // 2:
             row["val-core/x/reward/mean@1"] = accuracies[step // 2]
         rows.append(row)
@@ -296,8 +340,12 @@ def assert_prose(head: pd.DataFrame) -> None:
 
 
 def test_headline_names_a_seed_whose_grpo_run_never_validated(tmp_path):
-    paths = [write_run(tmp_path, "grpo-s1", 1, False, [0.2, 0.3, 0.4]), write_run(tmp_path, "sfpo-s1", 1, True, [0.2, 0.5, 0.6]),
-             write_run(tmp_path, "grpo-s2", 2, False, [None]), write_run(tmp_path, "sfpo-s2", 2, True, [0.2, 0.1, 0.1])]  # fmt: skip
+    paths = [
+        write_run(tmp_path, "grpo-s1", 1, False, [0.2, 0.3, 0.4]),
+        write_run(tmp_path, "sfpo-s1", 1, True, [0.2, 0.5, 0.6]),
+        write_run(tmp_path, "grpo-s2", 2, False, [None]),
+        write_run(tmp_path, "sfpo-s2", 2, True, [0.2, 0.1, 0.1]),
+    ]
     head = headline_table([load_run(p) for p in paths])
     assert head["sfpo_reached"].dtype == bool  # was object (NaN in it), and headline_lines raised TypeError
     assert_prose(head)
@@ -318,7 +366,10 @@ def test_headline_names_a_seed_whose_grpo_run_never_validated(tmp_path):
 
 def test_headline_claims_no_improvement_without_the_step0_accuracy(tmp_path):
     # trainer.val_before_train=false: the first validation is at step 2, and accuracy never changes
-    paths = [write_run(tmp_path, "grpo-s1", 1, False, [None, 0.3, 0.3]), write_run(tmp_path, "sfpo-s1", 1, True, [None, 0.3, 0.3])]
+    paths = [
+        write_run(tmp_path, "grpo-s1", 1, False, [None, 0.3, 0.3]),
+        write_run(tmp_path, "sfpo-s1", 1, True, [None, 0.3, 0.3]),
+    ]
     head = headline_table([load_run(p) for p in paths])
     row = head.iloc[0]
     assert not row["grpo_improved"]  # was claimed: the first validation (step 2) was taken for the start
@@ -354,7 +405,8 @@ def test_report_cli_on_a_compare_directory(compared, tmp_path, capsys):
 def test_compare_rejects_overrides_of_what_it_sets(tiny, tmp_path):
     _, overrides = tiny
     with pytest.raises(ValueError, match="trainer.seed"):
-        run_compare("smoke", seeds=1, steps=1, out_dir=str(tmp_path), overrides=overrides + ["trainer.seed=3"],
-                    progress=False)  # fmt: skip
+        run_compare(
+            "smoke", seeds=1, steps=1, out_dir=str(tmp_path), overrides=overrides + ["trainer.seed=3"], progress=False
+        )
     with pytest.raises(ValueError, match="--seeds"):
         run_compare("smoke", seeds=0, out_dir=str(tmp_path), overrides=overrides, progress=False)

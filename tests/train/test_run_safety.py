@@ -21,13 +21,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 from safetensors.torch import load_file
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer, checkpoint, run_guard
 from sfpo_train.trainer.key_help import KEY_HELP
 from sfpo_train.trainer.run_guard import RunWarning, StopInterrupt
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 FINAL_WEIGHTS = "model/model.safetensors"
 
@@ -40,8 +40,16 @@ def tiny(tmp_path_factory) -> list[str]:
 
 
 def config(tiny, root, name, *overrides):
-    return config_lib.load_config("smoke", [*tiny, f"trainer.default_local_dir={root}", f"trainer.experiment_name={name}",
-                                            "trainer.progress_bar=false", *overrides])  # fmt: skip
+    return config_lib.load_config(
+        "smoke",
+        [
+            *tiny,
+            f"trainer.default_local_dir={root}",
+            f"trainer.experiment_name={name}",
+            "trainer.progress_bar=false",
+            *overrides,
+        ],
+    )
 
 
 def run_rows(run) -> list[int]:
@@ -159,15 +167,24 @@ def test_a_second_sfpo_train_on_a_run_in_use_fails_at_once_naming_the_holder(tin
     then SIGKILLed: its ``.lock`` file (with the dead pid) stays, but locks nothing.
     """
     run = tmp_path / "busy"
-    args = [*tiny, f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=busy", "trainer.progress_bar=false",
-            "trainer.total_training_steps=5000", "trainer.save_freq=2", "trainer.val_before_train=false"]  # fmt: skip
+    args = [
+        *tiny,
+        f"trainer.default_local_dir={tmp_path}",
+        "trainer.experiment_name=busy",
+        "trainer.progress_bar=false",
+        "trainer.total_training_steps=5000",
+        "trainer.save_freq=2",
+        "trainer.val_before_train=false",
+    ]
     cmd, kwargs = cli("--preset", "smoke", *args)
     holder = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
     try:
         wait_for(lambda: checkpoint.checkpoint_dirs(str(run)), holder, "a checkpoint")
         holder.send_signal(signal.SIGSTOP)
-        second = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **k) for c, k in (
-            cli("--resume", str(run), "trainer.total_training_steps=1"), cli("--preset", "smoke", *args))]  # fmt: skip
+        second = [
+            subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **k)
+            for c, k in (cli("--resume", str(run), "trainer.total_training_steps=1"), cli("--preset", "smoke", *args))
+        ]
         outs = [p.communicate(timeout=300) for p in second]
         assert holder.poll() is None, "the holder ended before the second processes ran"
     finally:
@@ -194,11 +211,17 @@ def test_a_failed_start_leaves_no_run_directory_and_no_lock(tiny, tmp_path):
 # --------------------------------------------------------------------------- 5. config.yaml must match the checkpoint
 
 
-@pytest.mark.parametrize("edit, message", [
-    pytest.param(lambda text: text.replace("lr: 3.0e-05", "lr: 0.1"),
-                 "actor_rollout_ref.actor.optim.lr: checkpoint 3e-05, config.yaml 0.1", id="edited-lr"),
-    pytest.param(lambda text: "", "actor_rollout_ref.model.path: checkpoint '", id="emptied"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        pytest.param(
+            lambda text: text.replace("lr: 3.0e-05", "lr: 0.1"),
+            "actor_rollout_ref.actor.optim.lr: checkpoint 3e-05, config.yaml 0.1",
+            id="edited-lr",
+        ),
+        pytest.param(lambda text: "", "actor_rollout_ref.model.path: checkpoint '", id="emptied"),
+    ],
+)
 def test_resume_refuses_a_config_that_differs_from_the_checkpoints(three_checkpoints, tmp_path, edit, message):
     run = copy_run(three_checkpoints[0], tmp_path)
     path = run / "config.yaml"
@@ -223,15 +246,27 @@ def _tear(path, keep=0.5):
 
 
 DAMAGE = {  # what is done to the run, the step it then resumes from, what the warning says
-    "latest-deleted": (lambda run: shutil.rmtree(run / "checkpoints" / "global_step_3"), 2,
-                       f"{checkpoint.LATEST_FILE} names global_step_3, which does not exist"),
-    "bogus-marker": (lambda run: (run / "checkpoints" / checkpoint.LATEST_FILE).write_text("three"), 3,
-                     "latest_checkpointed_iteration.txt holds 'three', not a step number"),
-    "truncated-state": (lambda run: _tear(run / "checkpoints" / "global_step_3" / "trainer_state.pt"), 2,
-                        "global_step_3/trainer_state.pt cannot be read"),
-    "truncated-model": (lambda run: _tear(run / "checkpoints" / "global_step_3" / FINAL_WEIGHTS), 2,
-                        "global_step_3/model/model.safetensors cannot be read"),
-}  # fmt: skip
+    "latest-deleted": (
+        lambda run: shutil.rmtree(run / "checkpoints" / "global_step_3"),
+        2,
+        f"{checkpoint.LATEST_FILE} names global_step_3, which does not exist",
+    ),
+    "bogus-marker": (
+        lambda run: (run / "checkpoints" / checkpoint.LATEST_FILE).write_text("three"),
+        3,
+        "latest_checkpointed_iteration.txt holds 'three', not a step number",
+    ),
+    "truncated-state": (
+        lambda run: _tear(run / "checkpoints" / "global_step_3" / "trainer_state.pt"),
+        2,
+        "global_step_3/trainer_state.pt cannot be read",
+    ),
+    "truncated-model": (
+        lambda run: _tear(run / "checkpoints" / "global_step_3" / FINAL_WEIGHTS),
+        2,
+        "global_step_3/model/model.safetensors cannot be read",
+    ),
+}
 
 
 @pytest.mark.parametrize("damage", sorted(DAMAGE))
@@ -286,10 +321,17 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_under_its_name(tiny,
     cut = Trainer.create(config(tiny, tmp_path, "cut"))
     cut.fit(stop_after=1)  # "killed" at step 1 of 3; smoke: save_freq -1, so no checkpoint
     del cut
-    with pytest.raises(ValueError, match="has no checkpoint yet .* starts again from step 0 when you run its sfpo train"):
+    with pytest.raises(
+        ValueError, match="has no checkpoint yet .* starts again from step 0 when you run its sfpo train"
+    ):
         Trainer.resume(str(tmp_path / "cut"))
-    with pytest.warns(RunWarning, match=re.escape("holds a run stopped before its first checkpoint (1 of 3 steps "
-                                                  "logged, nothing to resume): starting it again from step 0")):
+    with pytest.warns(
+        RunWarning,
+        match=re.escape(
+            "holds a run stopped before its first checkpoint (1 of 3 steps "
+            "logged, nothing to resume): starting it again from step 0"
+        ),
+    ):
         again = Trainer.create(config(tiny, tmp_path, "cut"))
     again.fit()
     assert run_rows(tmp_path / "cut") == [0, 1, 2, 3]
@@ -305,8 +347,15 @@ def test_sigterm_finishes_the_step_saves_and_resumes_to_the_uninterrupted_weight
     """A real ``sfpo train`` gets SIGTERM once it has logged a step; save_freq is past the end, so only the stop
     writes a checkpoint before the last step. ``--resume`` must then land on the uninterrupted weights."""
     steps = 12
-    args = ["--preset", "smoke", *tiny, f"trainer.default_local_dir={tmp_path}", f"trainer.total_training_steps={steps}",
-            "trainer.save_freq=1000", "trainer.progress_bar=false"]  # fmt: skip
+    args = [
+        "--preset",
+        "smoke",
+        *tiny,
+        f"trainer.default_local_dir={tmp_path}",
+        f"trainer.total_training_steps={steps}",
+        "trainer.save_freq=1000",
+        "trainer.progress_bar=false",
+    ]
     assert run_cli(*args, "trainer.experiment_name=whole").returncode == 0
     run = tmp_path / "stopped"
     cmd, kwargs = cli(*args, "trainer.experiment_name=stopped")
@@ -333,14 +382,16 @@ def test_sigint_in_process_stops_after_the_step_and_restores_the_handlers(tiny, 
     though save_freq is -1, and fit raises StopInterrupt with the previous SIGINT/SIGTERM handlers back."""
     flag = tmp_path / "sent"
     reward = tmp_path / "reward.py"
-    reward.write_text("import os, signal\n"
-                      "CALLS = [0]\n"
-                      "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
-                      "    CALLS[0] += 1\n"
-                      f"    if CALLS[0] == 17 and not os.path.exists({str(flag)!r}):  # step 2's first sample\n"
-                      f"        open({str(flag)!r}, 'w').close()\n"
-                      "        os.kill(os.getpid(), signal.SIGINT)\n"
-                      "    return float(solution_str.strip() == str(ground_truth))\n")  # fmt: skip
+    reward.write_text(
+        "import os, signal\n"
+        "CALLS = [0]\n"
+        "def compute_score(data_source, solution_str, ground_truth, extra_info=None):\n"
+        "    CALLS[0] += 1\n"
+        f"    if CALLS[0] == 17 and not os.path.exists({str(flag)!r}):  # step 2's first sample\n"
+        f"        open({str(flag)!r}, 'w').close()\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "    return float(solution_str.strip() == str(ground_truth))\n"
+    )
     common = (f"custom_reward_function.path={reward}", "trainer.val_before_train=false")
     before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     cut = Trainer.create(config(tiny, tmp_path, "cut", *common))
@@ -360,14 +411,26 @@ def test_sigint_in_process_stops_after_the_step_and_restores_the_handlers(tiny, 
 # --------------------------------------------------------------------------- 9. every key checked before any file
 
 
-@pytest.mark.parametrize("override, message", [
-    pytest.param("actor_rollout_ref.actor.kernel_backend=bogus",
-                 "actor_rollout_ref.actor.kernel_backend must be null or one of triton, torch", id="loss-backend"),
-    pytest.param("actor_rollout_ref.actor.sfpo.backend=cuda",
-                 "actor_rollout_ref.actor.sfpo.backend='cuda' cannot run with trainer.device=cpu", id="sfpo-backend"),
-    pytest.param("actor_rollout_ref.actor.sfpo.zscore_window=1",
-                 "actor_rollout_ref.actor.sfpo.zscore_window must be >= 2, got 1", id="sfpo-field"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        pytest.param(
+            "actor_rollout_ref.actor.kernel_backend=bogus",
+            "actor_rollout_ref.actor.kernel_backend must be null or one of triton, torch",
+            id="loss-backend",
+        ),
+        pytest.param(
+            "actor_rollout_ref.actor.sfpo.backend=cuda",
+            "actor_rollout_ref.actor.sfpo.backend='cuda' cannot run with trainer.device=cpu",
+            id="sfpo-backend",
+        ),
+        pytest.param(
+            "actor_rollout_ref.actor.sfpo.zscore_window=1",
+            "actor_rollout_ref.actor.sfpo.zscore_window must be >= 2, got 1",
+            id="sfpo-field",
+        ),
+    ],
+)
 def test_bad_keys_are_named_before_the_run_directory_exists(tiny, tmp_path, override, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         Trainer.create(config(tiny, tmp_path, "run", "trainer.device=cpu", override))
@@ -404,10 +467,21 @@ Trainer.create(config_lib.load_config("smoke", sys.argv[1:])).fit()
 def test_a_sigkill_during_a_checkpoint_write_resumes_from_the_previous_one(tiny, three_checkpoints, tmp_path):
     """The half-written checkpoint is never used, its leftovers go at the next save, the weights match."""
     _, final = three_checkpoints
-    overrides = [*tiny, f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=run",
-                 "trainer.progress_bar=false", "trainer.save_freq=1", "trainer.val_before_train=false"]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-c", _DIE_IN_SAVE, *overrides], capture_output=True, text=True,
-                          timeout=600, stdin=subprocess.DEVNULL)  # fmt: skip
+    overrides = [
+        *tiny,
+        f"trainer.default_local_dir={tmp_path}",
+        "trainer.experiment_name=run",
+        "trainer.progress_bar=false",
+        "trainer.save_freq=1",
+        "trainer.val_before_train=false",
+    ]
+    proc = subprocess.run(
+        [sys.executable, "-c", _DIE_IN_SAVE, *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     checkpoints = tmp_path / "run" / "checkpoints"
     assert (checkpoints / "global_step_1").is_dir() and not (checkpoints / "global_step_2").exists()

@@ -24,6 +24,7 @@ CLOSED_FORM_ATOL = 1e-12
 
 # ----------------------------------------------------------------------------- closed form (paper eq. 12)
 
+
 def _quadratic(dim=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     m = torch.randn(dim, dim, generator=g, dtype=torch.float64)
@@ -68,6 +69,7 @@ def test_step_matches_closed_form_with_sgd(inner_steps, alpha, slow_correction):
 
 # ----------------------------------------------------------------------------- pass counting and stages
 
+
 class Counter:
     """A real update pass on a real parameter that also records how often it ran."""
 
@@ -90,14 +92,29 @@ SFPO_STAGES = ("snapshot", "fast", "reposition", "slow")
     "config,calls,final,idle",
     [
         pytest.param(SFPOConfig(inner_steps=3, alpha=0.5, entropy_control=False), 4, 0.5 * 3 + 1, (), id="sfpo"),
-        pytest.param(SFPOConfig(inner_steps=3, alpha=0.0, entropy_control=False), 1, 1.0,
-                     ("snapshot", "fast", "reposition"), id="alpha0-is-grpo"),
-        pytest.param(SFPOConfig(inner_steps=2, alpha=0.5, slow_correction=False, entropy_control=False), 2, 1.0,
-                     ("slow",), id="no-slow-correction"),
-        pytest.param(SFPOConfig(inner_steps=2, alpha=0.5, reposition=False, entropy_control=False), 3, 3.0, (),
-                     id="no-reposition"),
+        pytest.param(
+            SFPOConfig(inner_steps=3, alpha=0.0, entropy_control=False),
+            1,
+            1.0,
+            ("snapshot", "fast", "reposition"),
+            id="alpha0-is-grpo",
+        ),
+        pytest.param(
+            SFPOConfig(inner_steps=2, alpha=0.5, slow_correction=False, entropy_control=False),
+            2,
+            1.0,
+            ("slow",),
+            id="no-slow-correction",
+        ),
+        pytest.param(
+            SFPOConfig(inner_steps=2, alpha=0.5, reposition=False, entropy_control=False),
+            3,
+            3.0,
+            (),
+            id="no-reposition",
+        ),
     ],
-)  # fmt: skip
+)
 def test_passes_and_stages(config, calls, final, idle):
     p = torch.nn.Parameter(torch.zeros(3))
     update = Counter(p, [2.0])
@@ -125,8 +142,10 @@ def test_passes_and_stages(config, calls, final, idle):
 
 def test_the_plan_follows_the_schedule():
     """Once the trigger fires the plan is the slow pass alone; K = 0 without slow correction plans nothing."""
-    sfpo = SFPO([torch.nn.Parameter(torch.zeros(1))], SFPOConfig(inner_steps=2, alpha=0.5, zscore_window=2,
-                                                                  zscore_threshold=0.5))  # fmt: skip
+    sfpo = SFPO(
+        [torch.nn.Parameter(torch.zeros(1))],
+        SFPOConfig(inner_steps=2, alpha=0.5, zscore_window=2, zscore_threshold=0.5),
+    )
     assert sfpo.planned_passes() == ("fast", "fast", "slow")
     sfpo.fired_at = sfpo.iteration - 1  # fired at the previous iteration: alpha is 0 from now on
     assert sfpo.alpha == 0.0 and sfpo.planned_passes() == ("slow",)
@@ -200,20 +219,41 @@ OK = {"entropy": 1.0, "pg_loss": 0.5}
 
 # (script of pass results, calls expected before the failure surfaces, error, pattern); K = 3, so 4 passes.
 FAILURES = [
-    pytest.param([{"entropy": math.nan}], 1, ValueError, r"update_pass\(\)\['entropy'\] must be a finite number",
-                 id="nan-entropy-first-pass"),
+    pytest.param(
+        [{"entropy": math.nan}],
+        1,
+        ValueError,
+        r"update_pass\(\)\['entropy'\] must be a finite number",
+        id="nan-entropy-first-pass",
+    ),
     pytest.param([{"pg_loss": 0.1}], 1, ValueError, "pass entropy= to step", id="missing-entropy"),
-    pytest.param([OK, {"entropy": 1.0, "pg_loss": "high"}], 2, ValueError,
-                 r"update pass 2 of 4 returned pg_loss='high'", id="non-numeric-metric"),
-    pytest.param([OK, {"pg_loss": torch.ones(3)}], 2, ValueError, r"update pass 2 of 4 returned pg_loss=",
-                 id="tensor-metric"),
+    pytest.param(
+        [OK, {"entropy": 1.0, "pg_loss": "high"}],
+        2,
+        ValueError,
+        r"update pass 2 of 4 returned pg_loss='high'",
+        id="non-numeric-metric",
+    ),
+    pytest.param(
+        [OK, {"pg_loss": torch.ones(3)}], 2, ValueError, r"update pass 2 of 4 returned pg_loss=", id="tensor-metric"
+    ),
     pytest.param([OK, OK, ["not", "a", "dict"]], 3, ValueError, "must return a dict", id="not-a-dict"),
-    pytest.param([OK, OK, OK, RuntimeError("CUDA out of memory in the slow pass")], 4, RuntimeError,
-                 "slow pass", id="stage-three-raises"),
+    pytest.param(
+        [OK, OK, OK, RuntimeError("CUDA out of memory in the slow pass")],
+        4,
+        RuntimeError,
+        "slow pass",
+        id="stage-three-raises",
+    ),
     pytest.param([OK, OK, OK, KeyboardInterrupt()], 4, KeyboardInterrupt, None, id="stage-three-interrupted"),
-    pytest.param([OK, OK, OK, {"entropy": 1.0, "pg_loss": None}], 4, ValueError, r"update pass 4 of 4 returned pg_loss",
-                 id="bad-metric-in-stage-three"),
-]  # fmt: skip
+    pytest.param(
+        [OK, OK, OK, {"entropy": 1.0, "pg_loss": None}],
+        4,
+        ValueError,
+        r"update pass 4 of 4 returned pg_loss",
+        id="bad-metric-in-stage-three",
+    ),
+]
 
 
 @pytest.mark.parametrize("script,calls,error,pattern", FAILURES)
@@ -284,6 +324,7 @@ def test_no_snapshot_survives_a_step():
 
 # ----------------------------------------------------------------------------- the trigger
 
+
 def independent_schedule(entropies, *, alpha, window, tau, trigger, decay="hard", decay_steps=0):
     """alpha used at each iteration and the z-scores, written from the paper and DESIGN.md with numpy."""
     alphas, zs, fired = [], [], None
@@ -294,7 +335,7 @@ def independent_schedule(entropies, *, alpha, window, tau, trigger, decay="hard"
             alphas.append(0.0)
         else:
             alphas.append(alpha * max(0.0, 1 - (s - fired) / decay_steps))
-        buf = np.array(entropies[max(0, s - window + 1): s + 1], dtype=np.float64)
+        buf = np.array(entropies[max(0, s - window + 1) : s + 1], dtype=np.float64)
         if len(buf) < window:
             zs.append(math.nan)
             continue
@@ -321,8 +362,15 @@ SEQUENCES = {
 @pytest.mark.parametrize("decay,decay_steps", [("hard", 0), ("linear", 3)])
 def test_trigger_matches_independent_implementation(trigger, name, decay, decay_steps):
     entropies = SEQUENCES[name]
-    config = SFPOConfig(inner_steps=1, alpha=0.8, zscore_window=4, zscore_threshold=1.2, trigger=trigger, decay=decay,
-                        decay_steps=decay_steps)  # fmt: skip
+    config = SFPOConfig(
+        inner_steps=1,
+        alpha=0.8,
+        zscore_window=4,
+        zscore_threshold=1.2,
+        trigger=trigger,
+        decay=decay,
+        decay_steps=decay_steps,
+    )
     p = torch.nn.Parameter(torch.zeros(2))
     sfpo = SFPO([p], config)
     got_alpha, got_z = [], []
@@ -330,8 +378,9 @@ def test_trigger_matches_independent_implementation(trigger, name, decay, decay_
         m = sfpo.step(lambda _b: {}, None, entropy=h)
         got_alpha.append(m["sfpo/alpha"])
         got_z.append(m["sfpo/zscore"])
-    want_alpha, want_z = independent_schedule(entropies, alpha=0.8, window=4, tau=1.2, trigger=trigger, decay=decay,
-                                              decay_steps=decay_steps)  # fmt: skip
+    want_alpha, want_z = independent_schedule(
+        entropies, alpha=0.8, window=4, tau=1.2, trigger=trigger, decay=decay, decay_steps=decay_steps
+    )
     assert got_alpha == pytest.approx(want_alpha, abs=1e-15)
     np.testing.assert_allclose(got_z, want_z, rtol=1e-12, atol=1e-12, equal_nan=True)
 
@@ -355,17 +404,25 @@ def test_entropy_taken_from_the_first_pass_when_not_given():
 
 # ----------------------------------------------------------------------------- validation
 
+
 @pytest.mark.parametrize(
     "kwargs,field",
     [
-        ({"inner_steps": -1}, "inner_steps"), ({"inner_steps": 1.5}, "inner_steps"), ({"alpha": 1.2}, "alpha"),
-        ({"alpha": -0.1}, "alpha"), ({"alpha": math.nan}, "alpha"), ({"zscore_window": 1}, "zscore_window"),
-        ({"zscore_threshold": 0.0}, "zscore_threshold"), ({"trigger": "sideways"}, "trigger"),
-        ({"decay": "cosine"}, "decay"), ({"decay": "linear", "decay_steps": 0}, "decay_steps"),
-        ({"snapshot_offload": "disk"}, "snapshot_offload"), ({"backend": "jax"}, "backend"),
+        ({"inner_steps": -1}, "inner_steps"),
+        ({"inner_steps": 1.5}, "inner_steps"),
+        ({"alpha": 1.2}, "alpha"),
+        ({"alpha": -0.1}, "alpha"),
+        ({"alpha": math.nan}, "alpha"),
+        ({"zscore_window": 1}, "zscore_window"),
+        ({"zscore_threshold": 0.0}, "zscore_threshold"),
+        ({"trigger": "sideways"}, "trigger"),
+        ({"decay": "cosine"}, "decay"),
+        ({"decay": "linear", "decay_steps": 0}, "decay_steps"),
+        ({"snapshot_offload": "disk"}, "snapshot_offload"),
+        ({"backend": "jax"}, "backend"),
         ({"slow_correction": 1}, "slow_correction"),
     ],
-)  # fmt: skip
+)
 def test_config_rejects_bad_values(kwargs, field):
     with pytest.raises(ValueError, match=rf"SFPOConfig\.{field} must be"):
         SFPOConfig(**kwargs)
@@ -419,7 +476,7 @@ def _state(**changes):
         ({"config": None}, r"state\['config'\] must be a dict"),
         ({"config": {"zscore_window": 4}}, r"zscore_window: saved 4 vs now 3"),
     ],
-)  # fmt: skip
+)
 def test_load_state_dict_validates_everything_before_applying(changes, pattern):
     target = SFPO([torch.nn.Parameter(torch.zeros(2))], SFPOConfig(zscore_window=3))
     target.step(lambda _b: {}, None, entropy=0.25)
@@ -428,8 +485,9 @@ def test_load_state_dict_validates_everything_before_applying(changes, pattern):
         target.load_state_dict(_state(**changes))
     after = target.state_dict()
     assert after.keys() == before.keys()
-    assert all(after[k] == before[k] or (k == "last_zscore" and math.isnan(after[k]) and math.isnan(before[k]))
-               for k in before), "a rejected state was half-applied"  # fmt: skip
+    assert all(
+        after[k] == before[k] or (k == "last_zscore" and math.isnan(after[k]) and math.isnan(before[k])) for k in before
+    ), "a rejected state was half-applied"
 
 
 @pytest.mark.parametrize("bad", [None, [1, 2], "state"], ids=["none", "list", "str"])
@@ -441,8 +499,9 @@ def test_load_state_dict_rejects_non_mappings(bad):
 def test_load_state_dict_accepts_another_offload_and_backend():
     """Where theta_0 lives and which kernels copy it do not change the schedule: resuming on a smaller GPU works."""
     state = _state()
-    resumed = SFPO([torch.nn.Parameter(torch.zeros(2))], SFPOConfig(zscore_window=3, snapshot_offload="cpu",
-                                                                     backend="torch"))  # fmt: skip
+    resumed = SFPO(
+        [torch.nn.Parameter(torch.zeros(2))], SFPOConfig(zscore_window=3, snapshot_offload="cpu", backend="torch")
+    )
     resumed.load_state_dict(json.loads(json.dumps(state)))  # through JSON, as the verl worker stores it
     got = resumed.state_dict()
     assert {k: v for k, v in got.items() if k != "config"} == {k: v for k, v in state.items() if k != "config"}
@@ -458,12 +517,21 @@ def test_load_state_dict_rejects_another_config():
 
 # ----------------------------------------------------------------------------- exact resume, real model and loss
 
+
 def _tiny_policy(seed=0):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                      num_key_value_heads=1, max_position_embeddings=32, tie_word_embeddings=True)  # fmt: skip
+    cfg = Qwen2Config(
+        vocab_size=37,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
     return Qwen2ForCausalLM(cfg)
 
 
@@ -483,10 +551,16 @@ def _run(model, opt, sfpo, iterations):
         with torch.no_grad():
             old, _ = sfpo_kernels.logprob_entropy(model(batch["tokens"]).logits[:, :-1], batch["tokens"][:, 1:])
 
-        def update_pass(b):
+        def update_pass(b, old=old):
             opt.zero_grad()
-            out = sfpo_kernels.grpo_loss(model(b["tokens"]).logits[:, :-1], b["tokens"][:, 1:], old, b["advantages"],
-                                         b["mask"], clip_ratio_high=0.28)  # fmt: skip
+            out = sfpo_kernels.grpo_loss(
+                model(b["tokens"]).logits[:, :-1],
+                b["tokens"][:, 1:],
+                old,
+                b["advantages"],
+                b["mask"],
+                clip_ratio_high=0.28,
+            )
             out.loss.backward()
             opt.step()
             return {k: float(v) for k, v in out.metrics.items()}

@@ -74,7 +74,9 @@ def test_the_trainer_config_with_the_derived_keys_pickles():
 
 def test_the_verl_doc_key_table_names_every_key():
     text = VERL_DOC.read_text()
-    table = text[text.index("### Config keys (`actor_rollout_ref.actor.sfpo.*`)"):]
-    table = table[:table.index("\n\n", table.index("| key |"))]
-    named = set(re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `"))))
+    table = text[text.index("### Config keys (`actor_rollout_ref.actor.sfpo.*`)") :]
+    table = table[: table.index("\n\n", table.index("| key |"))]
+    named = set(
+        re.findall(r"`(\w+)`", "\n".join(line.split("|")[1] for line in table.splitlines() if line.startswith("| `")))
+    )
     assert named == {"enable", *FIELDS, "fused_kernels"}

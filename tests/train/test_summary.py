@@ -14,8 +14,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers.run_files import write_stage_run
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 from sfpo_train import cli
 from sfpo_train.reports import build_report, headline_table, load_run
@@ -23,6 +21,8 @@ from sfpo_train.reports.grid import GROUPS, grid_points, run_sweep, unique_runs
 from sfpo_train.reports.stats import mean_ci, t975
 from sfpo_train.reports.summary import cost_model_table, summary_table
 from sfpo_train.reports.sweep_report import plot_k_alpha
+from tests.helpers.run_files import write_stage_run
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 
 def t_coverage(t: float, df: int) -> float:
@@ -81,7 +81,8 @@ def test_summary_pairs_by_seed_and_leaves_out_unfinished_runs(three_seeds):
     sfpo_final = [0.6, 0.3]
     half = t975(1) * np.std(sfpo_final, ddof=1) / math.sqrt(2)
     assert (final["sfpo_mean"], final["sfpo_ci_low"], final["sfpo_ci_high"]) == pytest.approx(
-        (0.45, 0.45 - half, 0.45 + half))
+        (0.45, 0.45 - half, 0.45 + half)
+    )
     assert final["diff_mean"] == pytest.approx(((0.6 - 0.4) + (0.3 - 0.4)) / 2)  # per seed, then the mean
     memory = summary.loc["peak_memory"]
     assert memory["diff_mean"] == pytest.approx(0.5)  # SFPO's runs log 1.5 GB, GRPO's 1.0 GB
@@ -119,10 +120,16 @@ def test_compare_smoke_writes_summary_and_cost_model(tmp_path):
     # the command, on the tiny model (the embedded one gives the same files, 3x slower)
     out = tmp_path / "cmp"
     tiny = tiny_overrides(write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path)))
-    assert cli.main(["compare", "--preset", "smoke", "--seeds", "3", "--steps", "4", "--out", str(out),
-                     "--no-progress", *tiny]) == 0  # fmt: skip
+    assert (
+        cli.main(
+            ["compare", "--preset", "smoke", "--seeds", "3", "--steps", "4", "--out", str(out), "--no-progress", *tiny]
+        )
+        == 0
+    )
     summary = pd.read_csv(out / "report" / "summary.csv")
-    assert {"measure", "grpo_mean", "grpo_ci_low", "grpo_ci_high", "sfpo_mean", "sfpo_ci_low", "sfpo_ci_high"} <= set(summary)
+    assert {"measure", "grpo_mean", "grpo_ci_low", "grpo_ci_high", "sfpo_mean", "sfpo_ci_low", "sfpo_ci_high"} <= set(
+        summary
+    )
     assert summary.loc[summary["measure"] == "step_time", "n_seeds"].item() == 3
     cost = pd.read_csv(out / "report" / "cost_model.csv")
     assert cost["generation_share"].tolist()[:5] == [0.25, 0.5, 0.7, 0.8, 0.9]
@@ -143,8 +150,14 @@ def test_grid_has_the_papers_points():
 
 def test_sweep_runs_reports_and_continues(tmp_path):
     model, data = write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path))
-    kwargs = {"groups": ("baseline", "stages"), "seeds": 1, "steps": 1, "out_dir": str(tmp_path / "sweep"),
-              "progress": False, "overrides": tiny_overrides(model, data)}
+    kwargs = {
+        "groups": ("baseline", "stages"),
+        "seeds": 1,
+        "steps": 1,
+        "out_dir": str(tmp_path / "sweep"),
+        "progress": False,
+        "overrides": tiny_overrides(model, data),
+    }
     result = run_sweep("smoke", **kwargs, log=lambda text: None)
     table = pd.read_csv(result.files["sweep.csv"])
     assert table["point"].tolist() == ["grpo", "no-reposition", "no-slow-correction"]
@@ -161,8 +174,18 @@ def test_sweep_runs_reports_and_continues(tmp_path):
 
 
 def test_heat_map_over_k_and_alpha(tmp_path):
-    rows = [{"point": f"K{k}-a{a:g}", "group": "k_alpha", "K": k, "alpha": a, "final_acc_mean": 0.1 * k + a,
-             "step_ratio_own_stages": 1.0 + k} for k in (1, 3) for a in (0.5, 1.0)]  # fmt: skip
+    rows = [
+        {
+            "point": f"K{k}-a{a:g}",
+            "group": "k_alpha",
+            "K": k,
+            "alpha": a,
+            "final_acc_mean": 0.1 * k + a,
+            "step_ratio_own_stages": 1.0 + k,
+        }
+        for k in (1, 3)
+        for a in (0.5, 1.0)
+    ]
     path = str(tmp_path / "heat.png")
     assert plot_k_alpha(pd.DataFrame(rows), path) and os.path.getsize(path) > 1000
     assert not plot_k_alpha(pd.DataFrame(rows).assign(group="lr"), str(tmp_path / "none.png"))

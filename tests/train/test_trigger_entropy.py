@@ -12,11 +12,11 @@ import os
 
 import pytest
 import torch
-from helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train import SFPO, SFPOConfig
 from sfpo_train.trainer import Trainer
+from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 
 def _counting_pass(param: torch.nn.Parameter, report_entropy: bool = True):
@@ -31,11 +31,14 @@ def _counting_pass(param: torch.nn.Parameter, report_entropy: bool = True):
     return update_pass, calls
 
 
-@pytest.mark.parametrize("source,given,expected", [
-    ("old_log_prob", 3.5, 3.5),          # the caller's old-log-prob entropy
-    ("old_log_prob", None, 11.0),        # none given: the first pass's (at theta_0, as the old-log-prob pass)
-    ("last_pass", None, 14.0),           # K = 3 fast passes + the slow one: pass 4
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "source,given,expected",
+    [
+        ("old_log_prob", 3.5, 3.5),  # the caller's old-log-prob entropy
+        ("old_log_prob", None, 11.0),  # none given: the first pass's (at theta_0, as the old-log-prob pass)
+        ("last_pass", None, 14.0),  # K = 3 fast passes + the slow one: pass 4
+    ],
+)
 def test_trigger_records_the_configured_entropy(source, given, expected):
     param = torch.nn.Parameter(torch.zeros(3))
     sfpo = SFPO([param], SFPOConfig(inner_steps=3, alpha=0.5, zscore_window=2, trigger_entropy=source))
@@ -73,10 +76,16 @@ def test_sfpo_train_feeds_the_last_pass_entropy_to_the_trigger(tmp_path):
     tiny = tiny_overrides(write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path)))
     rows = {}
     for source in ("old_log_prob", "last_pass"):
-        cfg = config_lib.load_config("smoke", tiny + [f"actor_rollout_ref.actor.sfpo.trigger_entropy={source}",
-                                                      f"trainer.default_local_dir={tmp_path}",
-                                                      f"trainer.experiment_name={source}",
-                                                      "trainer.progress_bar=false"])  # fmt: skip
+        cfg = config_lib.load_config(
+            "smoke",
+            tiny
+            + [
+                f"actor_rollout_ref.actor.sfpo.trigger_entropy={source}",
+                f"trainer.default_local_dir={tmp_path}",
+                f"trainer.experiment_name={source}",
+                "trainer.progress_bar=false",
+            ],
+        )
         trainer = Trainer.create(cfg, preset="smoke")
         assert trainer.sfpo.config.trigger_entropy == source
         trainer.fit()
@@ -96,10 +105,18 @@ def test_the_update_pass_entropy_is_the_loss_agg_mode_aggregate_whatever_the_mic
     from sfpo_kernels import reference
 
     tiny = tiny_overrides(write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path)))
-    cfg = config_lib.load_config("smoke", tiny + [f"trainer.default_local_dir={tmp_path}", "trainer.progress_bar=false",
-                                                  "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum",
-                                                  "actor_rollout_ref.actor.optim.lr=0", "trainer.experiment_name=agg",
-                                                  "actor_rollout_ref.actor.ppo_mini_batch_size=4"])  # fmt: skip
+    cfg = config_lib.load_config(
+        "smoke",
+        tiny
+        + [
+            f"trainer.default_local_dir={tmp_path}",
+            "trainer.progress_bar=false",
+            "actor_rollout_ref.actor.loss_agg_mode=seq-mean-token-sum",
+            "actor_rollout_ref.actor.optim.lr=0",
+            "trainer.experiment_name=agg",
+            "actor_rollout_ref.actor.ppo_mini_batch_size=4",
+        ],
+    )
     trainer = Trainer.create(cfg, preset="smoke")
     batch, _, _ = trainer.collector.collect()
     batch.old_log_probs, entropy = trainer.actor.log_probs(trainer.model, batch, 16)

@@ -20,7 +20,7 @@ from sfpo_train.trainer.vllm_rollout import COMPANION_WHEELS, import_vllm
 def _loads(name: str) -> bool:
     try:
         importlib.import_module(name)
-    except Exception:  # noqa: BLE001 -- whatever the failure, the wheel is broken here
+    except Exception:
         return False
     return True
 

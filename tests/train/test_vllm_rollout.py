@@ -20,8 +20,9 @@ import json
 
 import pytest
 import torch
-from helpers.optional import import_or_skip
-from helpers.tiny_setup import write_data
+
+from tests.helpers.optional import import_or_skip
+from tests.helpers.tiny_setup import write_data
 
 vllm = import_or_skip("vllm")
 platforms = import_or_skip("vllm.platforms")
@@ -43,16 +44,31 @@ def data(tmp_path_factory):
 
 
 def make_config(tmp_path, data, name: str, *extra: str):
-    return load_config("smoke", [*data, f"trainer.device={DEVICE}", "actor_rollout_ref.rollout.name=vllm",
-                                 f"trainer.default_local_dir={tmp_path}", f"trainer.experiment_name={name}",
-                                 "trainer.progress_bar=false", "trainer.val_before_train=false", *extra])  # fmt: skip
+    return load_config(
+        "smoke",
+        [
+            *data,
+            f"trainer.device={DEVICE}",
+            "actor_rollout_ref.rollout.name=vllm",
+            f"trainer.default_local_dir={tmp_path}",
+            f"trainer.experiment_name={name}",
+            "trainer.progress_bar=false",
+            "trainer.val_before_train=false",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def trainer(tmp_path_factory, data):
-    cfg = make_config(tmp_path_factory.mktemp("vllm"), data, "shared", "actor_rollout_ref.actor.optim.lr=1e-3",
-                      "trainer.total_training_steps=6",
-                      "actor_rollout_ref.actor.sfpo.entropy_control=false")  # fmt: skip
+    cfg = make_config(
+        tmp_path_factory.mktemp("vllm"),
+        data,
+        "shared",
+        "actor_rollout_ref.actor.optim.lr=1e-3",
+        "trainer.total_training_steps=6",
+        "actor_rollout_ref.actor.sfpo.entropy_control=false",
+    )
     trainer = Trainer.create(cfg)
     yield trainer
     del trainer
@@ -106,8 +122,9 @@ def test_an_engine_with_other_weights_than_the_model_is_an_error(trainer):
 def test_sfpo_iterations_train_with_vllm_rollouts(trainer):
     start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     history = trainer.fit()  # to total_training_steps
-    assert [h["training/global_step"] for h in history] == list(range(trainer.global_step - len(history) + 1,
-                                                                     trainer.global_step + 1))  # fmt: skip
+    assert [h["training/global_step"] for h in history] == list(
+        range(trainer.global_step - len(history) + 1, trainer.global_step + 1)
+    )
     assert all(h["sfpo/inner_steps_run"] >= 1 for h in history)  # SFPO's fast passes ran
     for h in history:
         for key in ("actor/pg_loss", "actor/entropy", "critic/score/mean", "timing_s/gen", "timing_s/sync_weights"):

@@ -1,7 +1,8 @@
 """Shared by the verl tests: the tiny model directory, with verl set up for the CPU."""
 
 import pytest
-from helpers.optional import import_or_skip
+
+from tests.helpers.optional import import_or_skip
 
 
 @pytest.fixture(scope="module")
@@ -10,7 +11,7 @@ def model_dir(tmp_path_factory):
     import torch.distributed as dist
 
     import_or_skip("verl")
-    from helpers import verl_scenarios as vs
+    from tests.helpers import verl_scenarios as vs
 
     started_here = not dist.is_initialized()
     vs.setup_cpu()

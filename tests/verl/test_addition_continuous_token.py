@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers.optional import import_or_skip
+
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("verl")
 

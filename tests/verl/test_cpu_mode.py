@@ -10,14 +10,15 @@ import subprocess
 import sys
 
 import pytest
-from helpers.optional import import_or_skip
+
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("verl")
 
-from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra import compose, initialize_config_dir
 
-from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME  # noqa: E402
-from sfpo_train.verl.cpu_mode import MODULES_ENV, PLATFORM_ENV, PLUGIN_MODULE, apply_cpu_mode  # noqa: E402
+from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
+from sfpo_train.verl.cpu_mode import MODULES_ENV, PLATFORM_ENV, PLUGIN_MODULE, apply_cpu_mode
 
 
 def _config(*overrides):
@@ -56,17 +57,32 @@ def test_defaults_of_the_mode_replace_verls_defaults():
 
 
 def test_values_set_on_the_command_line_stay():
-    config = _config("ray_kwargs.ray_init.num_cpus=6", "reward.num_workers=3", "actor_rollout_ref.rollout.name=hf",
-                     "actor_rollout_ref.rollout.tensor_model_parallel_size=1", "actor_rollout_ref.actor.strategy=fsdp2",
-                     "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
-                     "+ray_kwargs.ray_init.num_gpus=4")  # fmt: skip
+    config = _config(
+        "ray_kwargs.ray_init.num_cpus=6",
+        "reward.num_workers=3",
+        "actor_rollout_ref.rollout.name=hf",
+        "actor_rollout_ref.rollout.tensor_model_parallel_size=1",
+        "actor_rollout_ref.actor.strategy=fsdp2",
+        "+actor_rollout_ref.model.override_config.attn_implementation=sdpa",
+        "+ray_kwargs.ray_init.num_gpus=4",
+    )
     changed = apply_cpu_mode(config)
     assert config.ray_kwargs.ray_init.num_cpus == 6 and config.ray_kwargs.ray_init.num_gpus == 4
     assert config.reward.num_workers == 3
     assert config.actor_rollout_ref.model.override_config.attn_implementation == "sdpa"
-    assert not any(c.startswith(("ray_kwargs.ray_init.num", "reward.", "actor_rollout_ref.rollout.name",
-                                 "actor_rollout_ref.rollout.tensor", "actor_rollout_ref.actor.strategy",
-                                 "actor_rollout_ref.model")) for c in changed), changed  # fmt: skip
+    assert not any(
+        c.startswith(
+            (
+                "ray_kwargs.ray_init.num",
+                "reward.",
+                "actor_rollout_ref.rollout.name",
+                "actor_rollout_ref.rollout.tensor",
+                "actor_rollout_ref.actor.strategy",
+                "actor_rollout_ref.model",
+            )
+        )
+        for c in changed
+    ), changed
 
 
 def test_joining_a_running_cluster_leaves_its_resource_counts_alone():
@@ -82,7 +98,9 @@ def test_joining_a_running_cluster_leaves_its_resource_counts_alone():
 
 def test_an_hf_rollout_with_tensor_parallelism_is_an_error():
     with pytest.raises(ValueError, match="tensor_model_parallel_size=1 \\(got 4\\)"):
-        apply_cpu_mode(_config("actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.tensor_model_parallel_size=4"))
+        apply_cpu_mode(
+            _config("actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.tensor_model_parallel_size=4")
+        )
 
 
 REGISTERED = (

@@ -75,5 +75,7 @@ def test_two_ranks_two_iterations():
         _check_iteration(record)
     actor = out / "checkpoints" / "global_step_2" / "actor"
     assert sorted(p.name for p in actor.glob("model_world_size_2_rank_*.pt")) == [
-        "model_world_size_2_rank_0.pt", "model_world_size_2_rank_1.pt"]  # fmt: skip
+        "model_world_size_2_rank_0.pt",
+        "model_world_size_2_rank_1.pt",
+    ]
     assert _state(out, 2)["iteration"] == 2

@@ -12,16 +12,17 @@ import asyncio
 
 import pytest
 import torch
-from helpers.optional import import_or_skip
+
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("verl")
 
-from omegaconf import OmegaConf  # noqa: E402
-from verl.workers.config import RolloutConfig  # noqa: E402
+from omegaconf import OmegaConf
+from verl.workers.config import RolloutConfig
 
-from sfpo_train.tasks import default_paths  # noqa: E402
-from sfpo_train.verl import hf_rollout  # noqa: E402
-from sfpo_train.verl.hf_rollout import HFRolloutServer  # noqa: E402
+from sfpo_train.tasks import default_paths
+from sfpo_train.verl import hf_rollout
+from sfpo_train.verl.hf_rollout import HFRolloutServer
 
 # different lengths, so that a batch is left-padded (the task's own prompts are all 8 tokens)
 PROMPTS = ["123+456=", "5+7=", "99+1=", "505+261="]
@@ -29,8 +30,15 @@ LOGPROB_TOL = {"atol": 1e-4, "rtol": 0}  # fp32 forward of a batch (left-padded)
 
 
 def _server(**rollout) -> HFRolloutServer:
-    config = RolloutConfig(name="hf", prompt_length=8, response_length=5, dtype="float32", max_num_seqs=64,
-                           tensor_model_parallel_size=1, **rollout)  # fmt: skip
+    config = RolloutConfig(
+        name="hf",
+        prompt_length=8,
+        response_length=5,
+        dtype="float32",
+        max_num_seqs=64,
+        tensor_model_parallel_size=1,
+        **rollout,
+    )
     model = {"path": default_paths()["model"], "override_config": {"attn_implementation": "eager"}}  # as on CPU
     return HFRolloutServer(config, OmegaConf.create(model), replica_rank=0)
 
@@ -48,8 +56,12 @@ def _ids(server, text: str) -> list[int]:
 
 def _generate_all(server, prompts: list[list[int]], params: list[dict]):
     async def go():
-        return await asyncio.gather(*[server.generate(p, dict(s), request_id=str(i))
-                                      for i, (p, s) in enumerate(zip(prompts, params, strict=True))])  # fmt: skip
+        return await asyncio.gather(
+            *[
+                server.generate(p, dict(s), request_id=str(i))
+                for i, (p, s) in enumerate(zip(prompts, params, strict=True))
+            ]
+        )
 
     return asyncio.run(go())
 
@@ -62,11 +74,12 @@ def _oracle_greedy(model, prompt: list[int], max_tokens: int, eos: set[int]) -> 
             ids.append(token)
             if token in eos:
                 break
-    return ids[len(prompt):]
+    return ids[len(prompt) :]
 
 
-def _oracle_logprobs(model, prompt: list[int], tokens: list[int], temperature: float, top_k: int = -1,
-                     top_p: float = 1.0) -> torch.Tensor:  # fmt: skip
+def _oracle_logprobs(
+    model, prompt: list[int], tokens: list[int], temperature: float, top_k: int = -1, top_p: float = 1.0
+) -> torch.Tensor:
     """Temperature, then top-k (the k largest), then top-p (a token stays while the mass above it is < p)."""
     with torch.no_grad():
         logits = model(torch.tensor([prompt + tokens])).logits[0, len(prompt) - 1 : -1].double() / temperature
@@ -93,7 +106,9 @@ def test_greedy_requests_arriving_together_match_one_at_a_time(server, monkeypat
         assert out.log_probs is None and out.stop_reason == "completed"
 
 
-@pytest.mark.parametrize(("temperature", "top_k", "top_p"), [(0.7, -1, 1.0), (0.7, 3, 1.0), (1.3, -1, 0.8), (1.0, 4, 0.9)])
+@pytest.mark.parametrize(
+    ("temperature", "top_k", "top_p"), [(0.7, -1, 1.0), (0.7, 3, 1.0), (1.3, -1, 0.8), (1.0, 4, 0.9)]
+)
 def test_sampled_log_probs_are_the_processed_distributions(server, temperature, top_k, top_p):
     torch.manual_seed(0)
     prompts = [_ids(server, p) for p in PROMPTS] * 2
@@ -108,8 +123,16 @@ def test_sampled_log_probs_are_the_processed_distributions(server, temperature, 
 def test_mixed_sampling_settings_are_served_in_separate_batches(server):
     prompts = [_ids(server, p) for p in PROMPTS]
     greedy = {"temperature": 0, "top_k": -1}
-    outs = _generate_all(server, prompts, [greedy, {"temperature": 1.0, "max_tokens": 2, "logprobs": True},
-                                           greedy, {"temperature": 1.0, "ignore_eos": True, "logprobs": True}])  # fmt: skip
+    outs = _generate_all(
+        server,
+        prompts,
+        [
+            greedy,
+            {"temperature": 1.0, "max_tokens": 2, "logprobs": True},
+            greedy,
+            {"temperature": 1.0, "ignore_eos": True, "logprobs": True},
+        ],
+    )
     for i in (0, 2):
         assert outs[i].token_ids == _oracle_greedy(server.model, prompts[i], 5, server.eos_ids)
     assert 1 <= len(outs[1].token_ids) <= 2 and len(outs[1].log_probs) == len(outs[1].token_ids)

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 
 import pytest
-from helpers.optional import import_or_skip
+
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("verl")
 
-from helpers import verl_scenarios as vs
+from tests.helpers import verl_scenarios as vs
 
 
 def test_last_pass_entropy_reaches_the_trigger(model_dir):

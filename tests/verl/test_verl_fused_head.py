@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers.alloc_probe import LargestAllocation
-from helpers.optional import import_or_skip
 
 from sfpo_kernels import linear_loss
+from tests.helpers.alloc_probe import LargestAllocation
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("verl")
 
@@ -31,10 +31,17 @@ pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:Runtim
 def model():
     import transformers
 
-    config = transformers.Qwen2Config(hidden_size=HIDDEN, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, vocab_size=VOCAB,
-                                      max_position_embeddings=128, tie_word_embeddings=False,
-                                      attn_implementation="eager")  # fmt: skip
+    config = transformers.Qwen2Config(
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=VOCAB,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        attn_implementation="eager",
+    )
     torch.manual_seed(0)
     return transformers.Qwen2ForCausalLM(config).eval()
 
@@ -69,8 +76,9 @@ def test_fused_forward_matches_verl_eager_math_with_one_chunk_of_logits(model, b
 
     monkeypatch.setattr(linear_loss, "CHUNK_BUDGET_BYTES", CHUNK * VOCAB * (4 + 12))  # CHUNK rows on either path
     with LargestAllocation() as probe:
-        out = forward_with_sfpo_kernels(model, input_ids=input_ids, position_ids=position_ids, temperature=temperature,
-                                        shift_labels=rolled)  # fmt: skip
+        out = forward_with_sfpo_kernels(
+            model, input_ids=input_ids, position_ids=position_ids, temperature=temperature, shift_labels=rolled
+        )
         grads = _grads(model, out.log_probs, out.entropy, weights)
     assert "forward" not in model.lm_head.__dict__, "the head's own forward is back after the call"
 
@@ -85,7 +93,8 @@ def test_fused_forward_matches_verl_eager_math_with_one_chunk_of_logits(model, b
     weight_bytes = 4 * VOCAB * HIDDEN  # the head's gradient: the largest tensor that must exist
     assert eager_probe.largest >= all_logits, "the probe sees verl's eager [N, V] logits"
     assert probe.largest <= max(4 * CHUNK * VOCAB * (1 if backend == "triton" else 4), weight_bytes) < all_logits, (
-        f"largest tensor {probe.largest} bytes; one chunk of logits is {4 * CHUNK * VOCAB}, all of them {all_logits}")
+        f"largest tensor {probe.largest} bytes; one chunk of logits is {4 * CHUNK * VOCAB}, all of them {all_logits}"
+    )
 
 
 def test_first_use_check_passes_the_kernels_and_catches_a_faulty_result(model):
@@ -105,8 +114,9 @@ def test_first_use_check_passes_the_kernels_and_catches_a_faulty_result(model):
     assert problem is not None and "differ at" in problem
     try:
         fused.arm_first_use_check(model, strict=False)
-        out = fused.forward_with_sfpo_kernels(model, input_ids=input_ids, position_ids=position_ids,
-                                              temperature=temperature, shift_labels=rolled)  # fmt: skip
+        out = fused.forward_with_sfpo_kernels(
+            model, input_ids=input_ids, position_ids=position_ids, temperature=temperature, shift_labels=rolled
+        )
         assert getattr(model, fused.CHECK_ATTR) == "passed"
         torch.testing.assert_close(out.log_probs, right[0], **TOL)
 
@@ -114,8 +124,9 @@ def test_first_use_check_passes_the_kernels_and_catches_a_faulty_result(model):
         with pytest.warns(RuntimeWarning, match="falling back"):
             assert not fused._first_use_check(model, hidden, rolled, temperature, *wrong)
         assert getattr(model, fused.CHECK_ATTR) == "fallback"
-        out = fused.forward_with_sfpo_kernels(model, input_ids=input_ids, position_ids=position_ids,
-                                              temperature=temperature, shift_labels=rolled)  # fmt: skip
+        out = fused.forward_with_sfpo_kernels(
+            model, input_ids=input_ids, position_ids=position_ids, temperature=temperature, shift_labels=rolled
+        )
         torch.testing.assert_close(out.log_probs, right[0], **TOL)
         torch.testing.assert_close(out.entropy, right[1], **TOL)
 

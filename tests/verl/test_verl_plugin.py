@@ -25,11 +25,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers.optional import import_or_skip
+
+from tests.helpers.optional import import_or_skip
 
 import_or_skip("verl")
 
-from helpers import verl_scenarios as vs  # noqa: E402
+from tests.helpers import verl_scenarios as vs
 
 TOL_DISTRIBUTED = {"atol": 1e-5, "rtol": 1e-4}
 TOL_FUSED = {"atol": 2e-5, "rtol": 1e-4}
@@ -85,8 +86,9 @@ def test_sfpo_iteration_equals_manual_composition(model_dir):
 
 
 def test_alpha_zero_is_plain_verl_grpo(model_dir):
-    ours = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true",
-                                                 "actor_rollout_ref.actor.sfpo.alpha=0"]))  # fmt: skip
+    ours = vs.make_worker(
+        vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true", "actor_rollout_ref.actor.sfpo.alpha=0"])
+    )
     metrics = vs.metrics_of(ours.update_actor(vs.make_batch(2)))
     theirs = vs.make_worker(vs.compose(model_dir), sfpo=False)
     theirs_metrics = vs.metrics_of(theirs.update_actor(vs.make_batch(2, entropy=None)))
@@ -126,11 +128,30 @@ def test_two_gloo_processes_match_one(model_dir, tmp_path):
     port = str(_free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
-        procs.append(subprocess.Popen([sys.executable, str(TESTS.parent / "helpers" / "verl_scenarios.py"), "sfpo-iteration",
-                                       model_dir, str(out)], env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.STDOUT, text=True))  # fmt: skip
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(TESTS.parent / "helpers" / "verl_scenarios.py"),
+                    "sfpo-iteration",
+                    model_dir,
+                    str(out),
+                ],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     logs = [p.communicate(timeout=300)[0] for p in procs]
     for rank, (p, log) in enumerate(zip(procs, logs)):
         assert p.returncode == 0, f"rank {rank} failed:\n{log[-4000:]}"
@@ -163,8 +184,11 @@ def _check_rank_agreement(ranks: list[dict]) -> None:
 
 def test_checkpoint_resume_carries_sfpo_state(model_dir, tmp_path):
     # window 2, tau 0.5: entropies 1.0 then 2.0 give z = 1 at iteration 1, so iteration 2 runs alpha 0
-    overrides = ["actor_rollout_ref.actor.sfpo.enable=true", "actor_rollout_ref.actor.sfpo.zscore_window=2",
-                 "actor_rollout_ref.actor.sfpo.zscore_threshold=0.5"]  # fmt: skip
+    overrides = [
+        "actor_rollout_ref.actor.sfpo.enable=true",
+        "actor_rollout_ref.actor.sfpo.zscore_window=2",
+        "actor_rollout_ref.actor.sfpo.zscore_threshold=0.5",
+    ]
     first = vs.make_worker(vs.compose(model_dir, overrides))
     first.update_actor(vs.make_batch(1, entropy=1.0))
     first.update_actor(vs.make_batch(2, entropy=2.0))
@@ -198,9 +222,13 @@ def _same_state(a: dict, b: dict) -> bool:
 # ---------------------------------------------------------------------------- config keys
 
 
-AUTHORS = ["+actor_rollout_ref.actor.use_sfpo=True", "+actor_rollout_ref.actor.sfpo_inner_steps=2",
-           "+actor_rollout_ref.actor.sfpo_step_size=0.5", "+actor_rollout_ref.actor.zscore_w=5",
-           "+actor_rollout_ref.actor.zscore_threshold=0.7"]  # fmt: skip
+AUTHORS = [
+    "+actor_rollout_ref.actor.use_sfpo=True",
+    "+actor_rollout_ref.actor.sfpo_inner_steps=2",
+    "+actor_rollout_ref.actor.sfpo_step_size=0.5",
+    "+actor_rollout_ref.actor.zscore_w=5",
+    "+actor_rollout_ref.actor.zscore_threshold=0.7",
+]
 
 
 def test_authors_keys_compose_and_take_effect(model_dir):
@@ -214,8 +242,12 @@ def test_authors_keys_compose_and_take_effect(model_dir):
 
 def test_ablation_keys_take_effect_through_the_plugin(model_dir):
     """slow_correction=false: K passes and the reposition, no slow pass, the LR scheduler stepped once (on pass K)."""
-    ours = vs.make_worker(vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true",
-                                                 "actor_rollout_ref.actor.sfpo.slow_correction=false"]))  # fmt: skip
+    ours = vs.make_worker(
+        vs.compose(
+            model_dir,
+            ["actor_rollout_ref.actor.sfpo.enable=true", "actor_rollout_ref.actor.sfpo.slow_correction=false"],
+        )
+    )
     assert ours.actor.sfpo.config.slow_correction is False
     metrics = vs.metrics_of(ours.update_actor(vs.make_batch(4)))
     theirs = vs.make_worker(vs.compose(model_dir), sfpo=False)
@@ -255,7 +287,9 @@ def test_importing_sfpo_does_not_import_verl():
 def test_conflicting_and_bad_keys_are_value_errors(model_dir):
     from sfpo_train.verl.config import normalize_sfpo_config
 
-    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.alpha=0.7", "+actor_rollout_ref.actor.sfpo_step_size=0.5"])
+    config = vs.compose(
+        model_dir, ["actor_rollout_ref.actor.sfpo.alpha=0.7", "+actor_rollout_ref.actor.sfpo_step_size=0.5"]
+    )
     with pytest.raises(ValueError, match=r"actor\.sfpo\.alpha=0\.7 and actor_rollout_ref\.actor\.sfpo_step_size=0\.5"):
         normalize_sfpo_config(config.actor_rollout_ref)
     config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.alpha=1.5"])
@@ -287,7 +321,8 @@ def _grads_at_step(worker) -> list[list[torch.Tensor]]:
     seen: list[list[torch.Tensor]] = []
     params = list(worker.actor.engine.module.parameters())
     worker.actor.engine.optimizer.register_step_pre_hook(
-        lambda *_: seen.append([p.grad.to_local().detach().clone() for p in params]))
+        lambda *_: seen.append([p.grad.to_local().detach().clone() for p in params])
+    )
     return seen
 
 
@@ -322,8 +357,9 @@ def test_fused_kernels_match_verls_eager_loss_and_gradients(model_dir, monkeypat
     torch.testing.assert_close(fused_logp, eager_logp, **TOL_FUSED, msg=lambda m: f"log_probs: {m}")
     torch.testing.assert_close(fused_h, eager_h, **TOL_FUSED, msg=lambda m: f"entropy: {m}")
     for key in ("actor/pg_loss", "actor/entropy_loss", "actor/pg_clipfrac", "actor/ppo_kl", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(fused_m[key]), torch.tensor(eager_m[key]), **TOL_FUSED,
-                                   msg=lambda m, k=key: f"{k}: {m}")  # fmt: skip
+        torch.testing.assert_close(
+            torch.tensor(fused_m[key]), torch.tensor(eager_m[key]), **TOL_FUSED, msg=lambda m, k=key: f"{k}: {m}"
+        )
     assert len(fused_grads) == len(eager_grads) == 1
     names = [n for n, _ in ours.actor.engine.module.named_parameters()]
     for name, got, want in zip(names, fused_grads[0], eager_grads[0], strict=True):
@@ -349,8 +385,9 @@ def test_sfpo_policy_loss_equals_verls_vanilla():
     advantages = torch.randn(B, 1, generator=g).expand(B, T)
     mask = (torch.rand(B, T, generator=g) > 0.3).float()
     mask[2] = 0
-    config = ActorConfig(strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=1, clip_ratio_high=0.28,
-                         rollout_n=1)  # fmt: skip
+    config = ActorConfig(
+        strategy="fsdp", ppo_mini_batch_size=4, ppo_micro_batch_size_per_gpu=1, clip_ratio_high=0.28, rollout_n=1
+    )
     for mode in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
         want, want_m = get_policy_loss_fn("vanilla")(old, log_prob, advantages, mask, mode, config)
         got, got_m = get_policy_loss_fn(fused.POLICY_LOSS_NAME)(old, log_prob, advantages, mask, mode, config)
@@ -370,8 +407,14 @@ def test_trainer_uses_our_worker_and_needs_the_entropy(model_dir):
     from sfpo_train.verl.trainer import SFPOTrainer
     from sfpo_train.verl.worker import SFPOActorRolloutRefWorker
 
-    config = vs.compose(model_dir, ["algorithm.adv_estimator=grpo", "actor_rollout_ref.actor.use_kl_loss=true",
-                                    "actor_rollout_ref.actor.sfpo.enable=true"])  # fmt: skip
+    config = vs.compose(
+        model_dir,
+        [
+            "algorithm.adv_estimator=grpo",
+            "actor_rollout_ref.actor.use_kl_loss=true",
+            "actor_rollout_ref.actor.sfpo.enable=true",
+        ],
+    )
     prepare_config(config)
     trainer = SFPOTrainer.__new__(SFPOTrainer)  # only the two overridden methods, no Ray cluster
     trainer.config = config
@@ -384,7 +427,9 @@ def test_trainer_uses_our_worker_and_needs_the_entropy(model_dir):
 def test_entry_point_rejects_unsupported_trainers(model_dir):
     from sfpo_train.verl.main import prepare_config
 
-    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.enable=true", "trainer.v1.trainer_mode=separate_async"])
+    config = vs.compose(
+        model_dir, ["actor_rollout_ref.actor.sfpo.enable=true", "trainer.v1.trainer_mode=separate_async"]
+    )
     with pytest.raises(ValueError, match="trainer_mode='separate_async' is not supported"):
         prepare_config(config)
 
@@ -422,8 +467,9 @@ def test_sfpo_off_is_verls_own_run(model_dir):
     assert resolve_fused_kernels(settings, "cuda") and not resolve_fused_kernels(settings, "cpu")
     assert needs_sfpo_runner(settings, "cuda")
     # the kernels alone, asked for explicitly, still need our (sync) runner
-    config = vs.compose(model_dir, ["actor_rollout_ref.actor.sfpo.fused_kernels=true",
-                                    "trainer.v1.trainer_mode=separate_async"])  # fmt: skip
+    config = vs.compose(
+        model_dir, ["actor_rollout_ref.actor.sfpo.fused_kernels=true", "trainer.v1.trainer_mode=separate_async"]
+    )
     with pytest.raises(ValueError, match="fused_kernels wraps verl's synchronous trainer"):
         prepare_config(config)
 
@@ -434,8 +480,15 @@ def test_a_plugin_that_fails_to_load_says_so(tmp_path):
     (broken / "__init__.py").write_text("raise ImportError('simulated broken sfpo_kernels build')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path]), "VERL_USE_EXTERNAL_PLUGINS": "auto"}
     # run in tmp_path: python -c puts the working directory first on sys.path, and ours holds the real package
-    out = subprocess.run([sys.executable, "-c", "import verl"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         timeout=300, check=False)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", "import verl"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     assert out.returncode == 0, out.stderr[-2000:]  # verl itself carries on without the plugin
     assert "sfpo's verl plugin failed to load" in out.stderr, out.stderr[-2000:]
     assert "simulated broken sfpo_kernels build" in out.stderr
