@@ -3,7 +3,7 @@
 - :func:`verl_fused_linear_loss`: verl 0.9.1's ``FusedLinearForPPO`` (chunks of
   512 tokens, fp32 logits per chunk, every token of the batch) for the
   log-probs and entropy, then the same O(N) policy-loss math as every row
-  (:func:`sfpo_kernels.reference.grpo_loss_from_log_probs`).
+  (:func:`sfpo_kernels.grpo_math.grpo_loss_from_log_probs`).
 - :func:`liger_fused_linear_loss`: Liger-Kernel's ``LigerFusedLinearGRPOLoss``
   (chunked over the batch rows, no entropy term, no dual clip); None where
   ``liger_kernel`` is not importable or its signature is not the 0.5+ one.
@@ -19,7 +19,8 @@ from collections.abc import Callable
 
 import torch
 
-from sfpo_kernels import reference
+from sfpo_kernels.grpo_math import grpo_loss_from_log_probs
+from sfpo_kernels.loss_options import GRPOLossOptions, resolve_options
 
 # The tests' dispatch probe, one definition for both (the repository root is on sys.path under pytest and
 # for scripts run as ``python -m bench....`` from it).
@@ -44,13 +45,26 @@ def verl_fused_linear_fn() -> Callable | None:
 
 
 def verl_fused_linear_loss(
-    fused_linear, hidden, weight, labels, old_log_probs, advantages, response_mask, **loss_settings
+    fused_linear,
+    hidden,
+    weight,
+    labels,
+    old_log_probs,
+    advantages,
+    response_mask,
+    *,
+    ref_log_probs=None,
+    options: GRPOLossOptions | None = None,
+    **option_overrides,
 ) -> torch.Tensor:
-    """verl's chunked head (all tokens; no bias) then the shared policy-loss math: the scalar loss."""
-    temperature = loss_settings.pop("temperature", 1.0)
-    log_probs, entropy = fused_linear(hidden, weight, labels, temperature=temperature)
-    loss, _ = reference.grpo_loss_from_log_probs(
-        log_probs, entropy, old_log_probs, advantages, response_mask, **{"ref_log_probs": None, **loss_settings}
+    """verl's chunked head (all tokens; no bias) then the shared policy-loss math: the scalar loss.
+
+    Options as ``sfpo_kernels.linear_grpo_loss`` takes them.
+    """
+    options = resolve_options(options, option_overrides, "verl_fused_linear_loss")
+    log_probs, entropy = fused_linear(hidden, weight, labels, temperature=options.temperature)
+    loss, _ = grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs, options=options
     )
     return loss
 

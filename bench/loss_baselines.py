@@ -2,7 +2,7 @@
 
 Only the O(N V) part differs between the rows: every PyTorch row hands its
 per-token log-probs and entropies to
-:func:`sfpo_kernels.reference.grpo_loss_from_log_probs`, the same O(N)
+:func:`sfpo_kernels.grpo_math.grpo_loss_from_log_probs`, the same O(N)
 policy-gradient math ``sfpo_kernels.grpo_loss`` uses.
 
 Byte limit of the vocabulary pass (what ``test_bench_grpo_loss.py`` divides by
@@ -22,7 +22,8 @@ from collections.abc import Callable
 
 import torch
 
-from sfpo_kernels import reference
+from sfpo_kernels.grpo_math import grpo_loss_from_log_probs
+from sfpo_kernels.loss_options import GRPOLossOptions, resolve_options
 
 # --------------------------------------------------------------------------- verl's eager vocabulary pass
 
@@ -51,34 +52,18 @@ def verl_grpo_loss(
     response_mask: torch.Tensor,
     *,
     ref_log_probs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_ratio_low: float = 0.2,
-    clip_ratio_high: float = 0.2,
-    clip_ratio_c: float | None = 3.0,
-    kl_coef: float = 0.0,
-    kl_type: str = "low_var_kl",
-    entropy_coef: float = 0.0,
-    loss_agg_mode: str = "token-mean",
+    options: GRPOLossOptions | None = None,
+    **option_overrides,
 ):
     """:func:`verl_logprob_entropy` then the shared policy-loss math; ``(loss, log_probs, entropy, metrics)``.
 
-    Same keywords and outputs as ``sfpo_kernels.grpo_loss``.
+    Options as ``sfpo_kernels.grpo_loss`` takes them (``options=`` and/or
+    :class:`GRPOLossOptions` fields by name); same outputs.
     """
-    log_probs, entropy = verl_logprob_entropy(logits, labels, temperature)
-    loss, metrics = reference.grpo_loss_from_log_probs(
-        log_probs,
-        entropy,
-        old_log_probs,
-        advantages,
-        response_mask,
-        ref_log_probs=ref_log_probs,
-        clip_ratio_low=clip_ratio_low,
-        clip_ratio_high=clip_ratio_high,
-        clip_ratio_c=clip_ratio_c,
-        kl_coef=kl_coef,
-        kl_type=kl_type,
-        entropy_coef=entropy_coef,
-        loss_agg_mode=loss_agg_mode,
+    options = resolve_options(options, option_overrides, "verl_grpo_loss")
+    log_probs, entropy = verl_logprob_entropy(logits, labels, options.temperature)
+    loss, metrics = grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs, options=options
     )
     return loss, log_probs, entropy, metrics
 

@@ -37,18 +37,10 @@ import sfpo_kernels
 from bench import linear_baselines
 from bench.conftest import Bench, Workload, bench_size, peak_memory
 from sfpo_kernels import reference
+from sfpo_kernels.loss_options import GRPOLossOptions
 
-TEMPERATURE = 1.0
-SETTINGS = {
-    "ref_log_probs": None,
-    "clip_ratio_low": 0.2,
-    "clip_ratio_high": 0.2,
-    "clip_ratio_c": 3.0,
-    "kl_coef": 0.0,
-    "kl_type": "low_var_kl",
-    "entropy_coef": 0.001,
-    "loss_agg_mode": "token-mean",
-}
+OPTIONS = GRPOLossOptions(entropy_coef=0.001)  # verl's defaults otherwise (no KL: no reference model here)
+TEMPERATURE = OPTIONS.temperature
 OLD_NOISE = 0.1
 MAX_PAD = 0.25
 
@@ -122,18 +114,12 @@ def loss_fn(impl: str, x: LinearInputs) -> Callable[[], torch.Tensor]:
     args = (x.labels, x.old_log_probs, x.advantages, x.response_mask)
     if impl in ("sfpo_fused", "sfpo_fused_c256"):
         chunk = 256 if impl == "sfpo_fused_c256" else None
-        return lambda: (
-            sfpo_kernels.linear_grpo_loss(
-                x.hidden, x.weight, *args, chunk_size=chunk, temperature=TEMPERATURE, **SETTINGS
-            ).loss
-        )
+        return lambda: sfpo_kernels.linear_grpo_loss(x.hidden, x.weight, *args, chunk_size=chunk, options=OPTIONS).loss
     if impl == "materialised":
-        return lambda: sfpo_kernels.grpo_loss(x.hidden @ x.weight.T, *args, temperature=TEMPERATURE, **SETTINGS).loss
+        return lambda: sfpo_kernels.grpo_loss(x.hidden @ x.weight.T, *args, options=OPTIONS).loss
     if impl == "verl_fused_linear":
         fused = linear_baselines.verl_fused_linear_fn()
-        return lambda: linear_baselines.verl_fused_linear_loss(
-            fused, x.hidden, x.weight, *args, temperature=TEMPERATURE, **SETTINGS
-        )
+        return lambda: linear_baselines.verl_fused_linear_loss(fused, x.hidden, x.weight, *args, options=OPTIONS)
     return linear_baselines.liger_fused_linear_loss(
         x.hidden,
         x.weight,
@@ -142,8 +128,8 @@ def loss_fn(impl: str, x: LinearInputs) -> Callable[[], torch.Tensor]:
         x.seq_advantages,
         x.response_mask,
         temperature=TEMPERATURE,
-        clip_ratio_low=SETTINGS["clip_ratio_low"],
-        clip_ratio_high=SETTINGS["clip_ratio_high"],
+        clip_ratio_low=OPTIONS.clip_ratio_low,
+        clip_ratio_high=OPTIONS.clip_ratio_high,
     )
 
 

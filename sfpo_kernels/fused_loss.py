@@ -22,7 +22,7 @@ and V = 151936 that is ~10 GB of fp32 temporaries per micro-batch. Here:
   read -- no ``0 * NaN`` from whatever a masked row holds, and no traffic;
 - the policy-gradient math on those per-token values (ratio, clipping, KL,
   aggregation, metrics) is O(N) elementwise work done by
-  :func:`sfpo_kernels.reference.grpo_loss_from_log_probs` under autograd,
+  :func:`sfpo_kernels.grpo_math.grpo_loss_from_log_probs` under autograd,
   which hands the kernel the exact ``g_logp`` and ``g_H``.
 
 Byte limit per call (what the benchmark compares against): forward reads the
@@ -34,8 +34,6 @@ up to 2^31 works, multiple of the block or not.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import NamedTuple
 
 import torch
@@ -44,8 +42,16 @@ import triton.language as tl
 
 from sfpo_kernels import reference
 from sfpo_kernels._backend import empty_for_kernel, resolve_backend
+from sfpo_kernels._loss_inputs import check_label_tensor, check_like, check_loss_inputs, response_labels, shape_of
 from sfpo_kernels._triton_utils import store_rounded, triton_interpreting
-from sfpo_kernels.loss_options import GRPOLossOptions
+from sfpo_kernels.grpo_math import grpo_loss_from_log_probs, response_positions
+from sfpo_kernels.loss_options import (  # noqa: F401 (LossOptionError, DEFAULT_LOSS_OPTIONS: re-exported)
+    DEFAULT_LOSS_OPTIONS,
+    GRPOLossOptions,
+    LossOptionError,
+    check_option,
+    resolve_options,
+)
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Launch settings on the GPU: one program per token row streaming V in blocks of GPU_BLOCK_V with
@@ -412,38 +418,16 @@ class GRPOLossOutput(NamedTuple):
     metrics: dict[str, torch.Tensor]  # 0-d tensors: call float() when logging
 
 
-def _check_real(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-
-
 def _check_logits(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() not in (2, 3):
-        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise ValueError(f"logits must be [N, V] or [B, T, V], got {shape}")
+        raise ValueError(f"logits must be [N, V] or [B, T, V], got {shape_of(logits)}")
     if logits.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"logits has dtype {logits.dtype}; supported: {', '.join(map(str, SUPPORTED_DTYPES))}")
     if logits.shape[-1] == 0:
         raise ValueError("logits has an empty vocabulary dimension")
     if logits.stride(-1) != 1:
         raise ValueError(f"logits must be contiguous in the vocabulary dimension, got strides {logits.stride()}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:-1]:
-        got = tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise ValueError(f"labels must have shape {tuple(logits.shape[:-1])} (logits without V), got {got}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device != logits.device:
-        raise ValueError(f"labels are on {labels.device} but logits on {logits.device}")
-
-
-def _check_like(name: str, t, logits: torch.Tensor) -> None:
-    """``t`` is a tensor shaped like ``logits`` without V, on its device."""
-    shape = logits.shape[:-1]
-    if not isinstance(t, torch.Tensor) or t.shape != shape:
-        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-        raise ValueError(f"{name} must have shape {tuple(shape)} (logits without V), got {got}")
-    if t.device != logits.device:
-        raise ValueError(f"{name} is on {t.device} but logits on {logits.device}")
+    check_label_tensor(labels, logits, "logits", "V")
 
 
 def logprob_entropy(
@@ -476,16 +460,14 @@ def logprob_entropy(
         ``dlogits`` from the Triton backward without being read.
     """
     _check_logits(logits, labels)
-    _check_real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    check_option("temperature", temperature)
     if response_mask is not None:
-        _check_like("response_mask", response_mask, logits)
+        check_like("response_mask", response_mask, logits, "logits", "V")
     name = resolve_backend(backend, logits.device)
     if name == "cuda":
         raise ValueError("backend 'cuda' has no fused loss (csrc/ holds the multi-tensor kernels); use triton or torch")
     labels = labels.to(torch.int64)  # one conversion, one behaviour for every integer dtype and backend
-    keep = None if response_mask is None else reference.response_positions(response_mask)
+    keep = None if response_mask is None else response_positions(response_mask)
     if name == "torch":
         return reference.logprob_entropy(logits, labels, temperature, response_mask=keep)
     return LogProbEntropyFunction.apply(logits, labels, float(temperature), bool(inplace_backward), keep)
@@ -499,23 +481,18 @@ def grpo_loss(
     response_mask: torch.Tensor,
     *,
     ref_log_probs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_ratio_low: float = 0.2,
-    clip_ratio_high: float = 0.2,
-    clip_ratio_c: float | None = 3.0,
-    kl_coef: float = 0.0,
-    kl_type: str = "low_var_kl",
-    entropy_coef: float = 0.0,
-    loss_agg_mode: str = "token-mean",
+    options: GRPOLossOptions | None = None,
     backend: str | None = None,
     inplace_backward: bool = False,
     check_labels: bool = True,
+    **option_overrides,
 ) -> GRPOLossOutput:
     """GRPO's clipped-ratio policy loss with entropy bonus and KL penalty, fused over the vocabulary.
 
     ``loss = agg(pg) - entropy_coef * agg(H) + kl_coef * agg(kl)``, every term as
     verl computes it (``compute_policy_loss_vanilla``, ``agg_loss``,
-    ``kl_penalty``); see ``DESIGN.md`` "Math conventions". With token weights
+    ``kl_penalty``; :mod:`sfpo_kernels.grpo_math` states the math, and
+    ``docs/conventions.md`` "Math conventions"). With token weights
     ``w = response_mask``: ``token-mean`` is ``sum w x / sum w``, the ``seq-*``
     modes average ``sum_t w x`` (or ``sum_t w x / sum_t w``) over the rows that
     hold a response position (``w != 0``), as verl's ``masked_sum`` weights.
@@ -524,6 +501,11 @@ def grpo_loss(
     gradient, whatever they hold (NaN and inf included): their ``dlogits`` are
     exact zeros, their ``log_probs`` and ``entropy`` 0, and the Triton kernels
     never read their logits.
+
+    Example::
+
+        out = grpo_loss(logits, labels, old, adv, mask, clip_ratio_high=0.28)
+        out = grpo_loss(logits, labels, old, adv, mask, options=GRPOLossOptions(clip_ratio_high=0.28))
 
     Args:
         logits: ``[B, T, V]`` (or packed ``[N, V]``), fp32/bf16/fp16, requires grad.
@@ -534,13 +516,14 @@ def grpo_loss(
             (0.5 counts half a token everywhere, as in verl).
         ref_log_probs: reference-policy log-probs, needed when ``kl_coef != 0``;
             when given, the ``kl`` metric is reported.
-        temperature, clip_ratio_low, clip_ratio_high: as in verl (DAPO's clip-higher:
-            ``clip_ratio_high > clip_ratio_low``).
-        clip_ratio_c: dual-clip bound for negative advantages (> 1), or None for off.
-        kl_type: kl/k1, abs, mse/k2, low_var_kl/k3, optionally with '+'.
-        loss_agg_mode: token-mean, token-sum, seq-mean-token-sum,
-            seq-mean-token-mean, seq-mean-token-sum-norm (the seq-* modes need ``[B, T]``).
+        options: a :class:`GRPOLossOptions` (default: its defaults).
+        **option_overrides: any field of :class:`GRPOLossOptions` by name
+            (``temperature=``, ``clip_ratio_high=``, ...; ``GRPOLossOptions.help()``
+            gives each one's meaning and domain), replacing that field of
+            ``options``. Another keyword raises ``TypeError``; a bad value
+            :class:`LossOptionError` (a ``ValueError`` naming the option).
         backend: as in :func:`logprob_entropy`.
+        inplace_backward: as in :func:`logprob_entropy`.
         check_labels: raise ``ValueError`` for labels outside ``[0, V)`` at response
             positions (costs one device-to-host sync).
 
@@ -553,47 +536,14 @@ def grpo_loss(
         weight (or ref log-prob when ``kl_coef != 0``). Each of them makes the
         loss NaN: the ratio's clamp no longer hides ``log p = -inf``.
     """
-    options = GRPOLossOptions(
-        temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type, entropy_coef, loss_agg_mode
-    )
+    options = resolve_options(options, option_overrides, "grpo_loss")
     _check_logits(logits, labels)
-    named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask}
-    if ref_log_probs is not None:
-        named["ref_log_probs"] = ref_log_probs
-    for name, t in named.items():
-        _check_like(name, t, logits)
-    if kl_coef != 0.0 and ref_log_probs is None:
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_log_probs")
-    if loss_agg_mode.startswith("seq-") and logits.dim() != 3:
-        raise ValueError(
-            f"loss_agg_mode={loss_agg_mode!r} needs [B, T, V] logits (sequences), got packed {tuple(logits.shape)}"
-        )
-    labels = labels.to(torch.int64)
-    keep = reference.response_positions(response_mask)
-    if check_labels:
-        vocab = logits.shape[-1]
-        bad = keep & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            index = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})"
-            )
+    check_loss_inputs(logits, "logits", "V", old_log_probs, advantages, response_mask, ref_log_probs, options)
+    labels, keep = response_labels(labels, response_mask, logits.shape[-1], check_labels)
     log_probs, entropy = logprob_entropy(
         logits, labels, options.temperature, response_mask=keep, backend=backend, inplace_backward=inplace_backward
     )
-    loss, metrics = reference.grpo_loss_from_log_probs(
-        log_probs,
-        entropy,
-        old_log_probs,
-        advantages,
-        response_mask,
-        ref_log_probs=ref_log_probs,
-        clip_ratio_low=options.clip_ratio_low,
-        clip_ratio_high=options.clip_ratio_high,
-        clip_ratio_c=options.clip_ratio_c,
-        kl_coef=options.kl_coef,
-        kl_type=options.kl_type,
-        entropy_coef=options.entropy_coef,
-        loss_agg_mode=options.loss_agg_mode,
+    loss, metrics = grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs, options=options
     )
     return GRPOLossOutput(loss, log_probs, entropy, metrics)

@@ -16,7 +16,7 @@ chunk over the response tokens only:
   ``dz = (g_logp (onehot(y) - p) + g_H p (mu - z)) / temperature`` into ``z``'s
   own memory, then ``dh_c = dz @ W`` and ``dW += dz^T @ h_c``, ``db += sum dz``
   (fp32 accumulators for bf16/fp16; returned in the weight's dtype);
-- the O(N) policy-gradient math is :func:`reference.grpo_loss_from_log_probs`,
+- the O(N) policy-gradient math is :func:`sfpo_kernels.grpo_math.grpo_loss_from_log_probs`,
   exactly what :func:`sfpo_kernels.grpo_loss` runs on the materialised logits.
 
 Memory beyond the inputs: one chunk of logits (plus the torch path's fp32
@@ -42,17 +42,17 @@ from __future__ import annotations
 
 import torch
 
-from sfpo_kernels import reference
 from sfpo_kernels._backend import resolve_backend
+from sfpo_kernels._loss_inputs import check_label_tensor, check_like, check_loss_inputs, response_labels, shape_of
 from sfpo_kernels.fused_loss import (
     SUPPORTED_DTYPES,
-    GRPOLossOptions,
     GRPOLossOutput,
-    _check_real,
     flat_labels,
     logprob_entropy_bwd,
     logprob_entropy_fwd,
 )
+from sfpo_kernels.grpo_math import grpo_loss_from_log_probs, response_positions
+from sfpo_kernels.loss_options import GRPOLossOptions, check_option, resolve_options
 
 CHUNK_BUDGET_BYTES = 256 * 2**20
 CHUNK_ROW_MULTIPLE = 128
@@ -203,15 +203,13 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
 # --------------------------------------------------------------------------- argument checks
 
 
-def _shape(t) -> object:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
 def _check_head(hidden, weight, bias, labels) -> None:
     if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3):
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got {_shape(hidden)}")
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got {shape_of(hidden)}")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), got {_shape(weight)}")
+        raise ValueError(
+            f"weight must be [V, H] with H = {hidden.shape[-1]} (hidden's last dim), got {shape_of(weight)}"
+        )
     if weight.shape[0] == 0:
         raise ValueError("weight has an empty vocabulary dimension (V = 0)")
     for name, t in (("hidden", hidden), ("weight", weight)):
@@ -225,36 +223,18 @@ def _check_head(hidden, weight, bias, labels) -> None:
         )
     if bias is not None:
         if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape[:1]:
-            raise ValueError(f"bias must be [V] = [{weight.shape[0]}] or None, got {_shape(bias)}")
+            raise ValueError(f"bias must be [V] = [{weight.shape[0]}] or None, got {shape_of(bias)}")
         if bias.dtype != weight.dtype or bias.device != weight.device:
             raise ValueError(
                 f"bias must have weight's dtype and device ({weight.dtype}, {weight.device}), "
                 f"got {bias.dtype}, {bias.device}"
             )
-    if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"labels must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {_shape(labels)}")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-    if labels.device != hidden.device:
-        raise ValueError(f"labels are on {labels.device} but hidden on {hidden.device}")
-
-
-def _check_like_hidden(name: str, t, hidden: torch.Tensor) -> None:
-    if not isinstance(t, torch.Tensor) or t.shape != hidden.shape[:-1]:
-        raise ValueError(f"{name} must have shape {tuple(hidden.shape[:-1])} (hidden without H), got {_shape(t)}")
-    if t.device != hidden.device:
-        raise ValueError(f"{name} is on {t.device} but hidden on {hidden.device}")
+    check_label_tensor(labels, hidden, "hidden", "H")
 
 
 def _check_chunk(chunk_size) -> None:
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None (from the memory budget), got {chunk_size!r}")
-
-
-def _check_temperature(temperature) -> None:
-    _check_real("temperature", temperature)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
 
 # --------------------------------------------------------------------------- public API
@@ -321,12 +301,12 @@ def linear_logprob_entropy(
         w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
     _check_head(hidden, weight, bias, labels)
-    _check_temperature(temperature)
+    check_option("temperature", temperature)
     _check_chunk(chunk_size)
     keep = None
     if response_mask is not None:
-        _check_like_hidden("response_mask", response_mask, hidden)
-        keep = reference.response_positions(response_mask)
+        check_like("response_mask", response_mask, hidden, "hidden", "H")
+        keep = response_positions(response_mask)
     return _rows_logprob_entropy(hidden, weight, bias, labels.to(torch.int64), keep, temperature, chunk_size, backend)
 
 
@@ -341,77 +321,39 @@ def linear_grpo_loss(
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     ref_log_probs: torch.Tensor | None = None,
-    temperature: float = 1.0,
-    clip_ratio_low: float = 0.2,
-    clip_ratio_high: float = 0.2,
-    clip_ratio_c: float | None = 3.0,
-    kl_coef: float = 0.0,
-    kl_type: str = "low_var_kl",
-    entropy_coef: float = 0.0,
-    loss_agg_mode: str = "token-mean",
+    options: GRPOLossOptions | None = None,
     backend: str | None = None,
     check_labels: bool = True,
+    **option_overrides,
 ) -> GRPOLossOutput:
     """:func:`sfpo_kernels.grpo_loss` on ``logits = hidden @ weight.T + bias``, without those logits.
 
     Loss, metrics and semantics are ``grpo_loss``'s on the materialised logits
-    (every ``loss_agg_mode``, KL type, clip setting, temperature and
-    ``entropy_coef``; see its docstring), except that ``log_probs`` and
-    ``entropy`` are 0 at masked positions, which never go through the head.
-    Masked positions never affect the loss, the metrics or any gradient,
-    whatever their hidden states hold: their gradient rows are exact zeros.
+    (every option of :class:`GRPOLossOptions`; see its docstring), except that
+    ``log_probs`` and ``entropy`` are 0 at masked positions, which never go
+    through the head. Masked positions never affect the loss, the metrics or
+    any gradient, whatever their hidden states hold: their gradient rows are
+    exact zeros.
 
     Args:
         hidden, weight, labels, bias, chunk_size, backend: as in :func:`linear_logprob_entropy`.
         old_log_probs, advantages, response_mask, ref_log_probs: ``hidden.shape[:-1]``.
-        the rest: as in :func:`sfpo_kernels.grpo_loss`.
+        options, **option_overrides, check_labels: as in :func:`sfpo_kernels.grpo_loss`
+            (``options=GRPOLossOptions(...)`` and/or its fields by name, e.g. ``clip_ratio_high=0.28``).
 
     Returns:
         :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``; the loss is
         differentiable w.r.t. ``hidden``, ``weight`` and ``bias``.
     """
-    options = GRPOLossOptions(
-        temperature, clip_ratio_low, clip_ratio_high, clip_ratio_c, kl_coef, kl_type, entropy_coef, loss_agg_mode
-    )
+    options = resolve_options(options, option_overrides, "linear_grpo_loss")
     _check_head(hidden, weight, bias, labels)
     _check_chunk(chunk_size)
-    named = {"old_log_probs": old_log_probs, "advantages": advantages, "response_mask": response_mask}
-    if ref_log_probs is not None:
-        named["ref_log_probs"] = ref_log_probs
-    for name, t in named.items():
-        _check_like_hidden(name, t, hidden)
-    if kl_coef != 0.0 and ref_log_probs is None:
-        raise ValueError(f"kl_coef={kl_coef!r} needs ref_log_probs")
-    if loss_agg_mode.startswith("seq-") and hidden.dim() != 3:
-        raise ValueError(
-            f"loss_agg_mode={loss_agg_mode!r} needs [B, T, H] hidden (sequences), got packed {tuple(hidden.shape)}"
-        )
-    labels = labels.to(torch.int64)
-    keep = reference.response_positions(response_mask)
-    if check_labels:
-        vocab = weight.shape[0]
-        bad = keep & ((labels < 0) | (labels >= vocab))
-        if bool(bad.any()):
-            index = tuple(int(i) for i in bad.nonzero()[0])
-            raise ValueError(
-                f"labels{list(index)} = {int(labels[index])} at a response position is outside [0, {vocab})"
-            )
+    check_loss_inputs(hidden, "hidden", "H", old_log_probs, advantages, response_mask, ref_log_probs, options)
+    labels, keep = response_labels(labels, response_mask, weight.shape[0], check_labels)
     log_probs, entropy = _rows_logprob_entropy(
         hidden, weight, bias, labels, keep, options.temperature, chunk_size, backend
     )
-    loss, metrics = reference.grpo_loss_from_log_probs(
-        log_probs,
-        entropy,
-        old_log_probs,
-        advantages,
-        response_mask,
-        ref_log_probs=ref_log_probs,
-        clip_ratio_low=options.clip_ratio_low,
-        clip_ratio_high=options.clip_ratio_high,
-        clip_ratio_c=options.clip_ratio_c,
-        kl_coef=options.kl_coef,
-        kl_type=options.kl_type,
-        entropy_coef=options.entropy_coef,
-        loss_agg_mode=options.loss_agg_mode,
+    loss, metrics = grpo_loss_from_log_probs(
+        log_probs, entropy, old_log_probs, advantages, response_mask, ref_log_probs=ref_log_probs, options=options
     )
     return GRPOLossOutput(loss, log_probs, entropy, metrics)

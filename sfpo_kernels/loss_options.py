@@ -3,7 +3,9 @@
 Every caller of the loss (:func:`sfpo_kernels.grpo_loss`,
 :func:`sfpo_kernels.linear_grpo_loss`, the standalone trainer, the verl plugin,
 the benchmarks) builds one :class:`GRPOLossOptions` and passes it on. Adding an
-option is one field here (default, help, check) plus its math.
+option is one field here (default, help, check) plus its math in
+:mod:`sfpo_kernels.grpo_math`: every loss entry point takes ``options=`` and the
+option's name as a keyword (:func:`resolve_options`), without naming it.
 
 A bad value raises :class:`LossOptionError`, a ``ValueError`` that carries the
 option's name (``.option``) and value, so a caller can name its own key for it.
@@ -14,7 +16,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 # verl 0.9.1's names (``kl_penalty``, ``agg_loss``); a '+' suffix on a KL type takes the k2 gradient.
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")
@@ -109,9 +111,7 @@ class GRPOLossOptions:
 
     def __post_init__(self):
         for f in fields(self):
-            message = f.metadata["check"](f.name, getattr(self, f.name))
-            if message is not None:
-                raise LossOptionError(f.name, getattr(self, f.name), message)
+            check_option(f.name, getattr(self, f.name))
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -130,5 +130,35 @@ class GRPOLossOptions:
         """``{option: value}``, the keyword arguments of :func:`sfpo_kernels.grpo_loss`."""
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
+
+def check_option(name: str, value) -> None:
+    """Raise :class:`LossOptionError` unless ``value`` is good for option ``name`` (e.g. a bare temperature)."""
+    message = _FIELDS[name].metadata["check"](name, value)
+    if message is not None:
+        raise LossOptionError(name, value, message)
+
+
+def resolve_options(options: GRPOLossOptions | None, overrides: dict, caller: str) -> GRPOLossOptions:
+    """``options`` (default: :data:`DEFAULT_LOSS_OPTIONS`) with ``overrides`` (option keywords) replaced.
+
+    What every loss entry point does with its ``options=None, **option_overrides``:
+    ``grpo_loss(..., clip_ratio_high=0.28)`` and
+    ``grpo_loss(..., options=GRPOLossOptions(clip_ratio_high=0.28))`` are the same
+    call, and an override on top of ``options`` replaces that field. A keyword that
+    is no option raises ``TypeError`` as Python does for ``caller``'s signature; a
+    bad value raises :class:`LossOptionError`.
+    """
+    unknown = [name for name in overrides if name not in _NAMES]
+    if unknown:
+        raise TypeError(f"{caller}() got an unexpected keyword argument {unknown[0]!r}")
+    if options is None:
+        options = DEFAULT_LOSS_OPTIONS
+    elif not isinstance(options, GRPOLossOptions):
+        raise TypeError(f"{caller}() options must be a GRPOLossOptions or None, got {type(options).__name__}")
+    return replace(options, **overrides) if overrides else options
+
+
+_FIELDS = {f.name: f for f in fields(GRPOLossOptions)}
+_NAMES = frozenset(_FIELDS)
 
 DEFAULT_LOSS_OPTIONS = GRPOLossOptions()
