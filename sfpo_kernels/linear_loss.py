@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import torch
 
-from sfpo_kernels._backend import resolve_backend
+from sfpo_kernels._backend import empty_for_kernel, resolve_backend
 from sfpo_kernels._loss_inputs import check_label_tensor, check_like, check_loss_inputs, response_labels, shape_of
 from sfpo_kernels.fused_loss import (
     SUPPORTED_DTYPES,
@@ -149,7 +149,7 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
             w, b = weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
             h = h.to(compute_dtype)
             n = h.shape[0]
-            out = torch.empty((4, n), dtype=torch.float32, device=h.device)
+            out = empty_for_kernel((4, n), dtype=torch.float32, device=h.device)  # every chunk fills its columns
             for start in range(0, n, chunk):
                 rows = slice(start, start + chunk)
                 z = _head(h[rows], w, b)  # [c, V]: the only logits alive
@@ -174,7 +174,8 @@ class LinearLogProbEntropyFunction(torch.autograd.Function):
         acc_dtype = torch.promote_types(compute_dtype, torch.float32)
         with torch.autocast(h.device.type, enabled=False):
             w, b = weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype)
-            dh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+            want_dh = ctx.needs_input_grad[0]  # every chunk fills its rows of dh
+            dh = empty_for_kernel(h.shape, dtype=h.dtype, device=h.device) if want_dh else None
             dw = torch.zeros(weight.shape, dtype=acc_dtype, device=h.device) if ctx.needs_input_grad[1] else None
             want_db = bias is not None and ctx.needs_input_grad[2]
             db = torch.zeros(w.shape[0], dtype=acc_dtype, device=h.device) if want_db else None
