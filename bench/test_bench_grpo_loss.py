@@ -20,14 +20,15 @@ Byte limit (``bytes_moved`` of every row, so GB/s is the *effective* bandwidth):
 the logits once, ``N V s`` bytes (``s`` the element size); full reads them twice and writes
 ``dlogits`` once, ``3 N V s``. ``pct_of_copy`` divides that GB/s by the device-to-device copy
 bandwidth of a logits-sized copy measured in the same run; ``x_of_limit`` = 100 / pct_of_copy
-is the time over the limit's time (the DESIGN target: <= 1.3 for full). ``peak_mem_*``: what one
-call allocates above its inputs (GPU only). Full rows time the forward, ``loss.backward()`` and
-``logits.grad = None`` (the conftest's timed call has no per-round setup hook; dropping the
-gradient is a free of a cached block).
+is the time over the limit's time (target (docs/conventions.md, "Performance targets"): <= 1.3
+for full). ``peak_mem_*``: what one call allocates above its inputs (GPU only). Full rows time
+the forward, ``loss.backward()`` and ``logits.grad = None`` (the conftest's timed call has no
+per-round setup hook; dropping the gradient is a free of a cached block).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,11 +40,13 @@ import sfpo_kernels
 from bench import loss_baselines
 from bench.conftest import Bench, Workload, bench_size, peak_memory
 from sfpo_kernels import triton_interpreting
+from sfpo_kernels.loss_options import GRPOLossOptions
 
-TEMPERATURE = 1.0
-CLIP_LOW, CLIP_HIGH, CLIP_C = 0.2, 0.2, 3.0
-ENTROPY_COEF = 0.001
-KL_COEF, KL_TYPE = 0.001, "low_var_kl"
+# verl's defaults (clip 0.2 / 0.2, dual clip 3, low_var_kl, token-mean) with a small entropy bonus; KL_COEF
+# replaces kl_coef in the rows with KL.
+OPTIONS = GRPOLossOptions(entropy_coef=0.001)
+TEMPERATURE = OPTIONS.temperature
+KL_COEF = 0.001
 LOGIT_STD = 2.0  # about the spread of a trained LM's logits
 OLD_NOISE = 0.1  # old_log_probs = log_probs + N(0, 0.1): about 7% of the ratios leave [0.8, 1.2]
 REF_NOISE = 0.1
@@ -162,20 +165,11 @@ def loss_fn(impl: str, x: LossInputs, kl: bool) -> Callable[[], torch.Tensor]:
             x.response_mask,
             ref_log_probs=ref,
             temperature=TEMPERATURE,
-            clip_ratio_low=CLIP_LOW,
-            clip_ratio_high=CLIP_HIGH,
+            clip_ratio_low=OPTIONS.clip_ratio_low,
+            clip_ratio_high=OPTIONS.clip_ratio_high,
             kl_coef=kl_coef,
         )
-    kwargs = dict(
-        ref_log_probs=ref,
-        temperature=TEMPERATURE,
-        clip_ratio_low=CLIP_LOW,
-        clip_ratio_high=CLIP_HIGH,
-        clip_ratio_c=CLIP_C,
-        kl_coef=kl_coef,
-        kl_type=KL_TYPE,
-        entropy_coef=ENTROPY_COEF,
-    )
+    kwargs = dict(ref_log_probs=ref, options=dataclasses.replace(OPTIONS, kl_coef=kl_coef))
     if impl == "sfpo_triton":
         return lambda: (
             sfpo_kernels.grpo_loss(
@@ -241,13 +235,13 @@ def measure(
         batch=batch,
         seq_len=seq_len,
         response_tokens=int(x.response_mask.sum()),
-        kl=KL_TYPE if kl else "off",
+        kl=OPTIONS.kl_type if kl else "off",
         byte_limit=limit,
         bytes_counted="byte limit",
         temperature=TEMPERATURE,
     )
     if op == "grpo_loss":
-        info.update(entropy_coef=0.0 if impl == "liger" else ENTROPY_COEF, kl_coef=KL_COEF if kl else 0.0)
+        info.update(entropy_coef=0.0 if impl == "liger" else OPTIONS.entropy_coef, kl_coef=KL_COEF if kl else 0.0)
     stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
     if stats is not None and stats.median > 0:  # the median over the limit's time at the measured copy bandwidth
         info["x_of_limit"] = round(stats.median * info["copy_gbps"] * 1e9 / limit, 3)
