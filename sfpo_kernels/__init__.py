@@ -9,7 +9,8 @@ Stage II of every SFPO iteration, on any list of tensors, one launch per
 and the GRPO loss with the log-softmax over the vocabulary fused into one pass
 forward and one backward (no fp32 ``[tokens, vocab]`` temporaries):
 
-- :func:`grpo_loss` -> :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``
+- :func:`grpo_loss` -> :class:`GRPOLossOutput` ``(loss, log_probs, entropy, metrics)``; its options
+  are one :class:`GRPOLossOptions` (``options=``) or its fields by name
 - :func:`logprob_entropy`: the fused pass alone (old-policy / reference log-probs)
 - :func:`linear_grpo_loss`, :func:`linear_logprob_entropy`: the same with the LM head fused in
   (``hidden @ weight.T`` chunk by chunk: no ``[tokens, vocab]`` logits at all)
@@ -23,11 +24,14 @@ truth lives in :mod:`sfpo_kernels.reference`.
 from sfpo_kernels._backend import BACKENDS, triton_interpreting
 from sfpo_kernels.fused_loss import GRPOLossOutput, grpo_loss, logprob_entropy
 from sfpo_kernels.linear_loss import linear_grpo_loss, linear_logprob_entropy
+from sfpo_kernels.loss_options import GRPOLossOptions, LossOptionError
 from sfpo_kernels.reposition import Snapshot, reposition_, snapshot
 
 __all__ = [
     "BACKENDS",
+    "GRPOLossOptions",
     "GRPOLossOutput",
+    "LossOptionError",
     "Snapshot",
     "grpo_loss",
     "linear_grpo_loss",
