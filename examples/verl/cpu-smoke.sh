@@ -7,7 +7,8 @@
 #
 #   OUT                 directory for everything the run writes: checkpoints (OUT/checkpoints), the console
 #                       log (OUT/run.log, appended to), verl's metrics (OUT/metrics/<time>.jsonl, one
-#                       file per invocation)
+#                       file per invocation), hydra's files of the run (OUT/hydra/<time>/; nothing is
+#                       written to the current directory)
 #   SFPO_SMOKE_RANKS    FSDP2 ranks, 1 or 2 (default 1); each is a Ray worker holding one logical GPU
 #   overrides           passed to verl last, so they win, e.g.
 #                         trainer.total_training_steps=3 trainer.resume_mode=auto
@@ -32,7 +33,8 @@ if [[ "$RANKS" != 1 && "$RANKS" != 2 ]]; then
 fi
 mkdir -p "$OUT/metrics"
 OUT=$(cd "$OUT" && pwd)
-METRICS="$OUT/metrics/$(date -u +%Y%m%dT%H%M%S)-$$.jsonl"
+STAMP="$(date -u +%Y%m%dT%H%M%S)-$$"
+METRICS="$OUT/metrics/$STAMP.jsonl"
 PYTHON=${PYTHON:-python}
 ASSETS=$("$PYTHON" -c "from sfpo_train.tasks import TASK_ASSETS; print(TASK_ASSETS['addition'])")
 SCORER=$("$PYTHON" -c "import inspect, sfpo_train.tasks as t; print(inspect.getsourcefile(t))")
@@ -41,6 +43,7 @@ SCORER=$("$PYTHON" -c "import inspect, sfpo_train.tasks as t; print(inspect.gets
 # fp32 and eager attention on CPU; no validation pass (500 test problems would dominate the run).
 set -x
 "$PYTHON" -m sfpo_train.verl.main \
+  hydra.run.dir="$OUT/hydra/$STAMP" \
   trainer.device=cpu \
   trainer.n_gpus_per_node="$RANKS" \
   trainer.nnodes=1 \

@@ -10,7 +10,12 @@
 - :mod:`sfpo_train.verl.fused`: ``sfpo_kernels.logprob_entropy`` in the actor's
   log-prob path and the ``sfpo_vanilla`` policy loss.
 - :mod:`sfpo_train.verl.config`: the config keys, validated and normalised.
-- :mod:`sfpo_train.verl.cpu`: verl on CPU (tests, smoke runs).
+- :mod:`sfpo_train.verl.plugin`: what the ``verl.plugins`` entry point loads in
+  every verl process (the ``sfpo_vanilla`` policy loss only).
+- :mod:`sfpo_train.verl.verl_internals`: every use of verl below its public
+  surface, checked against the verl version it was written for.
+- :mod:`sfpo_train.verl.cpu_runtime`: verl on CPU (platform, engine, the ``hf``
+  rollout; tests, smoke runs), registered only where a run asks for it.
 
 Importing this package does not import verl; its submodules do. ``import
 sfpo_train`` never imports this package.

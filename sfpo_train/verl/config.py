@@ -13,9 +13,10 @@ Two spellings are accepted under ``actor_rollout_ref.actor``:
 verl builds ``ActorConfig(**actor)`` and rejects keys it does not know, so
 :func:`normalize_sfpo_config` moves every SFPO key out of
 ``actor_rollout_ref.actor`` into one canonical block ``actor_rollout_ref.sfpo``
-(a sibling that verl never instantiates). It is idempotent: the driver calls it
-before verl validates the config and the worker calls it again on the config it
-receives, so a worker built from a hand-made config works too.
+(a sibling that verl never instantiates). The driver calls it once, before verl
+validates the config (:func:`sfpo_train.verl.main.prepare_config`); the workers
+read the block it wrote with :func:`normalized_settings`. It is idempotent, so a
+hand-built config may go through it again.
 """
 
 from __future__ import annotations
@@ -140,6 +141,24 @@ def normalize_sfpo_config(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
                     actor["calculate_entropy"] = True  # the update passes' entropy (actor/entropy_loss)
         actor_rollout_ref["sfpo"] = settings.to_dict()
     return settings
+
+
+def normalized_settings(actor_rollout_ref: DictConfig) -> VerlSFPOSettings:
+    """The settings in the block :func:`normalize_sfpo_config` wrote (``actor_rollout_ref.sfpo``); SFPO off without one.
+
+    ``ValueError`` when SFPO keys are still under ``actor_rollout_ref.actor``: the
+    config did not go through :func:`normalize_sfpo_config` (the entry point's
+    driver calls it; call it yourself on a config you build by hand).
+    """
+    actor = actor_rollout_ref.get("actor")
+    left = [] if actor is None else [k for k in ("sfpo", *AUTHOR_KEYS) if k in actor]
+    if left:
+        raise ValueError(
+            f"actor_rollout_ref.actor still holds SFPO keys {left}: pass the config through "
+            "sfpo_train.verl.config.normalize_sfpo_config(config.actor_rollout_ref) first"
+        )
+    block = actor_rollout_ref.get("sfpo")
+    return settings_from_dict(OmegaConf.to_container(block, resolve=True) if block is not None else {})
 
 
 def resolve_fused_kernels(settings: VerlSFPOSettings, device: str) -> bool:

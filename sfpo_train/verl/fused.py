@@ -15,6 +15,23 @@ exists -- never more than verl's own ``FusedLinearForPPO`` holds (512 rows of
 fp32 logits; ours: the rows that fit 256 MiB in the compute dtype). The same
 forward serves the old-log-prob pass, the reference pass and training.
 
+What is patched, and only with ``fused_kernels`` on (:func:`sfpo_train.verl.config.resolve_fused_kernels`):
+
+- the ``forward`` of the HF model class on which verl itself patched its dense
+  fused forward (``Qwen2ForCausalLM.forward``, say), in the actor worker's process,
+  once its models are built (``SFPOActorRolloutRefWorker.init_model`` calls
+  :func:`install_logprob_forward`): verl offers no hook to choose that forward,
+  and replacing verl's replacement is the only way in. It changes the class for
+  every instance in that process (actor and reference model alike), and only
+  where verl had already patched it;
+- during each such forward, the LM head's *instance* ``forward`` for one call
+  (:func:`call_as_forward`), so that FSDP's hooks gather the head's weight; put
+  back right after.
+
+Nothing else of verl's or transformers' code is changed; the lookup of verl's
+forward and the class assignment are in
+:func:`sfpo_train.verl.verl_internals.replace_dense_fused_forward`.
+
 The per-token policy-gradient math runs in :func:`compute_policy_loss_sfpo`,
 registered with verl as the policy loss ``"sfpo_vanilla"``: our
 ``policy_loss_terms`` (GRPO's clipped ratio with dual clip, verl's
@@ -29,16 +46,17 @@ import warnings
 from typing import Any
 
 import torch
-from verl.trainer.ppo.core_algos import agg_loss, register_policy_loss
+from verl.trainer.ppo.core_algos import agg_loss
 
 import sfpo_kernels
 from sfpo_kernels import reference
+from sfpo_train.verl import verl_internals
 
 POLICY_LOSS_NAME = "sfpo_vanilla"
 logger = logging.getLogger(__name__)
 
 
-@register_policy_loss(POLICY_LOSS_NAME)
+@verl_internals.register_policy_loss(POLICY_LOSS_NAME)
 def compute_policy_loss_sfpo(
     old_log_prob: torch.Tensor,
     log_prob: torch.Tensor,
@@ -100,11 +118,10 @@ def forward_with_sfpo_kernels(
     ``entropy[t] = H(softmax(z_t / T))``, ``z = lm_head(hidden)``, by
     ``sfpo_kernels.linear_logprob_entropy`` (the logits exist one chunk at a time).
     """
-    from verl.models.transformers import dense_common
-
+    forward_base_model, causal_lm_output = verl_internals.dense_forward_parts()
     if return_dict is False:
         raise ValueError("forward_with_sfpo_kernels returns a CausalLMOutputForPPO; return_dict=False is not supported")
-    outputs = dense_common.forward_base_model(
+    outputs = forward_base_model(
         self,
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -131,7 +148,7 @@ def forward_with_sfpo_kernels(
         log_probs, entropy = call_as_forward(
             self.lm_head, _linear_logprob_entropy, hidden, rolled, temperature, "torch"
         )
-    return dense_common.CausalLMOutputForPPO(
+    return causal_lm_output(
         log_probs=log_probs,
         entropy=entropy,
         past_key_values=outputs.past_key_values,
@@ -169,7 +186,7 @@ def call_as_forward(head: torch.nn.Module, fn, hidden: torch.Tensor, *args):
 
 
 def install_logprob_forward(module: torch.nn.Module) -> type:
-    """Replace verl's fused forward on ``module``'s HF class with :func:`forward_with_sfpo_kernels`.
+    """Replace verl's fused forward on ``module``'s HF class with :func:`forward_with_sfpo_kernels` (a class patch).
 
     verl patches the class (``model.__class__.forward``) before FSDP wraps the
     model in a generated subclass, so the class to patch is the one in the MRO
@@ -177,20 +194,7 @@ def install_logprob_forward(module: torch.nn.Module) -> type:
     Raises ``ValueError`` when verl did not install one (``use_fused_kernels``
     off, or a model with its own forward such as the vision-language ones).
     """
-    from verl.models.transformers import dense_common
-
-    verl_forwards = (dense_common.forward_with_torch_backend, dense_common.forward_with_triton_backend)
-    for cls in type(module).__mro__:
-        forward = cls.__dict__.get("forward")
-        if forward is forward_with_sfpo_kernels:
-            return cls
-        if forward in verl_forwards:
-            cls.forward = forward_with_sfpo_kernels
-            return cls
-    raise ValueError(
-        f"fused_kernels needs verl's dense fused forward on {type(module).__name__} "
-        "(model.use_fused_kernels=True on a text-only model); none was found"
-    )
+    return verl_internals.replace_dense_fused_forward(module, forward_with_sfpo_kernels)
 
 
 # --------------------------------------------------------------------------- first-use check

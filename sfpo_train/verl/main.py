@@ -23,6 +23,9 @@ from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
 def prepare_config(config):
     """Normalise the SFPO keys (out of verl's ``ActorConfig``), settle ``fused_kernels``, check the run; in place.
 
+    The one place the keys are normalised: the workers read the block written
+    here (:func:`~sfpo_train.verl.config.normalized_settings`).
+
     ``fused_kernels="auto"`` is on for CUDA runs with SFPO on and off otherwise
     (:func:`~sfpo_train.verl.config.resolve_fused_kernels`, the rule the workers
     apply too). Returns the :class:`~sfpo_train.verl.config.VerlSFPOSettings`.
@@ -47,7 +50,7 @@ def needs_sfpo_runner(settings, device: str) -> bool:
     """Whether the run needs our worker: SFPO or the fused kernels on, or a CPU run; otherwise it is exactly verl's.
 
     A CPU run needs our worker with SFPO off too: it sets verl up for the CPU
-    in its Ray process (:func:`sfpo_train.verl.cpu.use_cpu`).
+    in its Ray process (:func:`sfpo_train.verl.cpu_runtime.engine.use_cpu`).
     """
     from sfpo_train.verl.config import resolve_fused_kernels
 
@@ -60,16 +63,16 @@ def run(config) -> None:
     Both off: verl's own ``main_ppo.main`` on the config (its ``use_v1`` and
     ``trainer_mode`` honoured, its task runner, nothing of ours in the loop).
     """
-    from verl.trainer.main_ppo import main as verl_main
     from verl.trainer.main_ppo import run_ppo
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
     from verl.utils.config import validate_config
     from verl.utils.device import auto_set_device
 
-    from sfpo_train.verl.cpu_mode import apply_cpu_mode, apply_hf_rollout_defaults
+    from sfpo_train.verl import verl_internals
+    from sfpo_train.verl.cpu_runtime.mode import apply_cpu_mode, apply_hf_rollout_defaults
 
     if config.trainer.get("device", "cuda") == "cpu":
-        from sfpo_train.verl.cpu import select_platform
+        from sfpo_train.verl.cpu_runtime.platform import select_platform
 
         changes = apply_cpu_mode(config)
         select_platform()  # before auto_set_device, which would otherwise turn "cpu" into a detected "cuda"
@@ -83,7 +86,7 @@ def run(config) -> None:
     auto_set_device(config)
     settings = prepare_config(config)
     if not needs_sfpo_runner(settings, config.trainer.device):
-        verl_main.__wrapped__(config)  # hydra.main keeps the undecorated function: verl's exact entry point
+        verl_internals.verl_main_undecorated()(config)  # verl's exact entry point
         return
     from sfpo_train.verl.trainer import SFPOTaskRunner
 

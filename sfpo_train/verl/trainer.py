@@ -1,11 +1,13 @@
 """verl 0.9.1's v1 synchronous PPO trainer, with SFPO's worker and the iteration's entropy handed to it.
 
-Two small overrides of ``PPOTrainerSync`` (no change to verl's loop):
+Two small hooks into ``PPOTrainerSync`` (no change to verl's loop), which
+:func:`sfpo_train.verl.verl_internals.sync_trainer_base` puts on verl's private
+``_init_resource_pool_mgr`` and ``_update_actor``:
 
-- ``_init_resource_pool_mgr``: the actor (and reference) workers are
+- :meth:`SFPOTrainer.after_resource_pools`: the actor (and reference) workers are
   ``SFPOTrainer.worker_cls`` (:class:`~sfpo_train.verl.worker.SFPOActorRolloutRefWorker`
   unless a subclass names another) instead of verl's ``ActorRolloutRefWorker``;
-- ``_update_actor``: with SFPO on, the entropy verl just computed in the
+- :meth:`SFPOTrainer.before_actor_update`: with SFPO on, the entropy verl just computed in the
   old-log-prob pass (``metrics["actor/entropy"]``, the response-token aggregate
   with the actor's ``loss_agg_mode``) goes to the workers as the non-tensor key
   ``sfpo_entropy``: this is the entropy SFPO's trigger watches.
@@ -18,48 +20,42 @@ from __future__ import annotations
 
 import ray
 from omegaconf import OmegaConf
-from verl.trainer.main_ppo import TaskRunnerV1
 from verl.trainer.ppo.utils import Role
-from verl.trainer.ppo.v1.trainer_sync import PPOTrainerSync
 
-# imported for their registration with verl (the cpu platform, rollout.name=hf), which the task runner's process
-# needs also with verl's plugin loading switched off (VERL_USE_EXTERNAL_PLUGINS=none)
-from sfpo_train.verl import cpu, hf_rollout  # noqa: F401
+from sfpo_train.verl import verl_internals
 from sfpo_train.verl.worker import ENTROPY_KEY, SFPOActorRolloutRefWorker
 
 _ACTOR_ROLES = (Role.Actor, Role.ActorRollout, Role.ActorRolloutRef, Role.RefPolicy)
 
 
-class SFPOTrainer(PPOTrainerSync):
+class SFPOTrainer(verl_internals.sync_trainer_base()):
     """verl's sync trainer with :attr:`worker_cls` as its actor worker and the entropy handed to it."""
 
     #: the actor/rollout/ref worker class; a subclass of SFPOActorRolloutRefWorker (a CPU variant, a
     #: worker with extra methods) is injected by subclassing the trainer and naming it here
     worker_cls: type = SFPOActorRolloutRefWorker
 
-    def _init_resource_pool_mgr(self):
-        super()._init_resource_pool_mgr()
+    def after_resource_pools(self) -> None:
         for role in self.role_worker_mapping:
             if role in _ACTOR_ROLES:
                 self.role_worker_mapping[role] = ray.remote(self.worker_cls)
 
-    def _update_actor(self, batch, metrics: dict):
+    def before_actor_update(self, batch, metrics: dict) -> None:
         sfpo = self.config.actor_rollout_ref.get("sfpo", {})
         if not sfpo.get("enable", False):
-            return super()._update_actor(batch, metrics)  # fused kernels only: verl's update, no trigger
+            return  # fused kernels only: verl's update, no trigger
         entropy = metrics.get("actor/entropy")
         if entropy is None and sfpo.get("trigger_entropy") == "last_pass":
-            return super()._update_actor(batch, metrics)  # the worker reads the last update pass's entropy
+            return  # the worker reads the last update pass's entropy
         if entropy is None:
             raise ValueError(
                 "SFPO's trigger needs actor/entropy from the old-log-prob pass, which this run skipped "
                 "(algorithm.rollout_correction.bypass_mode=True?)"
             )
         batch.extra_info[ENTROPY_KEY] = float(entropy)
-        return super()._update_actor(batch, metrics)
 
 
-class _SFPOTaskRunner(TaskRunnerV1.__ray_actor_class__):
+class _SFPOTaskRunner(verl_internals.task_runner_base()):
     """verl's ``TaskRunnerV1`` whose ``run`` builds :attr:`trainer_cls` instead of the registered sync trainer.
 
     Another worker class goes in by subclassing both::

@@ -1,4 +1,9 @@
-"""SFPO inside verl 0.9.1's actor worker, by subclassing (no fork, no monkey patches of verl's code).
+"""SFPO inside verl 0.9.1's actor worker, by subclassing (no fork of verl).
+
+SFPO itself patches nothing: it subclasses verl's workers. The one patch in the
+plugin is opt-in, ``fused_kernels``: :func:`sfpo_train.verl.fused.install_logprob_forward`
+replaces, in this worker's process, the ``forward`` that verl patched onto the HF
+model class for ``model.use_fused_kernels=True`` (see :mod:`sfpo_train.verl.fused`).
 
 verl's actor update runs ``ActorRolloutRefWorker.update_actor`` ->
 ``TrainingWorker.train_mini_batch(TensorDict)``: split the batch into
@@ -32,9 +37,11 @@ and that the LR scheduler stepped exactly once; either failure raises
 (:mod:`sfpo_train.verl.ranks`).
 
 :class:`SFPOActorRolloutRefWorker` installs all of this: ``actor_worker_cls =
-SFPOTrainingWorker``, the SFPO keys taken out of the actor config (verl's
-``ActorConfig`` rejects unknown keys), and, with ``fused_kernels``, sfpo's
-log-prob forward and policy loss.
+SFPOTrainingWorker``, SFPO's settings read from the block
+``actor_rollout_ref.sfpo`` that the driver wrote
+(:func:`sfpo_train.verl.config.normalize_sfpo_config`, once, in
+:func:`sfpo_train.verl.main.prepare_config`), and, with ``fused_kernels``,
+sfpo's log-prob forward and policy loss.
 """
 
 from __future__ import annotations
@@ -52,9 +59,9 @@ from verl.utils.device import get_device_name
 from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
 
 from sfpo_train.sfpo import SFPO, SFPOConfig
-from sfpo_train.verl import cpu, fused, hf_rollout  # noqa: F401  (hf_rollout: registered with verl on import)
-from sfpo_train.verl.config import VerlSFPOSettings, normalize_sfpo_config, resolve_fused_kernels
-from sfpo_train.verl.cpu_mode import PLATFORM_ENV
+from sfpo_train.verl import fused
+from sfpo_train.verl.config import VerlSFPOSettings, normalized_settings, resolve_fused_kernels
+from sfpo_train.verl.cpu_runtime import PLATFORM_ENV
 from sfpo_train.verl.ranks import broadcast_from_rank0, check_ranks_agree
 
 logger = logging.getLogger(__name__)
@@ -219,9 +226,11 @@ class SFPOActorRolloutRefWorker(ActorRolloutRefWorker):
 
     def __init__(self, config: DictConfig, role: str, distillation_config=None, **kwargs):
         if os.environ.get(PLATFORM_ENV) == "cpu":
-            cpu.use_cpu()  # in this Ray process: the platform, the CPU engine, the gloo group (before verl's init)
-        # Before verl builds ActorConfig(**config.actor), which rejects the SFPO keys.
-        self.sfpo_settings: VerlSFPOSettings = normalize_sfpo_config(config)
+            from sfpo_train.verl.cpu_runtime.engine import use_cpu
+
+            use_cpu()  # in this Ray process: the platform, the CPU engine, the gloo group (before verl's init)
+        # the driver's normalised block; SFPO keys left in config.actor (which verl's ActorConfig rejects) raise
+        self.sfpo_settings: VerlSFPOSettings = normalized_settings(config)
         self.fused_kernels = resolve_fused_kernels(self.sfpo_settings, get_device_name())
         if self.fused_kernels:
             apply_fused_kernel_config(config)

@@ -27,7 +27,7 @@ def setup_cpu() -> None:
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
-    from sfpo_train.verl.cpu import use_cpu
+    from sfpo_train.verl.cpu_runtime.engine import use_cpu
 
     use_cpu()
 
@@ -85,11 +85,8 @@ def make_worker(config, sfpo: bool = True):
     from sfpo_train.verl.worker import SFPOActorRolloutRefWorker
 
     arr = config.actor_rollout_ref.copy()
-    if sfpo:
-        worker = SFPOActorRolloutRefWorker(arr, role="actor")
-    else:
-        normalize_sfpo_config(arr)  # verl's own worker must not see our keys
-        worker = ActorRolloutRefWorker(arr, role="actor")
+    normalize_sfpo_config(arr)  # as the entry point's driver does; verl's own worker must not see our keys either
+    worker = (SFPOActorRolloutRefWorker if sfpo else ActorRolloutRefWorker)(arr, role="actor")
     worker.init_model()
     return worker
 

@@ -1,4 +1,4 @@
-"""``trainer.device=cpu`` (``sfpo_train.verl.cpu_mode``) and what the plugin registers in a fresh process.
+"""``trainer.device=cpu`` (``sfpo_train.verl.cpu_runtime.mode``) and what a fresh process of such a run registers.
 
 The defaults of the mode are checked on our hydra config as the entry point
 composes it; the run itself is ``examples/verl/cpu-smoke.sh``
@@ -18,7 +18,10 @@ import_or_skip("verl")
 from hydra import compose, initialize_config_dir
 
 from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
-from sfpo_train.verl.cpu_mode import MODULES_ENV, PLATFORM_ENV, PLUGIN_MODULE, apply_cpu_mode
+from sfpo_train.verl.cpu_runtime import MODULES_ENV, PLATFORM_ENV, PLATFORM_MODULE, ROLLOUT_MODULE
+from sfpo_train.verl.cpu_runtime.mode import apply_cpu_mode, apply_hf_rollout_defaults
+
+RUNTIME_MODULES = f"{PLATFORM_MODULE},{ROLLOUT_MODULE}"
 
 
 def _config(*overrides):
@@ -52,7 +55,7 @@ def test_defaults_of_the_mode_replace_verls_defaults():
     assert config.actor_rollout_ref.ref.strategy == "fsdp2"  # verl's ref follows the actor
     env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
     assert env_vars[PLATFORM_ENV] == os.environ[PLATFORM_ENV] == "cpu"
-    assert env_vars[MODULES_ENV] == os.environ[MODULES_ENV] == PLUGIN_MODULE
+    assert env_vars[MODULES_ENV] == os.environ[MODULES_ENV] == RUNTIME_MODULES
     assert len(changed) == 9 and "reward.num_workers: 8 -> 1" in changed
 
 
@@ -93,7 +96,7 @@ def test_joining_a_running_cluster_leaves_its_resource_counts_alone():
     assert config.ray_kwargs.ray_init.num_cpus is None and "num_gpus" not in config.ray_kwargs.ray_init
     assert not any(c.startswith("ray_kwargs") for c in changed), changed
     assert config.reward.num_workers == 1  # the other defaults still apply
-    assert os.environ[MODULES_ENV] == f"my_lib,{PLUGIN_MODULE}"
+    assert os.environ[MODULES_ENV] == f"my_lib,{RUNTIME_MODULES}"
 
 
 def test_an_hf_rollout_with_tensor_parallelism_is_an_error():
@@ -101,6 +104,20 @@ def test_an_hf_rollout_with_tensor_parallelism_is_an_error():
         apply_cpu_mode(
             _config("actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.tensor_model_parallel_size=4")
         )
+
+
+def test_an_hf_rollout_on_gpu_names_only_the_rollout_module():
+    config = _config("trainer.device=cuda", "actor_rollout_ref.rollout.name=hf")
+    assert apply_hf_rollout_defaults(config) == ["actor_rollout_ref.rollout.tensor_model_parallel_size: 2 -> 1"]
+    env_vars = config.ray_kwargs.ray_init.runtime_env.env_vars
+    assert env_vars[MODULES_ENV] == os.environ[MODULES_ENV] == ROLLOUT_MODULE
+    assert PLATFORM_ENV not in env_vars and PLATFORM_ENV not in os.environ
+
+
+def test_a_runtime_env_value_given_on_the_command_line_is_extended():
+    config = _config(f"+ray_kwargs.ray_init.runtime_env.env_vars.{MODULES_ENV}=my_lib")
+    apply_cpu_mode(config)
+    assert config.ray_kwargs.ray_init.runtime_env.env_vars[MODULES_ENV] == f"my_lib,{RUNTIME_MODULES}"
 
 
 REGISTERED = (
@@ -113,12 +130,31 @@ REGISTERED = (
 )
 
 
-@pytest.mark.parametrize("first_import", ["verl", "sfpo_train.verl.hf_rollout", "sfpo_train.verl.cpu"])
-def test_a_fresh_process_sees_everything_the_plugin_registers(first_import):
+@pytest.mark.parametrize("first_import", ["verl", ROLLOUT_MODULE, PLATFORM_MODULE, "sfpo_train.verl.hf_rollout"])
+def test_a_fresh_process_of_a_cpu_run_sees_the_cpu_runtime(first_import):
     # A Ray process's first import may be one of our modules (unpickling the rollout server imports
-    # hf_rollout, which imports verl, which loads the plugin, which imports hf_rollout half-done).
+    # hf_rollout, which imports verl, which imports VERL_USE_EXTERNAL_MODULES, hf_rollout among them, half-done).
     code = f"import {first_import}\n" + REGISTERED
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    env = {**os.environ, MODULES_ENV: RUNTIME_MODULES, PLATFORM_ENV: "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "failed to load" not in out.stderr, out.stderr[-3000:]
-    assert out.stdout.split()[:3] == ["HFReplica", "HFServerAdapter", "CPUPlatform"], out.stdout
+    assert out.stdout.split() == [
+        "HFReplica",
+        "HFServerAdapter",
+        "CPUPlatform",
+        "compute_policy_loss_sfpo",
+    ], out.stdout
+
+
+def test_a_fresh_process_of_another_run_sees_the_policy_loss_only():
+    code = (
+        "from verl.workers.rollout.replica import RolloutReplicaRegistry\n"
+        "from verl.plugin.platform.platform_manager import PlatformRegistry\n"
+        "from verl.trainer.ppo.core_algos import get_policy_loss_fn\n"
+        "print(get_policy_loss_fn('sfpo_vanilla').__name__, PlatformRegistry.get('cpu'),"
+        " 'hf' in RolloutReplicaRegistry._registry)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["compute_policy_loss_sfpo", "None", "False"], out.stdout

@@ -1,4 +1,4 @@
-"""The ``hf`` rollout server (``sfpo_train.verl.hf_rollout``), in-process, on the shipped addition model.
+"""The ``hf`` rollout server (``sfpo_train.verl.cpu_runtime.hf_rollout``), in-process, on the shipped addition model.
 
 Oracles are independent of the server's batching and of ``generate``: one
 prompt at a time, unpadded, a plain forward per step (greedy: argmax; the
@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from verl.workers.config import RolloutConfig
 
 from sfpo_train.tasks import default_paths
-from sfpo_train.verl import hf_rollout
-from sfpo_train.verl.hf_rollout import HFRolloutServer
+from sfpo_train.verl.cpu_runtime import hf_rollout
+from sfpo_train.verl.cpu_runtime.hf_rollout import HFRolloutServer
 
 # different lengths, so that a batch is left-padded (the task's own prompts are all 8 tokens)
 PROMPTS = ["123+456=", "5+7=", "99+1=", "505+261="]
@@ -192,3 +192,9 @@ def test_requests_it_cannot_serve_are_errors(server):
 def test_parallel_rollouts_are_rejected_by_name(key):
     with pytest.raises(ValueError, match=f"rollout.{key}=1 \\(got 2\\)"):
         hf_rollout.check_rollout_config(OmegaConf.create({key: 2}))
+
+
+def test_left_pad_puts_the_padding_and_the_mask_zeros_on_the_left():
+    ids, mask = hf_rollout.left_pad([[5, 6, 7], [8]], pad_id=0, device="cpu")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and ids.dtype == torch.long
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]] and mask.dtype == torch.long

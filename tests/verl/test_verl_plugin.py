@@ -284,6 +284,18 @@ def test_importing_sfpo_does_not_import_verl():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_workers_read_the_drivers_block_and_refuse_a_config_that_skipped_it():
+    from omegaconf import OmegaConf
+
+    from sfpo_train.verl.config import normalize_sfpo_config, normalized_settings
+
+    arr = OmegaConf.create({"actor": {"sfpo": {"enable": True, "alpha": 0.5}, "zscore_w": 5}})
+    with pytest.raises(ValueError, match=r"still holds SFPO keys \['sfpo', 'zscore_w'\]"):
+        normalized_settings(arr)
+    settings = normalize_sfpo_config(arr)  # what the driver does, once
+    assert normalized_settings(arr) == settings and settings.sfpo.alpha == 0.5 and settings.sfpo.zscore_window == 5
+
+
 def test_conflicting_and_bad_keys_are_value_errors(model_dir):
     from sfpo_train.verl.config import normalize_sfpo_config
 
