@@ -49,7 +49,8 @@ import torch
 from verl.trainer.ppo.core_algos import agg_loss
 
 import sfpo_kernels
-from sfpo_kernels import reference
+from sfpo_kernels import grpo_math
+from sfpo_kernels.loss_options import DEFAULT_LOSS_OPTIONS
 from sfpo_train.verl import verl_internals
 
 POLICY_LOSS_NAME = "sfpo_vanilla"
@@ -66,7 +67,7 @@ def compute_policy_loss_sfpo(
     config: Any = None,
     rollout_is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """verl's ``vanilla`` policy loss computed by ``sfpo_kernels.reference.policy_loss_terms``.
+    """verl's ``vanilla`` policy loss computed by ``sfpo_kernels.grpo_math.policy_loss_terms``.
 
     All tensors ``[B, T]`` (padded responses). Per token, with
     ``r = exp(clamp(logp - old, -20, 20))``: ``max(-A r, -A clip(r, 1-low, 1+high))``,
@@ -78,8 +79,8 @@ def compute_policy_loss_sfpo(
         raise ValueError("compute_policy_loss_sfpo needs the actor config (config=None)")
     low = config.clip_ratio_low if config.clip_ratio_low is not None else config.clip_ratio
     high = config.clip_ratio_high if config.clip_ratio_high is not None else config.clip_ratio
-    clip_c = config.get("clip_ratio_c", 3.0)
-    pg_losses, terms = reference.policy_loss_terms(
+    clip_c = config.get("clip_ratio_c", DEFAULT_LOSS_OPTIONS.clip_ratio_c)
+    pg_losses, terms = grpo_math.policy_loss_terms(
         log_prob, old_log_prob.to(log_prob.dtype), advantages.to(log_prob.dtype), response_mask, low, high, clip_c
     )
     if rollout_is_weights is not None:
