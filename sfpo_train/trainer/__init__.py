@@ -6,7 +6,8 @@
 - :mod:`.algos`: advantages, micro-batch weights, LR schedule
 - :mod:`.checkpoint`, :mod:`.metrics_log`: what a run writes; :mod:`.run_guard`: one process per run,
   atomic writes, Ctrl-C / SIGTERM
-- :mod:`.config`: the config tree (verl's key names), presets, validation
+- :mod:`.config`: presets, overrides, validation; :mod:`.schema` the config tree (verl's key names), each key
+  declared once (:mod:`.keys`: help, bounds, resumability); :mod:`.settings` what each part reads from it
 - :mod:`.data`, :mod:`.reward`, :mod:`.batch`, :mod:`.profiler`
 """
 

@@ -1,9 +1,9 @@
 """The actor: the policy's log-prob forwards and one PPO update pass, the counterpart of verl's actor.
 
-:meth:`Actor.update_pass` is what SFPO wraps (``SFPO.step(actor.update_pass,
-batch, entropy)``), exactly as the verl plugin wraps verl's
-``train_mini_batch``: one ordinary policy-gradient pass over the batch, with its
-optimizer steps. Logits are the model's for the response positions only
+:meth:`Actor.update_pass` is what SFPO wraps (the loop hands ``SFPO.step`` a
+pass that runs it and returns its metrics), exactly as the verl plugin wraps
+verl's ``train_mini_batch``: one ordinary policy-gradient pass over the batch,
+with its optimizer steps. Logits are the model's for the response positions only
 (``logits_to_keep``); the loss and log-probs come from :mod:`sfpo_kernels`.
 With ``actor_rollout_ref.model.fused_lm_head`` on there are no logits at all:
 the base model's last hidden state at those positions and the LM head's
@@ -16,43 +16,63 @@ On-policy old log-probs (``actor.old_log_prob_from_update=auto``,
 theta_0, the rollout policy, and every forward of that pass sees theta_0 in a
 mode that computes what the separate pass computes, the first pass's own
 forward supplies the old log-probs and the entropy, and the separate
-old-log-prob forward (:meth:`Actor.log_probs`) is skipped.
+old-log-prob forward (:meth:`Actor.log_probs`) is skipped. The pass returns
+them (:class:`UpdateResult`); the caller stores them for the later passes.
+
+The actor reads its settings (:class:`~sfpo_train.trainer.settings.ActorSettings`)
+at construction, never the config.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
-from omegaconf import DictConfig
 
 import sfpo_kernels
-from sfpo_kernels import reference
-from sfpo_kernels.fused_loss import GRPOLossOptions
-from sfpo_train.trainer.algos import micro_batch_weights
+from sfpo_kernels.loss_options import GRPOLossOptions
+from sfpo_train.trainer.algos import iteration_entropy, micro_batch_weights
 from sfpo_train.trainer.batch import TrainBatch
 from sfpo_train.trainer.lm_head import base_model, use_fused_head
 from sfpo_train.trainer.profiler import StageProfiler
+from sfpo_train.trainer.settings import ActorSettings
+
+
+class UpdateResult(NamedTuple):
+    """What one :meth:`Actor.update_pass` computed.
+
+    ``metrics``: the pass's metrics (what ``SFPO.step`` averages). ``old_log_probs`` ``[N, R]`` and
+    ``old_entropy`` (:func:`~sfpo_train.trainer.algos.iteration_entropy` of their entropies): set when
+    this pass supplied the old log-probs (the batch had none), else None.
+    """
+
+    metrics: dict
+    old_log_probs: torch.Tensor | None = None
+    old_entropy: float | None = None
 
 
 class Actor:
-    """The trained ``model`` and its ``optimizer`` under the ``actor_rollout_ref.actor`` settings of ``cfg``."""
+    """The trained ``model`` and its ``optimizer`` under ``settings`` (the ``actor_rollout_ref.actor`` keys)."""
 
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: ActorSettings,
         model,
         optimizer: torch.optim.Optimizer,
-        loss_options: GRPOLossOptions,
         *,
         compute_dtype: torch.dtype,
         device: torch.device,
         profiler: StageProfiler,
     ):
-        self.cfg, self.model, self.optimizer, self.loss_options = cfg, model, optimizer, loss_options
+        self.settings, self.model, self.optimizer = settings, model, optimizer
         self.compute_dtype, self.device, self.profiler = compute_dtype, device, profiler
-        self.fused_head = use_fused_head(cfg.actor_rollout_ref.model.fused_lm_head, model, device)
+        self.fused_head = use_fused_head(settings.fused_lm_head, model, device)
+
+    @property
+    def loss_options(self) -> GRPOLossOptions:
+        return self.settings.loss
 
     def autocast(self):
         """The compute dtype's autocast (parameters stay fp32, the optimizer's master copy)."""
@@ -116,11 +136,13 @@ class Actor:
           :func:`sfpo_kernels.linear_logprob_entropy` on the hidden states with
           the fused head).
         """
-        actor = self.cfg.actor_rollout_ref.actor
-        if str(actor.old_log_prob_from_update).lower() != "auto" or not planned_passes:
-            return False
-        one_mini_batch = n_rows <= actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
-        return actor.ppo_epochs == 1 and one_mini_batch and train_mode_is_eval_mode(self.model)
+        s = self.settings
+        return (
+            bool(planned_passes)
+            and s.reuse_old_log_probs
+            and s.on_policy(n_rows)
+            and train_mode_is_eval_mode(self.model)
+        )
 
     @torch.no_grad()
     def log_probs(self, model, batch: TrainBatch, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -131,7 +153,7 @@ class Actor:
         try:
             for index in torch.arange(len(batch.scores), device=self.device).split(micro):
                 rows = batch.rows(index)
-                backend = self.cfg.actor_rollout_ref.actor.kernel_backend
+                backend = self.settings.kernel_backend
                 if self.fused_head:  # response positions only: padding gets 0, which nothing reads unmasked
                     lp, h = self._head(
                         sfpo_kernels.linear_logprob_entropy,
@@ -155,7 +177,7 @@ class Actor:
             model.train(was_training)
         return torch.cat(log_probs), torch.cat(entropy)
 
-    def update_pass(self, batch: TrainBatch) -> dict:
+    def update_pass(self, batch: TrainBatch) -> UpdateResult:
         """One ordinary PPO update on the batch: ``ppo_epochs`` x mini-batches, one optimizer step each.
 
         A mini-batch's micro-batches accumulate gradients weighted by their share
@@ -169,30 +191,30 @@ class Actor:
 
         ``batch.old_log_probs is None``: this pass supplies them (on-policy, see
         :meth:`old_log_probs_from_update`): each micro-batch's old log-probs are its
-        own detached log-probs (``ratio == 1``), ``batch.old_log_probs`` is set for
-        the later passes and the metrics carry ``entropy``, the batch's entropy
-        aggregated with ``loss_agg_mode`` (what the separate pass gives the trigger).
+        own detached log-probs (``ratio == 1``); the result carries them and their
+        :func:`~sfpo_train.trainer.algos.iteration_entropy` (what the separate pass
+        gives the trigger), which is also the metrics' ``entropy``. The batch is not
+        changed: the caller stores them for the later passes.
         """
-        actor = self.cfg.actor_rollout_ref.actor
+        s = self.settings
         n_rows = len(batch.scores)
-        mini = actor.ppo_mini_batch_size * self.cfg.actor_rollout_ref.rollout.n
-        micro = min(actor.ppo_micro_batch_size_per_gpu, mini)
-        o = self.loss_options
+        mini, micro = s.mini_batch_rows, s.micro_batch_rows
+        o = s.loss
         per_mini: dict[str, list[torch.Tensor]] = defaultdict(list)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         supply = batch.old_log_probs is None
-        if supply and not (actor.ppo_epochs == 1 and n_rows <= mini):
+        if supply and not s.on_policy(n_rows):
             raise ValueError(
                 f"update_pass: batch.old_log_probs is None, but this pass is off-policy (ppo_epochs="
-                f"{actor.ppo_epochs}, {n_rows} responses in mini-batches of {mini}); compute them first "
+                f"{s.ppo_epochs}, {n_rows} responses in mini-batches of {mini}); compute them first "
                 "with Actor.log_probs"
             )
         if supply:
             old_log_probs = torch.zeros(batch.responses.shape, dtype=torch.float32, device=self.device)
             old_entropy = torch.zeros_like(old_log_probs)
         self.model.train()
-        for _ in range(actor.ppo_epochs):
-            order = torch.randperm(n_rows) if actor.shuffle else torch.arange(n_rows)
+        for _ in range(s.ppo_epochs):
+            order = torch.randperm(n_rows) if s.shuffle else torch.arange(n_rows)
             for mini_index in order.to(self.device).split(mini):
                 self.optimizer.zero_grad(set_to_none=True)
                 micro_batches = mini_index.split(micro)
@@ -216,32 +238,24 @@ class Actor:
                                     rows["responses"],
                                     o.temperature,
                                     response_mask=rows["response_mask"],
-                                    backend=actor.kernel_backend,
+                                    backend=s.kernel_backend,
                                 )
                         else:
                             old, entropy = sfpo_kernels.logprob_entropy(
-                                logits.detach(), rows["responses"], o.temperature, backend=actor.kernel_backend
+                                logits.detach(), rows["responses"], o.temperature, backend=s.kernel_backend
                             )
                         old = old.float()
                         old_log_probs[micro_index], old_entropy[micro_index] = old, entropy.float()
                     loss_args = (rows["responses"], old, rows["advantages"], rows["response_mask"])
-                    settings = {
-                        "ref_log_probs": rows["ref_log_probs"],
-                        "temperature": o.temperature,
-                        "clip_ratio_low": o.clip_ratio_low,
-                        "clip_ratio_high": o.clip_ratio_high,
-                        "clip_ratio_c": o.clip_ratio_c,
-                        "kl_coef": o.kl_coef,
-                        "kl_type": o.kl_type,
-                        "entropy_coef": o.entropy_coef,
-                        "loss_agg_mode": o.loss_agg_mode,
-                        "backend": actor.kernel_backend,
-                        "check_labels": False,
-                    }
+                    rest = {"ref_log_probs": rows["ref_log_probs"], "backend": s.kernel_backend, "check_labels": False}
+                    # The loss options go in as keywords (**o.as_kwargs()); where the loss takes the options
+                    # object itself, that argument becomes options=o.
                     if self.fused_head:
-                        out = self._head(sfpo_kernels.linear_grpo_loss, self.model, hidden, *loss_args, **settings)
+                        out = self._head(
+                            sfpo_kernels.linear_grpo_loss, self.model, hidden, *loss_args, **o.as_kwargs(), **rest
+                        )
                     else:
-                        out = sfpo_kernels.grpo_loss(logits, *loss_args, **settings)
+                        out = sfpo_kernels.grpo_loss(logits, *loss_args, **o.as_kwargs(), **rest)
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
                         if key == "entropy":  # this pass's entropy (SFPO's trigger_entropy=last_pass reads it),
@@ -254,7 +268,7 @@ class Actor:
                 for key, value in totals.items():
                     per_mini[key].append(value)
                 with self.profiler.stage("optimizer"):  # nested in update_actor; timing_s/optimizer sums all passes
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, actor.optim.clip_grad)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, s.clip_grad)
                     finite = torch.isfinite(grad_norm)
                     if finite:
                         self.optimizer.step()
@@ -263,11 +277,11 @@ class Actor:
                 per_mini["actor/skipped_steps"].append((~finite).float())
                 per_mini["actor/grad_norm"].append(grad_norm.detach().float())
         result = {k: float(torch.stack([torch.as_tensor(v) for v in values]).mean()) for k, values in per_mini.items()}
-        if supply:
-            batch.old_log_probs = old_log_probs
-            batch.old_entropy = float(reference.agg_loss(old_entropy, batch.response_mask.float(), o.loss_agg_mode))
-            result["entropy"] = batch.old_entropy  # at theta_0 this pass's entropy is the old-log-prob one
-        return result
+        if not supply:
+            return UpdateResult(result)
+        entropy = iteration_entropy(old_entropy, batch.response_mask, o.loss_agg_mode)
+        result["entropy"] = entropy  # at theta_0 this pass's entropy is the old-log-prob one
+        return UpdateResult(result, old_log_probs, entropy)
 
 
 def train_mode_is_eval_mode(model: torch.nn.Module) -> bool:

@@ -1,4 +1,5 @@
-"""The GRPO family's arithmetic outside the loss: advantages, micro-batch weights, the LR schedule (verl 0.9.1's)."""
+"""The GRPO family's arithmetic outside the loss: advantages, micro-batch weights, the iteration's entropy, the LR
+schedule (verl 0.9.1's)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,15 @@ import math
 
 import torch
 
+from sfpo_kernels import reference
+
 GRPO_EPS = 1e-6
+
+
+def iteration_entropy(entropy: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str) -> float:
+    """The iteration's entropy (verl's ``actor/entropy``, SFPO's trigger input): the old-log-prob pass's per-token
+    entropy ``[N, R]`` aggregated like the loss (``loss_agg_mode``) over the response tokens."""
+    return float(reference.agg_loss(entropy, response_mask.float(), loss_agg_mode))
 
 
 def grpo_advantages(scores: torch.Tensor, group_size: int, norm_by_std: bool) -> torch.Tensor:

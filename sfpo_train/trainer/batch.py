@@ -19,10 +19,7 @@ class TrainBatch:
     response_mask: torch.Tensor
     scores: torch.Tensor  # [N]
     advantages: torch.Tensor | None = None  # [N, R]
-    old_log_probs: torch.Tensor | None = None
-    # the old-log-prob entropy aggregated with loss_agg_mode (verl's actor/entropy), when the first update
-    # pass supplied the old log-probs (Actor.old_log_probs_from_update)
-    old_entropy: float | None = None
+    old_log_probs: torch.Tensor | None = None  # None until the old-log-prob pass (or the first update pass) gives them
     ref_log_probs: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> dict:

@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from omegaconf import DictConfig
 
 from sfpo_train.trainer.batch import TrainBatch
 from sfpo_train.trainer.data import Prompt, PromptSampler, left_pad
 from sfpo_train.trainer.profiler import StageProfiler
 from sfpo_train.trainer.reward import score_one
 from sfpo_train.trainer.rollout import RolloutBatch, SamplingSettings
+from sfpo_train.trainer.settings import CollectSettings
 
 
 class RolloutCollector:
@@ -26,7 +26,7 @@ class RolloutCollector:
 
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: CollectSettings,
         *,
         rollout,
         tokenizer,
@@ -36,21 +36,12 @@ class RolloutCollector:
         profiler: StageProfiler,
         device: torch.device,
     ):
-        self.cfg, self.rollout, self.tokenizer, self.reward_fn = cfg, rollout, tokenizer, reward_fn
+        self.settings, self.rollout, self.tokenizer, self.reward_fn = settings, rollout, tokenizer, reward_fn
         self.prompts, self.sampler, self.profiler, self.device = prompts, sampler, profiler, device
 
     def sampling(self, validation: bool) -> SamplingSettings:
         """Training's sampling settings (``rollout.*``), or validation's (``rollout.val_kwargs.*``)."""
-        r = self.cfg.actor_rollout_ref.rollout
-        s = r.val_kwargs if validation else r
-        return SamplingSettings(
-            n=s.n,
-            do_sample=s.do_sample,
-            temperature=s.temperature if s.do_sample else 1.0,
-            top_p=s.top_p,
-            top_k=s.top_k,
-            max_new_tokens=self.cfg.data.max_response_length,
-        )
+        return self.settings.val_sampling if validation else self.settings.train_sampling
 
     def score(self, prompts: Sequence[Prompt], batch: RolloutBatch, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(score, acc)`` per response; ``acc`` is a reward dict's ``"acc"`` entry, else the score."""
@@ -74,9 +65,7 @@ class RolloutCollector:
         generation repeats until ``data.train_batch_size`` groups are kept, or
         fails after ``filter_groups.max_num_gen_batches`` generation batches.
         """
-        settings, n = self.sampling(False), self.cfg.actor_rollout_ref.rollout.n
-        want = self.cfg.data.train_batch_size
-        filtering = self.cfg.algorithm.filter_groups
+        settings, n, want = self.sampling(False), self.settings.n, self.settings.train_batch_size
         kept: list[tuple[list[int], torch.Tensor, torch.Tensor, torch.Tensor]] = []  # per group
         num_gen_batches = generated = 0
         while True:
@@ -87,16 +76,18 @@ class RolloutCollector:
             generated += len(prompts) * n
             with self.profiler.stage("reward"):
                 scores, accs = self.score(prompts, rollout, n)
-            groups = (accs if filtering.metric == "acc" else scores).view(-1, n)
+            groups = (accs if self.settings.filter_metric == "acc" else scores).view(-1, n)
             keep = (
-                (groups.amax(1) != groups.amin(1)) if filtering.enable else torch.ones(len(prompts), dtype=torch.bool)
+                (groups.amax(1) != groups.amin(1))
+                if self.settings.filter_groups
+                else torch.ones(len(prompts), dtype=torch.bool)
             )
             for g in keep.nonzero().flatten().tolist():
                 rows = slice(g * n, (g + 1) * n)
                 kept.append((prompts[g].input_ids, rollout.responses[rows], rollout.response_mask[rows], scores[rows]))
             if len(kept) >= want:
                 break
-            limit = filtering.max_num_gen_batches
+            limit = self.settings.max_num_gen_batches
             if limit > 0 and num_gen_batches >= limit:
                 raise RuntimeError(
                     f"dynamic sampling kept {len(kept)} of the {want} groups it needs after {num_gen_batches} generation "

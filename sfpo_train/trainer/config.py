@@ -3,11 +3,13 @@
 A verl user writes the same overrides they already know
 (``data.train_batch_size=16 actor_rollout_ref.rollout.n=8
 actor_rollout_ref.actor.optim.lr=3e-5 trainer.total_training_steps=300``):
-the tree below mirrors verl 0.9.1's ``ppo_trainer.yaml`` for every key this
-trainer uses, plus ``actor_rollout_ref.actor.sfpo.*`` for SFPO. Keys are typed
-(omegaconf structured configs): an unknown key or a value of the wrong type is
-an error before any work, and :func:`validate` checks what types cannot (batch
-sizes that do not divide, missing paths, out-of-range values).
+the tree (:mod:`sfpo_train.trainer.schema`, each key declared once with its help,
+bounds and resumability) mirrors verl 0.9.1's ``ppo_trainer.yaml`` for every key
+this trainer uses, plus ``actor_rollout_ref.actor.sfpo.*`` for SFPO. Keys are
+typed (omegaconf structured configs): an unknown key or a value of the wrong type
+is an error before any work, and :func:`validate` checks what types cannot
+(batch sizes that do not divide, missing paths, out-of-range or non-finite
+values).
 
 Sizes follow verl: ``data.train_batch_size`` and ``ppo_mini_batch_size`` count
 prompts; each prompt has ``rollout.n`` responses; the micro-batch sizes
@@ -17,211 +19,46 @@ prompts; each prompt has ``rollout.n`` responses; the micro-batch sizes
 from __future__ import annotations
 
 import difflib
-import os
 import re
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import fields
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from sfpo_kernels._backend import BACKENDS, resolve_backend
-from sfpo_kernels.fused_loss import GRPOLossOptions
-from sfpo_train.sfpo import RESUMABLE_CHANGES, SFPOConfig, settings_schema
-
-ADV_ESTIMATORS = ("grpo",)
-ROLLOUT_NAMES = ("hf", "vllm")
-LR_SCHEDULERS = ("constant", "cosine")
-MODEL_DTYPES = ("fp32", "bf16", "fp16")
-DEVICES = ("auto", "cpu", "cuda")
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention")
-OLD_LOG_PROB_MODES = ("auto", "false")  # actor.old_log_prob_from_update (omegaconf spells false as 'False')
-LOSS_BACKENDS = tuple(b for b in BACKENDS if b != "cuda")  # csrc/ has the multi-tensor kernels, no fused loss
-SFPO_KEY_PREFIX = "actor_rollout_ref.actor.sfpo."
-# The keys a resumed run may change (with --resume overrides); every other key must equal the checkpoint's:
-# its length and bookkeeping, and the SFPO settings that are not schedule (SFPO.load_state_dict accepts a
-# change of them, e.g. offloading the snapshot to resume on a smaller GPU).
-RESUMABLE_KEYS = (
-    "trainer.total_training_steps",
-    "trainer.save_freq",
-    "trainer.test_freq",
-    "trainer.progress_bar",
-    "actor_rollout_ref.model.fused_lm_head",  # the same math either way, to fp32 rounding
-    *(SFPO_KEY_PREFIX + name for name in RESUMABLE_CHANGES),
+from sfpo_kernels._backend import resolve_backend
+from sfpo_kernels.loss_options import GRPOLossOptions, LossOptionError
+from sfpo_train.sfpo import SFPOConfig
+from sfpo_train.trainer.keys import Key, check_key
+from sfpo_train.trainer.schema import (  # noqa: F401  (the tree and its constants, re-exported under their old home)
+    ADV_ESTIMATORS,
+    ATTN_IMPLEMENTATIONS,
+    DEVICES,
+    KEYS,
+    LOSS_BACKENDS,
+    LOSS_OPTION_KEYS,
+    LR_SCHEDULERS,
+    MODEL_DTYPES,
+    OLD_LOG_PROB_MODES,
+    RESUMABLE_KEYS,
+    ROLLOUT_NAMES,
+    SFPO_KEY_PREFIX,
+    ActorConfig,
+    ActorRolloutRefConfig,
+    AlgorithmConfig,
+    CustomRewardFunctionConfig,
+    DataConfig,
+    FilterGroupsConfig,
+    ModelConfig,
+    OptimConfig,
+    RefConfig,
+    RolloutConfig,
+    SFPOKeys,
+    TrainerConfig,
+    TrainerSection,
+    ValKwargs,
 )
-# The fields of the loss options and of SFPOConfig, as the keys that set them (their errors name the key).
-LOSS_OPTION_KEYS = {
-    "temperature": "actor_rollout_ref.rollout.temperature",
-    "clip_ratio_low": "actor_rollout_ref.actor.clip_ratio_low",
-    "clip_ratio_high": "actor_rollout_ref.actor.clip_ratio_high",
-    "clip_ratio_c": "actor_rollout_ref.actor.clip_ratio_c",
-    "kl_coef": "actor_rollout_ref.actor.kl_loss_coef",
-    "kl_type": "actor_rollout_ref.actor.kl_loss_type",
-    "entropy_coef": "actor_rollout_ref.actor.entropy_coeff",
-    "loss_agg_mode": "actor_rollout_ref.actor.loss_agg_mode",
-}
-
-
-# --------------------------------------------------------------------------- the tree (verl's names)
-
-
-@dataclass
-class DataConfig:
-    train_files: str | None = None  # None: the embedded default task's files
-    val_files: str | None = None
-    prompt_key: str = "prompt"
-    reward_fn_key: str = "data_source"
-    train_batch_size: int = 16
-    val_batch_size: int = 256  # prompts per generate call during validation
-    val_max_samples: int = -1  # -1: the whole validation set
-    max_prompt_length: int = 16
-    max_response_length: int = 5
-    shuffle: bool = True
-    seed: int = 1
-
-
-@dataclass
-class ModelConfig:
-    path: str | None = None  # None: the embedded default model
-    dtype: str = "fp32"  # parameters and compute dtype: fp32 | bf16 | fp16
-    # verl's override_config: keys applied to the transformers config. With
-    # random_init they shape a fresh model (e.g. Qwen2.5-0.5B's sizes).
-    override_config: dict = field(default_factory=dict)
-    random_init: bool = False
-    attn_implementation: str = "sdpa"
-    # auto | true | false: the LM head fused into the loss and log-prob passes (sfpo_kernels.linear_*),
-    # no [tokens, vocab] logits; auto: on for CUDA, off on CPU (see trainer/key_help.py).
-    fused_lm_head: Any = "auto"
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-5
-    weight_decay: float = 0.01
-    betas: list = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    lr_warmup_steps: int = -1  # <= 0: use lr_warmup_steps_ratio (verl)
-    lr_warmup_steps_ratio: float = 0.0
-    lr_scheduler_type: str = "constant"  # constant | cosine (after the warm-up)
-    min_lr_ratio: float = 0.0
-    clip_grad: float = 1.0  # max grad norm per optimizer step (verl: actor.grad_clip)
-
-
-def _sfpo_keys_dataclass() -> type:
-    """``actor_rollout_ref.actor.sfpo.*``: :func:`sfpo_train.sfpo.settings_schema`, ``enable`` defaulting to true."""
-    entries = [(s.name, s.type, field(default=s.default)) for s in settings_schema(enable_default=True)]
-    keys = make_dataclass("SFPOKeys", entries)
-    keys.__doc__ = "``actor_rollout_ref.actor.sfpo.*``: the fields of :class:`sfpo_train.SFPOConfig` plus ``enable``."
-    keys.__module__ = (
-        __name__  # make_dataclass would say "types" (its module= needs Python 3.12): pickling finds it here
-    )
-    return keys
-
-
-SFPOKeys = _sfpo_keys_dataclass()
-
-
-@dataclass
-class ActorConfig:
-    ppo_mini_batch_size: int = 16
-    ppo_micro_batch_size_per_gpu: int = 128
-    ppo_epochs: int = 1
-    shuffle: bool = False
-    clip_ratio_low: float = 0.2
-    clip_ratio_high: float = 0.2
-    clip_ratio_c: float | None = 3.0  # dual clip; null: off
-    loss_agg_mode: str = "token-mean"
-    entropy_coeff: float = 0.0
-    use_kl_loss: bool = False
-    kl_loss_coef: float = 0.001
-    kl_loss_type: str = "low_var_kl"
-    kernel_backend: str | None = None  # sfpo_kernels backend for the loss: triton | torch | None (default)
-    old_log_prob_from_update: str = "auto"  # auto: the first update pass supplies the old log-probs when on-policy
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sfpo: SFPOKeys = field(default_factory=SFPOKeys)
-
-
-@dataclass
-class ValKwargs:
-    do_sample: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = -1
-    n: int = 1
-
-
-@dataclass
-class RolloutConfig:
-    name: str = "hf"  # hf (transformers generate) | vllm
-    n: int = 8
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = -1
-    do_sample: bool = True
-    log_prob_micro_batch_size_per_gpu: int = 128
-    gpu_memory_utilization: float = 0.5  # vllm on a GPU
-    kv_cache_memory_gb: float | None = None  # vllm: the KV cache in GiB (null: see trainer/key_help.py)
-    val_kwargs: ValKwargs = field(default_factory=ValKwargs)
-
-
-@dataclass
-class RefConfig:
-    log_prob_micro_batch_size_per_gpu: int = 128
-
-
-@dataclass
-class ActorRolloutRefConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    actor: ActorConfig = field(default_factory=ActorConfig)
-    rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    ref: RefConfig = field(default_factory=RefConfig)
-
-
-@dataclass
-class FilterGroupsConfig:
-    """DAPO's dynamic sampling: drop groups whose rewards are all equal and refill the batch."""
-
-    enable: bool = False
-    metric: str = "acc"  # acc | score (the same number for rule rewards)
-    max_num_gen_batches: int = 10  # <= 0: no limit
-
-
-@dataclass
-class AlgorithmConfig:
-    adv_estimator: str = "grpo"
-    norm_adv_by_std_in_grpo: bool = True  # False: Dr. GRPO
-    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
-
-
-@dataclass
-class CustomRewardFunctionConfig:
-    path: str | None = None  # a .py file defining compute_score(data_source, solution_str, ground_truth, extra_info)
-    name: str = "compute_score"
-
-
-@dataclass
-class TrainerSection:
-    project_name: str = "sfpo"
-    experiment_name: str | None = None  # None: "<preset>-[sfpo-]<algorithm>-<time>"
-    default_local_dir: str = "runs"
-    total_training_steps: int = 300
-    test_freq: int = 50  # validate every N steps (and at the end); <= 0: only at the end
-    save_freq: int = 100  # checkpoint every N steps and at the end; <= 0: never
-    val_before_train: bool = True
-    device: str = "auto"  # auto | cpu | cuda
-    seed: int = 1
-    progress_bar: bool = True
-
-
-@dataclass
-class TrainerConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
-    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
-    custom_reward_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
-    trainer: TrainerSection = field(default_factory=TrainerSection)
-
 
 # --------------------------------------------------------------------------- presets and algorithms
 
@@ -297,20 +134,9 @@ def algorithm_of(lookup) -> str:
     return "grpo"
 
 
-def _leaf_keys(node, prefix: str = "") -> list[str]:
-    out = []
-    for key, value in node.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, DictConfig) and name != "actor_rollout_ref.model.override_config":
-            out.extend(_leaf_keys(value, name + "."))
-        else:
-            out.append(name)
-    return out
-
-
 def config_keys() -> list[str]:
-    """Every settable key, dotted."""
-    return _leaf_keys(OmegaConf.structured(TrainerConfig))
+    """Every settable key, dotted (the declarations' order, :data:`KEYS`)."""
+    return list(KEYS)
 
 
 def apply_overrides(cfg: DictConfig, items: dict[str, Any] | list[str], source: str) -> DictConfig:
@@ -403,33 +229,33 @@ def _plain(value):
     return OmegaConf.to_container(value) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
+def mini_batch_rows(cfg: DictConfig) -> int:
+    """Responses per optimizer step: ``ppo_mini_batch_size`` prompts times ``rollout.n`` responses each."""
+    return cfg.actor_rollout_ref.actor.ppo_mini_batch_size * cfg.actor_rollout_ref.rollout.n
+
+
+def micro_batch_rows(cfg: DictConfig) -> int:
+    """Responses per forward/backward of the update pass: ``ppo_micro_batch_size_per_gpu``, at most a mini-batch."""
+    return min(cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu, mini_batch_rows(cfg))
+
+
 def validate(cfg: DictConfig) -> None:
-    """Checks types cannot express; raises ``ValueError`` naming the key and the value."""
+    """Every key checked before any work; raises ``ValueError`` naming the full key and its value.
+
+    First each key against its own declaration (:data:`KEYS`: bounds, allowed values, finiteness), in
+    the tree's order; then the rules between keys; then the loss options and SFPO's settings are built,
+    as training will build them, so their own checks run now (their errors name the key that set them).
+    """
+    for name, k in KEYS.items():
+        message = check_key(k, OmegaConf.select(cfg, name))
+        if message is not None:
+            raise ValueError(message)
 
     def need(ok: bool, key: str, what: str) -> None:
         if not ok:
             raise ValueError(f"{key} must be {what}, got {OmegaConf.select(cfg, key)!r}")
 
-    data, arr, actor, rollout = (
-        cfg.data,
-        cfg.actor_rollout_ref,
-        cfg.actor_rollout_ref.actor,
-        cfg.actor_rollout_ref.rollout,
-    )
-    for key in (
-        "data.train_batch_size",
-        "data.val_batch_size",
-        "data.max_prompt_length",
-        "data.max_response_length",
-        "actor_rollout_ref.rollout.n",
-        "actor_rollout_ref.actor.ppo_mini_batch_size",
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
-        "actor_rollout_ref.actor.ppo_epochs",
-        "actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu",
-        "actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu",
-        "trainer.total_training_steps",
-    ):
-        need(OmegaConf.select(cfg, key) >= 1, key, ">= 1")
+    data, actor = cfg.data, cfg.actor_rollout_ref.actor
     need(
         actor.ppo_mini_batch_size <= data.train_batch_size,
         "actor_rollout_ref.actor.ppo_mini_batch_size",
@@ -440,93 +266,18 @@ def validate(cfg: DictConfig) -> None:
         "actor_rollout_ref.actor.ppo_mini_batch_size",
         f"a divisor of data.train_batch_size ({data.train_batch_size})",
     )
-    mini_responses = actor.ppo_mini_batch_size * rollout.n
+    mini = mini_batch_rows(cfg)
     need(
-        mini_responses % min(actor.ppo_micro_batch_size_per_gpu, mini_responses) == 0,
+        mini % micro_batch_rows(cfg) == 0,
         "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
-        f"a divisor of ppo_mini_batch_size * rollout.n ({mini_responses} responses)",
-    )
-    need(arr.model.dtype in MODEL_DTYPES, "actor_rollout_ref.model.dtype", f"one of {', '.join(MODEL_DTYPES)}")
-    need(rollout.name in ROLLOUT_NAMES, "actor_rollout_ref.rollout.name", f"one of {', '.join(ROLLOUT_NAMES)}")
-    need(rollout.temperature > 0, "actor_rollout_ref.rollout.temperature", "> 0 (it divides the logits)")
-    need(0 < rollout.top_p <= 1, "actor_rollout_ref.rollout.top_p", "in (0, 1]")
-    need(rollout.val_kwargs.n == 1, "actor_rollout_ref.rollout.val_kwargs.n", "1 (one response per test prompt)")
-    for prefix, sampling in (
-        ("actor_rollout_ref.rollout", rollout),
-        ("actor_rollout_ref.rollout.val_kwargs", rollout.val_kwargs),
-    ):
-        need(0 < sampling.top_p <= 1, f"{prefix}.top_p", "in (0, 1]")
-    need(rollout.val_kwargs.temperature >= 0, "actor_rollout_ref.rollout.val_kwargs.temperature", ">= 0")
-    fused = arr.model.fused_lm_head
-    need(isinstance(fused, bool) or fused == "auto", "actor_rollout_ref.model.fused_lm_head", "auto, true or false")
-    need(
-        arr.model.attn_implementation in ATTN_IMPLEMENTATIONS,
-        "actor_rollout_ref.model.attn_implementation",
-        f"one of {', '.join(ATTN_IMPLEMENTATIONS)}",
-    )
-    name = cfg.trainer.experiment_name
-    need(
-        name is None or (name.strip() not in ("", ".", "..") and "/" not in name and os.sep not in name),
-        "trainer.experiment_name",
-        "a plain directory name (no path separators, not empty, '.' or '..')",
-    )
-    need(bool(cfg.custom_reward_function.name), "custom_reward_function.name", "the name of a function")
-    need(0 < rollout.gpu_memory_utilization <= 1, "actor_rollout_ref.rollout.gpu_memory_utilization", "in (0, 1]")
-    need(
-        rollout.kv_cache_memory_gb is None or rollout.kv_cache_memory_gb > 0,
-        "actor_rollout_ref.rollout.kv_cache_memory_gb",
-        "null or > 0",
+        f"a divisor of ppo_mini_batch_size * rollout.n ({mini} responses)",
     )
     need(
-        cfg.algorithm.adv_estimator in ADV_ESTIMATORS, "algorithm.adv_estimator", f"one of {', '.join(ADV_ESTIMATORS)}"
-    )
-    need(cfg.algorithm.filter_groups.metric in ("acc", "score"), "algorithm.filter_groups.metric", "acc or score")
-    need(
-        not cfg.algorithm.filter_groups.enable or rollout.n >= 2,
+        not cfg.algorithm.filter_groups.enable or cfg.actor_rollout_ref.rollout.n >= 2,
         "actor_rollout_ref.rollout.n",
         ">= 2 with algorithm.filter_groups.enable (a group of one always has equal rewards)",
     )
-    optim = actor.optim
-    need(optim.lr >= 0, "actor_rollout_ref.actor.optim.lr", ">= 0")
-    need(
-        len(optim.betas) == 2 and all(0 <= b < 1 for b in optim.betas),
-        "actor_rollout_ref.actor.optim.betas",
-        "two numbers in [0, 1)",
-    )
-    need(
-        optim.lr_scheduler_type in LR_SCHEDULERS,
-        "actor_rollout_ref.actor.optim.lr_scheduler_type",
-        f"one of {', '.join(LR_SCHEDULERS)}",
-    )
-    need(0 <= optim.lr_warmup_steps_ratio <= 1, "actor_rollout_ref.actor.optim.lr_warmup_steps_ratio", "in [0, 1]")
-    need(0 <= optim.min_lr_ratio <= 1, "actor_rollout_ref.actor.optim.min_lr_ratio", "in [0, 1]")
-    need(optim.clip_grad > 0, "actor_rollout_ref.actor.optim.clip_grad", "> 0")
-    need(optim.weight_decay >= 0, "actor_rollout_ref.actor.optim.weight_decay", ">= 0")
-    need(optim.eps > 0, "actor_rollout_ref.actor.optim.eps", "> 0")
-    need(cfg.trainer.device in DEVICES, "trainer.device", f"one of {', '.join(DEVICES)}")
-    need(not actor.use_kl_loss or actor.kl_loss_coef >= 0, "actor_rollout_ref.actor.kl_loss_coef", ">= 0")
-    for key in ("data.train_files", "data.val_files", "actor_rollout_ref.model.path", "custom_reward_function.path"):
-        value = OmegaConf.select(cfg, key)
-        need(value is None or os.path.exists(value), key, "an existing path")
-    need(
-        actor.kernel_backend is None or actor.kernel_backend in LOSS_BACKENDS,
-        "actor_rollout_ref.actor.kernel_backend",
-        f"null or one of {', '.join(LOSS_BACKENDS)} (the cuda backend has no fused loss)",
-    )
-    need(
-        str(actor.old_log_prob_from_update).lower() in OLD_LOG_PROB_MODES,
-        "actor_rollout_ref.actor.old_log_prob_from_update",
-        "auto or false",
-    )
-    # The loss and the SFPO rule validate their own arguments; build them now so a bad value fails before any work,
-    # named by the key that set it.
-    try:
-        loss_options(cfg)
-    except ValueError as e:
-        field_name = str(e).split("=")[0].split(" ")[0]
-        if field_name not in LOSS_OPTION_KEYS:
-            raise
-        raise ValueError(LOSS_OPTION_KEYS[field_name] + str(e)[len(field_name) :]) from None
+    loss_options(cfg)
     try:
         sfpo_config(cfg)
     except ValueError as e:
@@ -549,11 +300,25 @@ def validate(cfg: DictConfig) -> None:
 
 
 def loss_options(cfg: DictConfig) -> GRPOLossOptions:
-    """The loss's options, each read from its key in :data:`LOSS_OPTION_KEYS` (no KL term without use_kl_loss)."""
-    values = {name: OmegaConf.select(cfg, key) for name, key in LOSS_OPTION_KEYS.items()}
+    """The loss's options, each read from the key declared with its ``loss_option`` (no KL term without use_kl_loss).
+
+    A value the loss rejects is a ``ValueError`` naming the key that set it (found through the error's
+    ``.option`` in :data:`LOSS_OPTION_KEYS`).
+    """
+    values = {option: OmegaConf.select(cfg, name) for option, name in LOSS_OPTION_KEYS.items()}
     if not cfg.actor_rollout_ref.actor.use_kl_loss:
         values["kl_coef"] = 0.0
-    return GRPOLossOptions(**values)
+    try:
+        return GRPOLossOptions(**values)
+    except LossOptionError as e:
+        raise ValueError(loss_option_message(KEYS[LOSS_OPTION_KEYS[e.option]], e)) from None
+
+
+def loss_option_message(k: Key, error: LossOptionError) -> str:
+    """``error`` said of key ``k``: the option's own check run under the key's name (the same words, the full key)."""
+    check = next((f.metadata.get("check") for f in fields(GRPOLossOptions) if f.name == error.option), None)
+    message = check(k.name, error.value) if check is not None else None
+    return message or f"{k.name}={error.value!r} is not a valid loss option ({error})"
 
 
 def sfpo_config(cfg: DictConfig) -> SFPOConfig:

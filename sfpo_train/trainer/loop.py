@@ -11,13 +11,18 @@ One iteration (``trainer.total_training_steps`` of them):
    on-policy (``actor.old_log_prob_from_update=auto``,
    :meth:`Actor.old_log_probs_from_update`) the first update pass's forward
    gives both instead and this stage is skipped (``timing_s/old_log_prob`` 0,
-   ``actor/old_log_prob_from_update`` 1).
+   ``actor/old_log_prob_from_update`` 1): the pass returns them and the loop
+   stores them in the batch for the later passes.
 3. ``adv``: GRPO's group-normalised outcome advantage (Dr. GRPO: without the std).
 4. ``update_actor``: :meth:`sfpo_train.SFPO.step` around :meth:`Actor.update_pass`,
    one ordinary PPO update pass. SFPO runs it K+1 times with the reposition
    between; with SFPO off the same code runs with alpha = 0: one pass, plain GRPO.
 5. the LR scheduler steps once; the rollout engine gets the new weights;
    validation and checkpoints when due (:mod:`~sfpo_train.trainer.checkpoint`).
+
+The config is read when the trainer is built: each part gets its settings
+(:mod:`~sfpo_train.trainer.settings`) then; ``Trainer.cfg`` is the run's record
+(saved with every checkpoint), and changing it afterwards changes nothing.
 """
 
 from __future__ import annotations
@@ -36,12 +41,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_kernels import reference
 from sfpo_train.sfpo import SFPO
 from sfpo_train.trainer import checkpoint as ckpt
 from sfpo_train.trainer import run_guard
 from sfpo_train.trainer.actor import Actor
-from sfpo_train.trainer.algos import grpo_advantages, lr_lambda
+from sfpo_train.trainer.algos import grpo_advantages, iteration_entropy, lr_lambda
 from sfpo_train.trainer.batch import TrainBatch
 from sfpo_train.trainer.collect import RolloutCollector
 from sfpo_train.trainer.data import PromptSampler, load_prompts
@@ -49,6 +53,7 @@ from sfpo_train.trainer.metrics_log import MetricsLog
 from sfpo_train.trainer.profiler import StageProfiler
 from sfpo_train.trainer.reward import load_reward_fn
 from sfpo_train.trainer.rollout import HFRollout
+from sfpo_train.trainer.settings import ActorSettings, CollectSettings, LoopSettings
 
 RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,11 +128,11 @@ class Trainer:
             self.optimizer, lr_lambda(total, warmup, optim.lr_scheduler_type, optim.min_lr_ratio)
         )
         self.profiler = StageProfiler(self.device)
+        self.settings = LoopSettings.from_config(cfg)
         self.actor = Actor(
-            cfg,
+            ActorSettings.from_config(cfg),
             self.model,
             self.optimizer,
-            config_lib.loss_options(cfg),
             compute_dtype=self.compute_dtype,
             device=self.device,
             profiler=self.profiler,
@@ -135,7 +140,7 @@ class Trainer:
         self.sfpo = SFPO(self.model, config_lib.sfpo_config(cfg))
         self.rollout = self._build_rollout()
         self.collector = RolloutCollector(
-            cfg,
+            CollectSettings.from_config(cfg),
             rollout=self.rollout,
             tokenizer=self.tokenizer,
             reward_fn=self.reward_fn,
@@ -291,38 +296,40 @@ class Trainer:
     # ----------------------------------------------------------------- one iteration
 
     def train_step(self) -> dict:
-        cfg = self.cfg
         alpha = self.sfpo.alpha
         lr = self.optimizer.param_groups[0]["lr"]
+        actor = self.actor.settings
         with self.profiler.stage("step"):
             batch, metrics, generated = self.collector.collect()
             self.rollouts_total += generated
-            micro = cfg.actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu
-            mask = batch.response_mask.float()
             reuse = self.actor.old_log_probs_from_update(len(batch.scores), self.sfpo.planned_passes())
-            mean_entropy = None  # reuse: the first update pass reports it (SFPO.step records it from there)
+            mean_entropy = None  # reuse: the first update pass returns it (SFPO.step records it from there)
             if reuse:  # the old-log-prob work is inside update_actor now; the stage is kept, at 0 s
-                batch.old_log_probs = None
                 self.profiler.add_time("old_log_prob", 0.0)
             else:
                 with self.profiler.stage("old_log_prob"):
-                    batch.old_log_probs, entropy = self.actor.log_probs(self.model, batch, micro)
-                    # verl's actor/entropy: the old-log-prob pass's entropy aggregated with the actor's loss_agg_mode
-                    mean_entropy = float(reference.agg_loss(entropy, mask, self.actor.loss_options.loss_agg_mode))
+                    batch.old_log_probs, entropy = self.actor.log_probs(self.model, batch, actor.log_prob_micro_rows)
+                    mean_entropy = iteration_entropy(entropy, batch.response_mask, actor.loss.loss_agg_mode)
             if self.ref_model is not None:
                 with self.profiler.stage("ref"):
-                    ref_micro = cfg.actor_rollout_ref.ref.log_prob_micro_batch_size_per_gpu
-                    batch.ref_log_probs, _ = self.actor.log_probs(self.ref_model, batch, ref_micro)
+                    batch.ref_log_probs, _ = self.actor.log_probs(self.ref_model, batch, actor.ref_log_prob_micro_rows)
             with self.profiler.stage("adv"):
-                adv = grpo_advantages(
-                    batch.scores, cfg.actor_rollout_ref.rollout.n, cfg.algorithm.norm_adv_by_std_in_grpo
-                )
-                batch.advantages = adv[:, None] * mask
+                adv = grpo_advantages(batch.scores, self.settings.n, self.settings.norm_adv_by_std)
+                batch.advantages = adv[:, None] * batch.response_mask.float()
+            supplied: dict = {}
+
+            def update_pass(b: TrainBatch) -> dict:
+                """One actor pass for SFPO; old log-probs it supplied are stored for the later passes."""
+                result = self.actor.update_pass(b)
+                if result.old_log_probs is not None:
+                    b.old_log_probs, supplied["entropy"] = result.old_log_probs, result.old_entropy
+                return result.metrics
+
             with self.profiler.stage("update_actor"):
                 old_entropy = mean_entropy if self.sfpo.config.trigger_entropy == "old_log_prob" else None
-                update = self.sfpo.step(self.actor.update_pass, batch, entropy=old_entropy)
+                update = self.sfpo.step(update_pass, batch, entropy=old_entropy)
             if reuse:
-                mean_entropy = batch.old_entropy  # the first pass supplied it (and, for old_log_prob, the trigger's)
+                mean_entropy = supplied["entropy"]  # the first pass supplied it (and, for old_log_prob, the trigger's)
             # the update passes' entropy (mean over passes; the last pass's stays as sfpo/last/entropy)
             update["actor/update_entropy"] = update.pop("entropy", math.nan)
             self.lr_scheduler.step()
@@ -382,7 +389,7 @@ class Trainer:
         """Greedy (``rollout.val_kwargs``) mean score per data source: ``val-core/<data_source>/reward/mean@1``."""
         settings = self.collector.sampling(True)
         per_source: dict[str, list[float]] = defaultdict(list)
-        size = self.cfg.data.val_batch_size
+        size = self.settings.val_batch_size
         # Forked RNG: sampled validation (val_kwargs.do_sample) must not shift training's random stream,
         # so test_freq can change on resume without changing the trajectory.
         devices = [self.device] if self.device.type == "cuda" else []
@@ -446,21 +453,21 @@ class Trainer:
     def _fit(self, stop_after: int | None, stop: run_guard.StopOnSignal) -> list[dict]:
         from tqdm.auto import tqdm
 
-        cfg = self.cfg.trainer
-        total = cfg.total_training_steps
+        loop = self.settings
+        total = loop.total_training_steps
         history = []
         save_seconds = None
-        if self.global_step == 0 and cfg.val_before_train:
+        if self.global_step == 0 and loop.val_before_train:
             val = self.validate()
             val.update({"training/global_step": 0, **self.profiler.collect()})
             self.log.append(val)
         bar = tqdm(
             total=total,
             initial=self.global_step,
-            disable=not cfg.progress_bar,
+            disable=not loop.progress_bar,
             unit="step",
             dynamic_ncols=True,
-            desc=self.cfg.trainer.experiment_name,
+            desc=loop.experiment_name,
         )
         try:
             while self.global_step < total and (stop_after is None or len(history) < stop_after):
@@ -468,7 +475,7 @@ class Trainer:
                     raise self._stopped(stop.signum)
                 metrics = self.train_step()
                 last = self.global_step == total
-                if last or (cfg.test_freq > 0 and self.global_step % cfg.test_freq == 0):
+                if last or (loop.test_freq > 0 and self.global_step % loop.test_freq == 0):
                     metrics.update(self.validate())
                     metrics.update(
                         {
@@ -483,7 +490,7 @@ class Trainer:
                 # The row is on disk before the checkpoint: a kill in between never loses a logged step.
                 self.log.append(metrics)
                 history.append(metrics)
-                if cfg.save_freq > 0 and (last or self.global_step % cfg.save_freq == 0):
+                if loop.save_freq > 0 and (last or self.global_step % loop.save_freq == 0):
                     start = time.perf_counter()
                     self.save_checkpoint()
                     save_seconds = time.perf_counter() - start

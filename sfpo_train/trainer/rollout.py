@@ -20,7 +20,7 @@ import torch
 from sfpo_train.trainer.data import left_pad
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingSettings:
     n: int
     do_sample: bool

@@ -14,12 +14,12 @@ import copy
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer
 from sfpo_train.trainer.actor import Actor
 from sfpo_train.trainer.lm_head import unfusable_reason, use_fused_head
+from sfpo_train.trainer.settings import ActorSettings
 from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 # fp32 throughout: the two paths differ by the order of the head's sums (chunked matmul, fused softmax),
@@ -74,13 +74,11 @@ def test_fused_head_matches_model_logits_over_one_step(tiny, tmp_path, settings)
     trainer = make_trainer(tiny, tmp_path, "actor_rollout_ref.model.fused_lm_head=false", *settings)
     assert not trainer.actor.fused_head
     assert trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight, "tied"
-    fused_cfg = copy.deepcopy(trainer.cfg)
-    OmegaConf.update(fused_cfg, "actor_rollout_ref.model.fused_lm_head", True)
+    fused_cfg = config_lib.apply_overrides(trainer.cfg, ["actor_rollout_ref.model.fused_lm_head=true"], "test")
     fused = Actor(
-        fused_cfg,
+        ActorSettings.from_config(fused_cfg),
         trainer.model,
         trainer.optimizer,
-        trainer.actor.loss_options,
         compute_dtype=trainer.compute_dtype,
         device=trainer.device,
         profiler=trainer.profiler,
@@ -102,7 +100,7 @@ def test_fused_head_matches_model_logits_over_one_step(tiny, tmp_path, settings)
         trainer.model.load_state_dict(start_weights)
         trainer.optimizer.load_state_dict(start_optim)
         log_probs, entropy = actor.log_probs(trainer.model, batch, micro)
-        metrics = actor.update_pass(batch)
+        metrics = actor.update_pass(batch).metrics
         grads = {k: p.grad.detach().clone() for k, p in trainer.model.named_parameters() if p.grad is not None}
         results[name] = (log_probs, entropy, metrics, grads)
 

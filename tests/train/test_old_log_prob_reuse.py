@@ -69,9 +69,13 @@ def _one_iteration(trainer: Trainer) -> tuple[dict, list[dict], torch.Tensor, to
     update_pass = trainer.actor.update_pass
 
     def recording_pass(batch):  # our own method, called as is; the recorder only keeps what it returned
-        passes.append(update_pass(batch))
-        seen["old"], seen["mask"] = batch.old_log_probs.clone(), batch.response_mask.bool()
-        return passes[-1]
+        result = update_pass(batch)
+        passes.append(result.metrics)
+        if "old" not in seen:  # the first pass: the old log-probs it was given, or the ones it supplied
+            assert (batch.old_log_probs is None) == (result.old_log_probs is not None)
+            old = batch.old_log_probs if result.old_log_probs is None else result.old_log_probs
+            seen["old"], seen["mask"] = old.clone(), batch.response_mask.bool()
+        return result
 
     trainer.actor.update_pass = recording_pass
     start = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
@@ -144,6 +148,7 @@ def test_an_off_policy_pass_without_old_log_probs_is_refused(paths, tmp_path):
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(ValueError, match="ppo_epochs=2"):
         trainer.actor.update_pass(batch)
+    assert batch.old_log_probs is None
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.trainer import Trainer, latest_checkpoint
+from sfpo_train.trainer import Actor, Trainer, latest_checkpoint
+from sfpo_train.trainer.settings import ActorSettings
 from tests.helpers.cli import run_cli
 from tests.helpers.tiny_setup import write_data, write_tiny_model
 
@@ -480,9 +481,20 @@ def test_gradient_does_not_depend_on_the_micro_batch_size(tiny_model_dir, data_f
     batch.old_log_probs = batch.old_log_probs - 0.1 * torch.rand_like(batch.old_log_probs)  # some ratios clip
     batch.advantages = torch.randn(len(batch.scores))[:, None] * batch.response_mask
     results = {}
-    for micro in (1, 4, 16):
-        trainer.cfg.actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu = micro
-        metrics = trainer.actor.update_pass(batch)
+    for micro in (1, 4, 16):  # an actor per micro-batch size, on the same model and optimizer
+        micro_cfg = config_lib.apply_overrides(
+            trainer.cfg, [f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}"], "test"
+        )
+        actor = Actor(
+            ActorSettings.from_config(micro_cfg),
+            trainer.model,
+            trainer.optimizer,
+            compute_dtype=trainer.compute_dtype,
+            device=trainer.device,
+            profiler=trainer.profiler,
+        )
+        assert actor.settings.micro_batch_rows == micro
+        metrics = actor.update_pass(batch).metrics
         results[micro] = (metrics["actor/grad_norm"], metrics["actor/pg_loss"], metrics["actor/pg_clipfrac"])
     assert results[1][0] > 0
     for micro in (4, 16):

@@ -100,9 +100,9 @@ def test_sfpo_train_feeds_the_last_pass_entropy_to_the_trigger(tmp_path):
 
 
 def test_the_update_pass_entropy_is_the_loss_agg_mode_aggregate_whatever_the_micro_batch(tmp_path):
-    from omegaconf import OmegaConf
-
     from sfpo_kernels import reference
+    from sfpo_train.trainer import Actor
+    from sfpo_train.trainer.settings import ActorSettings
 
     tiny = tiny_overrides(write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path)))
     cfg = config_lib.load_config(
@@ -123,8 +123,18 @@ def test_the_update_pass_entropy_is_the_loss_agg_mode_aggregate_whatever_the_mic
     batch.advantages = torch.zeros_like(batch.old_log_probs)
     want = float(reference.agg_loss(entropy, batch.response_mask.float(), "seq-mean-token-sum"))
     got = {}
-    for micro in (16, 4, 1):  # lr 0: every pass sees the same weights
-        OmegaConf.update(trainer.cfg, "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu", micro)
-        got[micro] = trainer.actor.update_pass(batch)["entropy"]
+    for micro in (16, 4, 1):  # lr 0: every pass sees the same weights; an actor per micro-batch size
+        micro_cfg = config_lib.apply_overrides(
+            trainer.cfg, [f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}"], "test"
+        )
+        actor = Actor(
+            ActorSettings.from_config(micro_cfg),
+            trainer.model,
+            trainer.optimizer,
+            compute_dtype=trainer.compute_dtype,
+            device=trainer.device,
+            profiler=trainer.profiler,
+        )
+        got[micro] = actor.update_pass(batch).metrics["entropy"]
     for micro, value in got.items():
         assert math.isclose(value, want, rel_tol=1e-5), (micro, value, want)
