@@ -131,9 +131,18 @@ class GRPOLossOptions:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
+def option_problem(option: str, value, called: str | None = None) -> str | None:
+    """What is wrong with ``value`` for ``option`` (None: nothing), said of ``called`` (default: the option's name).
+
+    A caller that sets the option through a key of its own (the trainer's
+    ``actor_rollout_ref.actor.clip_ratio_c``) passes that key as ``called``.
+    """
+    return _FIELDS[option].metadata["check"](called or option, value)
+
+
 def check_option(name: str, value) -> None:
     """Raise :class:`LossOptionError` unless ``value`` is good for option ``name`` (e.g. a bare temperature)."""
-    message = _FIELDS[name].metadata["check"](name, value)
+    message = option_problem(name, value)
     if message is not None:
         raise LossOptionError(name, value, message)
 

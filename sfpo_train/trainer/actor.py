@@ -248,14 +248,12 @@ class Actor:
                         old_log_probs[micro_index], old_entropy[micro_index] = old, entropy.float()
                     loss_args = (rows["responses"], old, rows["advantages"], rows["response_mask"])
                     rest = {"ref_log_probs": rows["ref_log_probs"], "backend": s.kernel_backend, "check_labels": False}
-                    # The loss options go in as keywords (**o.as_kwargs()); where the loss takes the options
-                    # object itself, that argument becomes options=o.
                     if self.fused_head:
                         out = self._head(
-                            sfpo_kernels.linear_grpo_loss, self.model, hidden, *loss_args, **o.as_kwargs(), **rest
+                            sfpo_kernels.linear_grpo_loss, self.model, hidden, *loss_args, options=o, **rest
                         )
                     else:
-                        out = sfpo_kernels.grpo_loss(logits, *loss_args, **o.as_kwargs(), **rest)
+                        out = sfpo_kernels.grpo_loss(logits, *loss_args, options=o, **rest)
                     (out.loss * w_loss).backward()
                     for key, value in out.metrics.items():
                         if key == "entropy":  # this pass's entropy (SFPO's trigger_entropy=last_pass reads it),

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from sfpo_kernels import reference
+from sfpo_kernels import grpo_math
 
 GRPO_EPS = 1e-6
 
@@ -15,7 +15,7 @@ GRPO_EPS = 1e-6
 def iteration_entropy(entropy: torch.Tensor, response_mask: torch.Tensor, loss_agg_mode: str) -> float:
     """The iteration's entropy (verl's ``actor/entropy``, SFPO's trigger input): the old-log-prob pass's per-token
     entropy ``[N, R]`` aggregated like the loss (``loss_agg_mode``) over the response tokens."""
-    return float(reference.agg_loss(entropy, response_mask.float(), loss_agg_mode))
+    return float(grpo_math.agg_loss(entropy, response_mask.float(), loss_agg_mode))
 
 
 def grpo_advantages(scores: torch.Tensor, group_size: int, norm_by_std: bool) -> torch.Tensor:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import fields
 from typing import Any
 
 import torch
@@ -28,7 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sfpo_kernels._backend import resolve_backend
-from sfpo_kernels.loss_options import GRPOLossOptions, LossOptionError
+from sfpo_kernels.loss_options import GRPOLossOptions, LossOptionError, option_problem
 from sfpo_train.sfpo import SFPOConfig
 from sfpo_train.trainer.keys import Key, check_key
 from sfpo_train.trainer.schema import (  # noqa: F401  (the tree and its constants, re-exported under their old home)
@@ -316,9 +315,7 @@ def loss_options(cfg: DictConfig) -> GRPOLossOptions:
 
 def loss_option_message(k: Key, error: LossOptionError) -> str:
     """``error`` said of key ``k``: the option's own check run under the key's name (the same words, the full key)."""
-    check = next((f.metadata.get("check") for f in fields(GRPOLossOptions) if f.name == error.option), None)
-    message = check(k.name, error.value) if check is not None else None
-    return message or f"{k.name}={error.value!r} is not a valid loss option ({error})"
+    return option_problem(error.option, error.value, k.name) or f"{k.name}={error.value!r}: {error}"
 
 
 def sfpo_config(cfg: DictConfig) -> SFPOConfig:

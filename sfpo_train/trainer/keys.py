@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfpo_kernels.loss_options import GRPOLossOptions
+from sfpo_kernels.loss_options import DEFAULT_LOSS_OPTIONS, GRPOLossOptions
 
 META = "sfpo_key"  # the field-metadata entry holding a key's declaration
 
@@ -119,6 +119,16 @@ def key(
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={META: declaration})
     return field(default=default, metadata={META: declaration})
+
+
+_OPTION_DEFAULT = object()
+
+
+def loss_key(option: str, help: str = "", *rules: Rule, default=_OPTION_DEFAULT, **kwargs):
+    """A key that sets loss option ``option``: :func:`key` with the option's default unless ``default`` differs."""
+    if default is _OPTION_DEFAULT:
+        default = getattr(DEFAULT_LOSS_OPTIONS, option)
+    return key(default, help, *rules, loss_option=option, **kwargs)
 
 
 def _shown(value) -> str:
