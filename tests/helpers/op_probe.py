@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
@@ -23,3 +24,22 @@ class OpNames(TorchDispatchMode):
     def called(self, prefix: str) -> bool:
         """Whether an op whose name starts with ``prefix`` ran (``"aten._foreach_lerp_"``)."""
         return any(name.startswith(prefix) for name in self.names)
+
+
+TORCH_BACKEND_OPS = ("aten._foreach_copy_", "aten._foreach_lerp_")  # how the torch backend snapshots and lerps
+
+
+def device_and_other_backend() -> tuple[torch.device, str]:
+    """A device and the snapshot/reposition backend it does not default to: torch on CUDA, triton on the CPU.
+
+    Skips the test where the CPU has no Triton interpreter and there is no GPU (only torch can run).
+    """
+    import pytest
+
+    import sfpo_kernels
+
+    if torch.cuda.is_available():
+        return torch.device("cuda"), "torch"
+    if not sfpo_kernels.triton_interpreting():
+        pytest.skip("neither CUDA nor TRITON_INTERPRET=1: only the torch backend can run here")
+    return torch.device("cpu"), "triton"

@@ -13,17 +13,7 @@ import pytest
 import torch
 
 import sfpo_kernels
-from tests.helpers.op_probe import OpNames
-
-TORCH_OPS = ("aten._foreach_copy_", "aten._foreach_lerp_")
-
-
-def _device_and_other_backend() -> tuple[torch.device, str]:
-    if torch.cuda.is_available():
-        return torch.device("cuda"), "torch"
-    if not sfpo_kernels.triton_interpreting():
-        pytest.skip("neither CUDA nor TRITON_INTERPRET=1: only the torch backend can run here")
-    return torch.device("cpu"), "triton"
+from tests.helpers.op_probe import TORCH_BACKEND_OPS, OpNames, device_and_other_backend
 
 
 def _stage_two(device: torch.device, backend: str | None) -> tuple[OpNames, list[torch.Tensor]]:
@@ -39,11 +29,11 @@ def _stage_two(device: torch.device, backend: str | None) -> tuple[OpNames, list
 
 
 def _ran_torch_backend(probe: OpNames) -> tuple[bool, bool]:
-    return tuple(probe.called(op) for op in TORCH_OPS)
+    return tuple(probe.called(op) for op in TORCH_BACKEND_OPS)
 
 
 def test_environment_picks_the_backend_like_the_keyword(monkeypatch):
-    device, other = _device_and_other_backend()
+    device, other = device_and_other_backend()
     default_uses_torch = device.type == "cpu"
     monkeypatch.delenv("SFPO_BACKEND", raising=False)
     default, _ = _stage_two(device, None)
@@ -63,7 +53,7 @@ def test_environment_picks_the_backend_like_the_keyword(monkeypatch):
 
 
 def test_keyword_overrides_the_environment(monkeypatch):
-    device, other = _device_and_other_backend()
+    device, other = device_and_other_backend()
     default = "torch" if device.type == "cpu" else "triton"
     monkeypatch.setenv("SFPO_BACKEND", other)
     probe, _ = _stage_two(device, default)
