@@ -74,7 +74,7 @@ def test_training_step_on_policy(benchmark, setup, algo, old_log_probs, head):
     """The same iteration on-policy (one mini-batch: ``ppo_mini_batch_size = data.train_batch_size``), with the
     separate old-log-prob forward (``old_log_prob_from_update=false``) or without it (``auto``: the first
     update pass supplies the old log-probs), through the model's logits or the fused LM head
-    (``actor_rollout_ref.model.fused_lm_head``). ``bench/measure_old_log_prob_reuse.py`` compares the
+    (``actor_rollout_ref.model.fused_lm_head``). ``bench/measure/measure_old_log_prob_reuse.py`` compares the
     reuse interleaved in one process on the embedded default."""
     import sfpo_train.trainer.config as config_lib
 

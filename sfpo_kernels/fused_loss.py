@@ -60,7 +60,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # and triton.autotune benchmarks a kernel by launching every config on the same arguments, so an
 # in-place kernel would read its own output from the second config on (autotune's restore_value can
 # copy the buffer back, at the cost of one [N, V] copy per config and per new shape). The forward
-# shares the settings so both passes stream V the same way. `bench/sweep_loss_launch.py` is the sweep
+# shares the settings so both passes stream V the same way. `bench/measure/sweep_loss_launch.py` is the sweep
 # that must justify them on an H100/H200 (BLOCK_V x num_warps, fwd and bwd, bf16, N=16384, V=151936);
 # it has NOT been run on a GPU yet: these values are Liger's and the Triton softmax tutorial's choice
 # for rows this long, unmeasured here.

@@ -73,12 +73,3 @@ def mean_ci(values: Iterable[float]) -> tuple[float, float, float, int]:
     s = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
     half = t975(n - 1) * s / math.sqrt(n)
     return mean, mean - half, mean + half, n
-
-
-def format_ci(mean: float, low: float, high: float, fmt: str = "{:.3f}") -> str:
-    """``mean [low, high]``; the mean alone without bounds; ``n/a`` without a mean."""
-    if math.isnan(mean):
-        return "n/a"
-    if math.isnan(low):
-        return fmt.format(mean)
-    return f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"

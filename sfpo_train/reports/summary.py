@@ -35,7 +35,6 @@ from sfpo_train.reports.runs import Run, column
 from sfpo_train.reports.stats import mean_ci
 
 SHARES = (0.25, 0.50, 0.70, 0.80, 0.90)
-ARMS_LOWER = ("grpo", "sfpo")
 
 
 def _seeds(frame: pd.DataFrame) -> str:

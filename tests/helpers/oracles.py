@@ -1,4 +1,4 @@
-"""Independent float64 oracles of the kernel tests, written from DESIGN.md's formulas and verl, not from the package.
+"""Independent float64 oracles of the kernel tests, written from docs/conventions.md's formulas and verl, not from the package.
 
 :func:`token_oracle`: per-token log-prob, entropy and the analytic dlogits
 
@@ -7,7 +7,7 @@
 with the scales the tests' tolerances are built from (see test_logprob_entropy.py).
 
 :func:`verl_oracle`: the GRPO loss, every metric and logits.grad, written from
-DESIGN.md "Math conventions" and verl 0.9.1's ``compute_policy_loss_vanilla``,
+docs/conventions.md "Math conventions" and verl 0.9.1's ``compute_policy_loss_vanilla``,
 ``kl_penalty`` and ``agg_loss``: per-row Python loops for the sequence modes,
 token weights ``w = response_mask`` as verl's ``masked_sum`` applies them
 (``sum(where(w != 0, x, 0) * w)``), entropy as ``-sum p log p``, gradients by

@@ -1,6 +1,6 @@
 """grpo_loss: every backend against a float64 oracle written from verl (and verl itself, when importable).
 
-The oracle, ``helpers.oracles.verl_oracle``, is written from DESIGN.md "Math
+The oracle, ``helpers.oracles.verl_oracle``, is written from docs/conventions.md "Math
 conventions" and verl 0.9.1's ``compute_policy_loss_vanilla``, ``kl_penalty``
 and ``agg_loss`` (its docstring lists where it departs from verl, as sfpo
 documents). When verl is importable, a separate test compares with verl's own

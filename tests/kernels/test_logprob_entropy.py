@@ -1,7 +1,7 @@
 """logprob_entropy: the fused Triton pass against a float64 oracle written here, independent of the package.
 
 The oracle takes the logits exactly as stored (bf16/fp16 upcast is exact), works
-in float64, and differentiates with the analytic formula of DESIGN.md
+in float64, and differentiates with the analytic formula of docs/conventions.md
 
     dz = (g_logp * (onehot(y) - p) + g_H * p * (mu - z)) / temperature,
 

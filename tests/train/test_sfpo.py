@@ -326,7 +326,7 @@ def test_no_snapshot_survives_a_step():
 
 
 def independent_schedule(entropies, *, alpha, window, tau, trigger, decay="hard", decay_steps=0):
-    """alpha used at each iteration and the z-scores, written from the paper and DESIGN.md with numpy."""
+    """alpha used at each iteration and the z-scores, written from the paper's Algorithm 1 with numpy."""
     alphas, zs, fired = [], [], None
     for s, _ in enumerate(entropies):
         if fired is None or s <= fired:

@@ -7,7 +7,7 @@ with ``time.process_time`` (CPU time of this process: robust on a shared machine
 an algorithm follow the same trajectory (the reuse is exact), so they do the same work but the
 forward. Prints medians with min / max and the count, and the stage medians that moved.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure_old_log_prob_reuse.py [--rounds 12]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_old_log_prob_reuse.py [--rounds 12]
 """
 
 from __future__ import annotations

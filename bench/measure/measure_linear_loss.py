@@ -5,7 +5,7 @@ forward + backward, run in rotating order round after round, timed with
 ``time.process_time`` (CPU seconds of this process: what a busy shared machine
 disturbs least); median, min and max per row, and the largest tensor one call makes.
 
-    OMP_NUM_THREADS=1 python scripts/measure_linear_loss.py --rounds 15
+    PYTHONPATH=$PWD OMP_NUM_THREADS=1 python bench/measure/measure_linear_loss.py --rounds 15
 """
 
 from __future__ import annotations

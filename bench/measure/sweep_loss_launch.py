@@ -11,7 +11,7 @@ constants, runs, and restores them; the winner is what ``fused_loss.py`` should 
 
 It needs a CUDA GPU and exits with a message without one (no number is ever made up on a CPU).
 
-    python bench/sweep_loss_launch.py [--tokens 16384 --vocab 151936 --reps 20] [--csv OUT.csv]
+    python bench/measure/sweep_loss_launch.py [--tokens 16384 --vocab 151936 --reps 20] [--csv OUT.csv]
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ with the order rotated every round, ``time.process_time`` per call:
 - ``validate``: this tree's validation forced (the cache emptied before each call);
 - ``foreach_lerp``: ``torch._foreach_lerp_`` on the same lists, the launch-bound floor (torch backend).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure_reposition_host.py [--rounds 30] [--backend torch]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py [--rounds 30] [--backend torch]
 """
 
 from __future__ import annotations
