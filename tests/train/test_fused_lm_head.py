@@ -17,10 +17,9 @@ import torch
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer
-from sfpo_train.trainer.actor import Actor
 from sfpo_train.trainer.lm_head import unfusable_reason, use_fused_head
-from sfpo_train.trainer.settings import ActorSettings
 from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
+from tests.helpers.trainer_parts import actor_with
 
 # fp32 throughout: the two paths differ by the order of the head's sums (chunked matmul, fused softmax),
 # a few ulp of each logit; through a 1-layer model's backward that stays within 1e-5 relative.
@@ -74,15 +73,7 @@ def test_fused_head_matches_model_logits_over_one_step(tiny, tmp_path, settings)
     trainer = make_trainer(tiny, tmp_path, "actor_rollout_ref.model.fused_lm_head=false", *settings)
     assert not trainer.actor.fused_head
     assert trainer.model.get_output_embeddings().weight is trainer.model.get_input_embeddings().weight, "tied"
-    fused_cfg = config_lib.apply_overrides(trainer.cfg, ["actor_rollout_ref.model.fused_lm_head=true"], "test")
-    fused = Actor(
-        ActorSettings.from_config(fused_cfg),
-        trainer.model,
-        trainer.optimizer,
-        compute_dtype=trainer.compute_dtype,
-        device=trainer.device,
-        profiler=trainer.profiler,
-    )
+    fused = actor_with(trainer, "actor_rollout_ref.model.fused_lm_head=true")
     assert fused.fused_head
     batch, _, _ = trainer.collector.collect()
     mask = batch.response_mask.bool()

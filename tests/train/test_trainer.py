@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.trainer import Actor, Trainer, latest_checkpoint
-from sfpo_train.trainer.settings import ActorSettings
+from sfpo_train.trainer import Trainer, latest_checkpoint
 from tests.helpers.cli import run_cli
 from tests.helpers.tiny_setup import write_data, write_tiny_model
+from tests.helpers.trainer_parts import actor_with
 
 VERL_METRICS = (
     "actor/pg_loss",
@@ -482,17 +482,7 @@ def test_gradient_does_not_depend_on_the_micro_batch_size(tiny_model_dir, data_f
     batch.advantages = torch.randn(len(batch.scores))[:, None] * batch.response_mask
     results = {}
     for micro in (1, 4, 16):  # an actor per micro-batch size, on the same model and optimizer
-        micro_cfg = config_lib.apply_overrides(
-            trainer.cfg, [f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}"], "test"
-        )
-        actor = Actor(
-            ActorSettings.from_config(micro_cfg),
-            trainer.model,
-            trainer.optimizer,
-            compute_dtype=trainer.compute_dtype,
-            device=trainer.device,
-            profiler=trainer.profiler,
-        )
+        actor = actor_with(trainer, f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}")
         assert actor.settings.micro_batch_rows == micro
         metrics = actor.update_pass(batch).metrics
         results[micro] = (metrics["actor/grad_norm"], metrics["actor/pg_loss"], metrics["actor/pg_clipfrac"])

@@ -17,6 +17,7 @@ import sfpo_train.trainer.config as config_lib
 from sfpo_train import SFPO, SFPOConfig
 from sfpo_train.trainer import Trainer
 from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
+from tests.helpers.trainer_parts import actor_with
 
 
 def _counting_pass(param: torch.nn.Parameter, report_entropy: bool = True):
@@ -101,8 +102,6 @@ def test_sfpo_train_feeds_the_last_pass_entropy_to_the_trigger(tmp_path):
 
 def test_the_update_pass_entropy_is_the_loss_agg_mode_aggregate_whatever_the_micro_batch(tmp_path):
     from sfpo_kernels import reference
-    from sfpo_train.trainer import Actor
-    from sfpo_train.trainer.settings import ActorSettings
 
     tiny = tiny_overrides(write_tiny_model(str(tmp_path / "model")), write_data(str(tmp_path)))
     cfg = config_lib.load_config(
@@ -124,17 +123,7 @@ def test_the_update_pass_entropy_is_the_loss_agg_mode_aggregate_whatever_the_mic
     want = float(reference.agg_loss(entropy, batch.response_mask.float(), "seq-mean-token-sum"))
     got = {}
     for micro in (16, 4, 1):  # lr 0: every pass sees the same weights; an actor per micro-batch size
-        micro_cfg = config_lib.apply_overrides(
-            trainer.cfg, [f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}"], "test"
-        )
-        actor = Actor(
-            ActorSettings.from_config(micro_cfg),
-            trainer.model,
-            trainer.optimizer,
-            compute_dtype=trainer.compute_dtype,
-            device=trainer.device,
-            profiler=trainer.profiler,
-        )
+        actor = actor_with(trainer, f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={micro}")
         got[micro] = actor.update_pass(batch).metrics["entropy"]
     for micro, value in got.items():
         assert math.isclose(value, want, rel_tol=1e-5), (micro, value, want)
