@@ -177,7 +177,7 @@ class Actor:
             model.train(was_training)
         return torch.cat(log_probs), torch.cat(entropy)
 
-    def update_pass(self, batch: TrainBatch) -> UpdateResult:
+    def update_pass(self, batch: TrainBatch, *, supply_old_log_probs: bool = False) -> UpdateResult:
         """One ordinary PPO update on the batch: ``ppo_epochs`` x mini-batches, one optimizer step each.
 
         A mini-batch's micro-batches accumulate gradients weighted by their share
@@ -189,12 +189,15 @@ class Actor:
         averaged over mini-batches; ``skipped_steps`` is the fraction of optimizer
         steps skipped for a non-finite gradient.
 
-        ``batch.old_log_probs is None``: this pass supplies them (on-policy, see
-        :meth:`old_log_probs_from_update`): each micro-batch's old log-probs are its
-        own detached log-probs (``ratio == 1``); the result carries them and their
+        ``supply_old_log_probs=True`` (with ``batch.old_log_probs is None``): this pass
+        supplies them (on-policy, see :meth:`old_log_probs_from_update`): each
+        micro-batch's old log-probs are its own detached log-probs (``ratio == 1``);
+        the result carries them and their
         :func:`~sfpo_train.trainer.algos.iteration_entropy` (what the separate pass
         gives the trigger), which is also the metrics' ``entropy``. The batch is not
-        changed: the caller stores them for the later passes.
+        changed: the caller stores them in the batch for the later passes, which must
+        not supply their own (their forwards no longer see theta_0). Without the flag a
+        batch with no old log-probs is refused.
         """
         s = self.settings
         n_rows = len(batch.scores)
@@ -203,6 +206,13 @@ class Actor:
         per_mini: dict[str, list[torch.Tensor]] = defaultdict(list)
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         supply = batch.old_log_probs is None
+        if supply and not supply_old_log_probs:
+            raise ValueError(
+                "update_pass: batch.old_log_probs is None; compute them with Actor.log_probs, or pass "
+                "supply_old_log_probs=True to the iteration's first pass and store what it returns in the batch"
+            )
+        if supply_old_log_probs and not supply:
+            raise ValueError("update_pass: supply_old_log_probs=True, but batch.old_log_probs is already set")
         if supply and not s.on_policy(n_rows):
             raise ValueError(
                 f"update_pass: batch.old_log_probs is None, but this pass is off-policy (ppo_epochs="

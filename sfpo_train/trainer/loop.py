@@ -320,7 +320,7 @@ class Trainer:
 
             def update_pass(b: TrainBatch) -> dict:
                 """One actor pass for SFPO; old log-probs it supplied are stored for the later passes."""
-                result = self.actor.update_pass(b)
+                result = self.actor.update_pass(b, supply_old_log_probs=b.old_log_probs is None)
                 if result.old_log_probs is not None:
                     b.old_log_probs, supplied["entropy"] = result.old_log_probs, result.old_entropy
                 return result.metrics

@@ -68,8 +68,8 @@ def _one_iteration(trainer: Trainer) -> tuple[dict, list[dict], torch.Tensor, to
     passes, seen = [], {}
     update_pass = trainer.actor.update_pass
 
-    def recording_pass(batch):  # our own method, called as is; the recorder only keeps what it returned
-        result = update_pass(batch)
+    def recording_pass(batch, **kwargs):  # our own method, called as is; the recorder only keeps what it returned
+        result = update_pass(batch, **kwargs)
         passes.append(result.metrics)
         if "old" not in seen:  # the first pass: the old log-probs it was given, or the ones it supplied
             assert (batch.old_log_probs is None) == (result.old_log_probs is not None)
@@ -147,6 +147,8 @@ def test_an_off_policy_pass_without_old_log_probs_is_refused(paths, tmp_path):
     batch.advantages = torch.zeros(batch.responses.shape)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.raises(ValueError, match="ppo_epochs=2"):
+        trainer.actor.update_pass(batch, supply_old_log_probs=True)
+    with pytest.raises(ValueError, match="supply_old_log_probs=True"):  # never supplied unasked
         trainer.actor.update_pass(batch)
     assert batch.old_log_probs is None
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
