@@ -62,8 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--resume",
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its newest intact checkpoint (its saved config is used "
-        "and must match the checkpoint's; only trainer.total_training_steps/save_freq/test_freq/"
-        "progress_bar may be overridden). A run stopped before its first checkpoint cannot be "
+        "and must match the checkpoint's; only these keys may be overridden: "
+        + ", ".join(config_lib.RESUMABLE_KEYS)
+        + "). A run stopped before its first checkpoint cannot be "
         "resumed: run its sfpo train command again (same trainer.experiment_name) to restart it "
         "from step 0",
     )

@@ -157,7 +157,7 @@ def apply_overrides(cfg: DictConfig, items: dict[str, Any] | list[str], source: 
     for key, value in pairs:
         if key not in keys:
             close = difflib.get_close_matches(key, sorted(keys), n=3, cutoff=0.6)
-            hint = f"; did you mean {' or '.join(close)}?" if close else "; `sfpo train --help-config` lists every key"
+            hint = f"; did you mean {' or '.join(close)}?" if close else "; `sfpo train --help` lists every key"
             raise ValueError(f"{source}: unknown config key {key!r}{hint}")
         try:
             parsed = (

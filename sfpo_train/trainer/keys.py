@@ -20,14 +20,12 @@ its help text and its checks are the loss option's own.
 from __future__ import annotations
 
 import dataclasses
-import math
-import numbers
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sfpo_kernels.loss_options import DEFAULT_LOSS_OPTIONS, GRPOLossOptions
+from sfpo_kernels.loss_options import DEFAULT_LOSS_OPTIONS, GRPOLossOptions, is_finite_real
 
 META = "sfpo_key"  # the field-metadata entry holding a key's declaration
 
@@ -177,8 +175,7 @@ def key_table(root: type) -> dict[str, Key]:
     return out
 
 
-def is_finite_number(value) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+is_finite_number = is_finite_real
 
 
 def check_key(k: Key, value) -> str | None:
@@ -188,6 +185,10 @@ def check_key(k: Key, value) -> str | None:
     if k.numeric and value is not None and k.finite and not is_finite_number(value):
         return f"{k.name} must be a finite number, got {value!r}"
     for rule in k.rules:
-        if not rule.test(value):
+        try:
+            good = rule.test(value)
+        except (TypeError, ValueError):  # a value of another type than the rule reads (a string in a list)
+            good = False
+        if not good:
             return f"{k.name} must be {rule.expect}, got {value!r}"
     return None

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, make_dataclass
 from typing import Any
 
 from sfpo_kernels._backend import BACKENDS
+from sfpo_kernels.loss_options import is_finite_real
 from sfpo_train.sfpo import RESUMABLE_CHANGES, settings_schema
 from sfpo_train.trainer.keys import (
     META,
@@ -99,7 +100,7 @@ class OptimConfig:
     betas: list = key(  # noqa: RUF009 (key() is a dataclass field)
         [0.9, 0.999],
         "AdamW betas, e.g. [0.9,0.999]",
-        Rule(lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)"),
+        Rule(lambda v: len(v) == 2 and all(is_finite_real(b) and 0 <= b < 1 for b in v), "two numbers in [0, 1)"),
     )
     eps: float = key(1e-8, "AdamW epsilon", positive())
     lr_warmup_steps: int = key(-1, "linear warm-up iterations, lr from 0 (<= 0: use lr_warmup_steps_ratio)")

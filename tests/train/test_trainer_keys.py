@@ -121,6 +121,10 @@ def test_the_loss_option_error_is_mapped_through_its_option_not_its_text(monkeyp
     ("override", "message"),
     [
         ("actor_rollout_ref.actor.optim.betas=[0.9,1.5]", "actor_rollout_ref.actor.optim.betas must be two numbers"),
+        # values of another type than the rule reads: named like any bad value, not a TypeError
+        ("actor_rollout_ref.actor.optim.betas=[x,0.9]", "actor_rollout_ref.actor.optim.betas must be two numbers"),
+        ("actor_rollout_ref.actor.optim.betas=[0.9,null]", "actor_rollout_ref.actor.optim.betas must be two numbers"),
+        ("actor_rollout_ref.actor.optim.betas=[0.9,nan]", "actor_rollout_ref.actor.optim.betas must be two numbers"),
         (
             "actor_rollout_ref.actor.optim.min_lr_ratio=2",
             "actor_rollout_ref.actor.optim.min_lr_ratio must be in [0, 1]",
