@@ -16,6 +16,7 @@ from tests.helpers.optional import import_or_skip
 import_or_skip("verl")
 
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from sfpo_train.verl import CONFIG_DIR, CONFIG_NAME
 from sfpo_train.verl.cpu_runtime import MODULES_ENV, PLATFORM_ENV, PLATFORM_MODULE, ROLLOUT_MODULE
@@ -104,6 +105,17 @@ def test_an_hf_rollout_with_tensor_parallelism_is_an_error():
         apply_cpu_mode(
             _config("actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.tensor_model_parallel_size=4")
         )
+
+
+def test_a_refused_hf_rollout_changes_nothing():
+    config = _config(
+        "trainer.device=cuda", "actor_rollout_ref.rollout.name=hf", "actor_rollout_ref.rollout.data_parallel_size=2"
+    )
+    before = OmegaConf.to_yaml(config)
+    with pytest.raises(ValueError, match="data_parallel_size=1 \\(got 2\\)"):
+        apply_hf_rollout_defaults(config)
+    assert OmegaConf.to_yaml(config) == before, "the config changed although it was refused"
+    assert MODULES_ENV not in os.environ and PLATFORM_ENV not in os.environ
 
 
 def test_an_hf_rollout_on_gpu_names_only_the_rollout_module():

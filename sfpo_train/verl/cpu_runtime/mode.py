@@ -147,12 +147,15 @@ def apply_hf_rollout_defaults(config: DictConfig) -> list[str]:
     rollout = config.actor_rollout_ref.rollout
     if OmegaConf.is_missing(rollout, "name") or rollout.name != "hf":
         return []
-    use_external_modules(config, ROLLOUT_MODULE)
-    changed = []
-    if rollout.get("tensor_model_parallel_size") == 2:
-        _set(config, "actor_rollout_ref.rollout.tensor_model_parallel_size", 1)
-        changed.append("actor_rollout_ref.rollout.tensor_model_parallel_size: 2 -> 1")
     from sfpo_train.verl.cpu_runtime.hf_rollout import check_rollout_config
 
-    check_rollout_config(rollout)
+    # checked as it will be (verl's default size 2 taken as 1) before anything changes: a refused
+    # config leaves the environment, Ray's runtime_env and the config as they were
+    default_tp = rollout.get("tensor_model_parallel_size") == 2
+    check_rollout_config({**rollout, "tensor_model_parallel_size": 1} if default_tp else rollout)
+    use_external_modules(config, ROLLOUT_MODULE)
+    changed = []
+    if default_tp:
+        _set(config, "actor_rollout_ref.rollout.tensor_model_parallel_size", 1)
+        changed.append("actor_rollout_ref.rollout.tensor_model_parallel_size: 2 -> 1")
     return changed
