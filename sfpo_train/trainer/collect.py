@@ -13,8 +13,9 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from sfpo_train.padding import left_pad
 from sfpo_train.trainer.batch import TrainBatch
-from sfpo_train.trainer.data import Prompt, PromptSampler, left_pad
+from sfpo_train.trainer.data import Prompt, PromptSampler
 from sfpo_train.trainer.profiler import StageProfiler
 from sfpo_train.trainer.reward import score_one
 from sfpo_train.trainer.rollout import RolloutBatch, SamplingSettings

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sfpo_train.padding import left_pad  # noqa: F401 (re-exported: older code imports it from here)
+
 
 @dataclass
 class Prompt:
@@ -94,17 +96,6 @@ def load_prompts(
             )
         )
     return prompts
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` ids left-padded to the longest, and the attention mask (1 on real tokens)."""
-    length = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)
-    for i, s in enumerate(sequences):
-        ids[i, length - len(s) :] = torch.tensor(s, dtype=torch.long)
-        mask[i, length - len(s) :] = 1
-    return ids.to(device), mask.to(device)
 
 
 class PromptSampler:

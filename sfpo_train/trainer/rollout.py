@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sfpo_train.trainer.data import left_pad
+from sfpo_train.padding import left_pad
 
 
 @dataclass(frozen=True)

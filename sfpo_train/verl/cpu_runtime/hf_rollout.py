@@ -56,6 +56,7 @@ from verl.utils.device import get_device_name, get_resource_name, get_visible_de
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutMode, RolloutReplica
 
+from sfpo_train.padding import left_pad
 from sfpo_train.verl import verl_internals
 
 NAME = "hf"
@@ -173,15 +174,6 @@ class ProcessedLogProbs(LogitsProcessor):
         self._take(sequences[:, -1])
         self._last = None
         return torch.stack(self._steps, dim=1)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``[B, L]`` ids left-padded to the longest prompt, and the attention mask (1 on real tokens)."""
-    rows = [torch.tensor(p, dtype=torch.long) for p in prompts]
-    ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad_id, padding_side="left")
-    ones = [torch.ones(len(p), dtype=torch.long) for p in prompts]
-    mask = torch.nn.utils.rnn.pad_sequence(ones, batch_first=True, padding_value=0, padding_side="left")
-    return ids.to(device), mask.to(device)
 
 
 def generate_batch(model, prompts: list[list[int]], sampling: Sampling, pad_id: int, eos_ids: set[int]):
