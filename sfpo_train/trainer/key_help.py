@@ -10,6 +10,7 @@ from __future__ import annotations
 from omegaconf import DictConfig, OmegaConf
 
 from sfpo_train.trainer.config import KEYS, TrainerConfig, config_keys
+from sfpo_train.trainer.keys import shown_value
 
 KEY_HELP: dict[str, str] = {name: k.help for name, k in KEYS.items()}
 """``{dotted key: help text}``, derived from the declarations."""
@@ -27,15 +28,8 @@ def describe_keys(cfg: DictConfig | None = None) -> str:
         value = OmegaConf.select(cfg, key)
         if isinstance(value, DictConfig) or hasattr(value, "_content"):
             value = OmegaConf.to_container(value)
-        lines.append(f"    {key.rsplit('.', 1)[1]}={json_value(value)}  -- {KEY_HELP.get(key, '')}")
+        lines.append(f"    {key.rsplit('.', 1)[1]}={shown_value(value)}  -- {KEY_HELP.get(key, '')}")
     return "\n".join(lines)
 
 
-def json_value(value) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, dict)):
-        return str(value).replace(" ", "")
-    return str(value)
+json_value = shown_value  # the older name

@@ -83,7 +83,6 @@ class Key(typing.NamedTuple):
     finite: bool  # a number must be finite (numeric keys only)
     resumable: bool  # a resumed run may change it (``--resume`` overrides)
     loss_option: str | None  # the GRPOLossOptions field it sets
-    choices: tuple | None
 
     @property
     def numeric(self) -> bool:
@@ -112,7 +111,7 @@ def key(
     else:
         choices = next((r.choices for r in rules if r.choices is not None), None)
         if choices is not None:
-            help = f"{help}; one of {', '.join(map(_shown, choices))}"
+            help = f"{help}; one of {', '.join(map(shown_value, choices))}"
     declaration = {"help": help, "rules": rules, "finite": finite, "resumable": resumable, "loss_option": loss_option}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={META: declaration})
@@ -129,12 +128,14 @@ def loss_key(option: str, help: str = "", *rules: Rule, default=_OPTION_DEFAULT,
     return key(default, help, *rules, loss_option=option, **kwargs)
 
 
-def _shown(value) -> str:
-    """A value as the command line writes it (null, true, false)."""
+def shown_value(value) -> str:
+    """A value as the command line writes it (null, true, false, [0.9,0.999])."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
+    if isinstance(value, (list, dict)):
+        return str(value).replace(" ", "")
     return str(value)
 
 
@@ -158,7 +159,6 @@ def key_table(root: type) -> dict[str, Key]:
                 raise TypeError(f"{name} is not declared with key(): its help and rules are unknown")
             d = f.metadata[META]
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = next((r.choices for r in d["rules"] if r.choices is not None), None)
             out[name] = Key(
                 name,
                 hints[f.name],
@@ -168,21 +168,17 @@ def key_table(root: type) -> dict[str, Key]:
                 d["finite"],
                 d["resumable"],
                 d["loss_option"],
-                choices,
             )
 
     walk(root, "")
     return out
 
 
-is_finite_number = is_finite_real
-
-
 def check_key(k: Key, value) -> str | None:
     """The error for ``value`` of key ``k`` (``"<key> must be <what>, got <value>"``), or None when it is good."""
     if value is None and k.default is None and not k.rules:
         return None
-    if k.numeric and value is not None and k.finite and not is_finite_number(value):
+    if k.numeric and value is not None and k.finite and not is_finite_real(value):
         return f"{k.name} must be a finite number, got {value!r}"
     for rule in k.rules:
         try:

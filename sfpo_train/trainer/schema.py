@@ -17,7 +17,6 @@ from sfpo_kernels._backend import BACKENDS
 from sfpo_kernels.loss_options import is_finite_real
 from sfpo_train.sfpo import RESUMABLE_CHANGES, settings_schema
 from sfpo_train.trainer.keys import (
-    META,
     Key,
     Rule,
     at_least,
@@ -119,22 +118,7 @@ def _sfpo_keys_dataclass() -> type:
     checks its values), resumable where SFPO's state accepts a change (``RESUMABLE_CHANGES``).
     """
     entries = [
-        (
-            s.name,
-            s.type,
-            field(
-                default=s.default,
-                metadata={
-                    META: {
-                        "help": s.help,
-                        "rules": (),
-                        "finite": True,
-                        "resumable": s.name in RESUMABLE_CHANGES,
-                        "loss_option": None,
-                    }
-                },
-            ),
-        )
+        (s.name, s.type, key(s.default, s.help, resumable=s.name in RESUMABLE_CHANGES))
         for s in settings_schema(enable_default=True)
     ]
     keys = make_dataclass("SFPOKeys", entries)
