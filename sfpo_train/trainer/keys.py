@@ -64,7 +64,8 @@ def one_of(*choices, expect: str | None = None, nullable: bool = False) -> Rule:
     """The value is one of ``choices`` (or null, when ``nullable``)."""
     listed = f"one of {', '.join(map(str, choices))}"
     expect = expect or (f"null or {listed}" if nullable else listed)
-    return Rule(lambda v: (nullable and v is None) or v in choices, expect, choices)
+    shown = (*choices, None) if nullable else choices  # the help lists null among the choices
+    return Rule(lambda v: (nullable and v is None) or v in choices, expect, shown)
 
 
 def nullable(rule: Rule) -> Rule:
@@ -106,8 +107,9 @@ def key(
     if loss_option is not None and loss_option not in GRPOLossOptions.names():
         raise ValueError(f"loss_option must be one of {', '.join(GRPOLossOptions.names())}, got {loss_option!r}")
     if loss_option is not None:
-        option_help = GRPOLossOptions.help()[loss_option]
-        help = f"{help}; in the loss: {option_help}" if help else option_help
+        # the option's own help first, in the command line's words (null, not Python's None)
+        option_help = GRPOLossOptions.help()[loss_option].replace("None", "null")
+        help = f"{option_help}; {help}" if help else option_help
     else:
         choices = next((r.choices for r in rules if r.choices is not None), None)
         if choices is not None:

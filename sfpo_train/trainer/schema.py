@@ -138,15 +138,13 @@ class ActorConfig:
     ppo_micro_batch_size_per_gpu: int = key(128, "responses per forward/backward (gradient accumulation)", AT_LEAST_1)
     ppo_epochs: int = key(1, "passes over the batch per update pass", AT_LEAST_1)
     shuffle: bool = key(False, "shuffle responses before splitting into mini-batches")
-    clip_ratio_low: float = loss_key("clip_ratio_low", "PPO clip")
-    clip_ratio_high: float = loss_key("clip_ratio_high", "PPO clip")
-    clip_ratio_c: float | None = loss_key("clip_ratio_c", "dual clip (null: off)")
+    clip_ratio_low: float = loss_key("clip_ratio_low")
+    clip_ratio_high: float = loss_key("clip_ratio_high")
+    clip_ratio_c: float | None = loss_key("clip_ratio_c")
     loss_agg_mode: str = loss_key("loss_agg_mode", "seq-mean-token-sum-norm is Dr. GRPO's")
-    entropy_coeff: float = loss_key("entropy_coef", "entropy bonus coefficient")
+    entropy_coeff: float = loss_key("entropy_coef")
     use_kl_loss: bool = key(False, "add a KL penalty to a frozen reference (the starting model)")
-    kl_loss_coef: float = loss_key(
-        "kl_coef", "KL penalty coefficient (0 in the loss without use_kl_loss)", non_negative(), default=0.001
-    )
+    kl_loss_coef: float = loss_key("kl_coef", "0 in the loss without use_kl_loss", non_negative(), default=0.001)
     kl_loss_type: str = loss_key("kl_type", "k1 = kl, k2 = mse, k3 = low_var_kl")
     kernel_backend: str | None = key(
         None,
@@ -176,7 +174,7 @@ class ValKwargs:
 class RolloutConfig:
     name: str = key("hf", "rollout engine: hf (transformers generate), vllm (optional extra)", one_of(*ROLLOUT_NAMES))
     n: int = key(8, "responses per prompt (the GRPO group size)", AT_LEAST_1)
-    temperature: float = loss_key("temperature", "sampling temperature")
+    temperature: float = loss_key("temperature", "also the sampling temperature of the rollouts")
     top_p: float = key(1.0, "nucleus sampling", TOP_P)
     top_k: int = key(-1, "top-k sampling (-1: off)")
     do_sample: bool = key(True, "sample (false: greedy)")
