@@ -19,6 +19,7 @@ import sfpo_train.trainer.config as config_lib
 import sfpo_train.trainer.profiler as profiler_lib
 from sfpo_train.trainer import Trainer
 from sfpo_train.trainer.profiler import StageProfiler
+from tests.helpers.manual_clock import ManualClock
 from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 ALPHA = 0.5
@@ -101,26 +102,13 @@ def test_profile_of_an_sfpo_step_holds_the_reposition(tiny, tmp_path):
     assert reposition_s[ALPHA] > 0  # the stage is timed where it ran
 
 
-class _ManualClock:
-    """``time.perf_counter`` that stands still until :meth:`advance`: times become exact sums."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 class _BookkeepingProfiler(StageProfiler):
     """The CUDA code path on the CPU, whose peak-memory resets and reads take known times and sync waits none."""
 
     RESET_S = 0.0625
     READ_S = 0.03125
 
-    def __init__(self, clock: _ManualClock):
+    def __init__(self, clock: ManualClock):
         super().__init__(torch.device("cpu"), use_nvml=False)
         self.cuda = True
         self.clock = clock
@@ -137,7 +125,7 @@ class _BookkeepingProfiler(StageProfiler):
 
 def test_profiler_overhead_is_the_time_of_its_own_bookkeeping(monkeypatch):
     """Bookkeeping on entering and leaving a stage and in collect() is overhead, outside every stage's time."""
-    clock = _ManualClock()
+    clock = ManualClock()
     monkeypatch.setattr(time, "perf_counter", clock)
     prof = _BookkeepingProfiler(clock)
     reset, read = prof.RESET_S, prof.READ_S

@@ -18,28 +18,16 @@ import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer
 from sfpo_train.trainer.profiler import GB, StageProfiler, nvml_handle
 from tests.helpers.devices import requires_cuda
+from tests.helpers.manual_clock import ManualClock
 from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 TOP_LEVEL = ("gen", "reward", "old_log_prob", "adv", "update_actor", "sync_weights")
 SFPO_STAGES = ("sfpo_snapshot", "sfpo_fast", "sfpo_reposition", "sfpo_slow")
 
 
-class _ManualClock:
-    """``time.perf_counter`` that stands still until :meth:`advance`: stage times become exact sums."""
-
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
-
 @pytest.fixture
 def clock(monkeypatch):
-    manual = _ManualClock()
+    manual = ManualClock()
     monkeypatch.setattr(time, "perf_counter", manual)
     return manual
 
@@ -96,7 +84,7 @@ def test_a_stage_that_raises_is_still_recorded(clock):
 class _QueuedWorkProfiler(StageProfiler):
     """The CUDA code path on the CPU: a sync moves the clock by the queued "GPU work"; memory hooks are no-ops."""
 
-    def __init__(self, clock: _ManualClock):
+    def __init__(self, clock: ManualClock):
         super().__init__(torch.device("cpu"), use_nvml=False)
         self.cuda = True
         self.clock = clock
