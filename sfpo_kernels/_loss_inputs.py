@@ -2,8 +2,8 @@
 
 :func:`sfpo_kernels.grpo_loss` and :func:`sfpo_kernels.linear_grpo_loss` check
 their own main input (dtype, strides, the LM head) and then call these: every
-per-token tensor is shaped like that input without its last dimension and on
-its device, ``kl_coef`` needs reference log-probs, the ``seq-*`` modes need
+per-token tensor is real (not complex), shaped like that input without its last
+dimension and on its device, ``kl_coef`` needs reference log-probs, the ``seq-*`` modes need
 ``[B, T, ...]`` sequences, and the labels at response positions lie in ``[0, V)``.
 Each failure is a ``ValueError`` naming the argument, before any kernel runs.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from sfpo_kernels.grpo_math import response_positions
+from sfpo_kernels.grpo_math import check_real, response_positions
 from sfpo_kernels.loss_options import GRPOLossOptions
 
 
@@ -22,9 +22,11 @@ def shape_of(t) -> object:
 
 
 def check_like(name: str, t, x: torch.Tensor, x_name: str, dim: str) -> None:
-    """``t`` is a tensor shaped like ``x`` (called ``x_name``) without its last dimension ``dim``, on its device."""
+    """``t`` is a real tensor shaped like ``x`` (called ``x_name``) without its last dimension ``dim``, on its
+    device."""
     if not isinstance(t, torch.Tensor) or t.shape != x.shape[:-1]:
         raise ValueError(f"{name} must have shape {tuple(x.shape[:-1])} ({x_name} without {dim}), got {shape_of(t)}")
+    check_real(name, t)
     if t.device != x.device:
         raise ValueError(f"{name} is on {t.device} but {x_name} on {x.device}")
 

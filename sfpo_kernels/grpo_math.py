@@ -39,9 +39,19 @@ import torch
 from sfpo_kernels.loss_options import AGG_MODES, KL_TYPES, GRPOLossOptions, resolve_options
 
 
+def check_real(name: str, t) -> None:
+    """A complex tensor is refused (``ValueError`` naming ``name``): a mask, an advantage or a log-prob is real,
+    and torch would drop the imaginary part without a word (``mask != 0`` would even count it)."""
+    if isinstance(t, torch.Tensor) and t.is_complex():
+        raise ValueError(f"{name} must be a real tensor (bool, integer or floating point), got dtype {t.dtype}")
+
+
 def response_positions(mask: torch.Tensor) -> torch.Tensor:
-    """The positions that count: ``mask != 0`` (a NaN weight included), as bool."""
-    return mask if mask.dtype == torch.bool else mask != 0
+    """The positions that count: ``mask != 0`` (a NaN weight included), as bool; a complex mask is refused."""
+    if mask.dtype == torch.bool:
+        return mask
+    check_real("response_mask", mask)
+    return mask != 0
 
 
 def response_weights(mask: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -96,7 +106,8 @@ def agg_loss(values: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tenso
     else:
         raise ValueError(f"loss_agg_mode={mode!r} is not supported; expected one of {', '.join(AGG_MODES)}")
     loss = (row_values * rows).sum() / _nonzero(rows.sum())
-    return loss / values.shape[-1] if mode == "seq-mean-token-sum-norm" else loss
+    # T = 0 (no response token at all) gives 0 like every other mode, not 0 / 0.
+    return loss / max(values.shape[-1], 1) if mode == "seq-mean-token-sum-norm" else loss
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -202,6 +213,13 @@ def grpo_loss_from_log_probs(
     inputs every value is verl's.
     """
     o = resolve_options(options, option_overrides, "grpo_loss_from_log_probs")
+    for name, t in (
+        ("old_log_probs", old_log_probs),
+        ("advantages", advantages),
+        ("response_mask", response_mask),
+        ("ref_log_probs", ref_log_probs),
+    ):
+        check_real(name, t)
     old_log_probs = old_log_probs.to(log_probs.dtype)
     advantages = advantages.to(log_probs.dtype)
     keep, w = response_weights(response_mask, log_probs.dtype)
