@@ -17,7 +17,10 @@ every tensor as it was. That includes the backend name (even when every tensor
 is empty and no kernel would run), inference tensors (made under
 ``torch.inference_mode()``: torch refuses their in-place update, the kernels
 would write them behind autograd's back) and tensors with the neg or conj bit
-set (lazy views whose memory does not hold their values). Parameters
+set (lazy views whose memory does not hold their values) and tensors whose
+storage was freed or shrunk below their extent (``t.untyped_storage().resize_(0)``,
+as FSDP does with a parameter between uses: the kernels would write memory
+that is no longer theirs). Parameters
 (``requires_grad=True``) are written in place without autograd, FSDP2
 ``DTensor`` parameters through their local shard, FSDP1 flat parameters as the
 plain 1-D tensors they are.
@@ -61,7 +64,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Tensor]:
     """Validated local tensors: dense, contiguous, a supported dtype, no two sharing memory,
-    no inference tensor, no neg or conj bit.
+    no inference tensor, no neg or conj bit, each within its storage (none freed or shrunk).
 
     Runs on every call with thousands of tensors, so each check is one cheap
     attribute read; the messages are built only on failure.
@@ -89,6 +92,10 @@ def _as_tensor_list(tensors: Iterable[torch.Tensor], name: str) -> list[torch.Te
             raise ValueError(f"{name}[{i}] (shape {tuple(t.shape)}) is not contiguous; pass contiguous tensors")
         nbytes = t.nbytes
         if nbytes:
+            reach = (t.storage_offset() * t.element_size()) + nbytes  # contiguous: the span is numel elements
+            held = t.untyped_storage().nbytes()
+            if held < reach:
+                raise ValueError(_freed_message(t, f"{name}[{i}]", held, reach))
             ptr = t.data_ptr()
             spans.append((ptr, ptr + nbytes, i))
         out.append(t)
@@ -106,6 +113,15 @@ def _unwritable_message(t: torch.Tensor, where: str) -> str:
     return (
         f"{where} has its {bit} bit set (a lazy view, its memory does not hold its values); "
         f"pass torch.resolve_{bit}(t) or a plain tensor"
+    )
+
+
+def _freed_message(t: torch.Tensor, where: str, held: int, reach: int) -> str:
+    return (
+        f"{where} (shape {tuple(t.shape)}, {t.dtype}) reaches byte {reach} of its storage "
+        f"(offset {t.storage_offset()} + {t.numel()} elements), but the storage holds {held} bytes: "
+        "was it freed or shrunk (untyped_storage().resize_(0), as FSDP does between uses)? "
+        "Allocate it again before the call"
     )
 
 
@@ -308,7 +324,8 @@ def _layout_key(tensors) -> tuple | None:
     way to swap a parameter's memory, dtype or shape in place) does not bump it.
     What the key catches: a tensor replaced (id), resized, re-dtyped or moved
     (``.data = ...``, ``resize_``, ``set_``, ``.to``: shape, dtype, data_ptr), its
-    storage changed or freed (data_ptr), made non-contiguous in place (stride), or
+    storage changed or freed (data_ptr: a freed storage's is 0, and a resized
+    one is a new allocation, made while the old one is still held), made non-contiguous in place (stride), or
     a lazy neg view swapped in (``is_neg``). The device is implied: ``.data =`` a
     tensor on another device changes the data pointer (a CPU and a CUDA
     allocation never share an address under CUDA's unified addressing). Dtype

@@ -93,3 +93,88 @@ def test_empty_batch_loss_is_zero_in_every_mode(entry, mode):
     old, adv, mask = inputs[4:]
     loss = _losses(inputs, loss_agg_mode=mode, kl_coef=0.1, entropy_coef=0.01)[entry](old, adv, mask, old.clone())[0]
     assert loss.item() == 0.0
+
+
+# ----------------------------------------------------------------------------- freed storage
+
+
+def _backends() -> list:
+    """The backends that run here: torch everywhere, triton on CUDA or in Triton's CPU interpreter."""
+    triton_runs = torch.cuda.is_available() or sfpo_kernels.triton_interpreting()
+    return ["torch", pytest.param("triton", marks=pytest.mark.skipif(not triton_runs, reason="no Triton here"))]
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _params() -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    shapes = [(3, 5), (7,), (2, 2, 2)]
+    return [torch.randn(s, generator=g).to(_device()) for s in shapes]
+
+
+def _free(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(0)
+
+
+def _shrink(t: torch.Tensor) -> None:
+    t.untyped_storage().resize_(t.nbytes // 2)
+
+
+def _view_past_a_shrunk_storage(params: list[torch.Tensor]) -> None:
+    """params[1] becomes the tail half of a buffer whose storage is then cut to its head."""
+    base = torch.zeros(2 * params[1].numel(), device=params[1].device)
+    params[1] = base[params[1].numel() :]
+    base.untyped_storage().resize_(params[1].numel() * base.element_size())
+
+
+FREEINGS = {
+    "freed": lambda ps: _free(ps[1]),
+    "shrunk": lambda ps: _shrink(ps[1]),
+    "offset view past its storage": _view_past_a_shrunk_storage,
+}
+
+
+@pytest.mark.parametrize("how", list(FREEINGS))
+@pytest.mark.parametrize("backend", _backends())
+def test_snapshot_refuses_a_tensor_without_its_memory(backend, how):
+    params = _params()
+    FREEINGS[how](params)
+    with pytest.raises(ValueError, match=r"tensors\[1\] .*storage holds \d+ bytes"):
+        sfpo_kernels.snapshot(params, backend=backend)
+
+
+@pytest.mark.parametrize("how", list(FREEINGS))
+@pytest.mark.parametrize("backend", _backends())
+@pytest.mark.parametrize("call", ["reposition_", "restore_"])
+def test_reposition_and_restore_refuse_a_tensor_without_its_memory_and_write_nothing(backend, how, call):
+    """Freed after the snapshot (between Stage I's passes): refused, and the other tensors stay as they are."""
+    params = _params()
+    snap = sfpo_kernels.snapshot(params, backend=backend)
+    sfpo_kernels.reposition_(params, snap, 0.5, backend=backend)  # the validated list is cached; freeing must miss it
+    for p in params:
+        p.add_(1.0)
+    FREEINGS[how](params)
+    before = [p.clone() if p.untyped_storage().nbytes() >= p.nbytes else None for p in params]
+    with pytest.raises(ValueError, match=r"tensors\[1\] .*storage holds \d+ bytes"):
+        if call == "reposition_":
+            sfpo_kernels.reposition_(params, snap, 0.25, backend=backend)
+        else:
+            snap.restore_(params, backend=backend)
+    for i in (0, 2):
+        assert torch.equal(params[i], before[i]), f"tensors[{i}] was written"
+
+
+@pytest.mark.parametrize("backend", _backends())
+def test_a_freed_tensor_allocated_again_is_accepted(backend):
+    """FSDP's cycle: free, allocate again, fill; then the kernels run as on any tensor."""
+    params = _params()
+    snap = sfpo_kernels.snapshot(params, backend=backend)
+    want = [p.clone() for p in params]
+    _free(params[1])
+    params[1].untyped_storage().resize_(params[1].nbytes)
+    params[1].fill_(3.0)
+    snap.restore_(params, backend=backend)
+    for p, w in zip(params, want):
+        assert torch.equal(p, w)
