@@ -10,6 +10,9 @@ What each file holds and how each measure is defined: ``sfpo_train.reports``.
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+import warnings
 
 from sfpo_train.reports.build import build_report, default_out
 
@@ -32,7 +35,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from sfpo_train.trainer.run_guard import RunWarning
+
     out = args.out or default_out(args.runs)
-    written = build_report(args.runs, out, title=args.title)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out}: exists and is not a directory")
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RunWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RunWarning):  # a dropped torn last line of metrics.jsonl
+                print(f"sfpo report: warning: {message}", file=sys.stderr, flush=True)
+            else:
+                shown(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        try:
+            written = build_report(args.runs, out, title=args.title)
+        except OSError as e:  # --out not writable: a file in the way, no permission, a full disk
+            raise ValueError(f"--out {out}: cannot write {e.filename or out} ({e.strerror or e})") from None
     print(f"sfpo report: {len(written)} files in {out}; open {written['report.html']} or read {written['report.md']}")
     return 0

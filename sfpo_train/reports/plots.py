@@ -90,7 +90,8 @@ def plot_stage_share(share: pd.DataFrame, path: str) -> None:
         left = left + values
     ax.set_xlim(0, 100)
     ax.set_xlabel("percent of a step (mean over timed steps)")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.1))
+    if ax.get_legend_handles_labels()[0]:  # no stage timed (a run that logged only its steps): no legend
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.1))
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

@@ -6,6 +6,13 @@ Each block has a Markdown and an HTML rendering; tables go through pandas on
 both sides (``DataFrame.to_markdown`` / ``to_html``), their cells formatted
 by :func:`format_cell`. Prose is plain text but for ``**bold**`` and
 ```code```, which the HTML renders as such.
+
+Text from outside the code (run directory names, above all) is written as
+text, never as markup: ``&``, ``<``, ``>`` and ``|`` are escaped in the
+Markdown (no raw HTML, no table cell split), everything HTML-escaped in the
+page. In CSV, a text cell a spreadsheet would read as a formula (starting
+with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return, and not a number)
+is written with a leading ``'`` (:func:`csv_safe`).
 """
 
 from __future__ import annotations
@@ -110,16 +117,23 @@ def _cells(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.apply(format_column).rename(columns=str)
 
 
+def md_text(text: str) -> str:
+    """``text`` for Markdown: ``&``, ``<`` and ``>`` as entities (no raw HTML), ``|`` escaped, one line."""
+    text = text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return text.replace("\r", " ").replace("\n", " ")
+
+
 def _markdown(block: Block) -> str:
     if isinstance(block, Paragraph):
-        return block.text
+        return md_text(block.text)
     if isinstance(block, Bullets):
-        return "\n".join(f"- {item}" for item in block.items)
+        return "\n".join(f"- {md_text(item)}" for item in block.items)
     if isinstance(block, Table):
-        cells = _cells(block.frame).map(lambda s: s.replace("|", "\\|"))
+        cells = _cells(block.frame).map(md_text)
+        cells.columns = [md_text(c) for c in cells.columns]
         align = ["right" if pd.api.types.is_numeric_dtype(block.frame[c]) else "left" for c in block.frame]
         return cells.to_markdown(index=False, disable_numparse=True, colalign=align)
-    return f"![{block.alt}]({block.name})"
+    return f"![{md_text(block.alt)}]({block.name})"
 
 
 def _inline(text: str) -> str:
@@ -140,10 +154,10 @@ def _html(block: Block) -> str:
 
 def markdown(title: str, sections: list[Section]) -> str:
     """The report as Markdown: ``# title``, then each section's ``## heading`` and blocks, blank-line separated."""
-    parts = [f"# {title}"]
+    parts = [f"# {md_text(title)}"]
     for section in sections:
         if section.heading:
-            parts.append(f"## {section.heading}")
+            parts.append(f"## {md_text(section.heading)}")
         parts += [_markdown(block) for block in section.blocks]
     return "\n\n".join(parts) + "\n"
 
@@ -163,12 +177,41 @@ def html_page(title: str, sections: list[Section]) -> str:
     return "\n".join(parts)
 
 
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what makes a spreadsheet read a cell as a formula
+
+
+def csv_safe(value):
+    """``value`` for a CSV cell: a text a spreadsheet would run as a formula gets a leading ``'``; others as they are.
+
+    ``"=cmd|' /C calc'!A0"`` -> ``"'=cmd|' /C calc'!A0"``; ``"-0.5"`` and ``"+3"`` stay (numbers).
+    """
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
+def csv_safe_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with :func:`csv_safe` applied to every text cell, column name and index label."""
+    out = frame.rename(index=csv_safe, columns=csv_safe)
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[col]):
+            out[col] = out[col].map(csv_safe)
+    return out
+
+
 def write_csvs(out_dir: str, tables: dict[str, tuple[pd.DataFrame, bool]]) -> dict[str, str]:
-    """``{file name: (table, whether its index is a column)}`` written as CSV into ``out_dir``; ``{name: path}``."""
+    """``{file name: (table, whether its index is a column)}`` written as CSV into ``out_dir``; ``{name: path}``.
+
+    Every CSV a report writes goes through here, its text cells through :func:`csv_safe`.
+    """
     written = {}
     for name, (frame, index) in tables.items():
         written[name] = os.path.join(out_dir, name)
-        frame.to_csv(written[name], index=index)
+        csv_safe_frame(frame).to_csv(written[name], index=index)
     return written
 
 

@@ -17,7 +17,7 @@ import os
 import pandas as pd
 
 from sfpo_train.reports.headline import first_reaching
-from sfpo_train.reports.render import Image, Paragraph, Section, Table, write_pages
+from sfpo_train.reports.render import Image, Paragraph, Section, Table, write_csvs, write_pages
 from sfpo_train.reports.runs import load_run, nested
 from sfpo_train.reports.stats import INTERVAL, mean_ci
 from sfpo_train.reports.summary import update_split
@@ -201,8 +201,7 @@ def build_sweep_report(
     """sweep.csv, the heat map and sweep.md / sweep.html (as report.md / report.html) into ``report_dir``."""
     os.makedirs(report_dir, exist_ok=True)
     table = sweep_table(out_dir, points, owners, seeds=seeds)
-    written = {"sweep.csv": os.path.join(report_dir, "sweep.csv")}
-    table.to_csv(written["sweep.csv"], index=False)
+    written = write_csvs(report_dir, {"sweep.csv": (table, False)})
     blocks = [
         Paragraph(
             f"{len(points)} points, {len({o.name for o in owners.values()})} distinct runs per seed, "

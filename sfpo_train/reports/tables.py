@@ -96,7 +96,7 @@ def run_summary(run: Run) -> dict:
         "steps": done,
         "planned_steps": int(planned) if planned is not None else done,
         "finished": planned is None or done >= int(planned),
-        "rollouts": int(column(train, "train/rollouts_total").max()) if len(train) else 0,
+        "rollouts": int(column(train, "train/rollouts_total").fillna(0).max()) if len(train) else 0,
         "wall_clock_s": float(column(train, "train/elapsed_s").max()) if len(train) else 0.0,
         "mean_step_s": float(mean_stage_times(run)["step"]) if len(train) else math.nan,
         "initial_acc": initial_accuracy(val),

@@ -3,8 +3,9 @@
 The default routes by ``data_source`` (:func:`sfpo_train.tasks.compute_score`);
 ``custom_reward_function.path`` / ``.name`` load a user's function from a
 Python file, as verl does. A function may return a number or a dict with a
-``"score"`` entry (verl's convention); anything else, or an exception, is a
-``ValueError`` naming the sample.
+``"score"`` entry (verl's convention); anything else (a bool, NaN, an
+infinity, an integer too large for a float, a complex number), an exception or
+a ``sys.exit()`` is a ``ValueError`` naming the function and the sample.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def load_reward_fn(path: str | None, name: str) -> ScoreFn:
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # a module that calls sys.exit() must not end sfpo train with its code
         raise ValueError(f"custom_reward_function.path={path!r} failed to import: {type(e).__name__}: {e}") from e
     fn = getattr(module, name, None)
     if not callable(fn):
@@ -42,12 +43,15 @@ def score_one(
 ) -> tuple[float, dict[str, float]]:
     """One sample's ``(score, extra)``: the score as a float and a dict reward's other numeric entries.
 
-    Errors name the sample so the user can reproduce them.
+    Errors name the function and the sample so the user can reproduce them.
     """
-    where = f"sample {index} (data_source={data_source!r}, prompt={prompt!r}, response={response!r})"
+    where = (
+        f"sample {index} (data_source={data_source!r}, prompt={prompt!r}, response={response!r}, "
+        f"function={_describe(fn)})"
+    )
     try:
         result = fn(data_source=data_source, solution_str=response, ground_truth=ground_truth, extra_info=extra_info)
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # sys.exit() in a reward must not end sfpo train with its code
         raise ValueError(f"the reward function raised on {where}: {type(e).__name__}: {e}") from e
     extra: dict[str, float] = {}
     if isinstance(result, dict):
@@ -57,9 +61,33 @@ def score_one(
         extra = {k: float(v) for k, v in result.items() if k != "score" and (isinstance(v, bool) or _is_number(v))}
         result = result["score"]
     if not _is_number(result):
-        raise ValueError(f"the reward function must return a finite number, got {result!r} on {where}")
+        raise ValueError(f"the reward function must return a finite number, got {_short_repr(result)} on {where}")
     return float(result), extra
 
 
 def _is_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(float(value))
+    """A real number (not a bool) that is finite as a float: ``10**400`` is not (it overflows)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except (OverflowError, ValueError, TypeError):
+        return False
+
+
+def _describe(fn: ScoreFn) -> str:
+    """The reward function as the user knows it: its name and the file it is defined in."""
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or type(fn).__name__
+    code = getattr(fn, "__code__", None)
+    return f"{name} in {code.co_filename}" if code is not None else name
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (an integer too large for a float has hundreds of digits)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 256:
+        return f"an integer of {value.bit_length()} bits"
+    try:
+        text = repr(value)
+    except Exception as e:  # a user's object whose __repr__ fails
+        return f"a {type(value).__name__} ({type(e).__name__} in its repr)"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
