@@ -86,6 +86,11 @@ def lock_run_dir(run_dir: str) -> bool:
     return created
 
 
+def holds_lock(run_dir: str) -> bool:
+    """Whether this process holds ``run_dir``'s lock."""
+    return os.path.realpath(run_dir) in _held
+
+
 def unlock_run_dir(run_dir: str, *, remove: bool = False) -> None:
     """Release this process's lock on ``run_dir``; with ``remove`` also delete ``.lock`` and the directory if empty."""
     fd = _held.pop(os.path.realpath(run_dir), None)

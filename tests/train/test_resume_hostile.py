@@ -7,14 +7,20 @@ line naming the file or key; never a traceback, a hang, or a half-written file l
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shutil
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.trainer import Trainer, run_guard
+from sfpo_train.trainer import Trainer, checkpoint, run_guard
+from sfpo_train.trainer.run_guard import RunWarning
 from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
 
 
@@ -78,3 +84,144 @@ def test_a_yaml_tag_or_syntax_error_in_config_yaml_is_one_line_naming_the_file(t
     (run / "config.yaml").write_text(text)
     proc = run_cli("--resume", str(run))
     assert_one_line_error(proc, f"{run / 'config.yaml'} is not a config this trainer can read")
+
+
+# --------------------------------------------------------------------------- intact: everything resume reads loads
+
+
+def _edit_state(run, step, edit):
+    path = run / "checkpoints" / f"global_step_{step}" / checkpoint.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, path)
+
+
+def _edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _weights_as_bin(model):
+    tensors = load_file(model / "model.safetensors")
+    (model / "model.safetensors").unlink()
+    torch.save(tensors, model / "pytorch_model.bin")
+
+
+STEP3 = "checkpoints/global_step_3"
+BAD_CONTENT = {  # damage to global_step_3 that leaves every file loadable, and what the warning says about it
+    "sfpo-version": (
+        lambda run: _edit_state(run, 3, lambda s: s["sfpo"].update(version=99)),
+        "'sfpo' is not a state of the SFPO its config describes (state['version'] is 99",
+    ),
+    "sfpo-not-a-state": (
+        lambda run: _edit_state(run, 3, lambda s: s.update(sfpo={"junk": 1})),
+        "'sfpo' is not a state of the SFPO its config describes",
+    ),
+    "no-optimizer": (lambda run: _edit_state(run, 3, lambda s: s.pop("optimizer")), "has no 'optimizer' entry"),
+    "no-scheduler": (lambda run: _edit_state(run, 3, lambda s: s.pop("lr_scheduler")), "has no 'lr_scheduler' entry"),
+    "optimizer-empty-dict": (
+        lambda run: _edit_state(run, 3, lambda s: s.update(optimizer={})),
+        "'optimizer' is not an optimizer state_dict",
+    ),
+    "optimizer-empty-state": (
+        lambda run: _edit_state(run, 3, lambda s: s["optimizer"].update(state={})),
+        "'optimizer' has an empty state at step 3",
+    ),
+    "sampler-junk": (
+        lambda run: _edit_state(run, 3, lambda s: s.update(sampler={"epoch": "x"})),
+        "'sampler' needs non-negative integers",
+    ),
+    "rng-junk": (lambda run: _edit_state(run, 3, lambda s: s.update(rng={})), "'rng' is not an RNG state"),
+    "unknown-model-type": (
+        lambda run: _edit_json(run / STEP3 / "model/config.json", lambda c: c.update(model_type="no-such-model")),
+        "model/config.json cannot be read",
+    ),
+    "bad-generation-config": (
+        lambda run: (run / STEP3 / "model/generation_config.json").write_text("{not json"),
+        "model/generation_config.json cannot be read",
+    ),
+    "weights-as-pickle": (
+        lambda run: _weights_as_bin(run / STEP3 / "model"),
+        "holds no model weights (*.safetensors) (pytorch_model.bin is not loaded",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(BAD_CONTENT))
+def test_resume_skips_a_checkpoint_whose_files_load_but_whose_content_is_bad(three_checkpoints, tmp_path, damage):
+    run = copy_run(three_checkpoints, tmp_path)
+    apply, reason = BAD_CONTENT[damage]
+    apply(run)
+    with pytest.warns(RunWarning, match=re.escape(f"skipped {run / STEP3}: ")) as record:
+        resumed = Trainer.resume(str(run))
+    assert resumed.global_step == 2 and resumed.resumed_from == str(run / "checkpoints/global_step_2")
+    assert any(reason in str(w.message) for w in record), [str(w.message) for w in record]
+    run_guard.unlock_run_dir(str(run))
+
+
+FIFOS = ["model/config.json", "model/generation_config.json", "model/model.safetensors", checkpoint.STATE_FILE]
+
+
+@pytest.mark.parametrize("planted", FIFOS)
+def test_a_fifo_planted_in_a_checkpoint_is_skipped_without_opening_it(three_checkpoints, tmp_path, planted):
+    run = copy_run(three_checkpoints, tmp_path)
+    target = run / STEP3 / planted
+    target.unlink()
+    os.mkfifo(target)
+    proc = run_cli("--resume", str(run), "trainer.total_training_steps=3", timeout=120)  # a hang: TimeoutExpired
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"skipped {target.parent.parent if planted.startswith('model') else target.parent}" in proc.stderr
+    assert f"{target} is not a regular file" in proc.stderr
+    assert "from " + str(run / "checkpoints/global_step_2") in proc.stdout
+
+
+def test_no_intact_checkpoint_is_one_line_naming_each(three_checkpoints, tmp_path):
+    run = copy_run(three_checkpoints, tmp_path)
+    _edit_state(run, 1, lambda s: s["sfpo"].update(version=99))
+    _edit_state(run, 2, lambda s: s.pop("optimizer"))
+    os.remove(run / STEP3 / "model/config.json")
+    os.mkfifo(run / STEP3 / "model/config.json")
+    proc = run_cli("--resume", str(run), timeout=120)
+    assert_one_line_error(
+        proc,
+        f"no checkpoint of {run} can be resumed",
+        "global_step_3/model/config.json is not a regular file",
+        "has no 'optimizer' entry",
+        "state['version'] is 99",
+    )
+
+
+# --------------------------------------------------------------------------- the resumed run's length
+
+
+def test_resume_refuses_total_training_steps_below_the_checkpoints_step(three_checkpoints, tmp_path):
+    run = copy_run(three_checkpoints, tmp_path)
+    before = (run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()
+    proc = run_cli("--resume", str(run), "trainer.total_training_steps=2")
+    assert_one_line_error(proc, "trainer.total_training_steps=2", "checkpoint it resumes from (3,")
+    assert ((run / "config.yaml").read_text(), (run / "metrics.jsonl").read_text()) == before
+
+
+# --------------------------------------------------------------------------- validate first, then act
+
+
+def test_a_failed_resume_releases_the_run_directorys_lock(three_checkpoints, tmp_path):
+    run = copy_run(three_checkpoints, tmp_path)
+    with pytest.raises(ValueError, match="trainer.total_training_steps=1"):
+        Trainer.resume(str(run), ["trainer.total_training_steps=1"])
+    assert not run_guard.holds_lock(str(run))
+    with pytest.raises(ValueError, match=r"trainer.total_training_steps must be"):
+        Trainer.resume(str(run), ["trainer.total_training_steps=0"])
+    assert not run_guard.holds_lock(str(run))
+    resumed = Trainer.resume(str(run))  # and this process can still resume it
+    assert resumed.global_step == 3
+    run_guard.unlock_run_dir(str(run))
+
+
+def test_create_validates_before_it_names_the_run(tiny, tmp_path):
+    cfg = config(tiny, tmp_path, "x", "data.train_batch_size=0")
+    cfg.trainer.experiment_name = None
+    with pytest.raises(ValueError, match="data.train_batch_size"):
+        Trainer.create(cfg)
+    assert cfg.trainer.experiment_name is None and not os.listdir(tmp_path)
