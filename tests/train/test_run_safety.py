@@ -183,7 +183,10 @@ def test_a_second_sfpo_train_on_a_run_in_use_fails_at_once_naming_the_holder(tin
         holder.send_signal(signal.SIGSTOP)
         second = [
             subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **k)
-            for c, k in (cli("--resume", str(run), "trainer.total_training_steps=5000"), cli("--preset", "smoke", *args))
+            for c, k in (
+                cli("--resume", str(run), "trainer.total_training_steps=5000"),
+                cli("--preset", "smoke", *args),
+            )
         ]
         outs = [p.communicate(timeout=300) for p in second]
         assert holder.poll() is None, "the holder ended before the second processes ran"
