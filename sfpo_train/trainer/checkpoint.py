@@ -25,6 +25,7 @@ scheduler, SFPO, sampler, RNG, counters, config) in the shape it expects.
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -40,7 +41,7 @@ import torch
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer.metrics_log import MetricsLog
-from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic
+from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic, writing
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_PREFIX = "global_step_"
@@ -90,17 +91,25 @@ def save_checkpoint(run_dir: str, global_step: int, model, tokenizer, state: dic
     """
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"{CHECKPOINT_PREFIX}{global_step}")
-    for stale in glob.glob(os.path.join(root, f"{CHECKPOINT_PREFIX}*.tmp*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in glob.glob(os.path.join(root, f"{LATEST_FILE}.tmp*")):
-        os.remove(stale)
     tmp = tmp_name(final)
-    os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "model"))
-    tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({**state, "format": STATE_FORMAT}, os.path.join(tmp, STATE_FILE))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with writing(tmp):
+        for stale in glob.glob(os.path.join(root, f"{CHECKPOINT_PREFIX}*.tmp*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in glob.glob(os.path.join(root, f"{LATEST_FILE}.tmp*")):
+            os.remove(stale)
+        try:  # a failed write (a full disk) leaves no temporary behind
+            os.makedirs(tmp)
+            model.save_pretrained(os.path.join(tmp, "model"))
+            tokenizer.save_pretrained(os.path.join(tmp, "model"))
+            with open(os.path.join(tmp, STATE_FILE), "wb") as f:  # a file object: a write error is an OSError
+                torch.save({**state, "format": STATE_FORMAT}, f)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, OSError) and "os error 28" in str(e):  # safetensors' (Rust) error for ENOSPC
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     write_atomic(os.path.join(root, LATEST_FILE), str(global_step))
     return final
 

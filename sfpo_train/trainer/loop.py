@@ -511,9 +511,13 @@ class Trainer:
                 bar.set_postfix(self._postfix(metrics), refresh=False)
             if stop.signum is not None:  # the signal came during the last step: still a stop, not a success
                 raise self._stopped(stop.signum)
-        finally:
+        except BaseException:
             bar.close()
-            self.log.write_csv()
+            with contextlib.suppress(Exception):  # best effort: the error that stopped the run is the one to report
+                self.log.write_csv()
+            raise
+        bar.close()
+        self.log.write_csv()
         return history
 
     def _stopped(self, signum: int) -> run_guard.StopInterrupt:

@@ -7,6 +7,7 @@ line naming the file or key; never a traceback, a hang, or a half-written file l
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -225,3 +226,80 @@ def test_create_validates_before_it_names_the_run(tiny, tmp_path):
     with pytest.raises(ValueError, match="data.train_batch_size"):
         Trainer.create(cfg)
     assert cfg.trainer.experiment_name is None and not os.listdir(tmp_path)
+
+
+# --------------------------------------------------------------------------- a full or read-only disk
+
+
+def _disk_full(monkeypatch, after_saves):
+    """From the ``after_saves``-th ``torch.save`` on, every ``torch.save`` and ``os.fsync`` fails as on a full disk."""
+    real_save, calls = torch.save, []
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # no filename: what a write() on a full disk raises
+
+    def save(obj, f, *args, **kwargs):
+        calls.append(1)
+        if len(calls) >= after_saves:
+            monkeypatch.setattr(os, "fsync", full)
+            full()
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_temporaries(tiny, tmp_path, monkeypatch, capsys):
+    from sfpo_train.cli import main
+
+    args = [*tiny, f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=run", "trainer.progress_bar=false"]
+    _disk_full(monkeypatch, after_saves=2)  # step 1's checkpoint is written, step 2's is not
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "smoke", *args, "trainer.save_freq=1", "trainer.val_before_train=false"])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    errors = [line for line in err.splitlines() if line.startswith("sfpo train: error:")]
+    assert errors == [
+        f"sfpo train: error: cannot write {run}/checkpoints/global_step_2.tmp.{os.getpid()}: disk full (ENOSPC)"
+    ], err
+    assert "Traceback" not in err
+    leftovers = [str(p.relative_to(run)) for p in run.rglob("*") if ".tmp" in p.name]
+    assert not leftovers, leftovers
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["global_step_1", checkpoint.LATEST_FILE]
+    monkeypatch.undo()  # space freed: the run continues from its last checkpoint
+    resumed = Trainer.resume(str(run))
+    assert resumed.global_step == 1
+    run_guard.unlock_run_dir(str(run))
+
+
+def test_a_full_disk_while_writing_a_file_atomically_removes_its_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "metrics.csv"
+    target.write_text("old")
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(run_guard.WriteError, match=re.escape(f"cannot write {target}.tmp.{os.getpid()}: disk full")):
+        run_guard.write_atomic(str(target), "new")
+    assert os.listdir(tmp_path) == ["metrics.csv"] and target.read_text() == "old"
+
+
+@pytest.mark.parametrize("code, cause", [(errno.EROFS, "read-only file system"), (errno.EACCES, "permission denied")])
+def test_a_read_only_run_directory_is_one_line(tiny, tmp_path, monkeypatch, capsys, code, cause):
+    from sfpo_train.cli import main
+
+    real_open = os.open
+
+    def refuse(path, flags, *args, **kwargs):  # what a read-only mount (or no write permission) answers
+        if str(path).startswith(str(tmp_path)) and flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    (tmp_path / "run").mkdir()
+    monkeypatch.setattr(os, "open", refuse)
+    args = [*tiny, f"trainer.default_local_dir={tmp_path}", "trainer.experiment_name=run"]
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--preset", "smoke", *args])
+    assert info.value.code != 0
+    err = capsys.readouterr().err
+    assert err.strip().endswith(
+        f"sfpo train: error: cannot write {tmp_path / 'run' / '.lock'}: {cause} ({errno.errorcode[code]})"
+    ), err
+    assert "Traceback" not in err
