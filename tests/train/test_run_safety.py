@@ -457,8 +457,8 @@ real_save = torch.save
 
 def save_then_die(obj, path, *args, **kwargs):  # the kill lands while step 2's checkpoint is half written
     if isinstance(obj, dict) and obj.get("global_step") == 2:
-        with open(path, "wb") as f:
-            f.write(b"half a trainer state")
+        path.write(b"half a trainer state")  # the checkpoint writes through a file object
+        path.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, path, *args, **kwargs)
 
