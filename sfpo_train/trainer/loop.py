@@ -197,7 +197,7 @@ class Trainer:
         ``config.yaml`` must still equal the checkpoint's config except for RESUMABLE_KEYS.
         """
         path = os.path.join(run_dir, ckpt.CONFIG_FILE)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):  # one that is there but no regular file is named by config_from_yaml
             raise ValueError(f"--resume {run_dir!r}: not a run directory (no config.yaml)")
         for item in overrides or []:
             key = item.split("=", 1)[0].lstrip("+")

@@ -87,6 +87,14 @@ def test_a_yaml_tag_or_syntax_error_in_config_yaml_is_one_line_naming_the_file(t
     assert_one_line_error(proc, f"{run / 'config.yaml'} is not a config this trainer can read")
 
 
+def test_a_fifo_as_the_runs_config_yaml_is_named_not_opened(three_checkpoints, tmp_path):
+    run = copy_run(three_checkpoints, tmp_path)
+    (run / "config.yaml").unlink()
+    os.mkfifo(run / "config.yaml")
+    proc = run_cli("--resume", str(run), timeout=120)  # a hang: TimeoutExpired
+    assert_one_line_error(proc, f"{run / 'config.yaml'} is not a regular file")
+
+
 # --------------------------------------------------------------------------- intact: everything resume reads loads
 
 
