@@ -14,12 +14,18 @@ tensors and numbers, not numpy or Python objects) and is read with
 unpickling of arbitrary objects is refused, never executed.
 
 Resuming (:func:`find_resumable`) does not trust the marker: it tries the
-``global_step_*`` directories newest first and takes the first whose model
-directory and state both load, warning about each one it skips and why.
+``global_step_*`` directories newest first and takes the first intact one,
+warning about each one it skips and why. Intact means everything resume reads
+is a regular file (a planted FIFO would hang the read) that loads and
+validates: the model's ``config.json`` and ``generation_config.json`` as
+transformers reads them, safetensors weights (a ``pytorch_model.bin`` is not
+read: unpickling), and a state with every entry resume restores (optimizer,
+scheduler, SFPO, sampler, RNG, counters, config) in the shape it expects.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
@@ -27,6 +33,7 @@ import pickle
 import random
 import re
 import shutil
+import stat
 import warnings
 
 import numpy as np
@@ -34,7 +41,7 @@ import torch
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer.metrics_log import MetricsLog
-from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic
+from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic, writing
 
 CONFIG_FILE = "config.yaml"
 CHECKPOINT_PREFIX = "global_step_"
@@ -84,17 +91,25 @@ def save_checkpoint(run_dir: str, global_step: int, model, tokenizer, state: dic
     """
     root = os.path.join(run_dir, "checkpoints")
     final = os.path.join(root, f"{CHECKPOINT_PREFIX}{global_step}")
-    for stale in glob.glob(os.path.join(root, f"{CHECKPOINT_PREFIX}*.tmp*")):
-        shutil.rmtree(stale, ignore_errors=True)
-    for stale in glob.glob(os.path.join(root, f"{LATEST_FILE}.tmp*")):
-        os.remove(stale)
     tmp = tmp_name(final)
-    os.makedirs(tmp)
-    model.save_pretrained(os.path.join(tmp, "model"))
-    tokenizer.save_pretrained(os.path.join(tmp, "model"))
-    torch.save({**state, "format": STATE_FORMAT}, os.path.join(tmp, STATE_FILE))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    with writing(tmp):
+        for stale in glob.glob(os.path.join(root, f"{CHECKPOINT_PREFIX}*.tmp*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        for stale in glob.glob(os.path.join(root, f"{LATEST_FILE}.tmp*")):
+            os.remove(stale)
+        try:  # a failed write (a full disk) leaves no temporary behind
+            os.makedirs(tmp)
+            model.save_pretrained(os.path.join(tmp, "model"))
+            tokenizer.save_pretrained(os.path.join(tmp, "model"))
+            with open(os.path.join(tmp, STATE_FILE), "wb") as f:  # a file object: a write error is an OSError
+                torch.save({**state, "format": STATE_FORMAT}, f)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not isinstance(e, OSError) and "os error 28" in str(e):  # safetensors' (Rust) error for ENOSPC
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), tmp) from None
+            raise
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
     write_atomic(os.path.join(root, LATEST_FILE), str(global_step))
     return final
 
@@ -102,8 +117,7 @@ def save_checkpoint(run_dir: str, global_step: int, model, tokenizer, state: dic
 def load_state(checkpoint: str) -> dict:
     """The ``trainer_state.pt`` of a checkpoint directory, read weights-only; ``ValueError`` naming the file."""
     path = os.path.join(checkpoint, STATE_FILE)
-    if not os.path.isfile(path):
-        raise ValueError(f"{path} is missing")
+    _check_regular(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -156,10 +170,10 @@ def checkpoint_dirs(run_dir: str) -> list[tuple[int, str]]:
 
 
 def find_resumable(run_dir: str) -> tuple[str, dict] | None:
-    """The newest checkpoint whose model directory and state both load, with its state; None if there is none.
+    """The newest intact checkpoint (see the module's docstring) with its state; None if there is none.
 
     Each newer one skipped (and a marker naming something else) is reported with a :class:`RunWarning`;
-    ``ValueError`` listing every checkpoint and its problem when none of them loads.
+    ``ValueError`` listing every checkpoint and its problem when none of them is intact.
     """
     skipped = []
     marker = os.path.join(run_dir, "checkpoints", LATEST_FILE)
@@ -175,10 +189,7 @@ def find_resumable(run_dir: str) -> tuple[str, dict] | None:
         try:
             _check_model_dir(os.path.join(path, "model"))
             state = load_state(path)
-            if state.get("global_step") != step:
-                raise ValueError(
-                    f"{os.path.join(path, STATE_FILE)} is for step {state.get('global_step')!r}, not {step}"
-                )
+            check_state(state, os.path.join(path, STATE_FILE), step)
         except ValueError as e:
             skipped.append(f"skipped {path}: {e}")
             continue
@@ -192,20 +203,127 @@ def find_resumable(run_dir: str) -> tuple[str, dict] | None:
     return None
 
 
+_STATE_ENTRIES = {  # what resume restores from trainer_state.pt, and the type each entry must have
+    "optimizer": dict,
+    "lr_scheduler": dict,
+    "sfpo": dict,
+    "sampler": dict,
+    "rng": dict,
+    "rollouts_total": int,
+    "elapsed_s": (int, float),
+    "last_val": dict,
+    "config": str,
+}
+
+
+def check_state(state: dict, path: str, step: int) -> None:
+    """``ValueError`` naming ``path`` and the entry unless ``state`` holds everything resume restores, as it must be."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path}: {what}")
+
+    if state.get("global_step") != step:
+        raise bad(f"is for step {state.get('global_step')!r}, not {step}")
+    for key, kind in _STATE_ENTRIES.items():
+        if key not in state:
+            raise bad(f"has no {key!r} entry")
+        if not isinstance(state[key], kind) or isinstance(state[key], bool):
+            raise bad(f"{key!r} is a {type(state[key]).__name__}, not a {getattr(kind, '__name__', 'number')}")
+    optimizer = state["optimizer"]
+    groups = optimizer.get("param_groups")
+    if not isinstance(optimizer.get("state"), dict) or not isinstance(groups, list) or not groups:
+        raise bad("'optimizer' is not an optimizer state_dict (needs 'state' and a non-empty 'param_groups')")
+    ids = set()
+    for group in groups:
+        if not isinstance(group, dict) or not isinstance(group.get("params"), list) or not group["params"]:
+            raise bad("'optimizer' has a parameter group without parameters")
+        ids.update(group["params"])
+    if step > 0 and not optimizer["state"]:
+        raise bad(f"'optimizer' has an empty state at step {step} (its moments were lost)")
+    if not set(optimizer["state"]) <= ids:
+        raise bad("'optimizer' has state for parameters that are in none of its groups")
+    scheduler = state["lr_scheduler"]
+    if not isinstance(scheduler.get("last_epoch"), int) or not isinstance(scheduler.get("base_lrs"), list):
+        raise bad("'lr_scheduler' is not an LR scheduler state_dict (needs 'last_epoch' and 'base_lrs')")
+    if len(scheduler["base_lrs"]) != len(groups):
+        raise bad(f"'lr_scheduler' has {len(scheduler['base_lrs'])} base_lrs for {len(groups)} parameter groups")
+    sampler = state["sampler"]
+    if not all(isinstance(sampler.get(k), int) and sampler[k] >= 0 for k in ("epoch", "position")):
+        raise bad(f"'sampler' needs non-negative integers 'epoch' and 'position', got {sampler!r}"[:300])
+    try:
+        _check_rng(state["rng"])
+    except Exception as e:  # any malformed piece: a KeyError, TypeError, ValueError or RuntimeError
+        raise bad(f"'rng' is not an RNG state ({type(e).__name__}: {_first_line(e)})") from None
+    saved = config_lib.parse_config(state["config"], f"{path}'s 'config'")
+    from sfpo_train.sfpo import SFPO
+
+    try:  # against the checkpoint's own config: a config.yaml that differs is refused as such, after the choice
+        SFPO([torch.nn.Parameter(torch.zeros(1))], config_lib.sfpo_config(saved)).load_state_dict(state["sfpo"])
+    except ValueError as e:
+        raise bad(f"'sfpo' is not a state of the SFPO its config describes ({e})") from None
+
+
+def _check_rng(rng: dict) -> None:
+    """Raises unless :func:`set_rng_state` can restore ``rng`` (tried on fresh generators, not the global ones)."""
+    py, npy = rng["python"], rng["numpy"]
+    random.Random().setstate((int(py["version"]), tuple(int(x) for x in py["internal"].tolist()), py["gauss_next"]))
+    np.random.RandomState().set_state(
+        (npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["cached_gaussian"])
+    )
+    torch.Generator().set_state(rng["torch"])
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _check_regular(path: str) -> None:
+    """``ValueError`` unless ``path`` is a regular file (checked without opening it: a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing") from None
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file")
+
+
 def _check_model_dir(model_dir: str) -> None:
-    """``ValueError`` naming the file unless ``model_dir`` has a readable config.json and complete weights."""
+    """``ValueError`` naming the file unless ``model_dir`` loads: its configs as transformers reads them, its weights.
+
+    Weights must be safetensors (what :func:`save_checkpoint` writes); a ``pytorch_model.bin`` is a pickle.
+    """
+    from safetensors import safe_open
+    from transformers import AutoConfig, GenerationConfig
+
     config = os.path.join(model_dir, "config.json")
+    _check_regular(config)
     try:
         with open(config) as f:
-            json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{config} cannot be read ({type(e).__name__}: {e})") from None
-    from safetensors import safe_open
-
+            if not isinstance(json.load(f), dict):
+                raise ValueError("not a JSON object")
+        AutoConfig.from_pretrained(model_dir)
+    except Exception as e:  # JSON, an unknown model_type (ValueError / KeyError), a bad entry
+        raise ValueError(f"{config} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    generation = os.path.join(model_dir, "generation_config.json")
+    if os.path.lexists(generation):
+        _check_regular(generation)
+        try:
+            GenerationConfig.from_pretrained(model_dir)
+        except Exception as e:
+            raise ValueError(f"{generation} cannot be read ({type(e).__name__}: {_first_line(e)})") from None
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.lexists(index):
+        _check_regular(index)
     weights = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
-    if not weights and not glob.glob(os.path.join(model_dir, "pytorch_model*.bin")):
-        raise ValueError(f"{model_dir} holds no model weights (*.safetensors)")
+    if not weights:
+        pickled = sorted(os.path.basename(p) for p in glob.glob(os.path.join(model_dir, "*.bin")))
+        also = f" ({', '.join(pickled)} is not loaded: a pickle, not written by sfpo)" if pickled else ""
+        raise ValueError(f"{model_dir} holds no model weights (*.safetensors){also}")
     for path in weights:
+        _check_regular(path)
         try:
             with safe_open(path, "pt"):  # reads the header; a truncated file does not cover its tensors
                 pass

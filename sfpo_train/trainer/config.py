@@ -19,10 +19,13 @@ prompts; each prompt has ``rollout.n`` responses; the micro-batch sizes
 from __future__ import annotations
 
 import difflib
+import os
 import re
+import stat
 from typing import Any
 
 import torch
+import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
@@ -193,8 +196,10 @@ def load_config(preset: str = "default", overrides: list[str] | None = None, alg
 
 
 def config_from_yaml(path: str) -> DictConfig:
-    """A run's saved ``config.yaml`` checked against the current schema."""
+    """A run's saved ``config.yaml`` checked against the current schema (a regular file only: a FIFO would hang)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"{path} is not a regular file")
         with open(path) as f:
             text = f.read()
     except OSError as e:
@@ -210,7 +215,7 @@ def parse_config(text: str, source: str) -> DictConfig:
         if not isinstance(loaded, DictConfig):
             raise ValueError(f"a mapping of config sections, got {type(loaded).__name__}")
         return OmegaConf.merge(cfg, loaded)
-    except (OmegaConfBaseException, ValueError) as e:  # yaml's errors are ValueErrors too
+    except (OmegaConfBaseException, ValueError, yaml.YAMLError) as e:  # a YAML tag or syntax error is no ValueError
         raise ValueError(f"{source} is not a config this trainer can read: {str(e).splitlines()[0]}") from None
 
 

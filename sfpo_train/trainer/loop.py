@@ -168,12 +168,13 @@ class Trainer:
         before its first checkpoint is started again (with a warning); one with a checkpoint, or a
         finished one, is refused.
         """
+        config_lib.validate(cfg)  # before anything changes, the caller's cfg included
         if cfg.trainer.experiment_name is None:  # e.g. default-sfpo-dapo-<time>, default-dapo-<time>
             algorithm = config_lib.algorithm_of(lambda key: OmegaConf.select(cfg, key))
             kind = f"sfpo-{algorithm}" if cfg.actor_rollout_ref.actor.sfpo.enable else algorithm
             cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
-        config_lib.validate(cfg)
         run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
+        locked_here = not run_guard.holds_lock(run_dir)
         created = run_guard.lock_run_dir(run_dir)
         try:
             restart = ckpt.restart_reason(run_dir)
@@ -184,8 +185,8 @@ class Trainer:
                 ckpt.clear_run(run_dir)
             run_guard.write_atomic(os.path.join(run_dir, ckpt.CONFIG_FILE), config_lib.to_yaml(cfg))
         except BaseException:
-            if created:  # leave nothing behind a failed start
-                run_guard.unlock_run_dir(run_dir, remove=True)
+            if locked_here:  # leave no lock behind a failed start (and a directory it created: nothing)
+                run_guard.unlock_run_dir(run_dir, remove=created)
             raise
         return trainer
 
@@ -196,32 +197,44 @@ class Trainer:
         ``config.yaml`` must still equal the checkpoint's config except for RESUMABLE_KEYS.
         """
         path = os.path.join(run_dir, ckpt.CONFIG_FILE)
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):  # one that is there but no regular file is named by config_from_yaml
             raise ValueError(f"--resume {run_dir!r}: not a run directory (no config.yaml)")
         for item in overrides or []:
             key = item.split("=", 1)[0].lstrip("+")
             if key not in RESUMABLE_KEYS:
                 raise ValueError(f"--resume: {key} cannot change in a resumed run (only {', '.join(RESUMABLE_KEYS)})")
-        run_guard.lock_run_dir(run_dir)
         cfg = config_lib.config_from_yaml(path)
         cfg = config_lib.apply_overrides(cfg, list(overrides or []), "command line")
         config_lib.validate(cfg)
-        found = ckpt.find_resumable(run_dir)
-        if found is None:
-            raise ValueError(
-                f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq); one stopped "
-                f"before its first checkpoint ({ckpt.logged_steps(run_dir)} steps logged) starts again "
-                "from step 0 when you run its sfpo train command again (same "
-                "trainer.experiment_name)"
+        locked_here = not run_guard.holds_lock(run_dir)
+        run_guard.lock_run_dir(run_dir)
+        try:  # nothing is written before the checkpoint is chosen and checked; a failure releases the lock
+            found = ckpt.find_resumable(run_dir)
+            if found is None:
+                raise ValueError(
+                    f"--resume {run_dir!r}: the run has no checkpoint yet (trainer.save_freq); one stopped "
+                    f"before its first checkpoint ({ckpt.logged_steps(run_dir)} steps logged) starts again "
+                    "from step 0 when you run its sfpo train command again (same "
+                    "trainer.experiment_name)"
+                )
+            checkpoint, state = found
+            _check_same_config(
+                config_lib.parse_config(state["config"], os.path.join(checkpoint, ckpt.STATE_FILE)), cfg, path
             )
-        checkpoint, state = found
-        _check_same_config(
-            config_lib.parse_config(state.get("config", ""), os.path.join(checkpoint, ckpt.STATE_FILE)), cfg, path
-        )
-        trainer = cls(cfg, run_dir, checkpoint=checkpoint)
-        trainer._load_checkpoint(state)
-        trainer.resumed_from = checkpoint
-        run_guard.write_atomic(path, config_lib.to_yaml(cfg))
+            total = cfg.trainer.total_training_steps
+            if total < state["global_step"]:
+                raise ValueError(
+                    f"--resume: trainer.total_training_steps={total} is below the step of the checkpoint it "
+                    f"resumes from ({state['global_step']}, {checkpoint}); a run cannot end before where it is"
+                )
+            trainer = cls(cfg, run_dir, checkpoint=checkpoint)
+            trainer._load_checkpoint(state)
+            trainer.resumed_from = checkpoint
+            run_guard.write_atomic(path, config_lib.to_yaml(cfg))
+        except BaseException:
+            if locked_here:  # a lock this process held already (another Trainer on the run) stays held
+                run_guard.unlock_run_dir(run_dir)
+            raise
         return trainer
 
     def _build_model(self, checkpoint: str | None):
@@ -498,9 +511,13 @@ class Trainer:
                 bar.set_postfix(self._postfix(metrics), refresh=False)
             if stop.signum is not None:  # the signal came during the last step: still a stop, not a success
                 raise self._stopped(stop.signum)
-        finally:
+        except BaseException:
             bar.close()
-            self.log.write_csv()
+            with contextlib.suppress(Exception):  # best effort: the error that stopped the run is the one to report
+                self.log.write_csv()
+            raise
+        bar.close()
+        self.log.write_csv()
         return history
 
     def _stopped(self, signum: int) -> run_guard.StopInterrupt:

@@ -7,7 +7,7 @@ import math
 import os
 import warnings
 
-from sfpo_train.trainer.run_guard import RunWarning, write_atomic
+from sfpo_train.trainer.run_guard import RunWarning, write_atomic, writing
 
 
 class MetricsLog:
@@ -18,7 +18,7 @@ class MetricsLog:
         self.csv = os.path.join(run_dir, "metrics.csv")
 
     def append(self, metrics: dict) -> None:
-        with open(self.jsonl, "a") as f:
+        with writing(self.jsonl), open(self.jsonl, "a") as f:  # a failed write leaves a torn last line at most
             f.write(json.dumps({k: _jsonable(v) for k, v in metrics.items()}) + "\n")
 
     def read(self) -> list[dict]:

@@ -7,7 +7,11 @@
   file from a dead process locks nothing.
 - :func:`write_atomic`: a file written under a per-process temporary name
   (``<name>.tmp.<pid>``) and renamed over the old one, so a reader (or a kill)
-  sees the old file or the new one, never half of one.
+  sees the old file or the new one, never half of one; a failed write removes
+  its temporary.
+- :func:`writing`: a full disk, an exceeded quota, a read-only file system or a
+  missing permission while writing becomes a :class:`WriteError`, one line
+  naming the path and the cause.
 - :class:`StopOnSignal`: SIGINT / SIGTERM set a flag the training loop checks
   after each step (it then saves a checkpoint and stops); a second signal
   aborts at once (``KeyboardInterrupt``, or ``SystemExit(143)`` for SIGTERM).
@@ -15,6 +19,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import os
 import signal
@@ -31,6 +37,31 @@ class RunWarning(UserWarning):
 _held: dict[str, int] = {}  # realpath of a run directory -> the descriptor holding its lock (this process)
 
 
+class WriteError(ValueError):
+    """A run file could not be written (disk full, quota, read-only, permission): one line naming the path."""
+
+
+_WRITE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+
+
+@contextlib.contextmanager
+def writing(path: str):
+    """Turn an OSError of :data:`_WRITE_ERRNOS` raised inside into a :class:`WriteError` naming the file (or ``path``)."""
+    try:
+        yield
+    except OSError as e:
+        cause = _WRITE_ERRNOS.get(e.errno)
+        if cause is None:
+            raise
+        raise WriteError(f"cannot write {e.filename or path}: {cause} ({errno.errorcode[e.errno]})") from None
+
+
 def tmp_name(path: str) -> str:
     """``path`` with this process's temporary suffix: two processes never write the same temporary file."""
     return f"{path}.tmp.{os.getpid()}"
@@ -39,11 +70,17 @@ def tmp_name(path: str) -> str:
 def write_atomic(path: str, text: str) -> None:
     """Replace ``path`` with ``text`` in one rename (the old content or the new, never a mix)."""
     tmp = tmp_name(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    with writing(tmp):
+        try:
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
 
 def lock_run_dir(run_dir: str) -> bool:
@@ -56,9 +93,10 @@ def lock_run_dir(run_dir: str) -> bool:
     if key in _held:
         return False
     created = not os.path.isdir(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    with writing(path):
+        os.makedirs(run_dir, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -84,6 +122,11 @@ def lock_run_dir(run_dir: str) -> bool:
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
     return created
+
+
+def holds_lock(run_dir: str) -> bool:
+    """Whether this process holds ``run_dir``'s lock."""
+    return os.path.realpath(run_dir) in _held
 
 
 def unlock_run_dir(run_dir: str, *, remove: bool = False) -> None:

@@ -183,7 +183,10 @@ def test_a_second_sfpo_train_on_a_run_in_use_fails_at_once_naming_the_holder(tin
         holder.send_signal(signal.SIGSTOP)
         second = [
             subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **k)
-            for c, k in (cli("--resume", str(run), "trainer.total_training_steps=1"), cli("--preset", "smoke", *args))
+            for c, k in (
+                cli("--resume", str(run), "trainer.total_training_steps=5000"),
+                cli("--preset", "smoke", *args),
+            )
         ]
         outs = [p.communicate(timeout=300) for p in second]
         assert holder.poll() is None, "the holder ended before the second processes ran"
@@ -194,7 +197,7 @@ def test_a_second_sfpo_train_on_a_run_in_use_fails_at_once_naming_the_holder(tin
         assert p.returncode == 2, err
         assert f"run directory '{run}' is in use by another sfpo train (pid {holder.pid}" in err
     assert (run / run_guard.LOCK_FILE).read_text().strip() == str(holder.pid)  # stale: its holder is dead
-    resumed = Trainer.resume(str(run), ["trainer.total_training_steps=1"])  # the kernel dropped the dead one's lock
+    resumed = Trainer.resume(str(run), ["trainer.total_training_steps=5000"])  # the kernel dropped the dead one's lock
     assert (run / run_guard.LOCK_FILE).read_text().strip() == str(os.getpid())
     assert resumed.global_step >= 2
     run_guard.unlock_run_dir(str(run))
@@ -454,8 +457,8 @@ real_save = torch.save
 
 def save_then_die(obj, path, *args, **kwargs):  # the kill lands while step 2's checkpoint is half written
     if isinstance(obj, dict) and obj.get("global_step") == 2:
-        with open(path, "wb") as f:
-            f.write(b"half a trainer state")
+        path.write(b"half a trainer state")  # the checkpoint writes through a file object
+        path.flush()
         os.kill(os.getpid(), signal.SIGKILL)
     return real_save(obj, path, *args, **kwargs)
 
