@@ -42,6 +42,18 @@ RESERVED = (
     "trainer.total_training_steps",
 )
 ARM_SLUGS = ("grpo", "sfpo")  # run names <slug>-s<seed>, in the order compare trains them
+# The most runs one compare or sweep takes: 500 seeds of a compare, 40 of the full sweep grid. Each run
+# takes seconds to hours, so more is a typo (a count meant for --steps?) rather than a plan.
+MAX_RUNS = 1000
+
+
+def check_run_count(runs: int, what: str) -> None:
+    """``ValueError`` naming the limit if ``runs`` (``what`` says how they were counted) is over :data:`MAX_RUNS`."""
+    if runs > MAX_RUNS:
+        raise ValueError(
+            f"{what}: {runs} runs, over the limit of {MAX_RUNS} runs one command trains "
+            f"(each run takes seconds to hours; use fewer seeds)"
+        )
 
 
 @dataclass
@@ -174,21 +186,27 @@ def run_compare(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    check_run_count(len(ARM_SLUGS) * seeds, f"--seeds {seeds}: {len(ARM_SLUGS)} arms x {seeds} seeds")
     overrides = list(overrides or [])
     out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     plan = run_names(seeds, algorithm)
-    configs = {
-        name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
-        for name, seed, arm in plan
-    }  # every config checked before the first run starts
-    for name, cfg in configs.items():
-        check_same_run(cfg, os.path.join(out_dir, name))  # all checked before the first run trains
+
+    def config_of(name: str, seed: int, arm: str):
+        return arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
+
+    # Checked before the first run trains: the overrides (on seed 1 of each arm; the other seeds differ
+    # only in the seed) and every run already in out_dir. The other configs are built one at a time.
+    for name, seed, arm in plan[: len(ARM_SLUGS)]:
+        config_of(name, seed, arm)
+    for name, seed, arm in plan:
+        if os.path.isfile(os.path.join(out_dir, name, "config.yaml")):
+            check_same_run(config_of(name, seed, arm), os.path.join(out_dir, name))
     start = time.perf_counter()
     run_dirs = []
     bar = tqdm(total=len(plan), desc="sfpo compare", unit="run", disable=not progress, position=0, dynamic_ncols=True)
     try:
-        for name, _, _ in plan:
-            cfg = configs[name]
+        for name, seed, arm in plan:
+            cfg = config_of(name, seed, arm)
             cfg.trainer.progress_bar = progress  # the trainer's own bar (steps of this run) under compare's
             bar.set_postfix_str(name)
             run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
