@@ -7,6 +7,13 @@ reported in one line with the path and nothing half-written left behind.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
 import pytest
 
 from sfpo_train import cli
@@ -70,3 +77,73 @@ def test_sweep_builds_one_run_config_at_a_time(tmp_path, monkeypatch):
         grid_lib.run_sweep("smoke", groups=("baseline", "stages"), seeds=40, steps=2, out_dir=str(tmp_path), log=None)
     # the base config, seed 1 of each of the 3 runs, then the first run's: not 3 x 40 before it starts
     assert len(calls) == 1 + 3 + 1
+
+
+# ----------------------------------------------------------------- SIGKILL in the middle, then the same command
+
+
+def _steps_logged(run_dir: str) -> list[int]:
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [int(json.loads(line).get("training/global_step", 0)) for line in f if line.strip()]
+    except (OSError, ValueError):
+        return []  # not there yet, or a line being written
+
+
+def _files_with_mtimes(run_dir: str) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(root, name), run_dir): os.stat(os.path.join(root, name)).st_mtime_ns
+        for root, _, names in os.walk(run_dir)
+        for name in names
+    }
+
+
+@pytest.mark.parametrize(
+    ("command", "runs"),
+    [
+        pytest.param(["compare", "--seeds", "2"], ["grpo-s1", "sfpo-s1", "grpo-s2", "sfpo-s2"], id="compare"),
+        pytest.param(
+            ["sweep", "--groups", "baseline", "stages"],
+            ["grpo-s1", "no-reposition-s1", "no-slow-correction-s1"],
+            id="sweep",
+        ),
+    ],
+)
+def test_a_killed_command_continues_without_redoing_finished_runs(command, runs, tmp_path):
+    steps = 12
+    out = str(tmp_path / "out")
+    argv = [sys.executable, "-m", "sfpo_train.cli", *command, "--preset", "smoke", "--steps", str(steps)]
+    argv += ["--no-progress", "--out", out, "trainer.save_freq=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first, second = (os.path.join(out, r) for r in runs[:2])
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        # SIGKILL once the first run finished and the second saved a checkpoint and went on
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline:
+            logged = _steps_logged(second)
+            if _steps_logged(first)[-1:] == [steps] and logged and 3 < max(logged) < steps:
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, f"the command ended before it could be killed: {proc.stderr.read()[-2000:]}"
+        proc.kill()
+    finally:
+        proc.kill()
+        proc.wait()
+    finished = _files_with_mtimes(first)
+    interrupted_at = max(_steps_logged(second))
+
+    again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{first}: finished ({steps} steps), kept" in again.stdout
+    assert f"{second}: continuing from" in again.stdout, again.stdout
+    assert _files_with_mtimes(first) == finished  # the finished run was not touched
+    for run in runs:  # every run complete, each step logged once (the interrupted one's after its checkpoint too)
+        logged = [s for s in _steps_logged(os.path.join(out, run)) if s > 0]
+        assert logged == list(range(1, steps + 1)), (run, interrupted_at, logged)
+    if command[0] == "compare":
+        reported = pd.read_csv(os.path.join(out, "report", "runs.csv"))["run"]
+        assert sorted(reported) == sorted(runs)
+    else:
+        table = pd.read_csv(os.path.join(out, "report", "sweep.csv"))
+        assert len(table) == 1 + 2 and (table.iloc[:, 0].is_unique)
