@@ -25,8 +25,11 @@ trains the missing ones (:func:`train_or_continue`).
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
@@ -63,6 +66,52 @@ class CompareResult:
     report_dir: str
     files: dict[str, str]
     seconds: float
+
+
+class DiskFull(OSError):
+    """The disk filled while compare or sweep wrote ``path`` (one line: ``disk full: <path>``)."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.ENOSPC, "disk full", path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"disk full: no space left to write {self.path}"
+
+
+def disk_full(error: OSError, path: str) -> OSError:
+    """``error`` as :class:`DiskFull` naming ``path`` (or the file it names) if it is ENOSPC / EDQUOT, else as it is."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(error, DiskFull):
+        return DiskFull(error.filename if isinstance(error.filename, str) else path)
+    return error
+
+
+def write_report(report_dir: str, build: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """``build(directory)`` into a temporary sibling of ``report_dir``, then that directory as ``report_dir``.
+
+    All or nothing: a failed build (a full disk: :class:`DiskFull` naming ``report_dir``) leaves no
+    temporary directory and the previous report, if any, as it was; the next call starts afresh.
+    Returns ``build``'s ``{file name: path}`` with the paths in ``report_dir``.
+    """
+    parent, name = os.path.split(os.path.abspath(report_dir))
+    tmp, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
+    for stale in (tmp, old):  # left by a process killed in here
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        files = build(tmp)
+        if os.path.isdir(report_dir):
+            os.replace(report_dir, old)
+        os.replace(tmp, report_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(report_dir):
+            os.replace(old, report_dir)
+        raise disk_full(e, report_dir) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return {key: os.path.join(report_dir, os.path.relpath(path, tmp)) for key, path in files.items()}
 
 
 def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]:
@@ -209,14 +258,15 @@ def run_compare(
             cfg = config_of(name, seed, arm)
             cfg.trainer.progress_bar = progress  # the trainer's own bar (steps of this run) under compare's
             bar.set_postfix_str(name)
-            run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
+            run_dir = os.path.join(out_dir, name)
+            try:
+                run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
+            except OSError as e:
+                raise disk_full(e, run_dir) from e
             bar.update(1)
     finally:
         bar.close()
     report_dir = os.path.join(out_dir, "report")
-    files = build_report(
-        run_dirs,
-        report_dir,
-        title=f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset {preset!r}, {seeds} seed(s)",
-    )
+    title = f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset {preset!r}, {seeds} seed(s)"
+    files = write_report(report_dir, lambda directory: build_report(run_dirs, directory, title=title))
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

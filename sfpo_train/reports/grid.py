@@ -26,7 +26,14 @@ import time
 from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.reports.compare import RESERVED, check_run_count, check_same_run, train_or_continue
+from sfpo_train.reports.compare import (
+    RESERVED,
+    check_run_count,
+    check_same_run,
+    disk_full,
+    train_or_continue,
+    write_report,
+)
 
 K_VALUES = (1, 3, 5, 7)
 ALPHAS = (0.3, 0.5, 0.8, 1.0)
@@ -219,19 +226,18 @@ def run_sweep(
         cfg = config_of(name, seed)
         cfg.trainer.progress_bar = progress
         t0 = time.perf_counter()
-        run_dir = train_or_continue(cfg, preset, log=log)
+        try:
+            run_dir = train_or_continue(cfg, preset, log=log)
+        except OSError as e:
+            raise disk_full(e, os.path.join(out_dir, f"{name}-s{seed}")) from e
         log(
             f"sfpo sweep: [{i}/{len(order)}] {os.path.basename(run_dir)} done after {time.perf_counter() - t0:.0f} s "
             f"({(time.perf_counter() - start) / 60:.1f} min so far)"
         )
     run_dirs = {p.name: os.path.join(out_dir, owners[p.name].name) for p in points}
     report_dir = os.path.join(out_dir, "report")
-    files = build_sweep_report(
-        out_dir,
-        report_dir,
-        points,
-        owners,
-        seeds=seeds,
-        title=f"sfpo sweep on preset {preset!r} ({algorithm}), {seeds} seed(s)",
+    title = f"sfpo sweep on preset {preset!r} ({algorithm}), {seeds} seed(s)"
+    files = write_report(
+        report_dir, lambda directory: build_sweep_report(out_dir, directory, points, owners, seeds=seeds, title=title)
     )
     return SweepResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

@@ -7,6 +7,7 @@ reported in one line with the path and nothing half-written left behind.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -147,3 +148,56 @@ def test_a_killed_command_continues_without_redoing_finished_runs(command, runs,
     else:
         table = pd.read_csv(os.path.join(out, "report", "sweep.csv"))
         assert len(table) == 1 + 2 and (table.iloc[:, 0].is_unique)
+
+
+# ----------------------------------------------------------------- a disk that fills while the report is written
+
+
+def _fill_the_disk_on_csv(monkeypatch):
+    """Every ``DataFrame.to_csv`` to a path writes part of the file, then fails as a full disk does."""
+    real = pd.DataFrame.to_csv
+
+    def to_csv(self, path=None, *args, **kwargs):
+        if path is None:
+            return real(self, path, *args, **kwargs)
+        with open(path, "w") as f:
+            f.write(real(self, None, *args, **kwargs)[:10])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # as file.write() raises it: no file name
+
+    monkeypatch.setattr(pd.DataFrame, "to_csv", to_csv)
+
+
+@pytest.mark.parametrize(
+    ("command", "report_file"),
+    [
+        pytest.param(["compare", "--seeds", "1"], "runs.csv", id="compare"),
+        pytest.param(["sweep", "--groups", "baseline", "stages"], "sweep.csv", id="sweep"),
+    ],
+)
+def test_a_full_disk_stops_the_report_in_one_line_and_leaves_nothing_half_written(
+    command, report_file, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    argv = [*command, "--preset", "smoke", "--steps", "2", "--no-progress", "--out", str(out)]
+    with monkeypatch.context() as m:
+        _fill_the_disk_on_csv(m)
+        assert cli.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"sfpo {command[0]}: disk full: no space left to write {out / 'report'}; "
+        "free some space, then run the same command again to continue"
+    ]
+    runs = sorted(p.name for p in out.iterdir())
+    assert "report" not in runs and not [name for name in runs if name.startswith(".")], runs  # no temporaries
+
+    assert cli.main(argv) == 0  # space freed: the same command finishes, its runs kept
+    assert "finished (2 steps), kept" in capsys.readouterr().out
+    report = out / "report"
+    before = {p.name: p.read_bytes() for p in report.iterdir()}
+    assert report_file in before
+
+    with monkeypatch.context() as m:  # full again: the report there stays as it was
+        _fill_the_disk_on_csv(m)
+        assert cli.main(argv) == 1
+    assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted([*runs, "report"])
