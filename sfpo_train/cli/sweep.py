@@ -58,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GROUP",
         help=f"the parts of the grid to run (default all: {' '.join(GROUPS)}); the baseline is needed for the targets",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N for every point (default 1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds 1..N for every point (default 1; at most 1000 runs in all: 40 seeds of the whole grid)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
