@@ -24,7 +24,7 @@ import shlex
 import sys
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, run_compare
+from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, DiskFull, run_compare
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seeds",
         type=int,
         default=5,
-        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 5; fewer give wide intervals)",
+        help="seeds 1..N, each used as trainer.seed and data.seed by both arms (default 5; fewer give wide "
+        "intervals; at most 500: 1000 runs)",
     )
     parser.add_argument(
         "--steps",
@@ -96,6 +97,9 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return e.exit_code
+    except DiskFull as e:
+        print(f"sfpo compare: {e}; free some space, then run the same command again to continue", file=sys.stderr)
+        return 1
     print(
         f"{len(result.run_dirs)} runs in {result.seconds / 60:.1f} min; report: {result.files['report.md']} "
         f"and {result.files['report.html']}"

@@ -27,6 +27,7 @@ import shlex
 import sys
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.reports.compare import DiskFull
 from sfpo_train.reports.grid import GROUPS, run_sweep
 
 
@@ -57,7 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="GROUP",
         help=f"the parts of the grid to run (default all: {' '.join(GROUPS)}); the baseline is needed for the targets",
     )
-    parser.add_argument("--seeds", type=int, default=1, help="seeds 1..N for every point (default 1)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="seeds 1..N for every point (default 1; at most 1000 runs in all: 40 seeds of the whole grid)",
+    )
     parser.add_argument(
         "--steps",
         type=int,
@@ -99,6 +105,9 @@ def main(args: argparse.Namespace) -> int:
             f"sfpo sweep: {e}\nsfpo sweep: continue with the same command and --out {shlex.quote(out)}", file=sys.stderr
         )
         return e.exit_code
+    except DiskFull as e:
+        print(f"sfpo sweep: {e}; free some space, then run the same command again to continue", file=sys.stderr)
+        return 1
     print(
         f"sfpo sweep: {len(set(result.run_dirs.values()))} runs per seed in {result.seconds / 60:.1f} min; "
         f"table {result.files['sweep.csv']}, report {result.files['report.md']}"

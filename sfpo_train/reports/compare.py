@@ -25,8 +25,11 @@ trains the missing ones (:func:`train_or_continue`).
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
@@ -42,6 +45,18 @@ RESERVED = (
     "trainer.total_training_steps",
 )
 ARM_SLUGS = ("grpo", "sfpo")  # run names <slug>-s<seed>, in the order compare trains them
+# The most runs one compare or sweep takes: 500 seeds of a compare, 40 of the full sweep grid. Each run
+# takes seconds to hours, so more is a typo (a count meant for --steps?) rather than a plan.
+MAX_RUNS = 1000
+
+
+def check_run_count(runs: int, what: str) -> None:
+    """``ValueError`` naming the limit if ``runs`` (``what`` says how they were counted) is over :data:`MAX_RUNS`."""
+    if runs > MAX_RUNS:
+        raise ValueError(
+            f"{what}: {runs} runs, over the limit of {MAX_RUNS} runs one command trains "
+            f"(each run takes seconds to hours; use fewer seeds)"
+        )
 
 
 @dataclass
@@ -51,6 +66,52 @@ class CompareResult:
     report_dir: str
     files: dict[str, str]
     seconds: float
+
+
+class DiskFull(OSError):
+    """The disk filled while compare or sweep wrote ``path`` (one line: ``disk full: <path>``)."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.ENOSPC, "disk full", path)
+        self.path = path
+
+    def __str__(self) -> str:
+        return f"disk full: no space left to write {self.path}"
+
+
+def disk_full(error: OSError, path: str) -> OSError:
+    """``error`` as :class:`DiskFull` naming ``path`` (or the file it names) if it is ENOSPC / EDQUOT, else as it is."""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(error, DiskFull):
+        return DiskFull(error.filename if isinstance(error.filename, str) else path)
+    return error
+
+
+def write_report(report_dir: str, build: Callable[[str], dict[str, str]]) -> dict[str, str]:
+    """``build(directory)`` into a temporary sibling of ``report_dir``, then that directory as ``report_dir``.
+
+    All or nothing: a failed build (a full disk: :class:`DiskFull` naming ``report_dir``) leaves no
+    temporary directory and the previous report, if any, as it was; the next call starts afresh.
+    Returns ``build``'s ``{file name: path}`` with the paths in ``report_dir``.
+    """
+    parent, name = os.path.split(os.path.abspath(report_dir))
+    tmp, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
+    for stale in (tmp, old):  # left by a process killed in here
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        files = build(tmp)
+        if os.path.isdir(report_dir):
+            os.replace(report_dir, old)
+        os.replace(tmp, report_dir)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old) and not os.path.exists(report_dir):
+            os.replace(old, report_dir)
+        raise disk_full(e, report_dir) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return {key: os.path.join(report_dir, os.path.relpath(path, tmp)) for key, path in files.items()}
 
 
 def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]:
@@ -174,31 +235,38 @@ def run_compare(
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
+    check_run_count(len(ARM_SLUGS) * seeds, f"--seeds {seeds}: {len(ARM_SLUGS)} arms x {seeds} seeds")
     overrides = list(overrides or [])
     out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     plan = run_names(seeds, algorithm)
-    configs = {
-        name: arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
-        for name, seed, arm in plan
-    }  # every config checked before the first run starts
-    for name, cfg in configs.items():
-        check_same_run(cfg, os.path.join(out_dir, name))  # all checked before the first run trains
+
+    def config_of(name: str, seed: int, arm: str):
+        return arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
+
+    # Checked before the first run trains: the overrides (on seed 1 of each arm; the other seeds differ
+    # only in the seed) and every run already in out_dir. The other configs are built one at a time.
+    for name, seed, arm in plan[: len(ARM_SLUGS)]:
+        config_of(name, seed, arm)
+    for name, seed, arm in plan:
+        if os.path.isfile(os.path.join(out_dir, name, "config.yaml")):
+            check_same_run(config_of(name, seed, arm), os.path.join(out_dir, name))
     start = time.perf_counter()
     run_dirs = []
     bar = tqdm(total=len(plan), desc="sfpo compare", unit="run", disable=not progress, position=0, dynamic_ncols=True)
     try:
-        for name, _, _ in plan:
-            cfg = configs[name]
+        for name, seed, arm in plan:
+            cfg = config_of(name, seed, arm)
             cfg.trainer.progress_bar = progress  # the trainer's own bar (steps of this run) under compare's
             bar.set_postfix_str(name)
-            run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
+            run_dir = os.path.join(out_dir, name)
+            try:
+                run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
+            except OSError as e:
+                raise disk_full(e, run_dir) from e
             bar.update(1)
     finally:
         bar.close()
     report_dir = os.path.join(out_dir, "report")
-    files = build_report(
-        run_dirs,
-        report_dir,
-        title=f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset {preset!r}, {seeds} seed(s)",
-    )
+    title = f"sfpo compare: {algorithm} vs SFPO over {algorithm} on preset {preset!r}, {seeds} seed(s)"
+    files = write_report(report_dir, lambda directory: build_report(run_dirs, directory, title=title))
     return CompareResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

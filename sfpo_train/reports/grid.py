@@ -26,7 +26,14 @@ import time
 from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
-from sfpo_train.reports.compare import RESERVED, check_same_run, train_or_continue
+from sfpo_train.reports.compare import (
+    RESERVED,
+    check_run_count,
+    check_same_run,
+    disk_full,
+    train_or_continue,
+    write_report,
+)
 
 K_VALUES = (1, 3, 5, 7)
 ALPHAS = (0.3, 0.5, 0.8, 1.0)
@@ -117,7 +124,7 @@ class SweepResult:
     seconds: float
 
 
-def sweep_configs(
+def sweep_plan(
     preset: str,
     algorithm: str,
     overrides: list[str],
@@ -126,8 +133,14 @@ def sweep_configs(
     seeds: int,
     steps: int | None,
     out_dir: str,
-) -> tuple[list[Point], dict[str, Point], dict[tuple[str, int], object]]:
-    """``(points, owners, {(run name, seed): resolved config})``: every config validated before anything runs."""
+):
+    """``(points, owners, runs, config_of)``: the grid, checked before anything runs.
+
+    ``runs``: ``(run name, seed)`` in training order (seed 1 of every run first); ``config_of(name, seed)``
+    builds one run's resolved config. Checked here: the counts, the overrides (each run's config of
+    seed 1; the other seeds differ only in the seed) and every run already in ``out_dir``; the other
+    configs are built one at a time as their runs start.
+    """
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
     if steps is not None and steps < 1:
@@ -161,24 +174,32 @@ def sweep_configs(
         groups, default_lr=float(arr.optim.lr), k=int(arr.sfpo.inner_steps), alpha=float(arr.sfpo.alpha)
     )
     owners = unique_runs(points)
-    configs = {}
-    for owner in dict.fromkeys(owners.values()):  # each run once, in training order
-        for seed in range(1, seeds + 1):
-            name = f"{owner.name}-s{seed}"
-            own = [
-                f"{SFPO_KEY}enable={'true' if owner.sfpo else 'false'}",
-                f"trainer.seed={seed}",
-                f"data.seed={seed}",
-                f"trainer.default_local_dir={out_dir}",
-                f"trainer.experiment_name={name}",
-            ]
-            if steps is not None:
-                own.append(f"trainer.total_training_steps={steps}")
-            cfg = config_lib.load_config(preset, list(overrides) + list(owner.overrides) + own, algorithm)
-            config_lib.validate(cfg)
-            check_same_run(cfg, os.path.join(out_dir, name))
-            configs[(owner.name, seed)] = cfg
-    return points, owners, configs
+    by_name = {owner.name: owner for owner in owners.values()}  # each run once, in training order
+    check_run_count(len(by_name) * seeds, f"--seeds {seeds}: {len(by_name)} runs of the grid x {seeds} seeds")
+
+    def config_of(run: str, seed: int):
+        owner = by_name[run]
+        own = [
+            f"{SFPO_KEY}enable={'true' if owner.sfpo else 'false'}",
+            f"trainer.seed={seed}",
+            f"data.seed={seed}",
+            f"trainer.default_local_dir={out_dir}",
+            f"trainer.experiment_name={run}-s{seed}",
+        ]
+        if steps is not None:
+            own.append(f"trainer.total_training_steps={steps}")
+        cfg = config_lib.load_config(preset, list(overrides) + list(owner.overrides) + own, algorithm)
+        config_lib.validate(cfg)
+        return cfg
+
+    runs = [(run, seed) for seed in range(1, seeds + 1) for run in by_name]
+    for run in by_name:
+        config_of(run, 1)
+    for run, seed in runs:
+        run_dir = os.path.join(out_dir, f"{run}-s{seed}")
+        if os.path.isfile(os.path.join(run_dir, "config.yaml")):
+            check_same_run(config_of(run, seed), run_dir)
+    return points, owners, runs, config_of
 
 
 def run_sweep(
@@ -197,28 +218,26 @@ def run_sweep(
     from sfpo_train.reports.sweep_report import build_sweep_report
 
     out_dir = out_dir or os.path.join("runs", f"sweep-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
-    points, owners, configs = sweep_configs(
+    points, owners, order, config_of = sweep_plan(
         preset, algorithm, list(overrides or []), groups=groups, seeds=seeds, steps=steps, out_dir=out_dir
     )
     start = time.perf_counter()
-    order = sorted(configs, key=lambda ks: ks[1])  # seed 1 of every point first
     for i, (name, seed) in enumerate(order, 1):
-        cfg = configs[(name, seed)]
+        cfg = config_of(name, seed)
         cfg.trainer.progress_bar = progress
         t0 = time.perf_counter()
-        run_dir = train_or_continue(cfg, preset, log=log)
+        try:
+            run_dir = train_or_continue(cfg, preset, log=log)
+        except OSError as e:
+            raise disk_full(e, os.path.join(out_dir, f"{name}-s{seed}")) from e
         log(
             f"sfpo sweep: [{i}/{len(order)}] {os.path.basename(run_dir)} done after {time.perf_counter() - t0:.0f} s "
             f"({(time.perf_counter() - start) / 60:.1f} min so far)"
         )
     run_dirs = {p.name: os.path.join(out_dir, owners[p.name].name) for p in points}
     report_dir = os.path.join(out_dir, "report")
-    files = build_sweep_report(
-        out_dir,
-        report_dir,
-        points,
-        owners,
-        seeds=seeds,
-        title=f"sfpo sweep on preset {preset!r} ({algorithm}), {seeds} seed(s)",
+    title = f"sfpo sweep on preset {preset!r} ({algorithm}), {seeds} seed(s)"
+    files = write_report(
+        report_dir, lambda directory: build_sweep_report(out_dir, directory, points, owners, seeds=seeds, title=title)
     )
     return SweepResult(out_dir, run_dirs, report_dir, files, time.perf_counter() - start)

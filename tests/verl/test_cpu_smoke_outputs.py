@@ -1,8 +1,9 @@
 """What ``examples/verl/cpu-smoke.sh`` left behind: verl's real Ray job ran SFPO correctly, and resumed.
 
 The job itself takes minutes, so it does not run here: ``.ci/verl-cpu-smoke``
-runs it (2 iterations, then a resume to 3, and a 2-rank run) and points these
-tests at its output directories through ``SFPO_SMOKE_OUT`` (1 rank, resumed)
+runs it (2 iterations with the driver SIGKILLed in iteration 2, the same command
+again, a resume to 3, and a 2-rank run) and points these tests at its output
+directories through ``SFPO_SMOKE_OUT`` (1 rank, killed and resumed twice)
 and ``SFPO_SMOKE_OUT_2RANK``; without them the tests skip. Each iteration's
 metrics come from verl's file logger (``OUT/metrics/*.jsonl``, one file per
 invocation, in time order).
@@ -52,18 +53,26 @@ def _state(out: Path, step: int) -> dict:
     return json.loads((out / "checkpoints" / f"global_step_{step}" / "actor" / "sfpo_state.json").read_text())
 
 
-def test_one_rank_two_iterations_then_a_resume():
+def test_one_rank_killed_in_iteration_2_then_continued_and_resumed():
     out = _out("SFPO_SMOKE_OUT")
     runs = _runs(out)
-    assert [[r["step"] for r in run] for run in runs] == [[1, 2], [3]]
+    # killed in iteration 2 (step 1 logged and checkpointed), continued from step 1 to 2, resumed to 3
+    assert [[r["step"] for r in run] for run in runs] == [[1], [2], [3]]
     records = [r for run in runs for r in run]
     for record in records:
         _check_iteration(record)
-    # the resumed run continued SFPO's schedule: its window holds the first run's entropies too
+    # every checkpoint's SFPO schedule is at its step and holds exactly the entropies logged up to it:
+    # the killed run's state at step 1 was the one continued, not a fresh schedule nor a half-written one
     entropies = [r["data"]["actor/sfpo/entropy"] for r in records]
-    assert _state(out, 2)["entropies"] == pytest.approx(entropies[:2])
-    resumed = _state(out, 3)
-    assert resumed["iteration"] == 3 and resumed["entropies"] == pytest.approx(entropies)
+    for step in (1, 2, 3):
+        state = _state(out, step)
+        assert state["iteration"] == step, (step, state["iteration"])
+        assert state["entropies"] == pytest.approx(entropies[:step]), step
+    assert sorted(p.name for p in (out / "checkpoints").glob("global_step_*")) == [
+        "global_step_1",
+        "global_step_2",
+        "global_step_3",
+    ]
     assert (out / "checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
 
 
