@@ -46,3 +46,20 @@ def write_data(path: str) -> tuple[str, str]:
 def tiny_overrides(model_dir: str, data: tuple[str, str]) -> list[str]:
     """Overrides pointing the ``smoke`` preset at the tiny model and data."""
     return [f"actor_rollout_ref.model.path={model_dir}", f"data.train_files={data[0]}", f"data.val_files={data[1]}"]
+
+
+def smoke_config(tiny: list[str], root, name: str, *overrides: str):
+    """The smoke preset on the tiny model and data (``tiny``: :func:`tiny_overrides`), its run ``root/name``,
+    no progress bar, then ``overrides``."""
+    from sfpo_train.trainer import config as config_lib
+
+    return config_lib.load_config(
+        "smoke",
+        [
+            *tiny,
+            f"trainer.default_local_dir={root}",
+            f"trainer.experiment_name={name}",
+            "trainer.progress_bar=false",
+            *overrides,
+        ],
+    )

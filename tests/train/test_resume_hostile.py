@@ -19,10 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer import Trainer, checkpoint, run_guard
 from sfpo_train.trainer.run_guard import RunWarning
-from tests.helpers.tiny_setup import tiny_overrides, write_data, write_tiny_model
+from tests.helpers.tiny_setup import smoke_config, tiny_overrides, write_data, write_tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +30,7 @@ def tiny(tmp_path_factory) -> list[str]:
     return tiny_overrides(write_tiny_model(str(root / "model")), write_data(str(root)))
 
 
-def config(tiny, root, name, *overrides):
-    return config_lib.load_config(
-        "smoke",
-        [
-            *tiny,
-            f"trainer.default_local_dir={root}",
-            f"trainer.experiment_name={name}",
-            "trainer.progress_bar=false",
-            *overrides,
-        ],
-    )
+config = smoke_config
 
 
 @pytest.fixture(scope="module")
