@@ -34,6 +34,7 @@ from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.reports.build import build_report
+from sfpo_train.trainer.run_guard import DISK_FULL_ERRNOS, WriteError
 
 # Keys compare sets per run; an override of one would break the pairing.
 RESERVED = (
@@ -79,11 +80,15 @@ class DiskFull(OSError):
         return f"disk full: no space left to write {self.path}"
 
 
-def disk_full(error: OSError, path: str) -> OSError:
-    """``error`` as :class:`DiskFull` naming ``path`` (or the file it names) if it is ENOSPC / EDQUOT, else as it is."""
-    if error.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(error, DiskFull):
-        return DiskFull(error.filename if isinstance(error.filename, str) else path)
-    return error
+def disk_full(error: OSError | WriteError, path: str) -> Exception:
+    """``error`` as :class:`DiskFull` naming ``path`` (or the file it names) if it is ENOSPC / EDQUOT, else as it is.
+
+    ``error`` is an ``OSError`` of compare's own writes or the trainer's :class:`WriteError` (a run's files).
+    """
+    if error.errno not in DISK_FULL_ERRNOS or isinstance(error, DiskFull):
+        return error
+    named = error.path if isinstance(error, WriteError) else error.filename
+    return DiskFull(named if isinstance(named, str) else path)
 
 
 def write_report(report_dir: str, build: Callable[[str], dict[str, str]]) -> dict[str, str]:
@@ -261,7 +266,7 @@ def run_compare(
             run_dir = os.path.join(out_dir, name)
             try:
                 run_dirs.append(train_or_continue(cfg, preset, log=bar.write if progress else None))
-            except OSError as e:
+            except (OSError, WriteError) as e:
                 raise disk_full(e, run_dir) from e
             bar.update(1)
     finally:

@@ -34,6 +34,7 @@ from sfpo_train.reports.compare import (
     train_or_continue,
     write_report,
 )
+from sfpo_train.trainer.run_guard import WriteError
 
 K_VALUES = (1, 3, 5, 7)
 ALPHAS = (0.3, 0.5, 0.8, 1.0)
@@ -228,7 +229,7 @@ def run_sweep(
         t0 = time.perf_counter()
         try:
             run_dir = train_or_continue(cfg, preset, log=log)
-        except OSError as e:
+        except (OSError, WriteError) as e:
             raise disk_full(e, os.path.join(out_dir, f"{name}-s{seed}")) from e
         log(
             f"sfpo sweep: [{i}/{len(order)}] {os.path.basename(run_dir)} done after {time.perf_counter() - t0:.0f} s "

@@ -38,7 +38,17 @@ _held: dict[str, int] = {}  # realpath of a run directory -> the descriptor hold
 
 
 class WriteError(ValueError):
-    """A run file could not be written (disk full, quota, read-only, permission): one line naming the path."""
+    """A run file could not be written (disk full, quota, read-only, permission): one line naming the path.
+
+    ``path`` and ``errno`` say which file and why, for callers that treat a full disk apart (``sfpo compare``).
+    """
+
+    def __init__(self, path: str, errno_: int):
+        super().__init__(f"cannot write {path}: {_WRITE_ERRNOS[errno_]} ({errno.errorcode[errno_]})")
+        self.path, self.errno = path, errno_
+
+
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)  # no space left: freeing some lets the same command go on
 
 
 _WRITE_ERRNOS = {
@@ -56,10 +66,9 @@ def writing(path: str):
     try:
         yield
     except OSError as e:
-        cause = _WRITE_ERRNOS.get(e.errno)
-        if cause is None:
+        if e.errno not in _WRITE_ERRNOS:
             raise
-        raise WriteError(f"cannot write {e.filename or path}: {cause} ({errno.errorcode[e.errno]})") from None
+        raise WriteError(e.filename or path, e.errno) from None
 
 
 def tmp_name(path: str) -> str:

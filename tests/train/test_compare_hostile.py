@@ -20,6 +20,8 @@ import pytest
 from sfpo_train import cli
 from sfpo_train.reports import compare as compare_lib
 from sfpo_train.reports import grid as grid_lib
+from sfpo_train.reports.compare import DiskFull, disk_full
+from sfpo_train.trainer import run_guard
 
 
 def _no_training(*args, **kwargs):
@@ -201,3 +203,14 @@ def test_a_full_disk_stops_the_report_in_one_line_and_leaves_nothing_half_writte
         assert cli.main(argv) == 1
     assert {p.name: p.read_bytes() for p in report.iterdir()} == before
     assert sorted(p.name for p in out.iterdir()) == sorted([*runs, "report"])
+
+
+def test_a_run_whose_disk_filled_is_the_same_disk_full_line_as_the_report():
+    """The trainer turns a full disk into its WriteError; compare and sweep name it like their own writes."""
+    full = run_guard.WriteError("/out/grpo-s1/checkpoints/global_step_2", errno.ENOSPC)
+    assert str(full) == "cannot write /out/grpo-s1/checkpoints/global_step_2: disk full (ENOSPC)"
+    as_compare = disk_full(full, "/out/grpo-s1")
+    assert isinstance(as_compare, DiskFull)
+    assert str(as_compare) == "disk full: no space left to write /out/grpo-s1/checkpoints/global_step_2"
+    read_only = run_guard.WriteError("/out/grpo-s1/metrics.jsonl", errno.EROFS)
+    assert disk_full(read_only, "/out/grpo-s1") is read_only  # not a full disk: kept as the trainer said it
