@@ -37,8 +37,14 @@ from typing import Any, NamedTuple
 import torch
 
 import sfpo_kernels
-from sfpo_train.clock import StageClock
-from sfpo_train.restore import add_note, restore_theta0
+from sfpo_train.iteration import (  # noqa: F401  (re-exported: the pass-metric checks lived here)
+    SFPOIteration,
+    _as_entropy,
+    _as_float,
+    _combine,
+    _pass_entropy,
+    _pass_metrics,
+)
 
 TRIGGERS = ("up", "abs", "down")
 DECAYS = ("hard", "linear")
@@ -325,81 +331,23 @@ class SFPO:
         metrics or entropy are rejected, its update is not undone, exactly as in plain GRPO; the
         schedule is still untouched.
         """
-        cfg = self.config
-        last_pass = cfg.trigger_entropy == "last_pass"
-        if entropy is not None:
-            if last_pass:
-                raise ValueError(
-                    "entropy= was given, but SFPOConfig.trigger_entropy='last_pass' reads the entropy of "
-                    "the iteration's last update pass (its 'entropy' metric): pass entropy=None"
-                )
-            entropy = _as_entropy(entropy, "entropy")
-        alpha = self.alpha
-        plan = self.planned_passes()
-        params = self._params()
-        device = params[0].device if params else torch.device("cpu")
-        timings = {"sfpo_snapshot": 0.0, "sfpo_fast": 0.0, "sfpo_reposition": 0.0, "sfpo_slow": 0.0}
-        passes: list[dict[str, float]] = []
-        snapshot_bytes = 0
-        clock = StageClock(device)
-
-        def run_pass() -> None:
-            nonlocal entropy
-            passes.append(_pass_metrics(update_pass(batch), len(passes) + 1, len(plan)))
-            # Known before any later pass's result is accepted; recorded (like entropy=) whenever the first pass
-            # reports one, so a caller whose first pass supplies the entropy keeps the window it would pass in.
-            if entropy is None and not last_pass and (cfg.entropy_control or "entropy" in passes[0]):
-                entropy = _pass_entropy(passes[0])
-
-        snap = sfpo_kernels.snapshot(params, offload=cfg.snapshot_offload, backend=cfg.backend) if alpha > 0 else None
+        iteration = self.begin(entropy)
         try:
-            if snap is not None:
-                snapshot_bytes = snap.nbytes
-                timings["sfpo_snapshot"] = clock.lap()
-                for _ in range(plan.count("fast")):  # Stage I: the fast trajectory
-                    run_pass()
-                timings["sfpo_fast"] = clock.lap()
-                if cfg.reposition and alpha < 1.0:  # Stage II
-                    sfpo_kernels.reposition_(params, snap, alpha, backend=cfg.backend)
-                timings["sfpo_reposition"] = clock.lap()
-            if "slow" in plan:  # Stage III; with alpha 0 the only pass: plain GRPO
-                run_pass()
-                timings["sfpo_slow"] = clock.lap()
-            if cfg.entropy_control and last_pass:  # the last pass's entropy, checked before the step is accepted
-                if not passes:
-                    raise ValueError(
-                        "SFPOConfig.trigger_entropy='last_pass' reads the last update pass's entropy, but "
-                        "this iteration ran none (inner_steps=0 with slow_correction=False)"
-                    )
-                entropy = _pass_entropy(passes[-1], last=True)
-            if entropy is None and cfg.entropy_control:  # no pass ran (K = 0 without slow correction)
-                entropy = _pass_entropy({})
-            schedule = self._with_entropy(entropy) if entropy is not None else None
-            metrics = _combine(passes)
+            while iteration.next_pass is not None:
+                iteration.pass_done(update_pass(batch))
+            return iteration.finish()
         except BaseException as failure:
-            if snap is not None:  # never leave the model half-way; the pass's error is the one that propagates
-                for note in restore_theta0(snap, params, cfg.backend):
-                    add_note(failure, note)
+            iteration.abort(failure)
             raise
-        finally:
-            if snap is not None:
-                snap.release()
 
-        if schedule is not None:
-            self.entropies, self.last_zscore, self.fired_at = schedule
-        metrics.update(
-            {
-                "sfpo/alpha": alpha,
-                "sfpo/zscore": self.last_zscore,
-                "sfpo/triggered": float(self.fired_at is not None),
-                "sfpo/inner_steps_run": float(plan.count("fast")),
-                "sfpo/snapshot_bytes": float(snapshot_bytes),
-                "sfpo/entropy": math.nan if entropy is None else float(entropy),  # what the trigger recorded
-            }
-        )
-        metrics.update({f"timing_s/{k}": v for k, v in timings.items()})
-        self.iteration += 1
-        return metrics
+    def begin(self, entropy: float | torch.Tensor | None = None) -> SFPOIteration:
+        """Start iteration s for a caller that runs the update passes itself (:class:`SFPOIteration`).
+
+        :meth:`step` is ``begin``, then ``pass_done`` after each pass, then ``finish``
+        (``abort`` on any failure). ``entropy`` as in :meth:`step`. While alpha_s > 0
+        this takes the snapshot of theta_0.
+        """
+        return SFPOIteration(self, entropy)
 
     # ----------------------------------------------------------------- state
 
@@ -487,74 +435,3 @@ def _finite_float(value, allow_nan: bool = False) -> float | None:
     except OverflowError:
         return None
     return x if math.isfinite(x) or (allow_nan and math.isnan(x)) else None
-
-
-def _as_entropy(value, name: str) -> float:
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
-def _pass_metrics(result, number: int, total: int) -> dict[str, float]:
-    """The metrics update pass ``number`` (of ``total``) returned, as floats; ``ValueError`` unless numbers."""
-    if result is None:
-        return {}
-    if not isinstance(result, dict):
-        raise ValueError(
-            f"update_pass must return a dict of metrics (or None), got {type(result).__name__} "
-            f"from update pass {number} of {total}"
-        )
-    out = {}
-    for key, value in result.items():
-        if not isinstance(key, str):
-            raise ValueError(f"update pass {number} of {total} returned a metric named {key!r}; names must be strings")
-        converted = _as_float(value)
-        if converted is None:
-            raise ValueError(
-                f"update pass {number} of {total} returned {key}={value!r}; a metric must be a number "
-                "(int, float, a one-element tensor)"
-            )
-        out[key] = converted
-    return out
-
-
-def _as_float(value) -> float | None:
-    """``float(value)`` for a number or a one-element real tensor; None for anything else (strings included)."""
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_complex()):
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        return None
-
-
-def _pass_entropy(metrics: dict[str, float], last: bool = False) -> float:
-    """This iteration's entropy for the trigger from a pass's metrics (the first pass's, or with ``last`` the last's)."""
-    if "entropy" not in metrics:
-        if last:
-            raise ValueError(
-                "SFPOConfig.trigger_entropy='last_pass' needs the entropy of the iteration's last update "
-                "pass: return 'entropy' from update_pass"
-            )
-        raise ValueError(
-            "SFPO needs this iteration's entropy: pass entropy= to step() or return 'entropy' from update_pass"
-        )
-    return _as_entropy(metrics["entropy"], "update_pass()['entropy']")
-
-
-def _combine(passes: list[dict]) -> dict:
-    """Each metric averaged over the passes that reported it, plus the last pass's value as ``sfpo/last/<key>``."""
-    out: dict[str, float] = {}
-    keys = {k for p in passes for k in p}
-    for key in sorted(keys):
-        values = [float(p[key]) for p in passes if key in p]
-        out[key] = sum(values) / len(values)
-    for key, value in passes[-1].items() if passes else ():
-        out[f"sfpo/last/{key}"] = float(value)
-    return out
