@@ -170,12 +170,13 @@ class Trainer:
         """
         config_lib.validate(cfg)  # before anything changes, the caller's cfg included
         if cfg.trainer.experiment_name is None:  # e.g. default-sfpo-dapo-<time>, default-dapo-<time>
-            algorithm = config_lib.algorithm_of(lambda key: OmegaConf.select(cfg, key))
-            kind = f"sfpo-{algorithm}" if cfg.actor_rollout_ref.actor.sfpo.enable else algorithm
-            cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+            cfg.trainer.experiment_name = config_lib.default_experiment_name(cfg, preset)
         run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
         locked_here = not run_guard.holds_lock(run_dir)
-        created = run_guard.lock_run_dir(run_dir)
+        try:
+            created = run_guard.lock_run_dir(run_dir)
+        except (run_guard.WriteError, OSError) as e:  # read-only, no permission, a file in the way ...
+            raise ValueError(run_guard.unwritable_run_dir(run_dir, e, cfg.trainer.default_local_dir)) from None
         try:
             restart = ckpt.restart_reason(run_dir)
             if restart is not None:
@@ -196,16 +197,8 @@ class Trainer:
 
         ``config.yaml`` must still equal the checkpoint's config except for RESUMABLE_KEYS.
         """
+        cfg = config_lib.resumed_config(run_dir, overrides)
         path = os.path.join(run_dir, ckpt.CONFIG_FILE)
-        if not os.path.lexists(path):  # one that is there but no regular file is named by config_from_yaml
-            raise ValueError(f"--resume {run_dir!r}: not a run directory (no config.yaml)")
-        for item in overrides or []:
-            key = item.split("=", 1)[0].lstrip("+")
-            if key not in RESUMABLE_KEYS:
-                raise ValueError(f"--resume: {key} cannot change in a resumed run (only {', '.join(RESUMABLE_KEYS)})")
-        cfg = config_lib.config_from_yaml(path)
-        cfg = config_lib.apply_overrides(cfg, list(overrides or []), "command line")
-        config_lib.validate(cfg)
         locked_here = not run_guard.holds_lock(run_dir)
         run_guard.lock_run_dir(run_dir)
         try:  # nothing is written before the checkpoint is chosen and checked; a failure releases the lock

@@ -15,7 +15,7 @@ from typing import Any
 
 from sfpo_kernels._backend import BACKENDS
 from sfpo_kernels.loss_options import is_finite_real
-from sfpo_train.sfpo import RESUMABLE_CHANGES, settings_schema
+from sfpo_train.sfpo_config import RESUMABLE_CHANGES, settings_schema
 from sfpo_train.trainer.keys import (
     Key,
     Rule,
