@@ -176,6 +176,8 @@ class Trainer:
         try:
             created = run_guard.lock_run_dir(run_dir)
         except (run_guard.WriteError, OSError) as e:  # read-only, no permission, a file in the way ...
+            if e.errno in run_guard.DISK_FULL_ERRNOS:
+                raise  # a full disk is freed, not moved away from (and sfpo compare reads its errno)
             raise ValueError(run_guard.unwritable_run_dir(run_dir, e, cfg.trainer.default_local_dir)) from None
         try:
             restart = ckpt.restart_reason(run_dir)
