@@ -471,36 +471,22 @@ class Trainer:
         with run_guard.StopOnSignal() as stop:
             return self._fit(stop_after, stop)
 
-    def _open_trackers(self) -> Trackers:
-        """``trainer.logger``'s backends, from the step this fit logs first (a resume hides the steps it re-does)."""
-        loop = self.settings
-        trackers = Trackers(
-            loop.logger,
-            project=loop.project_name,
-            experiment=loop.experiment_name,
-            config=OmegaConf.to_container(self.cfg, resolve=True),
-            start_step=self.global_step + 1 if self.global_step > 0 else 0,
-            write=console_write,
-        )
-        for name, where in trackers.locations.items():
-            console_write(f"{name}: metrics in {where}")
-        return trackers
-
     def _record(self, metrics: dict) -> None:
         """A row to ``metrics.jsonl`` (what the reports read), then to ``trainer.logger``'s backends."""
         self.log.append(metrics)
         self._trackers.log(metrics, int(metrics["training/global_step"]))
 
     def _fit(self, stop_after: int | None, stop: run_guard.StopOnSignal) -> list[dict]:
-        self._trackers = self._open_trackers()  # a W&B run that cannot start stops here, before any work
-        try:
-            history = self._fit_steps(stop_after, stop)
-        except BaseException:
-            with contextlib.suppress(Exception):  # the error that stopped the run is the one to report
-                self._trackers.finish(exit_code=1)
-            raise
-        self._trackers.finish(exit_code=0)
-        return history
+        loop = self.settings
+        with Trackers(  # a W&B run that cannot start stops here, before any work; closed when fit ends
+            loop.logger,
+            project=loop.project_name,
+            experiment=loop.experiment_name,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            start_step=self.global_step + 1 if self.global_step > 0 else 0,  # a resume hides the steps it redoes
+            write=console_write,
+        ) as self._trackers:
+            return self._fit_steps(stop_after, stop)
 
     def _fit_steps(self, stop_after: int | None, stop: run_guard.StopOnSignal) -> list[dict]:
         from tqdm.auto import tqdm

@@ -26,6 +26,7 @@ pip extra (:func:`check_loggers`, run by the config's validation before any work
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -208,7 +209,8 @@ def _finite_or_none(value):
 
 
 class Trackers:
-    """The backends ``trainer.logger`` names, opened together; :meth:`log` sends a row to each.
+    """The backends ``trainer.logger`` names, opened together (each one's place told through ``write``);
+    :meth:`log` sends a row to each; as a context manager, closed at its end.
 
     ``start_step`` is the first step the run logs now (0 for a new run; a resumed run's checkpoint
     step + 1). ``config`` is the resolved config as plain data (W&B records it).
@@ -240,6 +242,19 @@ class Trackers:
         except BaseException:
             self.finish(exit_code=1)  # the ones already open (a W&B run) are closed, not left running
             raise
+        for name, where in self.locations.items():
+            write(f"{name}: metrics in {where}")
+
+    def __enter__(self) -> Trackers:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """Close every backend: exit code 0 after success, 1 after an error (which stays the one raised)."""
+        if exc_type is None:
+            self.finish(exit_code=0)
+        else:
+            with contextlib.suppress(Exception):
+                self.finish(exit_code=1)
 
     @property
     def locations(self) -> dict[str, str]:
