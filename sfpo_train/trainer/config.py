@@ -61,6 +61,7 @@ from sfpo_train.trainer.schema import (  # noqa: F401  (the tree and its constan
     TrainerSection,
     ValKwargs,
 )
+from sfpo_train.trainer.trackers import check_loggers
 
 RUN_CONFIG_FILE = "config.yaml"  # a run directory's resolved config
 
@@ -288,6 +289,13 @@ def validate(cfg: DictConfig) -> None:
         "actor_rollout_ref.rollout.n",
         ">= 2 with algorithm.filter_groups.enable (a group of one always has equal rewards)",
     )
+    need(
+        data.train_files is None or data.val_files is not None,
+        "data.val_files",
+        "a parquet file of the same task when data.train_files is given (the embedded addition test set "
+        "would validate your model on another task)",
+    )
+    check_loggers(cfg.trainer.logger)  # a backend's package missing: one line now, not a traceback mid-run
     loss_options(cfg)
     try:
         sfpo_config(cfg)
