@@ -253,8 +253,8 @@ class TrainerSection:
     seed: int = key(1, "seed of sampling and initialisation")
     progress_bar: bool = key(True, "show the progress bar", resumable=True)
     logger: Any = key(  # noqa: RUF009 (key() is a dataclass field)
-        ["console"],
-        "where metrics go besides metrics.jsonl/.csv (always written), verl's backends: console (a line per step, "
+        [],
+        "where metrics go besides metrics.jsonl/.csv (always written) and the progress bar, verl's backends: console (a line per step, "
         "step:N - key:value - ...), tensorboard (in $TENSORBOARD_DIR, else tensorboard_log/<project_name>/"
         "<experiment_name>; the tensorboard extra), wandb (a W&B run; WANDB_MODE=offline needs no network; the "
         "wandb extra), file (verl's, $VERL_FILE_LOGGER_PATH, else $VERL_FILE_LOGGER_ROOT/<project_name>/"
