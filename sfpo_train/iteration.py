@@ -19,16 +19,12 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING
 
 import torch
 
 import sfpo_kernels
 from sfpo_train.clock import StageClock
 from sfpo_train.restore import add_note, restore_theta0
-
-if TYPE_CHECKING:
-    from sfpo_train.sfpo import SFPO
 
 STAGES = ("sfpo_snapshot", "sfpo_fast", "sfpo_reposition", "sfpo_slow")
 
@@ -44,7 +40,7 @@ class SFPOIteration:
     :meth:`finish`; until then :meth:`abort` leaves the SFPO object as it was.
     """
 
-    def __init__(self, sfpo: SFPO, entropy: float | torch.Tensor | None = None):
+    def __init__(self, sfpo, entropy: float | torch.Tensor | None = None):  # sfpo: the SFPO whose iteration this is
         cfg = sfpo.config
         self._sfpo = sfpo
         self._last_pass_entropy = cfg.trigger_entropy == "last_pass"

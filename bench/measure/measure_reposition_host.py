@@ -5,8 +5,9 @@ q/k/v/o with q/k/v biases, gate/up/down, two RMSNorms, a final norm) at tiny siz
 is negligible and what is timed is the Python around the launches. Arms, in one process, interleaved
 with the order rotated every round, ``time.process_time`` per call:
 
-- ``baseline``: the previous ``sfpo_kernels/reposition.py`` (``--baseline FILE``, default: the one in
-  ``/work/main``, loaded as a separate module; it imports this tree's kernels): validation every call;
+- ``baseline``: ``sfpo_kernels/reposition.py`` as it was before the cache (git revision
+  ``--baseline-rev``, default ``42a2087^``, read with ``git show``; or ``--baseline FILE``), loaded as a
+  separate module that imports this tree's kernels: validation every call;
 - ``cached``: this tree's ``reposition_`` after a ``snapshot`` (the cache filled) and an in-place step;
 - ``validate``: this tree's validation forced (the cache emptied before each call);
 - ``foreach_lerp``: ``torch._foreach_lerp_`` on the same lists, the launch-bound floor (torch backend).
@@ -20,8 +21,11 @@ import argparse
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,20 +52,48 @@ def load_baseline(path: str):
     return module
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASELINE_REV = "42a2087^"  # the parent of the commit that added the Snapshot's validation cache
+
+
+def load_baseline_rev(rev: str):
+    """``sfpo_kernels/reposition.py`` at git revision ``rev`` of this checkout, loaded; None without git or the rev."""
+    try:
+        done = subprocess.run(
+            ["git", "show", f"{rev}:sfpo_kernels/reposition.py"], cwd=REPO_ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if done.returncode != 0:
+        return None
+    with tempfile.TemporaryDirectory(prefix="sfpo-baseline-") as tmp:  # executed on load: not needed after
+        path = os.path.join(tmp, "reposition.py")
+        Path(path).write_text(done.stdout)
+        return load_baseline(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=20, help="calls per timed sample")
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--baseline", default="/work/main/sfpo_kernels/reposition.py")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline's reposition.py")
+    parser.add_argument("--baseline", metavar="FILE", help="the baseline's reposition.py as a file (instead of a rev)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = qwen_like_params()
     assert len(params) == 338, len(params)
     backend = args.backend
     arms = {}
-    if os.path.exists(args.baseline):
-        old = load_baseline(args.baseline)
+    if args.baseline is not None:
+        old = load_baseline(args.baseline) if os.path.exists(args.baseline) else None
+    else:
+        old = load_baseline_rev(args.baseline_rev)
+    if old is None:
+        print(
+            f"no baseline: {args.baseline or args.baseline_rev} cannot be read; timing the other arms", file=sys.stderr
+        )
+    else:
         old_snap = old.snapshot(params, backend=backend)
         arms["baseline"] = lambda: old.reposition_(params, old_snap, 0.5, backend=backend)
     snap = sfpo_kernels.snapshot(params, backend=backend)

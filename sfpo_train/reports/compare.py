@@ -167,7 +167,7 @@ def arm_config(
 
 
 def check_same_run(cfg, run_dir: str) -> None:
-    """``ValueError`` if ``run_dir`` holds a run made with settings other than ``cfg``'s (its progress bar aside)."""
+    """``ValueError`` if ``run_dir`` holds a run made with settings other than ``cfg``'s (its progress bar and loggers aside)."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
         return
@@ -177,7 +177,7 @@ def check_same_run(cfg, run_dir: str) -> None:
     diff = {
         k: v
         for k, v in config_lib.config_diff(saved, cfg).items()
-        if k != "trainer.progress_bar" and not (k == "trainer.total_training_steps" and longer)
+        if k not in ("trainer.progress_bar", "trainer.logger") and not (k == "trainer.total_training_steps" and longer)
     }
     if diff:
         listed = "; ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in sorted(diff.items())[:6])

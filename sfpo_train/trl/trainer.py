@@ -107,7 +107,9 @@ class SFPOGRPOTrainer(GRPOTrainer):
         spg, ga = self.args.steps_per_generation, self.args.gradient_accumulation_steps
         # TRL's own rule for when a generation gets an old-log-prob forward (num_iterations = passes it feeds)
         old_forward = ga % (spg * len(plan)) != 0 or (self.use_vllm and self.vllm_importance_sampling_correction)
-        capture = old_forward and self.sfpo.config.trigger_entropy == "old_log_prob" and self.sfpo.config.entropy_control
+        capture = (
+            old_forward and self.sfpo.config.trigger_entropy == "old_log_prob" and self.sfpo.config.entropy_control
+        )
         self._old_entropy_sums = _EntropySums() if capture else None
         # TRL computes old log-probs when a generation feeds more than one optimizer step
         # (num_iterations > 1 among them): say how many passes this one feeds.

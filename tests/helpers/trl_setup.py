@@ -46,7 +46,7 @@ def make_trainer(output_dir, *, cls=None, sfpo=None, rows: int = 256, fused_head
 
     from sfpo_train.trl.task import addition_dataset, addition_reward, model_path
 
-    trl, sfpo_trainer = trl_parts()
+    _, sfpo_trainer = trl_parts()
     cls = sfpo_trainer if cls is None else cls
     extra = {}
     if cls is sfpo_trainer:
