@@ -158,3 +158,29 @@ def test_settings_sfpo_cannot_run_are_refused_before_the_model_loads(tmp_path, o
 def test_sfpo_must_be_an_sfpo_config(tmp_path):
     with pytest.raises(ValueError, match="sfpo must be an SFPOConfig or None, got dict"):
         SFPOGRPOTrainer(model="not-loaded", sfpo={"alpha": 0.5})
+
+
+class _FailAt(trl.trainer.grpo_trainer.TrainerCallback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise KeyboardInterrupt("stopped between two passes")
+
+
+def test_a_failure_between_passes_puts_theta0_back(tmp_path):
+    trainer = make_trainer(tmp_path, sfpo=SFPOConfig(inner_steps=2, alpha=0.8), max_steps=6)
+    trainer.add_callback(_FailAt(4))  # the first pass of iteration 1
+    finished_first = {}
+
+    class Remember(trl.trainer.grpo_trainer.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                finished_first.update(weights(trainer.model))
+
+    trainer.add_callback(Remember())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert max_abs_difference(weights(trainer.model), finished_first) == 0.0
+    assert trainer.sfpo.iteration == 1
