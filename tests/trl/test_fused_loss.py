@@ -327,3 +327,11 @@ def test_compute_refuses_multimodal_inputs(tmp_path, tokenizer):
     inputs["pixel_values"] = torch.zeros(1, 3)
     with pytest.raises(ValueError, match="pixel_values"):
         compute_fused_loss(trainer, trainer.model, inputs)
+
+
+def test_prepare_refuses_prompt_learning_peft(tmp_path, tokenizer):
+    peft = import_or_skip("peft")
+    config = peft.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM")
+    trainer = make_trainer(tmp_path, tokenizer, peft_config=config)
+    with pytest.raises(ValueError, match="prompt-learning PEFT"):
+        prepare_fused_loss(trainer)
