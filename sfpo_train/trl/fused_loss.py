@@ -293,7 +293,7 @@ def _completion_hidden(trainer, model, inputs) -> torch.Tensor:
     return out.last_hidden_state[:, -(length + 1) : -1]
 
 
-def _head_log_probs(trainer, model, inputs, keep: torch.Tensor, temperature: float):
+def _head_log_probs(trainer, model, inputs, keep: torch.Tensor, temperature: float, chunk_size, backend):
     """``(log_probs, entropy)`` ``[B, C]`` fp32 of the completion tokens through the fused head (0 where not ``keep``)."""
     hidden = _completion_hidden(trainer, model, inputs)
     head = _causal_lm(trainer.model).get_output_embeddings()
@@ -308,7 +308,14 @@ def _head_log_probs(trainer, model, inputs, keep: torch.Tensor, temperature: flo
     hidden = hidden.to(weight.device)
     with context:
         return linear_logprob_entropy(
-            hidden, weight, inputs["completion_ids"].to(weight.device), temperature, bias=bias, response_mask=keep
+            hidden,
+            weight,
+            inputs["completion_ids"].to(weight.device),
+            temperature,
+            bias=bias,
+            response_mask=keep,
+            chunk_size=chunk_size,
+            backend=backend,
         )
 
 
@@ -351,7 +358,9 @@ def _token_weights(trainer, inputs, log_probs, old, advantages, mask, entropy_ma
     return functools.reduce(torch.mul, weights) if weights else None
 
 
-def compute_fused_loss(trainer, model, inputs) -> torch.Tensor:
+def compute_fused_loss(
+    trainer, model, inputs, *, chunk_size: int | None = None, backend: str | None = None
+) -> torch.Tensor:
     """``GRPOTrainer._compute_loss(model, inputs)`` on sfpo's fused head: TRL's loss value, gradients and metrics.
 
     ``trainer`` is the ``trl.GRPOTrainer`` (its settings, accelerator and
@@ -359,8 +368,10 @@ def compute_fused_loss(trainer, model, inputs) -> torch.Tensor:
     by accelerate), ``inputs`` one micro-batch from ``_prepare_inputs``. Reads the
     trainer's attributes as TRL's ``_compute_loss`` does (``entropy_coef`` moves
     with ``use_adaptive_entropy``) and updates the adaptive entropy controller
-    as TRL does. Raises ``ValueError`` for what the fused loss cannot reproduce
-    (see the module docstring; :func:`prepare_fused_loss` checks it up front).
+    as TRL does. ``chunk_size`` (rows of logits alive at once) and ``backend``
+    go to :func:`sfpo_kernels.linear_logprob_entropy` (None: its defaults).
+    Raises ``ValueError`` for what the fused loss cannot reproduce (see the
+    module docstring; :func:`prepare_fused_loss` checks it up front).
     """
     options = _trainer_options(trainer)
     mode = "train" if trainer.model.training else "eval"
@@ -368,7 +379,7 @@ def compute_fused_loss(trainer, model, inputs) -> torch.Tensor:
     if "tool_mask" in inputs:
         mask = mask * inputs["tool_mask"]
     keep = mask.bool()
-    log_probs, entropy = _head_log_probs(trainer, model, inputs, keep, options.temperature)
+    log_probs, entropy = _head_log_probs(trainer, model, inputs, keep, options.temperature, chunk_size, backend)
     mask = mask.to(log_probs.device)
 
     entropy_mask = None

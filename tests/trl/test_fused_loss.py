@@ -29,6 +29,7 @@ trl = import_or_skip("trl")
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sfpo_kernels import triton_interpreting
 from sfpo_train.tasks import default_paths
 from sfpo_train.trl.fused_loss import (
     LOSS_AGG_MODES,
@@ -126,13 +127,13 @@ def assert_same_metrics(got: dict, want: dict) -> None:
             assert (math.isnan(g) and math.isnan(w)) or abs(g - w) <= TOL * max(abs(w), 1e-6), (key, g, w)
 
 
-def compare(trainer, inputs, mode: str = "train"):
+def compare(trainer, inputs, mode: str = "train", fused_fn=compute_fused_loss):
     """Fused first (TRL's forward must still work after the fused head patched it), then TRL, from one state."""
     start = {k: getattr(trainer, k) for k in CONTROLLER}
     head_calls = []
     hook = trainer.model.get_output_embeddings().register_forward_hook(lambda *a: head_calls.append(1))
     try:
-        fused = run_loss(trainer, inputs, compute_fused_loss, mode)
+        fused = run_loss(trainer, inputs, fused_fn, mode)
         assert not head_calls, "the fused loss ran the LM head module (materialised logits)"
     finally:
         hook.remove()
@@ -147,6 +148,10 @@ def compare(trainer, inputs, mode: str = "train"):
     assert fused[3]["entropy_coef"] == pytest.approx(want[3]["entropy_coef"], rel=TOL)
     assert fused[3]["_last_world_entropy"] == pytest.approx(want[3]["_last_world_entropy"], rel=TOL)
     return want
+
+
+def fused_in_chunks_of_three(trainer, model, inputs):
+    return compute_fused_loss(trainer, model, inputs, chunk_size=3)  # the head over several chunks of tokens
 
 
 CASES = {
@@ -191,7 +196,7 @@ def test_fused_loss_matches_trl(case, tmp_path, tokenizer):
     if case.startswith("grpo"):
         rows_with_tokens = inputs["completion_mask"].any(-1)
         assert 0 < int(rows_with_tokens.sum()) < len(rows_with_tokens), "want both empty and non-empty rows"
-    metrics = compare(trainer, inputs)[2]
+    metrics = compare(trainer, inputs, fused_fn=fused_in_chunks_of_three)[2]
     assert metrics["clip_ratio/region_mean"][0] > 0, "the perturbation should make clipping fire"
     if trainer.beta:
         assert metrics["kl"][0] > 0
@@ -200,6 +205,18 @@ def test_fused_loss_matches_trl(case, tmp_path, tokenizer):
         assert trainer.entropy_coef == pytest.approx(0.05 + step)
         compare(trainer, inputs)  # the next window applies the stepped coefficient (entropy below target)
         assert trainer.entropy_coef == pytest.approx(0.05 + 2 * step)
+
+
+@pytest.mark.skipif(not triton_interpreting(), reason="the Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+def test_fused_loss_matches_trl_on_the_triton_kernels(tmp_path, tokenizer):
+    """The head's vocabulary pass in sfpo's Triton kernels (interpreted on the CPU), entropy gradient included."""
+    trainer = make_trainer(tmp_path, tokenizer, loss_type="dr_grpo", beta=0.1, entropy_coef=0.01)
+    prepare_fused_loss(trainer)
+
+    def fused_on_triton(trainer, model, inputs):
+        return compute_fused_loss(trainer, model, inputs, backend="triton", chunk_size=5)
+
+    compare(trainer, generated_inputs(trainer), fused_fn=fused_on_triton)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "bnpo"])
