@@ -56,7 +56,7 @@ def length_reward(completions, **kwargs):
     return [float(len(c)) + 0.1 * i for i, c in enumerate(completions)]
 
 
-def make_trainer(tmp_path, tokenizer, model=MODEL, peft_config=None, **config):
+def make_trainer(tmp_path, tokenizer, model=MODEL, peft_config=None, trainer_class=None, **config):
     settings = dict(
         output_dir=str(tmp_path),
         report_to=[],
@@ -72,11 +72,11 @@ def make_trainer(tmp_path, tokenizer, model=MODEL, peft_config=None, **config):
         epsilon=0.05,
     )
     settings.update(config)
-    return trl.GRPOTrainer(
+    return (trainer_class or trl.GRPOTrainer)(
         model=model,
         reward_funcs=length_reward,
         args=trl.GRPOConfig(**settings),
-        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),  # two generation batches of 16 rows
         processing_class=tokenizer,
         peft_config=peft_config,
     )
@@ -352,3 +352,45 @@ def test_prepare_refuses_prompt_learning_peft(tmp_path, tokenizer):
     trainer = make_trainer(tmp_path, tokenizer, peft_config=config)
     with pytest.raises(ValueError, match="prompt-learning PEFT"):
         prepare_fused_loss(trainer)
+
+
+# --------------------------------------------------------------------------- inside trainer.train()
+
+
+class FusedHeadGRPOTrainer(trl.GRPOTrainer):
+    """The drop-in as a trainer uses it: checked at construction, then the loss of every micro-batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        prepare_fused_loss(self)
+
+    def _compute_loss(self, model, inputs):
+        return compute_fused_loss(self, model, inputs)
+
+
+def test_training_with_the_fused_loss_matches_trl(tmp_path, tokenizer):
+    """Two optimizer steps of ``trainer.train()`` (accumulation windows, TRL's loop, gradient checkpointing,
+    logging) from one generation: plain SGD moves each weight by the learning rate times its summed gradients,
+    so the weights agree as the gradients do, relative to how far each parameter moved (plus each step's fp32
+    rounding of the weight itself); the logged metrics agree as in the single-call tests."""
+    settings = dict(optim="sgd", learning_rate=0.05, max_steps=2, logging_steps=1, save_strategy="no")
+    settings.update(beta=0.05, entropy_coef=0.01, top_entropy_quantile=0.5)
+    start = AutoModelForCausalLM.from_pretrained(MODEL).state_dict()
+    runs = {}
+    for cls in (trl.GRPOTrainer, FusedHeadGRPOTrainer):
+        trainer = make_trainer(tmp_path / cls.__name__, tokenizer, trainer_class=cls, **settings)
+        trainer.train()
+        runs[cls] = trainer
+    want, got = runs[trl.GRPOTrainer], runs[FusedHeadGRPOTrainer]
+    assert got.state.global_step == want.state.global_step == 2
+    moved = 0.0
+    for (name, w), g in zip(want.model.state_dict().items(), got.model.state_dict().values()):
+        step = (w - start[name]).abs().max().item()
+        moved = max(moved, step)
+        rounding = 2 * 2 * torch.finfo(torch.float32).eps * w.abs().max().item()  # each step rounds w, both sides
+        assert (g - w).abs().max().item() <= TOL * step + rounding, name
+    assert moved > 0
+    logged = ("loss", "entropy", "kl", "policy_loss", "clip_ratio/region_mean", "clip_ratio/low_mean")
+    assert len(got.state.log_history) == len(want.state.log_history)
+    for g, w in zip(got.state.log_history, want.state.log_history):
+        assert_same_metrics({k: [g[k]] for k in logged if k in w}, {k: [w[k]] for k in logged if k in w})
