@@ -359,7 +359,7 @@ def _token_weights(trainer, inputs, log_probs, old, advantages, mask, entropy_ma
 
 
 def compute_fused_loss(
-    trainer, model, inputs, *, chunk_size: int | None = None, backend: str | None = None
+    trainer, model, inputs, *, chunk_size: int | None = None, backend: str | None = None, on_entropy=None
 ) -> torch.Tensor:
     """``GRPOTrainer._compute_loss(model, inputs)`` on sfpo's fused head: TRL's loss value, gradients and metrics.
 
@@ -370,6 +370,8 @@ def compute_fused_loss(
     with ``use_adaptive_entropy``) and updates the adaptive entropy controller
     as TRL does. ``chunk_size`` (rows of logits alive at once) and ``backend``
     go to :func:`sfpo_kernels.linear_logprob_entropy` (None: its defaults).
+    ``on_entropy(entropy, mask)``, if given, receives the detached ``[B, C]`` token
+    entropies and the loss's token mask (SFPO's trigger reads them).
     Raises ``ValueError`` for what the fused loss cannot reproduce (see the
     module docstring; :func:`prepare_fused_loss` checks it up front).
     """
@@ -381,6 +383,8 @@ def compute_fused_loss(
     keep = mask.bool()
     log_probs, entropy = _head_log_probs(trainer, model, inputs, keep, options.temperature, chunk_size, backend)
     mask = mask.to(log_probs.device)
+    if on_entropy is not None:
+        on_entropy(entropy.detach(), mask)
 
     entropy_mask = None
     if trainer.top_entropy_quantile < 1.0:
