@@ -37,6 +37,7 @@ import sys
 import warnings
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.cli import threads
 from sfpo_train.trainer.key_help import describe_keys
 
 
@@ -110,27 +111,6 @@ def main(args: argparse.Namespace) -> int:
             return 130
 
 
-def cpu_note() -> str:
-    """Threads and load: run time depends on free CPU (a busy machine makes the 2-minute default an hour)."""
-    import os
-
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads is not None and threads.strip().isdigit() and int(threads) >= 1:
-        torch.set_num_threads(int(threads))  # honoured explicitly, whatever imported torch first
-    cores = os.cpu_count() or 1
-    try:
-        load1 = os.getloadavg()[0]
-        load = f"load average {load1:.1f} (1 min)" + (" - busy, expect a slower run" if load1 > 0.75 * cores else "")
-    except OSError:
-        load = "load average unknown"
-    return (
-        f"{torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS={threads if threads is not None else 'unset'}), "
-        f"{cores} CPU core(s), {load}; run time depends on free CPU"
-    )
-
-
 def _with_embedded_paths(cfg):
     """A copy of ``cfg`` showing the embedded task's real paths where the keys are null (what the run uses)."""
     from omegaconf import OmegaConf
@@ -153,7 +133,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.preset != "default" or args.algorithm != "grpo":
             raise ValueError("--resume uses the run's saved config; drop --preset/--algorithm")
-        print(f"sfpo train: {cpu_note()}", flush=True)
+        print(f"sfpo train: {threads.configure_for_resume(args.resume)}", flush=True)
         trainer = Trainer.resume(args.resume, args.overrides)
         print(
             f"sfpo train: resuming {trainer.run_dir} from {trainer.resumed_from} (step {trainer.global_step})",
@@ -166,7 +146,7 @@ def _train(args: argparse.Namespace) -> int:
             print("# the resolved config; null paths resolved to the embedded default task's files, which the run uses")
             print(config_lib.to_yaml(_with_embedded_paths(cfg)), end="")
             return 0
-        print(f"sfpo train: {cpu_note()}", flush=True)
+        print(f"sfpo train: {threads.configure(cfg.actor_rollout_ref.model)}", flush=True)
         trainer = Trainer.create(cfg, preset=args.preset)
     cfg = trainer.cfg
     sfpo = cfg.actor_rollout_ref.actor.sfpo
