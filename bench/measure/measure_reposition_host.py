@@ -5,22 +5,27 @@ q/k/v/o with q/k/v biases, gate/up/down, two RMSNorms, a final norm) at tiny siz
 is negligible and what is timed is the Python around the launches. Arms, in one process, interleaved
 with the order rotated every round, ``time.process_time`` per call:
 
-- ``baseline``: the previous ``sfpo_kernels/reposition.py`` (``--baseline FILE``, default: the one in
-  ``/work/main``, loaded as a separate module; it imports this tree's kernels): validation every call;
+- ``baseline``: the previous ``sfpo_kernels/reposition.py``, validation every call: ``--baseline-rev REV``
+  takes it from git (``42a2087~1``: the commit before the cache), ``--baseline FILE`` from a file; loaded
+  as a separate module that imports this tree's kernels (no baseline arm without either);
 - ``cached``: this tree's ``reposition_`` after a ``snapshot`` (the cache filled) and an in-place step;
 - ``validate``: this tree's validation forced (the cache emptied before each call);
 - ``foreach_lerp``: ``torch._foreach_lerp_`` on the same lists, the launch-bound floor (torch backend).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py [--rounds 30] [--backend torch]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py --baseline-rev 42a2087~1 \
+        [--rounds 30] [--backend torch] [--csv OUT.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -53,15 +58,29 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=20, help="calls per timed sample")
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--baseline", default="/work/main/sfpo_kernels/reposition.py")
+    parser.add_argument("--baseline", metavar="FILE", help="the previous reposition.py, as a file")
+    parser.add_argument("--baseline-rev", metavar="REV", help="the previous reposition.py, from this git revision")
+    parser.add_argument("--csv", metavar="PATH", help="also write one row per arm as CSV")
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = qwen_like_params()
     assert len(params) == 338, len(params)
     backend = args.backend
     arms = {}
-    if os.path.exists(args.baseline):
-        old = load_baseline(args.baseline)
+    baseline = args.baseline
+    if args.baseline_rev:
+        source = subprocess.run(
+            ["git", "show", f"{args.baseline_rev}:sfpo_kernels/reposition.py"],
+            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        baseline = os.path.join(tempfile.mkdtemp(), "reposition_baseline.py")
+        with open(baseline, "w") as f:
+            f.write(source)
+    if baseline:
+        old = load_baseline(baseline)
         old_snap = old.snapshot(params, backend=backend)
         arms["baseline"] = lambda: old.reposition_(params, old_snap, 0.5, backend=backend)
     snap = sfpo_kernels.snapshot(params, backend=backend)
@@ -95,12 +114,32 @@ def main() -> None:
         f"backend {backend}), process_time per call, {args.rounds} samples of {args.calls} calls, interleaved; "
         f"torch {torch.__version__}; cache in this tree: {hasattr(reposition, '_layout_key')}"
     )
+    records = []
     for n in names:
         t = times[n]
         print(
             f"  {n:13s} median {1e6 * statistics.median(t):7.1f} us (min {1e6 * min(t):.1f}, max {1e6 * max(t):.1f}, "
             f"n={len(t)})"
         )
+        records.append(
+            {
+                "arm": n,
+                "median_us": round(1e6 * statistics.median(t), 2),
+                "min_us": round(1e6 * min(t), 2),
+                "max_us": round(1e6 * max(t), 2),
+                "n": len(t),
+                "calls_per_sample": args.calls,
+                "tensors": len(params),
+                "backend": backend,
+                "baseline": args.baseline_rev or ("file" if args.baseline else ""),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
 
 
 if __name__ == "__main__":
