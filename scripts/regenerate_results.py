@@ -44,7 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import result_stages as train  # noqa: E402
 import result_stages_measure as measure  # noqa: E402
-from results_lib import Context, Stage, rewrite_document  # noqa: E402
+from results_lib import Context, Stage, rewrite_block, rewrite_document  # noqa: E402
 
 from bench.provenance import machine_provenance, now  # noqa: E402
 from bench.timed_command import run_timed  # noqa: E402
@@ -76,7 +76,12 @@ STAGES: list[Stage] = [
         commands=train.compare_commands,
         collect=train.compare_collect,
         render=train.compare_render,
-        blocks=("README.md#compare-table", "README.md#compare-story", "README.md#compare-time", "docs/reports.md#compare-default"),
+        blocks=(
+            "README.md#compare-table",
+            "README.md#compare-story",
+            "README.md#compare-time",
+            "docs/reports.md#compare-default",
+        ),
     ),
     Stage(
         name="small_compare",
@@ -197,6 +202,21 @@ def _shown(ctx: Context, argv: list[str], env: dict[str, str]) -> str:
     return text
 
 
+def check_blocks(ctx: Context, stages: list[Stage]) -> list[str]:
+    """One line per declared block that is missing from its document or there more than once."""
+    problems = []
+    for stage in stages:
+        for name in stage.blocks:
+            doc, _, block = name.partition("#")
+            path = ctx.root / doc
+            text = path.read_text(encoding="utf-8") if path.is_file() else ""
+            try:
+                rewrite_block(text, block, "")
+            except ValueError as e:
+                problems.append(f"{stage.name}: {doc}: {e}")
+    return problems
+
+
 def render(ctx: Context, stage: Stage) -> list[str]:
     """Rewrite the stage's blocks from its outputs; returns "document#block" of each."""
     by_doc: dict[str, dict[str, str]] = defaultdict(dict)
@@ -246,7 +266,9 @@ def run_stage(ctx: Context, stage: Stage, regenerated_by: str, echo: bool) -> st
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(prov, indent=2) + "\n")
     blocks = render(ctx, stage)
-    print(f"[{stage.name}] wrote {', '.join(prov['outputs'] + [os.path.relpath(path, ctx.root)])}; blocks {', '.join(blocks) or 'none'}")
+    print(
+        f"[{stage.name}] wrote {', '.join(prov['outputs'] + [os.path.relpath(path, ctx.root)])}; blocks {', '.join(blocks) or 'none'}"
+    )
     return "ok"
 
 
@@ -261,10 +283,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="show each stage's commands; run nothing")
     parser.add_argument("--only", metavar="STAGE[,STAGE]", help="these stages only (default: all)")
     parser.add_argument("--render-only", action="store_true", help="rewrite the blocks from the data as it is")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="check that every block the stages declare is in its document exactly once; run nothing",
+    )
     parser.add_argument("--root", default=str(REPO_ROOT), help="where docs/ and README.md are (default: this checkout)")
     parser.add_argument("--work", help="directory of the runs and logs (default ROOT/runs/regenerate-<time>)")
-    parser.add_argument("--quick", action="store_true", help="tiny settings, to check the pipeline (not with ROOT "
-                        "= this checkout: its numbers measure nothing)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="tiny settings, to check the pipeline (not with ROOT = this checkout: its numbers measure nothing)",
+    )
     parser.add_argument("--python", default=sys.executable, help="interpreter of the commands (default: this one)")
     parser.add_argument("--vllm-python", help="interpreter of the vLLM stages, from vLLM's own venv (default --python)")
     parser.add_argument("--echo", action="store_true", help="show the commands' output as they run")
@@ -274,14 +304,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and root == REPO_ROOT:
         parser.error("--quick writes numbers that measure nothing: give --root a copy of the documents")
     work = Path(args.work).resolve() if args.work else root / "runs" / f"regenerate-{time.strftime('%Y%m%d-%H%M%S')}"
-    ctx = Context(root=root, work=work, python=args.python, vllm_python=args.vllm_python or args.python, quick=args.quick)
+    ctx = Context(
+        root=root, work=work, python=args.python, vllm_python=args.vllm_python or args.python, quick=args.quick
+    )
 
     if args.list:
         for s in STAGES:
             reason = s.needs(ctx)
-            print(f"{s.name:16s} {'skipped here: ' + reason if reason else 'runs here'}\n{'':16s} {s.produces}\n"
-                  f"{'':16s} expected: {s.expected}")
+            print(
+                f"{s.name:16s} {'skipped here: ' + reason if reason else 'runs here'}\n{'':16s} {s.produces}\n"
+                f"{'':16s} expected: {s.expected}"
+            )
         return 0
+    if args.check:
+        problems = check_blocks(ctx, stages)
+        print("\n".join(problems) or f"{sum(len(s.blocks) for s in stages)} blocks, each in its document once")
+        return 1 if problems else 0
     if args.render_only:
         for s in stages:
             try:
@@ -290,10 +328,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{s.name}] not rendered: {e}")
         return 0
 
-    os.environ["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    os.environ["PYTHONPATH"] = str(REPO_ROOT) + (
+        os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""
+    )
     if not args.dry_run:
         work.mkdir(parents=True, exist_ok=True)
-    regenerated_by = _shown(ctx, ["python", "scripts/regenerate_results.py", *(argv if argv is not None else sys.argv[1:])], {})
+    regenerated_by = _shown(
+        ctx, ["python", "scripts/regenerate_results.py", *(argv if argv is not None else sys.argv[1:])], {}
+    )
     results = {}
     for s in stages:
         reason = s.needs(ctx)

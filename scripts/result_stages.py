@@ -92,7 +92,15 @@ def main_render(ctx: Context) -> dict[tuple[str, str], str]:
         ],
     )
     detail = md_table(
-        ["command", "iterations", "step time (sum)", "whole command", "CPU time", "torch threads", "test accuracy at step: value"],
+        [
+            "command",
+            "iterations",
+            "step time (sum)",
+            "whole command",
+            "CPU time",
+            "torch threads",
+            "test accuracy at step: value",
+        ],
         [
             [
                 labels.get(r["run"], r["run"]),
@@ -146,8 +154,8 @@ def threads_render(ctx: Context) -> dict[tuple[str, str], str]:
     text = (
         f"{quick_note(prov)}`sfpo train trainer.total_training_steps={settings.get('steps')}` (the embedded default "
         f"otherwise), {settings.get('rounds')} round(s) of every arm, `OMP_NUM_THREADS` set per arm, the order "
-        "rotated each round; \"one busy process added\": a Python busy loop started a second before the command "
-        "and stopped after it. Medians with min-max over the runs; CPU time is the command's user + system time. "
+        'rotated each round; "nothing added": the machine as it was (its load average is in the table); "one '
+        "busy process added\": a Python busy loop started a second before the command and stopped after it. Medians with min-max over the runs; CPU time is the command's user + system time. "
         "Per run: `docs/results/threads-main-job.csv`.\n\n"
         f"{threads_table(rows)}\n{one_line(runs)}"
     )
@@ -216,12 +224,19 @@ def compare_table(summary: list[dict], settings: dict) -> str:
         label, fmt, paired = COMPARE_ROWS[r["measure"]]
         label = label.format(steps=settings.get("steps", "?"), note=r.get("note", "").split(";")[0])
         if paired == "diff":
-            pair = "SFPO − GRPO " + _cell(r, "diff", "{:+.3f}")
+            pair = "SFPO \N{MINUS SIGN} GRPO " + _cell(r, "diff", "{:+.3f}")
         else:
             pair = "SFPO / GRPO " + _cell(r, "ratio", "{:.2f}x")
         rows.append([label, r["seeds"], _cell(r, "grpo", fmt), _cell(r, "sfpo", fmt), pair])
-    sfpo = f"SFPO (K={settings.get('K')}, α={settings.get('alpha')}, τ={settings.get('tau')})"
-    header = ["measure (mean [95% t interval] over the seeds listed)", "seeds", "GRPO", sfpo, "SFPO vs GRPO, paired by seed"]
+    alpha, tau = "\N{GREEK SMALL LETTER ALPHA}", "\N{GREEK SMALL LETTER TAU}"
+    sfpo = f"SFPO (K={settings.get('K')}, {alpha}={settings.get('alpha'):g}, {tau}={settings.get('tau'):g})"
+    header = [
+        "measure (mean [95% t interval] over the seeds listed)",
+        "seeds",
+        "GRPO",
+        sfpo,
+        "SFPO vs GRPO, paired by seed",
+    ]
     return md_table(header, rows)
 
 
@@ -247,7 +262,7 @@ def compare_render(ctx: Context) -> dict[tuple[str, str], str]:
         f"both arms). {one_line(prov)}"
     )
     details = (
-        f"{note}`sfpo compare` with its defaults ({settings.get('seeds')} seeds × {settings.get('steps')} steps × "
+        f"{note}`sfpo compare` with its defaults ({settings.get('seeds')} seeds x {settings.get('steps')} steps x "
         f"both arms): {_compare_time(prov)}. The README shows the headline table and the reward/accuracy plot; "
         f"`docs/results/{COMPARE}-{{summary,headline,cost_model,runs}}.csv` are the report's tables and "
         f"`docs/results/{COMPARE}-report.md` the report.\n\n"
@@ -256,7 +271,7 @@ def compare_render(ctx: Context) -> dict[tuple[str, str], str]:
     return {
         ("README.md", "compare-table"): note + compare_table(summary, settings),
         ("README.md", "compare-story"): story,
-        ("README.md", "compare-time"): _compare_time(prov),
+        ("README.md", "compare-time"): note + _compare_time(prov),
         ("docs/reports.md", "compare-default"): details,
     }
 

@@ -73,7 +73,9 @@ def _table_of(ctx: Context, stage: str, csv_name: str, rows_of, header, right=()
 def update_pass_commands(ctx: Context) -> list[Command]:
     size = ["--rounds", "1", "--warmup", "0"] if ctx.quick else ["--rounds", "12"]
     csv = str(ctx.work / "old-log-prob-reuse.csv")
-    return [Command([ctx.python, _script("measure_old_log_prob_reuse.py"), *size, "--csv", csv], {"OMP_NUM_THREADS": "1"})]
+    return [
+        Command([ctx.python, _script("measure_old_log_prob_reuse.py"), *size, "--csv", csv], {"OMP_NUM_THREADS": "1"})
+    ]
 
 
 def update_pass_collect(ctx: Context, timed: list) -> tuple[list[Path], dict]:
@@ -185,7 +187,11 @@ OUTCOME = re.compile(r"=+ (.*\d+ (?:passed|skipped|failed|deselected).*) in [0-9
 
 
 def bench_cpu_commands(ctx: Context) -> list[Command]:
-    only = ["-k", "reposition and torch"] if ctx.quick else []
+    only = (
+        ["-k", "test_reposition and fp32 and torch or test_training_step and grpo and not on_policy"]
+        if ctx.quick
+        else []
+    )
     out = []
     for name, env in (("bench-cpu", {}), ("bench-cpu-triton", {"TRITON_INTERPRET": "1"})):
         json_path = str(ctx.work / f"{name}.json")
@@ -219,7 +225,13 @@ def bench_cpu_collect(ctx: Context, timed: list) -> tuple[list[Path], dict]:
 
 def bench_cpu_render(ctx: Context) -> dict[tuple[str, str], str]:
     def row(r: dict) -> list[str]:
-        return [f"`{r['command']}`", r["outcome"] or "n/a", duration(float(r["wall_s"])), duration(float(r["cpu_s"])), r["torch_threads"] or "n/a"]
+        return [
+            f"`{r['command']}`",
+            r["outcome"] or "n/a",
+            duration(float(r["wall_s"])),
+            duration(float(r["cpu_s"])),
+            r["torch_threads"] or "n/a",
+        ]
 
     header = ["command", "rows", "wall-clock", "CPU time", "torch threads"]
     prov, table = _table_of(ctx, "bench_cpu", "bench-cpu-time.csv", row, header)
@@ -237,7 +249,15 @@ VLLM_STAGES = ("gen", "reward", "old_log_prob", "update_actor", "sync_weights", 
 
 def vllm_step_commands(ctx: Context) -> list[Command]:
     json_path = str(ctx.work / "vllm-step.json")
-    argv = [ctx.vllm_python, "-m", "pytest", "bench/test_bench_vllm_rollout.py", "--benchmark-only", "-p", "no:cacheprovider"]
+    argv = [
+        ctx.vllm_python,
+        "-m",
+        "pytest",
+        "bench/test_bench_vllm_rollout.py",
+        "--benchmark-only",
+        "-p",
+        "no:cacheprovider",
+    ]
     return [Command([*argv, f"--benchmark-json={json_path}"], {"OMP_NUM_THREADS": "1"})]
 
 
@@ -338,7 +358,9 @@ def vllm_300_collect(ctx: Context, timed: list) -> tuple[list[Path], dict]:
         run = ctx.work / "vllm-300" / engine
         metrics = read_metrics(run)
         gen, sync = stage_seconds(metrics, "gen"), stage_seconds(metrics, "sync_weights")
-        checks = [float(r["rollout/sync_check_max_abs_diff"]) for r in metrics if "rollout/sync_check_max_abs_diff" in r]
+        checks = [
+            float(r["rollout/sync_check_max_abs_diff"]) for r in metrics if "rollout/sync_check_max_abs_diff" in r
+        ]
         rows.append(
             {
                 "engine": engine,
@@ -367,7 +389,9 @@ def vllm_300_render(ctx: Context) -> dict[tuple[str, str], str]:
 
     header = ["engine", "greedy test accuracy at step: value", "step time (sum)", "gen median", "sync median"]
     prov, table = _table_of(ctx, "vllm_300", "vllm-300.csv", row, header)
-    checks = [r["sync_check_max_abs_diff"] for r in read_csv(ctx.results("vllm-300.csv")) if r["sync_check_max_abs_diff"]]
+    checks = [
+        r["sync_check_max_abs_diff"] for r in read_csv(ctx.results("vllm-300.csv")) if r["sync_check_max_abs_diff"]
+    ]
     check = f" The sync checks logged `rollout/sync_check_max_abs_diff` up to {float(checks[0]):.1e}." if checks else ""
     return {("docs/vllm.md", "vllm-300"): f"{table}\n\n{check} {one_line(prov)}".replace("\n\n ", "\n\n")}
 
@@ -390,17 +414,18 @@ def verl_cpu_commands(ctx: Context) -> list[Command]:
 
 
 def _verl_steps(metrics_dir: Path, since: str) -> list[dict]:
-    """verl's file-logger rows written by the invocation that started at ``since`` (its file names are times)."""
+    """verl's file-logger rows (``{"step", "data"}``) of the invocation that started at ``since``: cpu-smoke.sh
+    names each invocation's file by its start time (UTC, ``%Y%m%dT%H%M%S``), so it is the first at or after it."""
+    stamp = since.replace("-", "").replace(":", "")[:15]
+    files = sorted(p for p in metrics_dir.glob("*.jsonl") if p.stem >= stamp)
     rows = []
-    for path in sorted(metrics_dir.glob("*.jsonl")):
-        if path.stem < since.replace("-", "").replace(":", "")[:15]:
+    for line in files[0].read_text().splitlines() if files else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
             continue
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            rows.append(row.get("data", row) if isinstance(row, dict) else {})
+        if isinstance(row, dict):
+            rows.append(row.get("data", row))
     return rows
 
 
@@ -428,7 +453,13 @@ def verl_cpu_render(ctx: Context) -> dict[tuple[str, str], str]:
     def row(r: dict) -> list[str]:
         iters = [float(x) for x in r["iteration_s"].split()]
         updates = [float(x) for x in r["update_actor_s"].split()]
-        return [r["run"], duration(float(r["wall_s"])), spread(iters), spread(updates, "{:.2f}"), duration(float(r["cpu_s"]))]
+        return [
+            r["run"],
+            duration(float(r["wall_s"])),
+            spread(iters),
+            spread(updates, "{:.2f}"),
+            duration(float(r["cpu_s"])),
+        ]
 
     header = ["`examples/verl/cpu-smoke.sh`", "wall-clock", "iteration s", "update_actor s", "CPU time of the driver"]
     prov, table = _table_of(ctx, "verl_cpu", "verl-cpu-smoke.csv", row, header)
@@ -443,7 +474,9 @@ def verl_cpu_render(ctx: Context) -> dict[tuple[str, str], str]:
 
 
 def bench_gpu_commands(ctx: Context) -> list[Command]:
-    return [Command(["bash", str(Path("bench") / "run_gpu.sh")], {"OUT": str(ctx.work / "bench-gpu"), "PYTHON": ctx.python})]
+    return [
+        Command(["bash", str(Path("bench") / "run_gpu.sh")], {"OUT": str(ctx.work / "bench-gpu"), "PYTHON": ctx.python})
+    ]
 
 
 def bench_gpu_collect(ctx: Context, timed: list) -> tuple[list[Path], dict]:

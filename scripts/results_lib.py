@@ -71,7 +71,13 @@ class Context:
     @property
     def aliases(self) -> dict[str, str]:
         """Paths the records name by placeholders, so no record holds this machine's paths."""
-        return {self.python: "python", self.vllm_python: "python", str(self.work): "WORK", str(REPO_ROOT): "."}
+        return {
+            self.python: "python",
+            self.vllm_python: "python",
+            str(self.work): "WORK",
+            str(self.root): "ROOT",
+            str(REPO_ROOT): ".",
+        }
 
 
 @dataclass(frozen=True)
@@ -108,8 +114,8 @@ def _block_pattern(name: str) -> re.Pattern:
 def rewrite_block(text: str, name: str, body: str) -> str:
     """``text`` with the block ``name`` holding ``body``; ``ValueError`` unless there is exactly one such block.
 
-    A block within one line gets ``body`` on that line (its newlines become spaces); any other block gets
-    ``body`` on lines of its own between the markers.
+    A block whose opening marker ends its line gets ``body`` on lines of its own between the markers; any
+    other block is inline: ``body`` goes between the markers with its newlines as spaces.
     """
     matches = list(_block_pattern(name).finditer(text))
     if len(matches) != 1:
@@ -118,7 +124,7 @@ def rewrite_block(text: str, name: str, body: str) -> str:
             f"found {len(matches)}"
         )
     match = matches[0]
-    if "\n" in match.group(2):
+    if match.group(2).startswith("\n"):
         inner = "\n" + body.strip("\n") + "\n"
     else:
         inner = " ".join(body.split())
@@ -280,4 +286,8 @@ def timing_line(prov: dict) -> str:
 
 def quick_note(prov: dict) -> str:
     """A warning line for numbers from a ``--quick`` check (tiny settings), else empty."""
-    return "**Pipeline check with tiny settings (--quick): these numbers measure nothing.** " if prov.get("quick") else ""
+    return (
+        "**Pipeline check with tiny settings (--quick): these numbers measure nothing.**\n\n"
+        if prov.get("quick")
+        else ""
+    )

@@ -90,7 +90,10 @@ def main() -> None:
                     "max_ms": round(1e3 * max(t), 3),
                     "n": len(t),
                     "ratio_to_separate_pass": round(med / base, 4),
-                    **{f"{s}_wall_median_ms": round(1e3 * statistics.median(stages[(algo, mode)][s]), 3) for s in STAGES},
+                    **{
+                        f"{s}_wall_median_ms": round(1e3 * statistics.median(stages[(algo, mode)][s]), 3)
+                        for s in STAGES
+                    },
                     "torch_threads": torch.get_num_threads(),
                 }
             )

@@ -120,12 +120,17 @@ def _spread(values: list[float], fmt: str) -> str:
     if not values:
         return "n/a"
     med = statistics.median(values)
-    return fmt.format(med) if len(values) == 1 else f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    return (
+        fmt.format(med)
+        if len(values) == 1
+        else f"{fmt.format(med)} ({fmt.format(min(values))}-{fmt.format(max(values))})"
+    )
 
 
 def markdown_table(rows: list[dict]) -> str:
     """Per (condition, threads): runs, wall-clock, CPU time, step time, load before, final accuracy; medians with
-    min-max. ``rows``: threads.csv's rows (strings or numbers)."""
+    min-max; then the CPU time beside the busy process over the CPU time without, per thread count. ``rows``:
+    threads.csv's rows (strings or numbers); failed runs count in "runs" only."""
 
     def floats(group: list[dict], key: str) -> list[float]:
         return [float(r[key]) for r in group if str(r.get(key, "")).strip() not in ("", "nan")]
@@ -143,7 +148,7 @@ def markdown_table(rows: list[dict]) -> str:
         group = arms[(condition, threads)]
         ok = [r for r in group if str(r["exit_code"]) == "0"]
         failed = len(group) - len(ok)
-        machine = "idle" if condition == "idle" else "one busy process added" if condition == "busy" else condition
+        machine = {"idle": "nothing added", "busy": "one busy process added"}.get(condition, condition)
         accs = sorted({str(r["acc_end"]) for r in ok if str(r["acc_end"])})
         lines.append(
             f"| {machine} | {threads} | {len(group)}" + (f" ({failed})" if failed else "") + " | "
@@ -151,12 +156,21 @@ def markdown_table(rows: list[dict]) -> str:
             f"{_spread(floats(ok, 'cpu_per_wall'), '{:.2f}')} | {_spread(floats(ok, 'step_time_s'), '{:.1f}')} | "
             f"{_spread(floats(group, 'load1_before'), '{:.1f}')} | {', '.join(accs) or 'n/a'} |"
         )
+    ratios = []
+    for threads in sorted({t for _, t in arms}):
+        idle, busy = (floats(arms.get((c, threads), []), "cpu_s") for c in CONDITIONS)
+        if idle and busy:
+            ratios.append(f"{threads} thread(s) {statistics.median(busy) / statistics.median(idle):.2f}x")
+    if ratios:
+        lines += ["", f"CPU time beside the busy process / without it (medians): {', '.join(ratios)}."]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0], epilog="\n".join(__doc__.splitlines()[2:]), formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__.splitlines()[0],
+        epilog="\n".join(__doc__.splitlines()[2:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="more sfpo train overrides for every run")
     parser.add_argument("--steps", type=int, default=100, help="trainer.total_training_steps of each run (default 100)")
@@ -202,7 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         finished=now(),
         commands=records,
         settings={"steps": args.steps, "rounds": args.rounds, "threads": thread_counts, "conditions": conditions},
-        command=shlex.join(["python", "bench/measure/measure_threads.py", *(argv if argv is not None else sys.argv[1:])])
+        command=shlex.join(
+            ["python", "bench/measure/measure_threads.py", *(argv if argv is not None else sys.argv[1:])]
+        )
         .replace(args.out, "OUT")
         .replace(args.python, "python"),
     )
@@ -212,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     failed = sum(1 for r in rows if r["exit_code"] != 0)
     if failed:
-        print(f"{failed} of {len(rows)} runs failed; their output is in {os.path.join(out, 'threads.log')}", file=sys.stderr)
+        print(
+            f"{failed} of {len(rows)} runs failed; their output is in {os.path.join(out, 'threads.log')}",
+            file=sys.stderr,
+        )
     return 1 if failed else 0
 
 

@@ -147,7 +147,9 @@ def config_parameters(config: dict) -> int | None:
     """An estimate of a decoder's parameter count from its ``config.json`` entries (Qwen2 / Llama layout: embeddings,
     attention with grouped KV heads and q/k/v biases, a gated MLP, RMSNorms); None where an entry is missing."""
     try:
-        h, layers, inter, vocab = (int(config[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size"))
+        h, layers, inter, vocab = (
+            int(config[k]) for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+        )
         heads = int(config["num_attention_heads"])
         kv = int(config.get("num_key_value_heads") or heads)
         head_dim = int(config.get("head_dim") or h // heads)

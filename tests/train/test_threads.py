@@ -3,6 +3,13 @@ reads, OMP_NUM_THREADS winning, and the first line each command prints."""
 
 from __future__ import annotations
 
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -149,5 +156,47 @@ def test_train_says_its_threads_first_and_a_bad_omp_value_is_one_line(tmp_path, 
         cli.main(argv)
     assert exc.value.code == 2
     captured = capsys.readouterr()
-    assert captured.err.strip() == "sfpo train: error: OMP_NUM_THREADS='two': must be a whole number >= 1 (the torch thread count)"
+    assert (
+        captured.err.strip()
+        == "sfpo train: error: OMP_NUM_THREADS='two': must be a whole number >= 1 (the torch thread count)"
+    )
     assert not captured.out
+
+
+def _busy_loops() -> int:
+    """Processes running the measurement's busy loop (``python -c "while True: pass"``)."""
+    count = 0
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            count += b"while True: pass" in cmdline.read_bytes()
+        except OSError:
+            continue
+    return count
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="counts processes through /proc")
+def test_the_measurement_runs_a_whole_command_beside_a_busy_process_and_stops_it(tmp_path):
+    """bench/measure/measure_threads.py at its smallest: one busy-machine run of one step with 1 thread."""
+    root = Path(__file__).resolve().parents[2]
+    before = _busy_loops()
+    out = tmp_path / "out"
+    argv = ["--steps", "1", "--rounds", "1", "--threads", "1", "--conditions", "busy", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, str(root / "bench" / "measure" / "measure_threads.py"), *argv],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root)},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _busy_loops() == before  # the busy process is gone
+    with open(out / "threads.csv") as f:
+        (row,) = list(csv.DictReader(f))
+    assert (row["condition"], row["threads"], row["reported_threads"], row["exit_code"]) == ("busy", "1", "1", "0")
+    assert row["iterations"] == "1" and float(row["wall_s"]) > 0 and float(row["cpu_s"]) > 0
+    assert row["command"].startswith("OMP_NUM_THREADS=1 python -m sfpo_train.cli train trainer.total_training_steps=1")
+    assert "| one busy process added | 1 | 1 |" in (out / "threads.md").read_text()
+    prov = json.loads((out / "threads.provenance.json").read_text())
+    assert prov["commands"][0]["torch_threads"] == 1 and prov["settings"]["conditions"] == ["busy"]
+    assert str(tmp_path) not in json.dumps(prov) + row["command"]  # shown as OUT
