@@ -9,9 +9,12 @@
 - Limits: the bandwidth of one big ``dst.copy_(src)`` of the same total bytes,
   measured in this run on this device (host<->device pinned copies for
   ``offload="cpu"``), so every row reports "percent of copy".
+- Threads: torch's thread count is chosen as ``sfpo train`` chooses it (``sfpo_train/cli/threads.py``:
+  ``OMP_NUM_THREADS`` when set, else from the size of the shapes, the CPUs and the load) before the
+  first benchmark, and the reason is printed in the header.
 - ``extra_info`` of every benchmark: bytes moved, GB/s, percent of copy,
   launches per call, tensor count, elements, device, torch/triton versions,
-  git revision. ``--benchmark-json`` saves it all; with ``SFPO_BENCH_RESULTS``
+  torch threads and why, git revision. ``--benchmark-json`` saves it all; with ``SFPO_BENCH_RESULTS``
   naming a directory and no ``--benchmark-json``, pytest-benchmark writes its
   JSON there (this file writes nothing itself).
 

