@@ -351,8 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         try:
             results[s.name] = run_stage(ctx, s, regenerated_by, args.echo)
-        except ValueError as e:  # an output missing or a block not found: the data so far is kept
-            results[s.name] = f"failed: {e}"
+        except Exception as e:  # one stage's broken output must not cost the stages after it; its data is kept
+            results[s.name] = f"failed: {type(e).__name__}: {e}"
     print("\n".join(f"{name}: {status}" for name, status in results.items()))
     return 1 if any(v.startswith("failed") for v in results.values()) else 0
 
