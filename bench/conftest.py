@@ -456,21 +456,39 @@ def pytest_benchmark_update_commit_info(config, commit_info):
         commit_info["id"] = os.environ[GIT_REV_ENV]
 
 
+_skipped: list[dict] = []  # {"name", "reason"} of every row that skipped in this run
+
+
+def pytest_runtest_logreport(report):
+    """Collect why rows skipped (a marker skips at setup, ``pytest.skip`` in the body at call)."""
+    if report.skipped and report.when in ("setup", "call") and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2]).removeprefix("Skipped: ")
+        _skipped.append({"name": report.nodeid.rpartition("::")[2], "reason": reason})
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """The JSON keeps the skipped rows and their reasons, for ``bench/summary.py``."""
+    from bench.summary import SKIPPED_KEY
+
+    output_json[SKIPPED_KEY] = list(_skipped)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest-benchmark's own tables
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """At the end of ``pytest bench/ --benchmark-only``: sfpo against each baseline as ratios, with the device."""
+    """At the end of ``pytest bench/ --benchmark-only``: sfpo against each baseline as ratios, with the device,
+    the spread, what CPU numbers cannot say, and why rows skipped."""
     session = getattr(config, "_benchmarksession", None)
     records = [b.as_dict(include_data=False) for b in getattr(session, "benchmarks", None) or []]
-    if not records:
+    if not records and not _skipped:
         return
     import pandas as pd
 
-    from bench.summary import ratio_lines
+    from bench.summary import summary_lines
 
     frame = pd.json_normalize(records)
-    frame["median_ms"] = frame["stats.median"] * 1e3
-    lines = ratio_lines(frame)
+    if not frame.empty:
+        frame["median_ms"] = frame["stats.median"] * 1e3
     device = sfpo_machine_info().get("device", str(bench_device()))
     terminalreporter.write_sep("=", f"sfpo vs baselines on {device} (median times; >1x: sfpo faster)")
-    for line in lines or ["no sfpo/baseline pair ran (see the tables above)"]:
+    for line in summary_lines(frame, device, _skipped):
         terminalreporter.write_line(line)

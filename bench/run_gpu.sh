@@ -10,7 +10,7 @@
 #   $OUT/meta.txt                    device, date, git revision, versions
 #
 # A failing step does not stop the next; the exit status is nonzero if any failed.
-# To stay inside a 10-minute command limit, split the work over several calls:
+# To split the work over several shorter commands (e.g. under a job time limit):
 #   SFPO_GPU_STEPS="tests"   (or "bench", default "tests bench") picks the steps;
 #   SFPO_BENCH_K="reposition or snapshot" passes `-k` to the benchmark run.
 # Without a .git directory, set SFPO_GIT_REV to the revision the tree was copied from.

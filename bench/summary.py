@@ -267,6 +267,8 @@ def split_training_rows(frame: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame
         return frame, frame.iloc[0:0]
     is_training = frame["extra_info.op"] == TRAINING_OP
     other, train = frame[~is_training], frame[is_training].copy()
+    if train.empty:  # a run of other files only: their columns are not there
+        return other, train
     for stage in TRAINING_STAGES.values():
         train[f"_{stage}_ms"] = pd.to_numeric(train.get(f"extra_info.timing_s/{stage}"), errors="coerce") * 1e3
     train["_batch"] = [
@@ -360,6 +362,8 @@ def header(frame: pd.DataFrame, data: dict) -> str:
             gbps = rows["extra_info.copy_gbps"].iloc[0]
             size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.3g} MB"
             lines.append(f"- {limit} of {size}: {gbps:.1f} GB/s (measured in this run)")
+    if is_cpu(sfpo.get("device", "")):
+        lines += ["", CPU_NOTE]
     lines += [
         "",
         "GB/s counts every byte each row really moves (temporaries included); % of copy divides it by",
@@ -374,15 +378,28 @@ def header(frame: pd.DataFrame, data: dict) -> str:
 # what identifies "the same work" for the ratio lines: rows that agree on these (where present) are compared
 RATIO_KEYS = [
     "extra_info.op",
-    "extra_info.dtype",
-    "extra_info.offload",
     "extra_info.mode",
-    "extra_info.kl",
     "extra_info.n_tokens",
     "extra_info.vocab",
+    "extra_info.dtype",
+    "extra_info.offload",
+    "extra_info.kl",
     "extra_info.model",
     "extra_info.variant",
 ]
+SKIPPED_KEY = "sfpo_skipped"  # the JSON's list of skipped rows ({"name", "reason"}), written by bench/conftest.py
+SHAPE_LABELS = {"extra_info.n_tokens": "N", "extra_info.vocab": "V"}  # integers, shown as N=64 V=512
+SETTING_LABELS = {"extra_info.offload": "offload", "extra_info.kl": "kl"}  # shown as offload=cpu, where not off
+NOT_SET = ("None", "nan", "none", "False", "off", "")
+CPU_NOTE = (
+    "On the CPU these ratios say nothing about the GPU targets (docs/conventions.md, 'Performance targets'): "
+    "the shapes are toys, nothing is memory-bound, and Triton runs only in its interpreter."
+)
+RATIO_HEADING = "## sfpo against its baselines (median times; >1x: sfpo faster)"
+SPREAD_NOTE = (
+    "Spread: sfpo's interquartile range of times (IQR); after each ratio of medians, its range over both rows' "
+    "quartiles (baseline q1 / sfpo q3 to baseline q3 / sfpo q1)."
+)
 
 
 def _label(row: pd.Series) -> str:
@@ -390,12 +407,53 @@ def _label(row: pd.Series) -> str:
     return str(impl if isinstance(impl, str) and impl else backend)
 
 
+def describe_work(keys: list[str], values) -> str:
+    """The work a group of rows did, e.g. ``grpo_loss full N=64 V=512 float32`` (shape numbers named, as integers)."""
+    parts = []
+    for key, value in zip(keys, values):
+        text = str(value)
+        if text in NOT_SET:
+            continue
+        if key in SHAPE_LABELS:
+            number = float(text)
+            parts.append(f"{SHAPE_LABELS[key]}={int(number) if number.is_integer() else number}")
+        elif key in SETTING_LABELS:
+            parts.append(f"{SETTING_LABELS[key]}={text}")
+        else:
+            parts.append(text)
+    return " ".join(parts)
+
+
+def _quartiles_ms(row: pd.Series) -> tuple[float, float] | None:
+    """``(q1, q3)`` of the row's times in ms, where the benchmark recorded them."""
+    q1, q3 = row.get("stats.q1"), row.get("stats.q3")
+    if q1 is None or q3 is None or pd.isna(q1) or pd.isna(q3):
+        return None
+    return 1e3 * float(q1), 1e3 * float(q3)
+
+
+def _ours(o: pd.Series) -> str:
+    spread = _quartiles_ms(o)
+    iqr = f" (IQR {spread[0]:.3g}-{spread[1]:.3g})" if spread else ""
+    return f"{_label(o)} {o['median_ms']:.3g} ms{iqr}"
+
+
+def _ratio(b: pd.Series, o: pd.Series) -> str:
+    text = f"{_label(b)} {b['median_ms'] / o['median_ms']:.2f}x"
+    ours, theirs = _quartiles_ms(o), _quartiles_ms(b)
+    if ours and theirs and ours[0] > 0:
+        text += f" ({theirs[0] / ours[1]:.2f}-{theirs[1] / ours[0]:.2f})"
+    return text
+
+
 def ratio_lines(frame: pd.DataFrame) -> list[str]:
     """The short summary: per piece of work, sfpo's median time against each baseline's, as ratios.
 
     Ours are the rows whose ``backend`` is an sfpo backend (triton, cuda, torch: the public
     functions), baselines those with ``backend == "baseline"``; ``baseline / sfpo`` > 1 means
-    sfpo is faster. SFPO-step and training rows (``algo``) give SFPO's step over GRPO's.
+    sfpo is faster. Each names the work (op, mode, shape as ``N=``/``V=``, dtype, settings) and
+    shows the spread (:data:`SPREAD_NOTE`). SFPO-step and training rows (``algo``) give SFPO's
+    step over GRPO's.
     """
     if frame.empty:
         return []
@@ -407,24 +465,42 @@ def ratio_lines(frame: pd.DataFrame) -> list[str]:
     for key, group in kernels.groupby([kernels[k].astype(str) for k in keys], sort=False, dropna=False):
         ours = group[group["extra_info.backend"] != "baseline"]
         base = group[group["extra_info.backend"] == "baseline"]
-        what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
+        what = describe_work(keys, key)
         for _, o in ours.iterrows():
-            ratios = [
-                f"{_label(b)} {b['median_ms'] / o['median_ms']:.2f}x" for _, b in base.iterrows() if o["median_ms"] > 0
-            ]
+            ratios = [_ratio(b, o) for _, b in base.iterrows() if o["median_ms"] > 0]
             if ratios:
-                lines.append(f"{what}: {_label(o)} {o['median_ms']:.3g} ms; baseline/sfpo: {', '.join(ratios)}")
+                lines.append(f"{what}: {_ours(o)}; baseline/sfpo: {', '.join(ratios)}")
     if has_algo:
         steps = frame[algo.notna()]
         for key, group in steps.groupby([steps[k].astype(str) for k in keys], sort=False, dropna=False):
             by = {a: g["median_ms"].median() for a, g in group.groupby("extra_info.algo")}
             if "grpo" in by and "sfpo" in by and by["grpo"] > 0:
-                what = " ".join(str(v) for v in key if str(v) not in ("None", "nan", "none", "False"))
                 lines.append(
-                    f"{what}: SFPO {by['sfpo']:.3g} ms vs GRPO {by['grpo']:.3g} ms per step: "
+                    f"{describe_work(keys, key)}: SFPO {by['sfpo']:.3g} ms vs GRPO {by['grpo']:.3g} ms per step: "
                     f"SFPO/GRPO {by['sfpo'] / by['grpo']:.2f}x"
                 )
     return lines
+
+
+def skip_lines(skipped: list[dict]) -> list[str]:
+    """Why rows did not run: one line per reason (``skipped``: ``{"name", "reason"}`` each), most rows first."""
+    by_reason: dict[str, list[str]] = {}
+    for row in skipped:
+        by_reason.setdefault(row["reason"], []).append(row["name"])
+    ordered = sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    return [f"{len(names)} skipped: {reason} (e.g. {names[0]})" for reason, names in ordered]
+
+
+def is_cpu(device: str) -> bool:
+    return str(device).lower().startswith("cpu")
+
+
+def summary_lines(frame: pd.DataFrame, device: str, skipped: list[dict]) -> list[str]:
+    """What ``pytest bench/ --benchmark-only`` prints last: the ratio lines, how to read them, and the skips."""
+    lines = [CPU_NOTE] if is_cpu(device) else []
+    ratios = ratio_lines(frame)
+    lines += [SPREAD_NOTE, *ratios] if ratios else ["no sfpo/baseline pair ran (see the tables above)"]
+    return lines + skip_lines(skipped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -437,7 +513,12 @@ def main(argv: list[str] | None = None) -> int:
     other, linear = split_linear_rows(other)
     other, training = split_training_rows(other)
     other, step = split_step_rows(other)
-    parts = [markdown_table(other)] if not other.empty else []
+    ratios = ratio_lines(frame)
+    parts = (
+        [RATIO_HEADING + "\n\n" + SPREAD_NOTE + "\n\n" + "\n".join(f"- {line}" for line in ratios)] if ratios else []
+    )
+    if not other.empty:
+        parts.append(markdown_table(other))
     if not loss.empty:
         parts.append(loss_section(loss))
     if not linear.empty:
@@ -446,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(step_section(step))
     if not training.empty:
         parts.append(training_section(training))
+    skipped = data.get(SKIPPED_KEY) or []
+    if skipped:
+        parts.append("## Rows that did not run\n\n" + "\n".join(f"- {line}" for line in skip_lines(skipped)))
     text = header(frame, data) + ("\n\n".join(parts) if parts else "(no benchmarks in this file)") + "\n"
     if args.output:
         Path(args.output).write_text(text)

@@ -4,6 +4,8 @@ Rows, each forward + backward ("full") and forward only ("fwd": the forward of a
 logits requiring grad, so the memory held for the backward counts):
 
 - ``sfpo_triton``: ``sfpo_kernels.grpo_loss(..., backend="triton")`` (public defaults otherwise);
+- ``sfpo_torch``: the same with ``backend="torch"``, the CPU's path (CPU only: on a GPU the loss runs in
+  Triton), so that the CPU run has an sfpo row against its baselines too;
 - ``verl_eager``: ``loss_baselines.verl_grpo_loss``, fp32 upcast, log-softmax + gather, entropy as
   a second pass, then the same O(N) policy-loss math (only the vocabulary pass differs);
 - ``verl_compile``: the same function under ``torch.compile`` (GPU only);
@@ -72,8 +74,9 @@ def loss_shapes(size: str) -> LossShapes:
 
 SHAPES = loss_shapes(bench_size())
 N_PARAMS = [pytest.param(n, id=f"N{n}") for n in SHAPES.n_tokens]
-LOSS_IMPLS = ["sfpo_triton", "verl_eager", "verl_compile", "liger"]
-LOGPROB_IMPLS = ["sfpo_triton", "verl_eager", "verl_compile"]
+SFPO_BACKENDS = {"sfpo_triton": "triton", "sfpo_torch": "torch"}  # sfpo's rows -> the backend= they call
+LOSS_IMPLS = ["sfpo_triton", "sfpo_torch", "verl_eager", "verl_compile", "liger"]
+LOGPROB_IMPLS = ["sfpo_triton", "sfpo_torch", "verl_eager", "verl_compile"]
 
 
 # --------------------------------------------------------------------------- inputs
@@ -139,6 +142,8 @@ def skip_unless_runs(bench: Bench, impl: str) -> None:
     on_gpu = bench.device.type == "cuda"
     if impl == "sfpo_triton":
         bench.skip_unless_runs("triton")
+    elif impl == "sfpo_torch" and on_gpu:
+        pytest.skip("sfpo's torch backend is the CPU's path; on a GPU the loss runs in Triton (sfpo_triton)")
     elif impl == "verl_compile" and not on_gpu:
         pytest.skip("torch.compile rows run on a GPU only (on the CPU they would time inductor's C++ at toy shapes)")
     elif impl == "liger":
@@ -170,10 +175,11 @@ def loss_fn(impl: str, x: LossInputs, kl: bool) -> Callable[[], torch.Tensor]:
             kl_coef=kl_coef,
         )
     kwargs = dict(ref_log_probs=ref, options=dataclasses.replace(OPTIONS, kl_coef=kl_coef))
-    if impl == "sfpo_triton":
+    if impl in SFPO_BACKENDS:
+        backend = SFPO_BACKENDS[impl]
         return lambda: (
             sfpo_kernels.grpo_loss(
-                x.logits, x.labels, x.old_log_probs, x.advantages, x.response_mask, backend="triton", **kwargs
+                x.logits, x.labels, x.old_log_probs, x.advantages, x.response_mask, backend=backend, **kwargs
             ).loss
         )
     fn = loss_baselines.verl_grpo_loss if impl == "verl_eager" else loss_baselines.compiled("grpo_loss")
@@ -182,10 +188,10 @@ def loss_fn(impl: str, x: LossInputs, kl: bool) -> Callable[[], torch.Tensor]:
 
 def logprob_fn(impl: str, x: LossInputs) -> Callable[[], object]:
     """The old-policy pass of ``impl``: per-token log-probs and entropy under ``no_grad``."""
-    if impl == "sfpo_triton":
+    if impl in SFPO_BACKENDS:
 
         def fn(logits, labels, temperature):
-            return sfpo_kernels.logprob_entropy(logits, labels, temperature, backend="triton")
+            return sfpo_kernels.logprob_entropy(logits, labels, temperature, backend=SFPO_BACKENDS[impl])
     else:
         fn = loss_baselines.verl_logprob_entropy if impl == "verl_eager" else loss_baselines.compiled("logprob_entropy")
 
@@ -222,7 +228,7 @@ def measure(
         work=work,
         op=group,
         impl=impl,
-        backend="triton" if impl == "sfpo_triton" else "baseline",
+        backend=SFPO_BACKENDS.get(impl, "baseline"),
         bytes_moved=limit,
         slow=interpreted,
     )

@@ -106,7 +106,7 @@ def update_pass_render(ctx: Context) -> dict[tuple[str, str], str]:
 # --------------------------------------------------------------------------- reposition_host: Stage II's Python
 
 
-REPOSITION_BASELINE = "42a2087~1"  # the commit before the Snapshot's validation cache
+REPOSITION_BASELINE = "42a2087^"  # the parent of the commit that added the Snapshot's validation cache
 REPOSITION_LABELS = {
     "baseline": "previous `reposition_` (validates every call)",
     "cached": "cached `reposition_`",

@@ -10,12 +10,15 @@ numpy): that is how CI exercises them without a GPU.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from sfpo_kernels._triton_utils import triton_interpreting
-
+# The names are importable without torch or Triton (both are imported by the functions that need them):
+# a config naming a backend or an offload mode is checked before either is loaded.
 BACKENDS = ("triton", "cuda", "torch")
+OFFLOAD_MODES = ("none", "cpu")  # where a snapshot lives: beside the tensors, or in pinned host memory
 ENV_VAR = "SFPO_BACKEND"
 
 
@@ -32,6 +35,8 @@ def requested_backend(backend: str | None) -> str | None:
 
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The backend that will run on ``device``; raises ``ValueError`` if it cannot run there."""
+    from sfpo_kernels._triton_utils import triton_interpreting
+
     name = requested_backend(backend)
     if name is None:
         return "triton" if device.type == "cuda" else "torch"
@@ -52,6 +57,8 @@ def empty_for_kernel(*size, **kwargs) -> torch.Tensor:
     With ``SFPO_POISON_ALLOCATIONS=1`` (set by the tests) it starts as NaN, so an
     element a kernel forgets to write fails the comparison instead of passing by luck.
     """
+    import torch
+
     out = torch.empty(*size, **kwargs)
     if os.environ.get("SFPO_POISON_ALLOCATIONS") == "1":
         out.fill_(float("nan"))

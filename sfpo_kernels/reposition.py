@@ -39,10 +39,9 @@ import torch
 
 from sfpo_kernels import _cuda_lib
 from sfpo_kernels import multi_tensor as mt
-from sfpo_kernels._backend import empty_for_kernel, requested_backend, resolve_backend
+from sfpo_kernels._backend import OFFLOAD_MODES, empty_for_kernel, requested_backend, resolve_backend
 from sfpo_kernels._pointer_table import STORAGE_ALIGN_BYTES, PointerTable, pointer_table
 
-OFFLOAD_MODES = ("none", "cpu")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 # Largest host->device staging batch of the torch backend's offloaded reposition.
 TORCH_OFFLOAD_STAGING_BYTES = 256 * 2**20

@@ -5,15 +5,15 @@ q/k/v/o with q/k/v biases, gate/up/down, two RMSNorms, a final norm) at tiny siz
 is negligible and what is timed is the Python around the launches. Arms, in one process, interleaved
 with the order rotated every round, ``time.process_time`` per call:
 
-- ``baseline``: the previous ``sfpo_kernels/reposition.py``, validation every call: ``--baseline-rev REV``
-  takes it from git (``42a2087~1``: the commit before the cache), ``--baseline FILE`` from a file; loaded
-  as a separate module that imports this tree's kernels (no baseline arm without either);
+- ``baseline``: ``sfpo_kernels/reposition.py`` as it was before the cache (git revision
+  ``--baseline-rev``, default ``42a2087^``, read with ``git show``; or ``--baseline FILE``), loaded as a
+  separate module that imports this tree's kernels: validation every call;
 - ``cached``: this tree's ``reposition_`` after a ``snapshot`` (the cache filled) and an in-place step;
 - ``validate``: this tree's validation forced (the cache emptied before each call);
 - ``foreach_lerp``: ``torch._foreach_lerp_`` on the same lists, the launch-bound floor (torch backend).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py --baseline-rev 42a2087~1 \
-        [--rounds 30] [--backend torch] [--csv OUT.csv]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py [--rounds 30] [--backend torch] \
+        [--csv OUT.csv]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -53,13 +54,33 @@ def load_baseline(path: str):
     return module
 
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+BASELINE_REV = "42a2087^"  # the parent of the commit that added the Snapshot's validation cache
+
+
+def load_baseline_rev(rev: str):
+    """``sfpo_kernels/reposition.py`` at git revision ``rev`` of this checkout, loaded; None without git or the rev."""
+    try:
+        done = subprocess.run(
+            ["git", "show", f"{rev}:sfpo_kernels/reposition.py"], cwd=REPO_ROOT, capture_output=True, text=True
+        )
+    except OSError:
+        return None
+    if done.returncode != 0:
+        return None
+    with tempfile.TemporaryDirectory(prefix="sfpo-baseline-") as tmp:  # executed on load: not needed after
+        path = os.path.join(tmp, "reposition.py")
+        Path(path).write_text(done.stdout)
+        return load_baseline(path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=20, help="calls per timed sample")
     parser.add_argument("--backend", default="torch")
-    parser.add_argument("--baseline", metavar="FILE", help="the previous reposition.py, as a file")
-    parser.add_argument("--baseline-rev", metavar="REV", help="the previous reposition.py, from this git revision")
+    parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline's reposition.py")
+    parser.add_argument("--baseline", metavar="FILE", help="the baseline's reposition.py as a file (instead of a rev)")
     parser.add_argument("--csv", metavar="PATH", help="also write one row per arm as CSV")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -67,20 +88,15 @@ def main() -> None:
     assert len(params) == 338, len(params)
     backend = args.backend
     arms = {}
-    baseline = args.baseline
-    if args.baseline_rev:
-        source = subprocess.run(
-            ["git", "show", f"{args.baseline_rev}:sfpo_kernels/reposition.py"],
-            cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        baseline = os.path.join(tempfile.mkdtemp(), "reposition_baseline.py")
-        with open(baseline, "w") as f:
-            f.write(source)
-    if baseline:
-        old = load_baseline(baseline)
+    if args.baseline is not None:
+        old = load_baseline(args.baseline) if os.path.exists(args.baseline) else None
+    else:
+        old = load_baseline_rev(args.baseline_rev)
+    if old is None:
+        print(
+            f"no baseline: {args.baseline or args.baseline_rev} cannot be read; timing the other arms", file=sys.stderr
+        )
+    else:
         old_snap = old.snapshot(params, backend=backend)
         arms["baseline"] = lambda: old.reposition_(params, old_snap, 0.5, backend=backend)
     snap = sfpo_kernels.snapshot(params, backend=backend)
@@ -131,7 +147,7 @@ def main() -> None:
                 "calls_per_sample": args.calls,
                 "tensors": len(params),
                 "backend": backend,
-                "baseline": args.baseline_rev or ("file" if args.baseline else ""),
+                "baseline": "file" if args.baseline else args.baseline_rev,
                 "torch_threads": torch.get_num_threads(),
             }
         )

@@ -3,8 +3,8 @@
 ``sfpo --help`` imports none of them (no torch kernels, triton, pandas or
 transformers), so it answers at once; ``sfpo <command> ...`` imports
 ``sfpo_train.cli.<command>`` alone. Each subcommand module has ``add_arguments(parser)``
-and ``main(args) -> int``, and may have ``epilog() -> str``; its docstring is its
-``--help`` description.
+and ``main(args) -> int``, and may have ``epilog() -> str``; its ``--help`` description
+is ``description()`` where it has one, else its docstring.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         parsed = sub.add_parser(
             name,
             help=help_text,
-            description=module.__doc__,
+            description=module.description() if hasattr(module, "description") else module.__doc__,
             epilog=epilog,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

@@ -197,6 +197,7 @@ def configure(model_cfg=None, *, requested: int | None = None, parameters: int |
     """Choose the thread count for a run of ``model_cfg`` (an ``actor_rollout_ref.model`` section; None: model
     size unknown unless ``parameters`` gives it), set it with ``torch.set_num_threads`` and return
     :func:`describe`'s line. A model that cannot be read counts as of unknown size (the run reports the error)."""
+    parse_omp_num_threads(os.environ.get("OMP_NUM_THREADS"))  # a bad value fails before torch loads
     import torch
 
     if parameters is None and model_cfg is not None:
@@ -226,15 +227,3 @@ def configure_for_run(preset: str, overrides: list[str], algorithm: str = "grpo"
     except ValueError:
         return configure(None)
     return configure(cfg.actor_rollout_ref.model)
-
-
-def configure_for_resume(run_dir: str) -> str:
-    """:func:`configure` for ``--resume RUN_DIR``, from the run's saved ``config.yaml`` (unreadable: size unknown)."""
-    try:
-        from omegaconf import OmegaConf
-
-        cfg = OmegaConf.load(os.path.join(run_dir, "config.yaml"))
-        model_cfg = cfg.actor_rollout_ref.model
-    except Exception:  # the resume itself reports what is wrong with the run directory
-        model_cfg = None
-    return configure(model_cfg)

@@ -43,7 +43,7 @@ import sfpo_train.trainer.config as config_lib
 from sfpo_train.trainer.metrics_log import MetricsLog
 from sfpo_train.trainer.run_guard import RunWarning, tmp_name, write_atomic, writing
 
-CONFIG_FILE = "config.yaml"
+CONFIG_FILE = config_lib.RUN_CONFIG_FILE
 CHECKPOINT_PREFIX = "global_step_"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 STATE_FILE = "trainer_state.pt"

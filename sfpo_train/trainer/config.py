@@ -22,16 +22,16 @@ import difflib
 import os
 import re
 import stat
+import time
 from typing import Any
 
-import torch
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from sfpo_kernels._backend import resolve_backend
 from sfpo_kernels.loss_options import GRPOLossOptions, LossOptionError, option_problem
-from sfpo_train.sfpo import SFPOConfig
+from sfpo_train.sfpo_config import SFPOConfig
 from sfpo_train.trainer.keys import Key, check_key
 from sfpo_train.trainer.schema import (  # noqa: F401  (the tree and its constants, re-exported under their old home)
     ADV_ESTIMATORS,
@@ -61,6 +61,9 @@ from sfpo_train.trainer.schema import (  # noqa: F401  (the tree and its constan
     TrainerSection,
     ValKwargs,
 )
+from sfpo_train.trainer.trackers import check_loggers
+
+RUN_CONFIG_FILE = "config.yaml"  # a run directory's resolved config
 
 # --------------------------------------------------------------------------- presets and algorithms
 
@@ -255,41 +258,58 @@ def validate(cfg: DictConfig) -> None:
         if message is not None:
             raise ValueError(message)
 
-    def need(ok: bool, key: str, what: str) -> None:
+    def need(ok: bool, key: str, what: str, fix: str = "") -> None:
         if not ok:
-            raise ValueError(f"{key} must be {what}, got {OmegaConf.select(cfg, key)!r}")
+            raise ValueError(f"{key} must be {what}, got {OmegaConf.select(cfg, key)!r}{fix}")
 
     data, actor = cfg.data, cfg.actor_rollout_ref.actor
+    mini_key = "actor_rollout_ref.actor.ppo_mini_batch_size"
     need(
         actor.ppo_mini_batch_size <= data.train_batch_size,
-        "actor_rollout_ref.actor.ppo_mini_batch_size",
+        mini_key,
         f"<= data.train_batch_size ({data.train_batch_size})",
+        f": set {mini_key}={data.train_batch_size} (or a smaller divisor of data.train_batch_size)",
     )
     need(
         data.train_batch_size % actor.ppo_mini_batch_size == 0,
-        "actor_rollout_ref.actor.ppo_mini_batch_size",
+        mini_key,
         f"a divisor of data.train_batch_size ({data.train_batch_size})",
+        f": e.g. {mini_key}={_largest_divisor(data.train_batch_size, actor.ppo_mini_batch_size)}",
     )
     mini = mini_batch_rows(cfg)
+    micro_key = "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu"
     need(
         mini % micro_batch_rows(cfg) == 0,
-        "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu",
-        f"a divisor of ppo_mini_batch_size * rollout.n ({mini} responses)",
+        micro_key,
+        f"a divisor of {mini_key} * actor_rollout_ref.rollout.n ({mini} responses)",
+        f": e.g. {micro_key}={_largest_divisor(mini, micro_batch_rows(cfg))}",
     )
     need(
         not cfg.algorithm.filter_groups.enable or cfg.actor_rollout_ref.rollout.n >= 2,
         "actor_rollout_ref.rollout.n",
         ">= 2 with algorithm.filter_groups.enable (a group of one always has equal rewards)",
     )
+    need(
+        data.train_files is None or data.val_files is not None,
+        "data.val_files",
+        "a parquet file of the same task when data.train_files is given (the embedded addition test set "
+        "would validate your model on another task)",
+    )
+    check_loggers(cfg.trainer.logger)  # a backend's package missing: one line now, not a traceback mid-run
     loss_options(cfg)
     try:
         sfpo_config(cfg)
     except ValueError as e:
         raise ValueError(re.sub(r"\bSFPOConfig\.", SFPO_KEY_PREFIX, str(e))) from None
+    backend_keys = ("actor_rollout_ref.actor.kernel_backend", "actor_rollout_ref.actor.sfpo.backend")
+    if all(OmegaConf.select(cfg, key) is None for key in backend_keys):
+        return
+    import torch  # only for a named backend: the checks above run before torch is loaded
+
     device = cfg.trainer.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    for key in ("actor_rollout_ref.actor.kernel_backend", "actor_rollout_ref.actor.sfpo.backend"):
+    for key in backend_keys:
         backend = OmegaConf.select(cfg, key)
         if backend is not None:
             try:
@@ -298,6 +318,40 @@ def validate(cfg: DictConfig) -> None:
                 raise ValueError(
                     f"{key}={backend!r} cannot run with trainer.device={cfg.trainer.device} ({device}): {e}"
                 ) from None
+
+
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most`` (the value to suggest for a size that must divide n)."""
+    return max(d for d in range(1, max(1, min(n, at_most)) + 1) if n % d == 0)
+
+
+def default_experiment_name(cfg: DictConfig, preset: str, when: float | None = None) -> str:
+    """The name of a run without ``trainer.experiment_name``: ``<preset>-[sfpo-]<algorithm>-<local time>``.
+
+    E.g. ``default-sfpo-grpo-20261207-101500``; ``when`` is a ``time.time()`` value (default: now).
+    """
+    algorithm = algorithm_of(lambda key: OmegaConf.select(cfg, key))
+    kind = f"sfpo-{algorithm}" if cfg.actor_rollout_ref.actor.sfpo.enable else algorithm
+    return f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(when))}"
+
+
+def resumed_config(run_dir: str, overrides: list[str] | None = None) -> DictConfig:
+    """The config ``--resume run_dir`` continues with: the run's ``config.yaml``, then ``overrides``, validated.
+
+    Only :data:`RESUMABLE_KEYS` may be overridden; a directory without ``config.yaml`` is no run. Reads
+    nothing but that file (no checkpoint), so it needs neither torch nor the model.
+    """
+    path = os.path.join(run_dir, RUN_CONFIG_FILE)
+    if not os.path.lexists(path):  # one that is there but no regular file is named by config_from_yaml
+        raise ValueError(f"--resume {run_dir!r}: not a run directory (no {RUN_CONFIG_FILE})")
+    for item in overrides or []:
+        key = item.split("=", 1)[0].lstrip("+")
+        if key not in RESUMABLE_KEYS:
+            raise ValueError(f"--resume: {key} cannot change in a resumed run (only {', '.join(RESUMABLE_KEYS)})")
+    cfg = config_from_yaml(path)
+    cfg = apply_overrides(cfg, list(overrides or []), "command line")
+    validate(cfg)
+    return cfg
 
 
 # --------------------------------------------------------------------------- config -> the parts it builds

@@ -136,7 +136,9 @@ def shown_value(value) -> str:
         return "null"
     if isinstance(value, bool):
         return str(value).lower()
-    if isinstance(value, (list, dict)):
+    if isinstance(value, list):  # as the command line writes it: [console,tensorboard], not ['console', ...]
+        return "[" + ",".join(map(shown_value, value)) + "]"
+    if isinstance(value, dict):
         return str(value).replace(" ", "")
     return str(value)
 

@@ -51,9 +51,10 @@ from sfpo_train.trainer.collect import RolloutCollector
 from sfpo_train.trainer.data import PromptSampler, load_prompts
 from sfpo_train.trainer.metrics_log import MetricsLog
 from sfpo_train.trainer.profiler import StageProfiler
-from sfpo_train.trainer.reward import load_reward_fn
+from sfpo_train.trainer.reward import check_data_sources, load_reward_fn
 from sfpo_train.trainer.rollout import HFRollout
 from sfpo_train.trainer.settings import ActorSettings, CollectSettings, LoopSettings
+from sfpo_train.trainer.trackers import Trackers, console_write
 
 RESUMABLE_KEYS = config_lib.RESUMABLE_KEYS
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -111,6 +112,13 @@ class Trainer:
             len(self.train_prompts), data.train_batch_size, shuffle=data.shuffle, seed=data.seed
         )
         self.reward_fn = load_reward_fn(cfg.custom_reward_function.path, cfg.custom_reward_function.name)
+        check_data_sources(  # a data source no reward function knows stops the run now, not at its first batch
+            self.reward_fn,
+            {
+                f"data.train_files={train_files!r}": [p.data_source for p in self.train_prompts],
+                f"data.val_files={val_files!r}": [p.data_source for p in self.val_prompts],
+            },
+        )
 
         self.model = self._build_model(checkpoint)
         self._resuming = checkpoint is not None
@@ -170,12 +178,15 @@ class Trainer:
         """
         config_lib.validate(cfg)  # before anything changes, the caller's cfg included
         if cfg.trainer.experiment_name is None:  # e.g. default-sfpo-dapo-<time>, default-dapo-<time>
-            algorithm = config_lib.algorithm_of(lambda key: OmegaConf.select(cfg, key))
-            kind = f"sfpo-{algorithm}" if cfg.actor_rollout_ref.actor.sfpo.enable else algorithm
-            cfg.trainer.experiment_name = f"{preset}-{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+            cfg.trainer.experiment_name = config_lib.default_experiment_name(cfg, preset)
         run_dir = os.path.join(cfg.trainer.default_local_dir, cfg.trainer.experiment_name)
         locked_here = not run_guard.holds_lock(run_dir)
-        created = run_guard.lock_run_dir(run_dir)
+        try:
+            created = run_guard.lock_run_dir(run_dir)
+        except (run_guard.WriteError, OSError) as e:  # read-only, no permission, a file in the way ...
+            if e.errno in run_guard.DISK_FULL_ERRNOS:
+                raise  # a full disk is freed, not moved away from (and sfpo compare reads its errno)
+            raise ValueError(run_guard.unwritable_run_dir(run_dir, e, cfg.trainer.default_local_dir)) from None
         try:
             restart = ckpt.restart_reason(run_dir)
             if restart is not None:
@@ -196,16 +207,8 @@ class Trainer:
 
         ``config.yaml`` must still equal the checkpoint's config except for RESUMABLE_KEYS.
         """
+        cfg = config_lib.resumed_config(run_dir, overrides)
         path = os.path.join(run_dir, ckpt.CONFIG_FILE)
-        if not os.path.lexists(path):  # one that is there but no regular file is named by config_from_yaml
-            raise ValueError(f"--resume {run_dir!r}: not a run directory (no config.yaml)")
-        for item in overrides or []:
-            key = item.split("=", 1)[0].lstrip("+")
-            if key not in RESUMABLE_KEYS:
-                raise ValueError(f"--resume: {key} cannot change in a resumed run (only {', '.join(RESUMABLE_KEYS)})")
-        cfg = config_lib.config_from_yaml(path)
-        cfg = config_lib.apply_overrides(cfg, list(overrides or []), "command line")
-        config_lib.validate(cfg)
         locked_here = not run_guard.holds_lock(run_dir)
         run_guard.lock_run_dir(run_dir)
         try:  # nothing is written before the checkpoint is chosen and checked; a failure releases the lock
@@ -463,7 +466,24 @@ class Trainer:
         with run_guard.StopOnSignal() as stop:
             return self._fit(stop_after, stop)
 
+    def _record(self, metrics: dict) -> None:
+        """A row to ``metrics.jsonl`` (what the reports read), then to ``trainer.logger``'s backends."""
+        self.log.append(metrics)
+        self._trackers.log(metrics, int(metrics["training/global_step"]))
+
     def _fit(self, stop_after: int | None, stop: run_guard.StopOnSignal) -> list[dict]:
+        loop = self.settings
+        with Trackers(  # a W&B run that cannot start stops here, before any work; closed when fit ends
+            loop.logger,
+            project=loop.project_name,
+            experiment=loop.experiment_name,
+            config=OmegaConf.to_container(self.cfg, resolve=True),
+            start_step=self.global_step + 1 if self.global_step > 0 else 0,  # a resume hides the steps it redoes
+            write=console_write,
+        ) as self._trackers:
+            return self._fit_steps(stop_after, stop)
+
+    def _fit_steps(self, stop_after: int | None, stop: run_guard.StopOnSignal) -> list[dict]:
         from tqdm.auto import tqdm
 
         loop = self.settings
@@ -473,7 +493,7 @@ class Trainer:
         if self.global_step == 0 and loop.val_before_train:
             val = self.validate()
             val.update({"training/global_step": 0, **self.profiler.collect()})
-            self.log.append(val)
+            self._record(val)
         bar = tqdm(
             total=total,
             initial=self.global_step,
@@ -501,7 +521,7 @@ class Trainer:
                     metrics["timing_s/save_checkpoint"] = save_seconds  # the previous step's checkpoint
                     save_seconds = None
                 # The row is on disk before the checkpoint: a kill in between never loses a logged step.
-                self.log.append(metrics)
+                self._record(metrics)
                 history.append(metrics)
                 if loop.save_freq > 0 and (last or self.global_step % loop.save_freq == 0):
                     start = time.perf_counter()

@@ -1,8 +1,14 @@
 """Verifiable rewards with verl's ``compute_score(data_source, solution_str, ground_truth, extra_info)``.
 
-The default routes by ``data_source`` (:func:`sfpo_train.tasks.compute_score`);
-``custom_reward_function.path`` / ``.name`` load a user's function from a
-Python file, as verl does. A function may return a number or a dict with a
+The default (:func:`default_reward`) routes by ``data_source``: sfpo's own tasks
+first (:data:`sfpo_train.tasks.SCORERS`, the embedded addition task), then verl's
+``verl.utils.reward_score.default_compute_score`` when verl is installed (GSM8K's
+``openai/gsm8k``, MATH, DAPO's math, ...), so a verl-layout parquet file gets the
+scorer verl would give it. :func:`check_data_sources` runs at startup on every
+data source of the training and validation files: one that no scorer knows is a
+``ValueError`` naming it and ``custom_reward_function`` (and the ``verl`` extra when
+verl is missing) before any work. ``custom_reward_function.path`` / ``.name`` load
+a user's function from a Python file, as verl does. A function may return a number or a dict with a
 ``"score"`` entry (verl's convention); anything else (a bool, NaN, an
 infinity, an integer too large for a float, a complex number), an exception or
 a ``sys.exit()`` is a ``ValueError`` naming the function and the sample.
@@ -10,20 +16,106 @@ a ``sys.exit()`` is a ``ValueError`` naming the function and the sample.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
+import io
 import math
 import numbers
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 ScoreFn = Callable[..., object]
 
+CUSTOM_HINT = (
+    "give your own with custom_reward_function.path=<file.py> custom_reward_function.name=<function> "
+    "(verl's signature: compute_score(data_source, solution_str, ground_truth, extra_info))"
+)
+
+
+def default_reward(data_source: str, solution_str: str, ground_truth, extra_info: dict | None = None):
+    """The reward without ``custom_reward_function``: sfpo's scorer for ``data_source``, else verl's.
+
+    verl's ``default_compute_score`` returns a float or a dict with ``"score"`` (verl's
+    convention, read by :func:`score_one`). Raises ``ValueError`` naming the data source when
+    neither knows it (the startup check, :func:`check_data_sources`, stops a run before that).
+    """
+    from sfpo_train.tasks import SCORERS
+
+    own = SCORERS.get(data_source)
+    if own is not None:
+        return own(data_source, solution_str, ground_truth, extra_info)
+    verl_score = verl_default_compute_score()
+    if verl_score is None:
+        raise ValueError(f"no reward function for data_source {data_source!r}: {_missing_hint(False)}")
+    return verl_score(data_source, solution_str, ground_truth, extra_info)
+
+
+@functools.cache
+def verl_default_compute_score() -> ScoreFn | None:
+    """``verl.utils.reward_score.default_compute_score``, or None without verl (imported once, when first needed)."""
+    try:
+        from verl.utils.reward_score import default_compute_score
+    except ImportError:
+        return None
+    return default_compute_score
+
+
+def _missing_hint(verl_installed: bool) -> str:
+    ours = ", ".join(sorted(_own_sources()))
+    if verl_installed:
+        return f"neither sfpo ({ours}) nor verl's default_compute_score scores it; {CUSTOM_HINT}"
+    return (
+        f"sfpo scores only {ours} without verl: install the verl extra (pip install 'sfpo[verl]') for verl's "
+        f"default_compute_score (openai/gsm8k, MATH, ...), or {CUSTOM_HINT}"
+    )
+
+
+def _own_sources() -> list[str]:
+    from sfpo_train.tasks import SCORERS
+
+    return list(SCORERS)
+
+
+def check_data_sources(fn: ScoreFn, sources: dict[str, Iterable[str]]) -> None:
+    """``ValueError`` if ``fn`` is :func:`default_reward` and a data source has no scorer (``sources``: key -> sources).
+
+    verl's dispatcher has no list of the sources it knows: it is asked with ``solution_str=None``
+    and ``ground_truth=None``, which each of its scorers rejects at once (TypeError, ...) while an
+    unknown source raises ``NotImplementedError`` before any scorer runs, so no scorer does real work
+    (no code is executed for a code data set). A scorer whose own package is missing (verl's
+    ``hiyouga/geometry3k`` needs ``mathruler``) is named now too. A custom function is not asked:
+    the user's code decides what it scores.
+    """
+    if fn is not default_reward:
+        return
+    own = set(_own_sources())
+    verl_score = None
+    for key, names in sources.items():
+        for source in sorted(set(names) - own):
+            verl_score = verl_score or verl_default_compute_score()
+            if verl_score is None:
+                raise ValueError(f"{key}: data_source {source!r} has no reward function: {_missing_hint(False)}")
+            try:
+                with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                    verl_score(source, None, None, None)  # some of verl's scorers print what they reject
+            except NotImplementedError:
+                raise ValueError(
+                    f"{key}: data_source {source!r} has no reward function: {_missing_hint(True)}"
+                ) from None
+            except ImportError as e:
+                raise ValueError(
+                    f"{key}: verl's reward function for data_source {source!r} needs a package that is not "
+                    f"installed ({e}); install it, or {CUSTOM_HINT}"
+                ) from None
+            except Exception:
+                pass  # a scorer matched and refused the None answer: it is there
+
 
 def load_reward_fn(path: str | None, name: str) -> ScoreFn:
+    """:func:`default_reward` without ``path``; else the function ``name`` from the Python file ``path``."""
     if path is None:
-        from sfpo_train.tasks import compute_score
-
-        return compute_score
+        return default_reward
     if not os.path.isfile(path):
         raise ValueError(f"custom_reward_function.path must be an existing .py file, got {path!r}")
     spec = importlib.util.spec_from_file_location("sfpo_custom_reward", path)

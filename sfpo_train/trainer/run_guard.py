@@ -152,6 +152,19 @@ def unlock_run_dir(run_dir: str, *, remove: bool = False) -> None:
     os.close(fd)
 
 
+def unwritable_run_dir(run_dir: str, error: OSError | WriteError, local_dir: str) -> str:
+    """One line for a run directory that cannot be made or locked: the directory, the cause and the key to change."""
+    if isinstance(error, WriteError):
+        what = str(error)
+    else:
+        code = errno.errorcode.get(error.errno, str(error.errno))
+        what = f"cannot create {error.filename or run_dir}: {error.strerror or error} ({code})"
+    return (
+        f"run directory {run_dir}: {what}; runs are written under trainer.default_local_dir={local_dir!r}: "
+        "run from a writable directory or set trainer.default_local_dir to one"
+    )
+
+
 def _holder(path: str) -> str:
     try:
         with open(path) as f:

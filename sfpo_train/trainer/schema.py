@@ -15,7 +15,7 @@ from typing import Any
 
 from sfpo_kernels._backend import BACKENDS
 from sfpo_kernels.loss_options import is_finite_real
-from sfpo_train.sfpo import RESUMABLE_CHANGES, settings_schema
+from sfpo_train.sfpo_config import RESUMABLE_CHANGES, settings_schema
 from sfpo_train.trainer.keys import (
     Key,
     Rule,
@@ -29,6 +29,7 @@ from sfpo_train.trainer.keys import (
     one_of,
     positive,
 )
+from sfpo_train.trainer.trackers import LOGGERS, known_loggers
 
 ADV_ESTIMATORS = ("grpo",)
 ROLLOUT_NAMES = ("hf", "vllm")
@@ -251,6 +252,20 @@ class TrainerSection:
     device: str = key("auto", "where the run computes (auto: cuda when torch sees a GPU)", one_of(*DEVICES))
     seed: int = key(1, "seed of sampling and initialisation")
     progress_bar: bool = key(True, "show the progress bar", resumable=True)
+    logger: Any = key(  # noqa: RUF009 (key() is a dataclass field)
+        ["console"],
+        "where metrics go besides metrics.jsonl/.csv (always written), verl's backends: console (a line per step, "
+        "step:N - key:value - ...), tensorboard (in $TENSORBOARD_DIR, else tensorboard_log/<project_name>/"
+        "<experiment_name>; the tensorboard extra), wandb (a W&B run; WANDB_MODE=offline needs no network; the "
+        "wandb extra), file (verl's, $VERL_FILE_LOGGER_PATH, else $VERL_FILE_LOGGER_ROOT/<project_name>/"
+        "<experiment_name>.jsonl); e.g. [console,tensorboard], [] for none",
+        Rule(
+            known_loggers,
+            f"a list of {', '.join(LOGGERS)} (each once; verl's other loggers are not written here), "
+            "e.g. [console,tensorboard]",
+        ),
+        resumable=True,  # where the metrics go, not what the run computes
+    )
 
 
 @dataclass

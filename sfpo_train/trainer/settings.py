@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from sfpo_kernels.loss_options import GRPOLossOptions
 from sfpo_train.trainer import config as config_lib
 from sfpo_train.trainer.rollout import SamplingSettings
+from sfpo_train.trainer.trackers import logger_names
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,8 @@ class LoopSettings:
     val_before_train: bool
     progress_bar: bool
     experiment_name: str | None
+    project_name: str
+    logger: tuple[str, ...]  # trainer.logger: the backends beside metrics.jsonl (trackers.py)
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> LoopSettings:
@@ -130,4 +133,6 @@ class LoopSettings:
             val_before_train=t.val_before_train,
             progress_bar=t.progress_bar,
             experiment_name=t.experiment_name,
+            project_name=t.project_name,
+            logger=tuple(logger_names(t.logger)),
         )

@@ -297,6 +297,8 @@ def test_a_read_only_run_directory_is_one_line(tiny, tmp_path, monkeypatch, caps
     assert info.value.code != 0
     err = capsys.readouterr().err
     assert err.strip().endswith(
-        f"sfpo train: error: cannot write {tmp_path / 'run' / '.lock'}: {cause} ({errno.errorcode[code]})"
+        f"sfpo train: error: run directory {tmp_path / 'run'}: cannot write {tmp_path / 'run' / '.lock'}: {cause} "
+        f"({errno.errorcode[code]}); runs are written under trainer.default_local_dir={str(tmp_path)!r}: run from "
+        "a writable directory or set trainer.default_local_dir to one"
     ), err
     assert "Traceback" not in err

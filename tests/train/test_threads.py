@@ -142,10 +142,12 @@ def test_compare_and_sweep_say_their_threads_first(command, seeds, tmp_path, mon
 
 def test_train_says_its_threads_first_and_a_bad_omp_value_is_one_line(tmp_path, monkeypatch, capsys, keep_threads):
     model = write_tiny_model(str(tmp_path / "model"))
-    argv = ["train", "--preset", "smoke", f"actor_rollout_ref.model.path={model}", "data.train_files=missing.parquet"]
+    (tmp_path / "broken.parquet").write_text("not parquet")
+    argv = ["train", "--preset", "smoke", f"actor_rollout_ref.model.path={model}"]
+    argv += ["data.train_files=broken.parquet", "data.val_files=broken.parquet"]
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    with pytest.raises(SystemExit):  # the missing data stops it after the first line
+    with pytest.raises(SystemExit):  # the unreadable data stops it after the first line
         cli.main(argv)
     first = capsys.readouterr().out.splitlines()[0]
     tiny = threads.safetensors_parameters(model)
