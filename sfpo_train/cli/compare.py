@@ -24,6 +24,7 @@ import shlex
 import sys
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.cli import threads
 from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, DiskFull, run_compare
 
 
@@ -72,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    print(f"sfpo compare: {threads.configure_for_run(args.preset, args.overrides, args.algorithm)}", flush=True)
     base = args.algorithm.upper().replace("DRGRPO", "Dr. GRPO")
     print(
         f"sfpo compare: {base} vs SFPO over {base} on preset {args.preset!r}, seeds 1..{args.seeds}, "
