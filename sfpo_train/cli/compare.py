@@ -6,7 +6,8 @@ settings), both with ``trainer.seed=s`` and ``data.seed=s`` -- the same initial
 weights, the same prompt order, the same validation set -- and the same
 overrides. Runs go to OUT/grpo-s<s> and OUT/sfpo-s<s>, the report to OUT/report
 (report.md / report.html, headline.csv per seed, summary.csv with 95% intervals
-over seeds, cost_model.csv, plots); ``sfpo report OUT`` rebuilds it at any time.
+over seeds, cost_model.csv, plots); ``sfpo report OUT --out OUT/report`` rebuilds it
+at any time.
 The same command again with the same --out continues an interrupted compare
 (finished runs kept, the interrupted one continued from its newest checkpoint).
 
