@@ -59,8 +59,9 @@ RESERVED = (
 ARM_SLUGS = ("grpo", "sfpo")  # run names <slug>-s<seed>, in the order compare trains them
 # Validations after step 0 that compare aims at when it chooses trainer.test_freq: enough to place each arm's
 # first reach of GRPO's best within a tenth of the run. On the embedded task a validation (500 problems,
-# greedy) took 0.08-0.11 s against a 0.09 s GRPO step and a 0.24 s SFPO step (measured, 2 idle CPU cores,
-# 1 thread), so validating every 5 steps of a 50-step compare adds about a tenth to its training time.
+# greedy) took 0.08-0.11 s against a 0.09 s GRPO step and a 0.24 s SFPO step (2 idle CPU cores, 1 thread);
+# in a 2-seed 50-step compare, validating every 5 steps took 12-13% of the summed step time and added 5% to
+# the command's CPU time (measured 2026-12-07, 2 cores at load 4-5, 1 thread; docs/reports.md).
 VALIDATION_POINTS = 10
 # The most runs one compare or sweep takes: 500 seeds of a compare, 40 of the full sweep grid. Each run
 # takes seconds to hours, so more is a typo (a count meant for --steps?) rather than a plan.
@@ -282,7 +283,8 @@ def scope_lines(cfg, seeds: int, *, chosen: bool) -> list[str]:
     if seeds >= MIN_SEEDS:
         can.append(f"95% intervals over {seeds} seeds" + (" (wide with fewer than 5)" if seeds < 5 else ""))
     else:
-        cannot.append(f"intervals over seeds (they need {MIN_SEEDS} or more seeds; {seeds} give means only)")
+        have = "1 seed gives one run per arm" if seeds == 1 else f"{seeds} give means only"
+        cannot.append(f"intervals over seeds (they need {MIN_SEEDS} or more seeds; {have})")
     if not cfg.trainer.val_before_train:
         cannot.append("whether GRPO improved on its start, so no ratio to GRPO's best (trainer.val_before_train=false)")
     elif len(points) <= 2:
@@ -291,9 +293,10 @@ def scope_lines(cfg, seeds: int, *, chosen: bool) -> list[str]:
         )
     else:
         how = f"chosen for {total} steps" if chosen else "trainer.test_freq"
+        steps_ = f"{every} step" if every == 1 else f"{every} steps"
         can.append(
-            f"rollouts and wall-clock to GRPO's best, to within {every} steps ({len(points)} validations, every "
-            f"{every} steps: {how})"
+            f"rollouts and wall-clock to GRPO's best, to within {steps_} ({len(points)} validations, every "
+            f"{steps_}: {how})"
         )
     sfpo = cfg.actor_rollout_ref.actor.sfpo
     if sfpo.enable and sfpo.entropy_control and total < sfpo.zscore_window:
