@@ -101,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
     except StopInterrupt as e:  # the run in progress saved a checkpoint; the finished ones are complete
         print(
             f"sfpo compare: {e}\nsfpo compare: finish that run with: sfpo train --resume {shlex.quote(e.run_dir)}; "
-            f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))}",
+            f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))} "
+            f"--out {shlex.quote(os.path.join(os.path.dirname(e.run_dir), 'report'))}",
             file=sys.stderr,
         )
         return e.exit_code
