@@ -72,11 +72,10 @@ class SFPOGRPOTrainer(GRPOTrainer):
         super().__init__(*args, **kwargs)
         _check_args(self.args, sfpo, fused_head)
         self.fused_head = fused_head
-        self._fused_options = None
         if fused_head:
-            from sfpo_train.trl.fused_loss import fused_loss_options
+            from sfpo_train.trl.fused_loss import prepare_fused_loss
 
-            self._fused_options = fused_loss_options(self.args)
+            prepare_fused_loss(self)  # checks the settings and the model, then lets the model return hidden states
         self.sfpo = SFPO(self.model, sfpo) if sfpo is not None else None
         self.pending_generation_batches: deque = deque()
         self._batches_seen = 0  # generation-batch copies the dataloader handed over (one per micro-step)
@@ -157,7 +156,7 @@ class SFPOGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
         from sfpo_train.trl.fused_loss import compute_fused_loss
 
-        return compute_fused_loss(self, model, inputs, options=self._fused_options, on_entropy=self._record_entropy)
+        return compute_fused_loss(self, model, inputs, on_entropy=self._record_entropy)
 
     def _record_entropy(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
         """Token entropies of a training forward (the fused head reports them here)."""
@@ -302,6 +301,10 @@ class _EntropySums:
 
 
 def _check_args(args, sfpo: SFPOConfig | None, fused_head: bool) -> None:
+    if fused_head:
+        from sfpo_train.trl.fused_loss import fused_loss_options
+
+        fused_loss_options(args)  # a setting the fused head cannot reproduce: ValueError naming the field
     if sfpo is None:
         return
     if args.num_iterations != 1:

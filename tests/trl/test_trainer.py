@@ -184,3 +184,22 @@ def test_a_failure_between_passes_puts_theta0_back(tmp_path):
         trainer.train()
     assert max_abs_difference(weights(trainer.model), finished_first) == 0.0
     assert trainer.sfpo.iteration == 1
+
+
+def test_fused_head_under_sfpo_trains_like_trls_loss(tmp_path):
+    config = SFPOConfig(inner_steps=2, alpha=0.8)
+    fused = make_trainer(tmp_path / "fused", sfpo=config, fused_head=True, max_steps=6)
+    fused.train()
+    plain = make_trainer(tmp_path / "plain", sfpo=config, max_steps=6)
+    plain.train()
+    assert fused.generations == plain.generations == 2
+    # the same rule on two implementations of one loss: fp32 rounding apart, carried through 6 Adam steps
+    assert max_abs_difference(weights(fused.model), weights(plain.model)) < 1e-4
+    assert list(fused.sfpo.entropies) == pytest.approx(list(plain.sfpo.entropies), rel=1e-4)
+
+
+def test_fused_head_refuses_a_loss_it_cannot_reproduce_before_the_model_loads(tmp_path):
+    from tests.helpers.trl_setup import grpo_args
+
+    with pytest.raises(ValueError, match="loss_type"):
+        SFPOGRPOTrainer(model="not-loaded", args=grpo_args(tmp_path, loss_type="sapo"), fused_head=True)
