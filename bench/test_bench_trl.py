@@ -159,6 +159,7 @@ def test_trl_step(benchmark, step_runs, arm):
         trainer=spec.trainer,
         method=spec.method,
         head=spec.head,
+        activation_checkpointing=spec.checkpointing,
         model="the shipped addition model (Qwen2, hidden 128, 2 layers, vocab 16)",
         prompts=SHAPE.prompts,
         responses_per_prompt=SHAPE.n,

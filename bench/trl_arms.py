@@ -5,7 +5,9 @@ Every arm trains the shipped addition model on the embedded task with the same b
 one optimizer step per update pass) and the same optimizer settings (AdamW, lr 3e-5, weight decay
 0.01, gradient clipping at 1.0, constant rate), on the CPU:
 
-- ``trl_grpo``: ``trl.GRPOTrainer`` (its own loss, ``loss_type="bnpo"``: verl's token-mean);
+- ``trl_grpo``: ``trl.GRPOTrainer`` (its own loss, ``loss_type="bnpo"``: verl's token-mean), with TRL's
+  defaults otherwise: activation checkpointing on (``GRPOConfig`` turns it on; ``sfpo train`` has none);
+- ``trl_grpo_no_ckpt``: the same with ``activation_checkpointing=False``, like for like with ``sfpo train``;
 - ``trl_mu4``: the same with ``num_iterations=K+1``: SFPO's passes without SFPO (alpha = 1 without
   the snapshot, the reposition and the trigger), so ``trl_sfpo`` minus ``trl_mu4`` is SFPO's own work;
 - ``trl_sfpo``: ``SFPOGRPOTrainer(sfpo=SFPOConfig(inner_steps=3, alpha=0.8))``, the entropy
@@ -89,16 +91,18 @@ class ArmSpec:
     trainer: str  # "trl" or "sfpo train"
     method: str  # "grpo", "sfpo", or "grpo_mu4" (TRL's num_iterations = K + 1)
     head: str  # "trl" (TRL's loss), "sfpo_fused" (sfpo's fused head in TRL), "logits" (sfpo train's default on the CPU)
+    checkpointing: bool = True  # TRL's activation checkpointing (GRPOConfig's default: on); sfpo train has none
 
 
 ARMS = {
     "trl_grpo": ArmSpec("trl", "grpo", "trl"),
+    "trl_grpo_no_ckpt": ArmSpec("trl", "grpo", "trl", checkpointing=False),
     "trl_grpo_fused": ArmSpec("trl", "grpo", "sfpo_fused"),
     "trl_mu4": ArmSpec("trl", "grpo_mu4", "trl"),
     "trl_sfpo": ArmSpec("trl", "sfpo", "trl"),
     "trl_sfpo_fused": ArmSpec("trl", "sfpo", "sfpo_fused"),
-    "sfpo_train_grpo": ArmSpec("sfpo train", "grpo", "logits"),
-    "sfpo_train_sfpo": ArmSpec("sfpo train", "sfpo", "logits"),
+    "sfpo_train_grpo": ArmSpec("sfpo train", "grpo", "logits", checkpointing=False),
+    "sfpo_train_sfpo": ArmSpec("sfpo train", "sfpo", "logits", checkpointing=False),
 }
 
 
@@ -167,7 +171,7 @@ def trl_trainer(spec: ArmSpec, output_dir: str, shape: TRLBenchShape, rows: int)
     common = dict(
         model=AutoModelForCausalLM.from_pretrained(model_path()),
         reward_funcs=addition_reward,
-        args=grpo_config(output_dir, shape, num_iterations=mu),
+        args=grpo_config(output_dir, shape, num_iterations=mu, activation_checkpointing=spec.checkpointing),
         train_dataset=addition_dataset(limit=rows),
         processing_class=AutoTokenizer.from_pretrained(model_path()),
     )

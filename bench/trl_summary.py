@@ -174,16 +174,30 @@ def _standalone_line(steps: dict[str, pd.Series]) -> str:
     if ours is None or trl is None:
         return f"- {what}: not measured (sfpo_train_grpo and trl_grpo did not both run)"
     r, lo, hi = _ratio(ours, trl)
-    return (
+    line = (
         f"- {what}: {r:.2f}x{_range(lo, hi)} ({_ms(ours, 'median'):.1f} ms vs {_ms(trl, 'median'):.1f} ms); "
         f"target <= {STANDALONE_LIMIT:.2f}x: {verdict(r, STANDALONE_LIMIT, at_most=True)}"
     )
+    bare = steps.get("trl_grpo_no_ckpt")
+    if bare is not None:
+        r, lo, hi = _ratio(ours, bare)
+        line += (
+            f". Like for like, against TRL without activation checkpointing (GRPOConfig turns it on; sfpo train has "
+            f"none): {r:.2f}x{_range(lo, hi)} ({_ms(bare, 'median'):.1f} ms), {verdict(r, STANDALONE_LIMIT, at_most=True)}"
+        )
+    return line
 
 
 def _fmt(value, digits: int = 1) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     return f"{float(value):.{digits}f}"
+
+
+def _yes_no(value) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return "on" if bool(value) else "off"
 
 
 def _conditions(row: pd.Series) -> str:
@@ -207,8 +221,9 @@ def trl_section(rows: pd.DataFrame) -> str:
         base = steps.get("trl_grpo")
         out += [
             "",
-            "| arm | trainer | method | head | prompts x n | CPU ms | rounds | / trl_grpo | SFPO own ms | own share |",
-            "|---|---|---|---|---|---:|---:|---:|---:|---:|",
+            "| arm | trainer | method | head | act. ckpt | prompts x n | CPU ms | rounds | / trl_grpo | SFPO own ms "
+            "| own share |",
+            "|---|---|---|---|---|---|---:|---:|---:|---:|---:|",
         ]
         for arm, r in steps.items():
             rel = f"{_ms(r, 'median') / _ms(base, 'median'):.2f}" if base is not None else "-"
@@ -216,6 +231,7 @@ def trl_section(rows: pd.DataFrame) -> str:
             share_text = "-" if share is None or pd.isna(share) else f"{100 * float(share):.2f}%"
             out.append(
                 f"| {arm} | {r['extra_info.trainer']} | {r['extra_info.method']} | {r['extra_info.head']} | "
+                f"{_yes_no(r.get('extra_info.activation_checkpointing'))} | "
                 f"{int(r['extra_info.prompts'])} x {int(r['extra_info.responses_per_prompt'])} | "
                 f"{_ms(r, 'median'):.1f} ({_ms(r, 'min'):.1f}-{_ms(r, 'max'):.1f}) | {int(r['extra_info.rounds'])} | "
                 f"{rel} | {_fmt(r.get('extra_info.sfpo_own_ms_median'), 2)} | {share_text} |"
