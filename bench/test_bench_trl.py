@@ -2,8 +2,9 @@
 
 ``test_trl_step[arm]``: one iteration (generation, reward, old log-probs where a generation feeds
 several passes, the update passes, the ``Trainer``'s own per-step work) of each arm of
-``bench/trl_arms.py`` -- TRL GRPO, TRL with ``num_iterations=K+1``, ``SFPOGRPOTrainer`` (K=3,
-alpha 0.8), both TRL rules again with sfpo's fused head, and ``sfpo train``'s GRPO and SFPO --
+``bench/trl_arms.py`` -- TRL GRPO (with TRL's default activation checkpointing and without it), TRL
+with ``num_iterations=K+1``, ``SFPOGRPOTrainer`` (K=3, alpha 0.8), GRPO and SFPO again with sfpo's
+fused head, and ``sfpo train``'s GRPO and SFPO --
 on the shipped addition model and task with the same batch and optimizer settings, all in one
 process. Rounds are interleaved (one iteration of every arm per round, the order rotated by one
 each round), each iteration timed in CPU time of the process (``time.process_time``: what a busy
@@ -13,7 +14,8 @@ and for the SFPO arms SFPO's own work (``sfpo_own_*``: ``bench/trl_arms.py`` say
 the snapshot and reposition times the trainer logs; for ``sfpo train`` its profiler's stage times.
 
 ``test_trl_loss[impl]``: TRL's loss (``GRPOTrainer.compute_loss``, TRL 1.16's chunked LM head: tiles
-of 4096 tokens x 32768 vocabulary columns) against sfpo's fused head (``SFPOGRPOTrainer(fused_head=
+of 4096 tokens x 32768 vocabulary columns; on the CPU it scores every position and folds each tile
+with fp32 torch temporaries, on a GPU only the completion tokens, in Triton) against sfpo's fused head (``SFPOGRPOTrainer(fused_head=
 True)``), each the loss and its backward on the same micro-batch of a one-layer Qwen2 (hidden 64)
 whose vocabulary makes the logits dominate: CPU time interleaved as above, and the peak of the CPU
 allocator during one call (``bench/cpu_memory.py``) with the largest single tensor.
@@ -259,28 +261,36 @@ def _loss_inputs(trainer) -> dict:
     return inputs
 
 
+def _loss_call(trainer, inputs):
+    """One loss + backward through ``trainer`` (its gradients dropped after)."""
+
+    def call() -> None:
+        trainer.compute_loss(trainer.model, inputs).backward()
+        trainer.model.zero_grad(set_to_none=True)
+
+    return call
+
+
 @pytest.fixture(scope="module")
 def loss_runs(tmp_path_factory) -> Runs:
     _poisoned()
     root = str(tmp_path_factory.mktemp("bench_trl_loss"))
     runs = Runs()
     calls = {}
+    inputs = None  # TRL's trainer makes them (with its old log-probs); every impl gets the same
     for impl in LOSS_IMPLS:
         missing = fused_head_missing() if impl == "sfpo_fused" else None
         if missing:
             runs.results[impl] = _Skipped(missing)
             continue
-        trainer = _loss_trainer(impl, os.path.join(root, impl))
-        inputs = _loss_inputs(trainer) if not calls else next(iter(calls.values())).inputs
-
-        def call(trainer=trainer, inputs=inputs) -> None:
-            trainer.compute_loss(trainer.model, inputs).backward()
-            trainer.model.zero_grad(set_to_none=True)
-
-        call.inputs = inputs
-        calls[impl] = call
-    for call in calls.values():  # warm-up
-        call()
+        try:
+            trainer = _loss_trainer(impl, os.path.join(root, impl))
+            inputs = _loss_inputs(trainer) if inputs is None else inputs
+            calls[impl] = _loss_call(trainer, inputs)
+            calls[impl]()  # warm-up
+        except Exception as e:  # this impl's row reports it; the other runs
+            runs.results[impl] = e
+            calls.pop(impl, None)
     runs.conditions = _conditions()
     times: dict[str, list[float]] = {impl: [] for impl in calls}
     order = list(calls)
@@ -290,10 +300,9 @@ def loss_runs(tmp_path_factory) -> Runs:
             calls[impl]()
             times[impl].append(time.process_time() - start)
     for impl, call in calls.items():
-        tokens = int(call.inputs["completion_mask"].sum())
         runs.results[impl] = {
             "cpu_s": times[impl],
-            "response_tokens": tokens,
+            "response_tokens": int(inputs["completion_mask"].sum()),
             **cpu_allocator_peak(call),
             **largest_tensor(call),
         }
@@ -306,6 +315,8 @@ def test_trl_loss(benchmark, loss_runs, impl):
     outcome = loss_runs.results[impl]
     if isinstance(outcome, _Skipped):
         pytest.skip(str(outcome))
+    if isinstance(outcome, BaseException):
+        raise outcome
     benchmark.group = f"trl_loss {SCALE}"
     record_cpu_times(benchmark, outcome["cpu_s"])
     info = benchmark.extra_info
