@@ -26,6 +26,7 @@ MEMORY_TARGET_SHAPE = (4096, 32768)  # (N tokens, V)
 STANDALONE_LIMIT = 0.8
 ORDER = (
     "trl_grpo",
+    "trl_grpo_no_ckpt",
     "trl_grpo_fused",
     "trl_mu4",
     "trl_sfpo",

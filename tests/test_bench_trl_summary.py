@@ -119,6 +119,8 @@ def test_the_closing_summary_and_the_markdown_carry_the_trl_rows():
     other, trl = split_trl_rows(frame)
     assert len(other) == 1 and len(trl) == 9
     section = trl_section(trl)
+    arms = [line.split(" | ")[0].removeprefix("| ") for line in section.splitlines() if line.startswith("| trl_")]
+    assert arms[:2] == ["trl_grpo", "trl_grpo_no_ckpt"]  # the arms in a fixed order, not by time
     assert "| trl_sfpo | trl | sfpo | trl | on | 16 x 8 | 200.0 (190.0-210.0) | 15 | 2.00 | 5.00 | 2.50% |" in section
     assert "| sfpo_fused | 4096 | 32768 | 900.0 (900.0-900.0) | 5 | 200.0 | - | 0.90 | 10.24 |" in section
 
