@@ -9,9 +9,12 @@
 - Limits: the bandwidth of one big ``dst.copy_(src)`` of the same total bytes,
   measured in this run on this device (host<->device pinned copies for
   ``offload="cpu"``), so every row reports "percent of copy".
+- Threads: torch's thread count is chosen as ``sfpo train`` chooses it (``sfpo_train/cli/threads.py``:
+  ``OMP_NUM_THREADS`` when set, else from the size of the shapes, the CPUs and the load) before the
+  first benchmark, and the reason is printed in the header.
 - ``extra_info`` of every benchmark: bytes moved, GB/s, percent of copy,
   launches per call, tensor count, elements, device, torch/triton versions,
-  git revision. ``--benchmark-json`` saves it all; with ``SFPO_BENCH_RESULTS``
+  torch threads and why, git revision. ``--benchmark-json`` saves it all; with ``SFPO_BENCH_RESULTS``
   naming a directory and no ``--benchmark-json``, pytest-benchmark writes its
   JSON there (this file writes nothing itself).
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import math
 import os
 import re
 import statistics
@@ -162,10 +166,23 @@ def device_name(device: torch.device) -> str:
 
 
 @functools.cache
+def torch_threads_line() -> str:
+    """Choose and set torch's thread count for the benchmarks (``sfpo_train/cli/threads.py``: ``OMP_NUM_THREADS``
+    wins; else from the size of the shapes benchmarked, the CPUs and the load), once; the line saying why."""
+    from sfpo_train.cli import threads
+
+    parameters = sum(math.prod(shape) for _, shape in param_shapes(bench_size()))
+    return threads.configure(parameters=parameters)
+
+
+@functools.cache
 def sfpo_machine_info() -> dict[str, str]:
     device = bench_device()
+    threads_line = torch_threads_line()  # sets the count first
     return {
         "device": device_name(device),
+        "torch_threads": str(torch.get_num_threads()),
+        "threads_reason": threads_line,
         "torch": torch.__version__,
         "triton": triton.__version__,
         "cuda": str(torch.version.cuda),
@@ -412,9 +429,15 @@ def _free_memory():
 # --------------------------------------------------------------------------- pytest hooks
 
 
+def pytest_report_header(config):
+    return f"sfpo: {torch_threads_line()}"
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    """``SFPO_BENCH_RESULTS=DIR`` and no ``--benchmark-json``: pytest-benchmark writes its JSON into DIR."""
+    """The torch thread count (before any benchmark runs); ``SFPO_BENCH_RESULTS=DIR`` and no ``--benchmark-json``:
+    pytest-benchmark writes its JSON into DIR."""
+    torch_threads_line()
     results = os.environ.get(RESULTS_ENV)
     if not results or getattr(config.option, "benchmark_json", None) is not None:
         return

@@ -7,12 +7,13 @@ with ``time.process_time`` (CPU time of this process: robust on a shared machine
 an algorithm follow the same trajectory (the reuse is exact), so they do the same work but the
 forward. Prints medians with min / max and the count, and the stage medians that moved.
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_old_log_prob_reuse.py [--rounds 12]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_old_log_prob_reuse.py [--rounds 12] [--csv OUT.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import statistics
 import tempfile
 import time
@@ -46,6 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--csv", metavar="PATH", help="also write one row per arm as CSV")
     args = parser.parse_args()
     torch.set_num_threads(1)
     arms = [(algo, mode) for algo in ("grpo", "sfpo") for mode in ("false", "auto")]
@@ -68,6 +70,7 @@ def main() -> None:
         f"train_step, process_time, {args.rounds} rounds after {args.warmup} warm-up, interleaved, rotated; "
         f"torch {torch.__version__}, {torch.get_num_threads()} thread"
     )
+    records = []
     for algo in ("grpo", "sfpo"):
         base = statistics.median(times[(algo, "false")])
         for mode in ("false", "auto"):
@@ -78,6 +81,27 @@ def main() -> None:
                 f"  {algo} old_log_prob_from_update={mode:5s}: median {1e3 * med:7.1f} ms (min {1e3 * min(t):.1f}, "
                 f"max {1e3 * max(t):.1f}, n={len(t)})  {med / base:.3f}x  [wall medians ms: {parts}]"
             )
+            records.append(
+                {
+                    "algorithm": algo,
+                    "old_log_prob_from_update": mode,
+                    "median_ms": round(1e3 * med, 3),
+                    "min_ms": round(1e3 * min(t), 3),
+                    "max_ms": round(1e3 * max(t), 3),
+                    "n": len(t),
+                    "ratio_to_separate_pass": round(med / base, 4),
+                    **{
+                        f"{s}_wall_median_ms": round(1e3 * statistics.median(stages[(algo, mode)][s]), 3)
+                        for s in STAGES
+                    },
+                    "torch_threads": torch.get_num_threads(),
+                }
+            )
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@ with the order rotated every round, ``time.process_time`` per call:
 - ``validate``: this tree's validation forced (the cache emptied before each call);
 - ``foreach_lerp``: ``torch._foreach_lerp_`` on the same lists, the launch-bound floor (torch backend).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py [--rounds 30] [--backend torch]
+    OMP_NUM_THREADS=1 PYTHONPATH=$PWD python bench/measure/measure_reposition_host.py [--rounds 30] [--backend torch] \
+        [--csv OUT.csv]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib.util
 import os
 import statistics
@@ -79,6 +81,7 @@ def main() -> None:
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--baseline-rev", default=BASELINE_REV, help="git revision of the baseline's reposition.py")
     parser.add_argument("--baseline", metavar="FILE", help="the baseline's reposition.py as a file (instead of a rev)")
+    parser.add_argument("--csv", metavar="PATH", help="also write one row per arm as CSV")
     args = parser.parse_args()
     torch.set_num_threads(1)
     params = qwen_like_params()
@@ -127,12 +130,32 @@ def main() -> None:
         f"backend {backend}), process_time per call, {args.rounds} samples of {args.calls} calls, interleaved; "
         f"torch {torch.__version__}; cache in this tree: {hasattr(reposition, '_layout_key')}"
     )
+    records = []
     for n in names:
         t = times[n]
         print(
             f"  {n:13s} median {1e6 * statistics.median(t):7.1f} us (min {1e6 * min(t):.1f}, max {1e6 * max(t):.1f}, "
             f"n={len(t)})"
         )
+        records.append(
+            {
+                "arm": n,
+                "median_us": round(1e6 * statistics.median(t), 2),
+                "min_us": round(1e6 * min(t), 2),
+                "max_us": round(1e6 * max(t), 2),
+                "n": len(t),
+                "calls_per_sample": args.calls,
+                "tensors": len(params),
+                "backend": backend,
+                "baseline": "file" if args.baseline else args.baseline_rev,
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(records[0]))
+            writer.writeheader()
+            writer.writerows(records)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,20 @@ settings), both with ``trainer.seed=s`` and ``data.seed=s`` -- the same initial
 weights, the same prompt order, the same validation set -- and the same
 overrides. Runs go to OUT/grpo-s<s> and OUT/sfpo-s<s>, the report to OUT/report
 (report.md / report.html, headline.csv per seed, summary.csv with 95% intervals
-over seeds, cost_model.csv, plots); ``sfpo report OUT`` rebuilds it at any time.
+over seeds, cost_model.csv, plots); ``sfpo report OUT --out OUT/report`` rebuilds it
+at any time.
 The same command again with the same --out continues an interrupted compare
 (finished runs kept, the interrupted one continued from its newest checkpoint).
 
 Cost: 2 x seeds runs of the preset. On the embedded default (5 seeds x 300 steps)
 about 10 min on 2 otherwise idle CPU cores (3 seeds took 5 min 37 s), much longer
-on a busy machine. Make it small with --seeds 2 --steps 50 (about a minute), or
+on a busy machine. Make it small with --seeds 2 --steps 50 (about 50 s of CPU time
+with 1 thread; 1.5-2 min of wall-clock measured on a 2-core machine at load 4-5), or
 --preset smoke --seeds 3 --steps 4 for a check of the whole pipeline in seconds.
+Unless the overrides or the preset set trainer.test_freq, each run validates about
+10 times, spread over its steps; before the first run compare says what a compare
+of this size can and cannot show (2 seeds: means, no intervals; 3 or more: 95%
+intervals over seeds).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import shlex
 import sys
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.cli import threads
 from sfpo_train.reports.compare import ARM_SLUGS, RESERVED, DiskFull, run_compare
 
 
@@ -72,6 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    print(f"sfpo compare: {threads.configure_for_run(args.preset, args.overrides, args.algorithm)}", flush=True)
     base = args.algorithm.upper().replace("DRGRPO", "Dr. GRPO")
     print(
         f"sfpo compare: {base} vs SFPO over {base} on preset {args.preset!r}, seeds 1..{args.seeds}, "
@@ -93,7 +101,8 @@ def main(args: argparse.Namespace) -> int:
     except StopInterrupt as e:  # the run in progress saved a checkpoint; the finished ones are complete
         print(
             f"sfpo compare: {e}\nsfpo compare: finish that run with: sfpo train --resume {shlex.quote(e.run_dir)}; "
-            f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))}",
+            f"the runs so far can be reported with: sfpo report {shlex.quote(os.path.dirname(e.run_dir))} "
+            f"--out {shlex.quote(os.path.join(os.path.dirname(e.run_dir), 'report'))}",
             file=sys.stderr,
         )
         return e.exit_code

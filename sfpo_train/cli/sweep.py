@@ -27,6 +27,7 @@ import shlex
 import sys
 
 import sfpo_train.trainer.config as config_lib
+from sfpo_train.cli import threads
 from sfpo_train.reports.compare import DiskFull
 from sfpo_train.reports.grid import GROUPS, run_sweep
 
@@ -83,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from sfpo_train.trainer.run_guard import StopInterrupt
 
+    print(f"sfpo sweep: {threads.configure_for_run(args.preset, args.overrides, args.algorithm)}", flush=True)
     print(
         f"sfpo sweep: preset {args.preset!r} ({args.algorithm}), groups {' '.join(args.groups)}, seeds 1..{args.seeds}",
         flush=True,

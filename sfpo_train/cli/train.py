@@ -42,6 +42,7 @@ import sys
 import warnings
 
 import sfpo_train.trainer.config as config_lib  # torch-free: keys are checked before torch is loaded
+from sfpo_train.cli import threads  # torch-free until configure() runs
 from sfpo_train.trainer.key_help import describe_keys
 
 EXAMPLE_TIME = 1796379300.0  # the time in the example run name of --help
@@ -168,25 +169,6 @@ def same_run_arguments(args: argparse.Namespace, experiment_name: str | None) ->
     return out
 
 
-def cpu_note() -> str:
-    """Threads and load: run time depends on free CPU (a busy machine makes the 2-minute default an hour)."""
-    import torch
-
-    threads = os.environ.get("OMP_NUM_THREADS")
-    if threads is not None and threads.strip().isdigit() and int(threads) >= 1:
-        torch.set_num_threads(int(threads))  # honoured explicitly, whatever imported torch first
-    cores = os.cpu_count() or 1
-    try:
-        load1 = os.getloadavg()[0]
-        load = f"load average {load1:.1f} (1 min)" + (" - busy, expect a slower run" if load1 > 0.75 * cores else "")
-    except OSError:
-        load = "load average unknown"
-    return (
-        f"{torch.get_num_threads()} torch thread(s) (OMP_NUM_THREADS={threads if threads is not None else 'unset'}), "
-        f"{cores} CPU core(s), {load}; run time depends on free CPU"
-    )
-
-
 def _with_embedded_paths(cfg):
     """A copy of ``cfg`` showing the embedded task's real paths where the keys are null (what the run uses)."""
     from omegaconf import OmegaConf
@@ -220,7 +202,7 @@ def _train(args: argparse.Namespace, run: _Run) -> int:
             cfg.trainer.experiment_name = config_lib.default_experiment_name(cfg, args.preset)
             run.experiment_name = cfg.trainer.experiment_name
     # Every check above ran without torch; from here on torch and transformers load.
-    print(f"sfpo train: {cpu_note()}", flush=True)
+    print(f"sfpo train: {threads.configure(cfg.actor_rollout_ref.model)}", flush=True)
     from sfpo_train.trainer import Trainer, latest_checkpoint
 
     if args.resume:

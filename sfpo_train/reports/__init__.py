@@ -7,7 +7,8 @@ train`` and ``sfpo compare`` write) and writes, into ``--out``:
   headline measures when both GRPO and SFPO runs are given;
 - ``runs.csv``: one row per run (arm, seed, steps, rollouts, wall-clock, mean
   step time, initial (step 0, n/a without it) / best / final test accuracy,
-  trigger step, peak memory, profiler overhead);
+  trigger step (``never`` where it did not fire, ``n/a`` for GRPO), peak memory,
+  profiler overhead);
 - ``stage_time.csv`` / ``stage_share.csv``: mean seconds per step of each stage
   and its share of the step, per arm (SFPO / GRPO);
 - ``stage_memory.csv``: the largest reading of each stage per arm (peak
@@ -16,8 +17,13 @@ train`` and ``sfpo compare`` write) and writes, into ``--out``:
 - ``headline.csv`` (GRPO and SFPO runs paired by ``trainer.seed``): per seed,
   GRPO's initial and best test accuracy, the rollouts and wall-clock each arm
   needed to reach the best, their ratios (only where GRPO's step-0 accuracy is
-  known and it improved on it), the step-time ratio and the extra memory;
-- PNG plots: stacked per-stage time per step (arms side by side), stage shares,
+  known and it improved on it), the step-time ratio and the extra memory (SFPO's
+  peak minus GRPO's, per seed; the report's one number for it is its mean);
+- ``summary.csv`` / ``cost_model.csv`` (with both arms): means over seeds with 95%
+  intervals, ratios as geometric means with the interval on the log scale, no
+  interval below 3 seeds (:mod:`~sfpo_train.reports.stats`);
+- PNG plots: stacked per-stage time per step (arms side by side; over windows of
+  steps beyond 40 steps), stage shares,
   peak memory per stage, reward and test accuracy against rollouts and
   wall-clock, entropy / z-score / alpha over steps with the trigger marked.
 

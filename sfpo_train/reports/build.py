@@ -12,7 +12,16 @@ from sfpo_train.reports.render import Bullets, Image, Paragraph, Section, Table,
 from sfpo_train.reports.runs import Run, arms, column, expand_run_paths, load_run
 from sfpo_train.reports.stats import INTERVAL
 from sfpo_train.reports.summary import cost_model_lines, cost_model_table, summary_display, summary_lines, summary_table
-from sfpo_train.reports.tables import arm_memory_table, arm_stage_table, labelled, run_summary
+from sfpo_train.reports.tables import (
+    algorithm_label,
+    arm_label,
+    arm_memory_table,
+    arm_stage_table,
+    folded_old_log_prob,
+    labelled,
+    run_summary,
+    runs_table,
+)
 
 # The plots: file name -> what it shows (the image's alt text).
 PLOTS = {
@@ -54,7 +63,7 @@ def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None
     memory = arm_memory_table(runs)
     head = headline_table(runs)
     csvs = {
-        "runs.csv": (summary, False),
+        "runs.csv": (runs_table(summary), False),
         "stage_time.csv": (seconds, True),
         "stage_share.csv": (share, True),
         "stage_memory.csv": (memory, False),
@@ -81,11 +90,21 @@ def build_report(run_paths: list[str], out_dir: str, *, title: str | None = None
     written.update(png)
 
     sections = report_sections(runs, summary, seconds, share, memory, head, tables)
-    algorithm = ", ".join(sorted({r.algorithm for r in runs}))
-    written.update(
-        write_pages(out_dir, title or f"SFPO report ({algorithm}): per-stage profile and training", sections)
-    )
+    written.update(write_pages(out_dir, title or default_title(runs), sections))
     return written
+
+
+def default_title(runs: list[Run]) -> str:
+    """What the report is about: one run (and which arm), the runs of one arm, or both arms against each other."""
+    algorithms = sorted({r.algorithm for r in runs})
+    present = arms(runs)
+    if len(present) == 2:
+        base = ", ".join(algorithm_label(a) for a in algorithms)
+        return f"sfpo report: {base} against SFPO over {base}, {len(runs)} runs"
+    what = ", ".join(arm_label(present[0], a) for a in algorithms)
+    if len(runs) == 1:
+        return f"sfpo report: run {runs[0].name} ({what})"
+    return f"sfpo report: {len(runs)} runs of {what}"
 
 
 def on_gpu(memory: pd.DataFrame) -> bool:
@@ -108,18 +127,17 @@ def report_sections(
 ) -> list[Section]:
     """The report's sections, from the tables :func:`build_report` writes as CSV."""
     tables = tables or {}
-    counts = ", ".join(f"{a}: {sum(r.arm == a for r in runs)}" for a in arms(runs))
-    algorithms = sorted({r.algorithm for r in runs})
-    intro = Section(
-        "",
-        [
-            Paragraph(
-                f"Runs: {', '.join(r.name for r in runs)} ({counts}). Algorithm: "
-                f"{', '.join(algorithms)} (the GRPO arm is plain {'/'.join(algorithms)}, the SFPO "
-                "arm wraps the same recipe)."
-            )
-        ],
-    )
+    present = arms(runs)
+    counts = ", ".join(f"{a}: {sum(r.arm == a for r in runs)}" for a in present)
+    base = "/".join(algorithm_label(a) for a in sorted({r.algorithm for r in runs}))
+    if len(present) == 2:
+        arm = "GRPO arm" if base == "GRPO" else "arm labelled GRPO"
+        what = f"the {arm} is plain {base}, the SFPO arm SFPO over the same recipe"
+    elif present == ["SFPO"]:
+        what = f"every run is SFPO over {base}; with no plain {base} run there is no SFPO-against-GRPO headline"
+    else:
+        what = f"every run is plain {base}, without SFPO; with no SFPO run there is no SFPO-against-GRPO headline"
+    intro = Section("", [Paragraph(f"Runs: {', '.join(r.name for r in runs)} ({counts}); {what}.")])
     unfinished = summary[~summary["finished"].astype(bool)]
     if len(unfinished):
         listed = "; ".join(
@@ -150,7 +168,8 @@ def report_sections(
                 [
                     Paragraph(
                         f"Paired by seed: each row uses the same seeds for both arms (listed); {INTERVAL}; "
-                        "diff and ratio are taken per seed (SFPO - GRPO, SFPO / GRPO), then averaged."
+                        "diff and ratio are taken per seed (SFPO - GRPO, SFPO / GRPO), then the diff's mean and the "
+                        "ratio's geometric mean over seeds."
                     ),
                     Bullets(summary_lines(tables["summary"])),
                     Table(summary_display(tables["summary"])),
@@ -163,7 +182,20 @@ def report_sections(
             ),
             Section("Per seed (headline.csv)", [Table(head[[c for c in HEADLINE_COLUMNS if c in head]])]),
         ]
-    sections.append(Section("Runs (runs.csv)", [Table(summary)]))
+    sections.append(
+        Section(
+            "Runs (runs.csv)",
+            [
+                Paragraph(
+                    "trigger_step: the step at which SFPO's entropy trigger fired (never: it did not; n/a: a GRPO "
+                    "run, which has no trigger)."
+                ),
+                Table(runs_table(summary)),
+            ],
+        )
+    )
+    folded = folded_old_log_prob(runs)
+    stage_notes = {"old_log_prob": "old log-prob (0: in the first update pass)"} if folded else {}
     sections.append(
         Section(
             "Time per stage, milliseconds per step (stage_time.csv: the same in seconds)",
@@ -174,11 +206,18 @@ def report_sections(
                     "scheduler, batch assembly, SFPO's bookkeeping inside update_actor, the profiler itself). "
                     "`optimizer` (gradient clipping + AdamW step, every pass) lies inside the fast and slow passes and "
                     "is not stacked."
+                    + (
+                        f" `old_log_prob` is 0 in {' and '.join(folded)}: on-policy "
+                        "(actor.old_log_prob_from_update=auto) the first update pass computes the old log-probs "
+                        "and entropy in its own forward, so that time is inside the update pass."
+                        if folded
+                        else ""
+                    )
                 ),
-                Table(labelled(seconds * 1e3, "ms")),
+                Table(labelled(seconds * 1e3, "ms", stage_notes)),
                 _image("stage_time_per_step.png"),
                 Paragraph("Share of the step, percent (stage_share.csv):"),
-                Table(labelled(share, "%")),
+                Table(labelled(share, "%", stage_notes)),
                 _image("stage_share.png"),
             ],
         )

@@ -16,8 +16,17 @@ intervals over seeds (summary.csv), and a cost model projecting the step ratio t
 other generation shares (cost_model.csv). Where the result does not point the
 paper's way the report says so.
 
+Validation. Where neither the user's overrides nor the preset set ``trainer.test_freq``,
+compare sets it for the run's length (:func:`validation_every`: about
+:data:`VALIDATION_POINTS` validations after step 0, never fewer than the trainer's
+default of every 50 steps), so that a short compare still measures when each arm
+first reaches GRPO's best; a compare continued in the same ``--out`` keeps the
+frequency its runs were made with. Before the first run it says what a compare
+of its size can and cannot show (:func:`scope_lines`).
+
 On the embedded default 3 seeds x 300 steps took 5 min 37 s on 2 otherwise idle
-CPU cores (measured; the default is now 5 seeds); ``sfpo report OUT`` rebuilds the report from the runs at any time.
+CPU cores (measured; the default is now 5 seeds); ``sfpo report OUT --out OUT/report`` rebuilds the report
+from the runs at any time.
 Resumable: the same compare again with the same ``--out`` keeps the finished runs, continues an
 interrupted one from its newest checkpoint (one stopped before its first checkpoint starts over) and
 trains the missing ones (:func:`train_or_continue`).
@@ -26,6 +35,7 @@ trains the missing ones (:func:`train_or_continue`).
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import time
@@ -34,6 +44,7 @@ from dataclasses import dataclass
 
 import sfpo_train.trainer.config as config_lib
 from sfpo_train.reports.build import build_report
+from sfpo_train.reports.stats import MIN_SEEDS
 from sfpo_train.trainer.run_guard import DISK_FULL_ERRNOS, WriteError
 
 # Keys compare sets per run; an override of one would break the pairing.
@@ -46,6 +57,12 @@ RESERVED = (
     "trainer.total_training_steps",
 )
 ARM_SLUGS = ("grpo", "sfpo")  # run names <slug>-s<seed>, in the order compare trains them
+# Validations after step 0 that compare aims at when it chooses trainer.test_freq: enough to place each arm's
+# first reach of GRPO's best within a tenth of the run. On the embedded task a validation (500 problems,
+# greedy) took 0.08-0.11 s against a 0.09 s GRPO step and a 0.24 s SFPO step (2 idle CPU cores, 1 thread);
+# in a 2-seed 50-step compare, validating every 5 steps took 12-13% of the summed step time and added 5% to
+# the command's CPU time (measured 2026-12-07, 2 cores at load 4-5, 1 thread; docs/reports.md).
+VALIDATION_POINTS = 10
 # The most runs one compare or sweep takes: 500 seeds of a compare, 40 of the full sweep grid. Each run
 # takes seconds to hours, so more is a typo (a count meant for --steps?) rather than a plan.
 MAX_RUNS = 1000
@@ -119,6 +136,15 @@ def write_report(report_dir: str, build: Callable[[str], dict[str, str]]) -> dic
     return {key: os.path.join(report_dir, os.path.relpath(path, tmp)) for key, path in files.items()}
 
 
+def saved_test_freq(out_dir: str, plan: list[tuple[str, int, str]]) -> int | None:
+    """``trainer.test_freq`` of the first run of ``plan`` already in ``out_dir`` (None: none there yet)."""
+    for name, _, _ in plan:
+        path = os.path.join(out_dir, name, "config.yaml")
+        if os.path.isfile(path):
+            return int(config_lib.config_from_yaml(path).trainer.test_freq)
+    return None
+
+
 def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]:
     """``(name, seed, arm)`` in the order compare runs them: both arms of seed 1, then of seed 2, ...
 
@@ -133,6 +159,19 @@ def run_names(seeds: int, algorithm: str = "grpo") -> list[tuple[str, int, str]]
     return [(name(arm, seed), seed, arm) for seed in range(1, seeds + 1) for arm in ARM_SLUGS]
 
 
+def validation_every(total_steps: int, test_freq: int) -> int:
+    """The ``trainer.test_freq`` compare uses for a run of ``total_steps`` whose config has ``test_freq``:
+    every ``ceil(total_steps / VALIDATION_POINTS)`` steps, or ``test_freq`` where that is already as often."""
+    every = max(1, math.ceil(total_steps / VALIDATION_POINTS))
+    return test_freq if 0 < test_freq <= every else every
+
+
+def sets_test_freq(preset: str, overrides: list[str]) -> bool:
+    """Whether the user's overrides or the preset choose ``trainer.test_freq`` (then compare leaves it)."""
+    key = "trainer.test_freq"
+    return key in config_lib.PRESETS[preset] or any(item.split("=", 1)[0].lstrip("+") == key for item in overrides)
+
+
 def arm_config(
     preset: str,
     algorithm: str,
@@ -143,8 +182,13 @@ def arm_config(
     steps: int | None,
     out_dir: str,
     name: str,
+    test_freq: int | None = None,
 ):
-    """The resolved config of one compare run (``ValueError`` on an override of a key compare sets)."""
+    """The resolved config of one compare run (``ValueError`` on an override of a key compare sets).
+
+    ``test_freq``: the validation frequency compare chose (:func:`validation_every`), None to leave the
+    preset's or the user's.
+    """
     for item in overrides:
         key = item.split("=", 1)[0].lstrip("+")
         if key in RESERVED:
@@ -161,6 +205,8 @@ def arm_config(
     ]
     if steps is not None:
         own.append(f"trainer.total_training_steps={steps}")
+    if test_freq is not None:
+        own.append(f"trainer.test_freq={test_freq}")
     cfg = config_lib.load_config(preset, list(overrides) + own, algorithm)
     config_lib.validate(cfg)
     return cfg
@@ -223,6 +269,44 @@ def train_or_continue(cfg, preset: str, log=None) -> str:
     return trainer.run_dir
 
 
+def scope_lines(cfg, seeds: int, *, chosen: bool) -> list[str]:
+    """What a compare of ``seeds`` seeds of runs like ``cfg`` (its SFPO arm) can and cannot show: one or two lines.
+
+    ``chosen``: compare chose ``cfg``'s ``trainer.test_freq`` for the run's length (:func:`validation_every`).
+    """
+    total, every = cfg.trainer.total_training_steps, cfg.trainer.test_freq
+    points = {total} | ({0} if cfg.trainer.val_before_train else set())
+    if every > 0:
+        points |= set(range(every, total + 1, every))
+    can = ["step time and memory per stage, accuracy per seed and its mean"]
+    cannot = []
+    if seeds >= MIN_SEEDS:
+        can.append(f"95% intervals over {seeds} seeds" + (" (wide with fewer than 5)" if seeds < 5 else ""))
+    else:
+        have = "1 seed gives one run per arm" if seeds == 1 else f"{seeds} give means only"
+        cannot.append(f"intervals over seeds (they need {MIN_SEEDS} or more seeds; {have})")
+    if not cfg.trainer.val_before_train:
+        cannot.append("whether GRPO improved on its start, so no ratio to GRPO's best (trainer.val_before_train=false)")
+    elif len(points) <= 2:
+        cannot.append(
+            f"rollouts and wall-clock to GRPO's best (validation only at steps 0 and {total}: set trainer.test_freq)"
+        )
+    else:
+        how = f"chosen for {total} steps" if chosen else "trainer.test_freq"
+        steps_ = f"{every} step" if every == 1 else f"{every} steps"
+        can.append(
+            f"rollouts and wall-clock to GRPO's best, to within {steps_} ({len(points)} validations, every "
+            f"{steps_}: {how})"
+        )
+    sfpo = cfg.actor_rollout_ref.actor.sfpo
+    if sfpo.enable and sfpo.entropy_control and total < sfpo.zscore_window:
+        cannot.append(f"the entropy trigger (it needs {sfpo.zscore_window} steps of entropy, the runs have {total})")
+    lines = [f"can show: {'; '.join(can)}"]
+    if cannot:
+        lines.append(f"cannot show: {'; '.join(cannot)}")
+    return lines
+
+
 def run_compare(
     preset: str = "default",
     *,
@@ -232,8 +316,12 @@ def run_compare(
     algorithm: str = "grpo",
     overrides: list[str] | None = None,
     progress: bool = True,
+    log: Callable[[str], None] | None = None,
 ) -> CompareResult:
-    """Train both arms for every seed, then write the report; see the module docstring."""
+    """Train both arms for every seed, then write the report; see the module docstring.
+
+    ``log`` (default ``print``) gets what the compare can and cannot show, before the first run.
+    """
     from tqdm.auto import tqdm
 
     if seeds < 1:
@@ -245,16 +333,36 @@ def run_compare(
     out_dir = out_dir or os.path.join("runs", f"compare-{preset}-{time.strftime('%Y%m%d-%H%M%S')}")
     plan = run_names(seeds, algorithm)
 
+    say = log or (lambda text: print(text, flush=True))
+    test_freq = None
+    if not sets_test_freq(preset, overrides):
+        test_freq = saved_test_freq(out_dir, plan)  # a compare continued: the frequency its runs were made with
+        if test_freq is None:
+            name, seed, arm = plan[0]
+            base = arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
+            test_freq = validation_every(base.trainer.total_training_steps, base.trainer.test_freq)
+
     def config_of(name: str, seed: int, arm: str):
-        return arm_config(preset, algorithm, overrides, arm=arm, seed=seed, steps=steps, out_dir=out_dir, name=name)
+        return arm_config(
+            preset,
+            algorithm,
+            overrides,
+            arm=arm,
+            seed=seed,
+            steps=steps,
+            out_dir=out_dir,
+            name=name,
+            test_freq=test_freq,
+        )
 
     # Checked before the first run trains: the overrides (on seed 1 of each arm; the other seeds differ
     # only in the seed) and every run already in out_dir. The other configs are built one at a time.
-    for name, seed, arm in plan[: len(ARM_SLUGS)]:
-        config_of(name, seed, arm)
+    first = [config_of(name, seed, arm) for name, seed, arm in plan[: len(ARM_SLUGS)]]
     for name, seed, arm in plan:
         if os.path.isfile(os.path.join(out_dir, name, "config.yaml")):
             check_same_run(config_of(name, seed, arm), os.path.join(out_dir, name))
+    for line in scope_lines(first[-1], seeds, chosen=test_freq is not None):
+        say(f"sfpo compare: {line}")
     start = time.perf_counter()
     run_dirs = []
     bar = tqdm(total=len(plan), desc="sfpo compare", unit="run", disable=not progress, position=0, dynamic_ncols=True)

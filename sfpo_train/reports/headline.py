@@ -12,7 +12,7 @@ import math
 import pandas as pd
 
 from sfpo_train.reports.runs import Run, column
-from sfpo_train.reports.stats import INTERVAL, mean_ci
+from sfpo_train.reports.stats import INTERVAL, format_spread, mean_ci, ratio_ci
 from sfpo_train.reports.tables import initial_accuracy, mean_stage_times, peak_memory_gb, run_summary
 
 # The paper's numbers our headline measures are set against (Fig. 4, appendix C.5).
@@ -118,12 +118,19 @@ def headline_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame(records)
 
 
-def _spread(values: pd.Series, fmt: str = "{:.2f}") -> str:
-    """The mean over seeds with its 95% t interval in brackets (the value alone for one seed)."""
-    mean, low, high, n = mean_ci(values.dropna())
-    if n == 0:
-        return "n/a"
-    return fmt.format(mean) if n == 1 else f"{fmt.format(mean)} [{fmt.format(low)}, {fmt.format(high)}]"
+def _spread(values: pd.Series, fmt: str = "{:.2f}", *, ratio: bool = False) -> str:
+    """The mean over seeds with its 95% interval in brackets (:func:`~sfpo_train.reports.stats.format_spread`);
+    ``ratio``: the geometric mean, its interval on the log scale."""
+    return format_spread(*(ratio_ci if ratio else mean_ci)(values.dropna()), fmt)
+
+
+def extra_memory_text(head: pd.DataFrame) -> str:
+    """SFPO's extra memory, the one number the report gives for it: per seed SFPO's peak minus GRPO's (the same
+    reading, the same seed), then the mean over seeds, with what was read."""
+    return (
+        f"{_spread(head['extra_memory_gb'], '{:+.3f} GB')} (per seed SFPO's peak minus GRPO's, mean over seeds; "
+        f"{head['memory_reading'].iloc[0]})"
+    )
 
 
 def _seeds(head: pd.DataFrame, mask: pd.Series) -> str:
@@ -187,21 +194,24 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
             (
                 f"Rollouts to reach it, over the {int(compared.sum())} seed(s) where both arms reached it and GRPO improved on "
                 f"its known initial accuracy ({_seeds(head, compared) or 'none'}): GRPO {_spread(head.loc[compared, 'grpo_rollouts'], '{:.0f}')}, "
-                f"SFPO {_spread(head.loc[compared, 'sfpo_rollouts'], '{:.0f}')}; GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x')}."
+                f"SFPO {_spread(head.loc[compared, 'sfpo_rollouts'], '{:.0f}')}; GRPO/SFPO {_spread(head['rollouts_ratio'], '{:.2f}x', ratio=True)}."
             ),
             (
                 f"Wall-clock to reach it, the same seed(s): GRPO {_spread(head.loc[compared, 'grpo_time_s'], '{:.1f} s')}, "
-                f"SFPO {_spread(head.loc[compared, 'sfpo_time_s'], '{:.1f} s')}; GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x')}."
+                f"SFPO {_spread(head.loc[compared, 'sfpo_time_s'], '{:.1f} s')}; GRPO/SFPO {_spread(head['time_ratio'], '{:.2f}x', ratio=True)}."
             ),
             f"Final test accuracy: GRPO {_spread(head['grpo_final_acc'], '{:.3f}')}, SFPO {_spread(head['sfpo_final_acc'], '{:.3f}')}.",
         ]
     measures += [
         f"Step time: GRPO {_spread(head['grpo_step_s'], '{:.3f} s')}, SFPO {_spread(head['sfpo_step_s'], '{:.3f} s')}; "
-        f"SFPO/GRPO {_spread(head['step_time_ratio'], '{:.2f}x')}; counting only SFPO's steps with the fast passes "
-        f"(before the entropy trigger) {_spread(head['active_step_time_ratio'], '{:.2f}x')}. Generation is "
+        f"SFPO/GRPO {_spread(head['step_time_ratio'], '{:.2f}x', ratio=True)}; counting only SFPO's steps with the "
+        f"fast passes (before the entropy trigger) {_spread(head['active_step_time_ratio'], '{:.2f}x', ratio=True)}. "
+        "Generation is "
         f"{_spread(head['grpo_gen_share_pct'], '{:.0f}%')} of a GRPO step here.",
-        f"Extra memory of SFPO ({head['memory_reading'].iloc[0]}): {_spread(head['extra_memory_gb'], '{:+.3f} GB')}; "
-        f"its snapshot of theta_0 (held from the fast passes through the slow one): {_spread(head['sfpo_snapshot_mb'], '{:.2f} MB')}.",
+        f"Extra memory of SFPO: {extra_memory_text(head)}; its snapshot of theta_0 (held from the fast passes "
+        f"through the slow one): "
+        + ("n/a" if head["sfpo_snapshot_mb"].isna().all() else f"{head['sfpo_snapshot_mb'].max():.2f} MB")
+        + ".",
     ]
 
     # why each seed left out of the rollouts / wall-clock verdicts is not measurable
@@ -227,7 +237,7 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
         r, t = head.loc[improved_seeds, "rollouts_ratio"], head.loc[improved_seeds, "time_ratio"]
         if reached_m == improved and r.notna().all() and (r > 1).all():
             verdicts.append(
-                f"Rollouts: same direction as the paper ({PAPER['rollouts']}): SFPO needed {_spread(r)}x "
+                f"Rollouts: same direction as the paper ({PAPER['rollouts']}): SFPO needed {_spread(r, '{:.2f}x', ratio=True)} "
                 f"fewer in {improved} measurable seed(s){left_out}."
             )
         else:
@@ -237,15 +247,17 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
                 f"seed(s) and needed fewer rollouts in {int((r > 1).sum())} of {improved}{left_out}."
             )
         if reached_m == improved and t.notna().all() and (t > 1).all():
-            verdicts.append(f"Wall-clock: same direction as the paper ({PAPER['wall_clock']}): {_spread(t)}x less.")
+            verdicts.append(
+                f"Wall-clock: same direction as the paper ({PAPER['wall_clock']}): {_spread(t, '{:.2f}x', ratio=True)} less."
+            )
         else:
             verdicts.append(
                 f"Wall-clock: **does not show the paper's direction in every measurable seed** (paper: "
                 f"{PAPER['wall_clock']}): SFPO got there sooner in {int((t > 1).sum())} of {improved}."
             )
-    ratio = head["active_step_time_ratio"].mean()
+    ratio = ratio_ci(head["active_step_time_ratio"])[0]  # the geometric mean, as in the measures above
     if math.isnan(ratio):  # the trigger fired before the first timed step: no SFPO step ran its fast passes
-        ratio = head["step_time_ratio"].mean()
+        ratio = ratio_ci(head["step_time_ratio"])[0]
     gen = head["grpo_gen_share_pct"].mean()
     verdicts.append(
         f"Step time (SFPO steps with the fast passes): SFPO/GRPO {ratio:.2f}x here against the paper's "
@@ -257,10 +269,8 @@ def headline_lines(head: pd.DataFrame) -> tuple[str, list[str], list[str]]:
             else "Comparable regime."
         )
     )
-    extra = head["extra_memory_gb"].max()
     verdicts.append(
-        f"Memory: paper: {PAPER['memory']}; here SFPO's peak is {extra:+.3f} GB against GRPO's "
-        f"({head['memory_reading'].iloc[0]}); by design SFPO holds one copy of the trainable parameters "
+        f"Memory: paper: {PAPER['memory']}; here SFPO's extra memory is {extra_memory_text(head)}; by design SFPO holds one copy of the trainable parameters "
         "(the snapshot) from the fast passes through the slow one, 0 with snapshot_offload=cpu."
         + (
             ""

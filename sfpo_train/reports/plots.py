@@ -39,49 +39,79 @@ def _plt():
     return plt
 
 
-def plot_stage_time(runs: list[Run], path: str) -> None:
-    """Stacked per-stage seconds per step, one panel per arm (mean over the arm's seeds at each step)."""
+# At most this many bars per panel of the stage-time plot: longer runs are averaged over windows of steps.
+MAX_BARS = 40
+WINDOWS = (1, 2, 5, 10, 20, 25, 50, 100, 200, 250, 500, 1000)
+
+
+def step_window(n_steps: int) -> int:
+    """The width of the step windows the stage-time plot averages over: the smallest of :data:`WINDOWS` (then
+    multiples of 1000) that leaves at most :data:`MAX_BARS` bars for ``n_steps`` steps."""
+    for width in WINDOWS:
+        if math.ceil(n_steps / width) <= MAX_BARS:
+            return width
+    return 1000 * math.ceil(n_steps / (1000 * MAX_BARS))
+
+
+def window_means(per_step: pd.DataFrame, width: int) -> pd.DataFrame:
+    """``per_step`` (index: training step >= 1) as means over windows of ``width`` steps (1..w, w+1..2w, ...),
+    indexed by each window's first step."""
+    first = (per_step.index.to_numpy() - 1) // width * width + 1
+    return per_step.groupby(first).mean()
+
+
+def stage_time_figure(runs: list[Run]):
+    """The stacked per-stage seconds per step, one panel per arm (the mean over the arm's runs at each step,
+    then over windows of :func:`step_window` steps when a run is longer than :data:`MAX_BARS` steps)."""
     plt = _plt()
     present = arms(runs)
-    fig, axes = plt.subplots(1, len(present), figsize=(6.5 * len(present), 4.2), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(
+        1, len(present), figsize=(5.5 * len(present) + 2.6, 4.4), sharey=True, squeeze=False, layout="constrained"
+    )
     for ax, arm in zip(axes[0], present):
         frames = [stage_times(r) for r in runs if r.arm == arm]
-        mean = pd.concat(frames).groupby("global_step")[list(STACKED_STAGES)].mean()
+        per_step = pd.concat(frames).groupby("global_step")[list(STACKED_STAGES)].mean()
+        width = step_window(int(per_step.index.max()) if len(per_step) else 1)
+        mean = window_means(per_step, width) if width > 1 else per_step
+        x = mean.index.to_numpy() + (width - 1) / 2  # each bar over the middle of its window
         bottom = np.zeros(len(mean))
         for (stage, label), color in zip(STACKED_STAGES.items(), STAGE_COLORS):
             values = mean[stage].to_numpy()
             if not values.any():
                 continue
-            if len(mean) <= 60:
-                ax.bar(mean.index, values, bottom=bottom, width=0.85, color=color, label=label)
-            else:
-                ax.fill_between(mean.index, bottom, bottom + values, step="mid", color=color, label=label, linewidth=0)
+            ax.bar(x, values, bottom=bottom, width=0.85 * width, color=color, label=label)
             bottom = bottom + values
-        ax.set_title(f"{arm}: seconds per step by stage ({len(frames)} run(s))")
-        ax.set_xlabel("training step")
-    axes[0][0].set_ylabel("seconds")
+        ax.set_title(f"{arm}: {len(frames)} run(s)", fontsize=10)
+        ax.set_xlabel("training step" if width == 1 else f"training step (mean over windows of {width} steps)")
+    axes[0][0].set_ylabel("seconds per step")
     handles: dict[str, object] = {}
     for ax in axes[0]:
         ax.xaxis.get_major_locator().set_params(integer=True)
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     ordered = [lab for lab in STACKED_STAGES.values() if lab in handles][::-1]  # top of the stack first
-    axes[0][-1].legend(
-        [handles[lab] for lab in ordered], ordered, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1)
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    if ordered:
+        fig.legend([handles[lab] for lab in ordered], ordered, fontsize=8, loc="outside right upper")
+    return fig
 
 
-def plot_stage_share(share: pd.DataFrame, path: str) -> None:
+def plot_stage_time(runs: list[Run], path: str) -> None:
+    """:func:`stage_time_figure` saved to ``path``."""
+    _save(stage_time_figure(runs), path)
+
+
+def stage_share_figure(share: pd.DataFrame):
+    """Each arm's step as one horizontal bar split into its stages' percentages (the table stage_share.csv)."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.7 * share.shape[1]))
     stacked = share.loc[list(STACKED_STAGES)].fillna(0)
+    shown = [stage for stage in STACKED_STAGES if stacked.loc[stage].to_numpy().any()]
+    # tall enough for the arms' bars and for the legend beside them (one line per stage shown)
+    height = max(1.6 + 0.6 * share.shape[1], 0.6 + 0.2 * len(shown))
+    fig, ax = plt.subplots(figsize=(10, height), layout="constrained")
     left = np.zeros(share.shape[1])
     for (stage, label), color in zip(STACKED_STAGES.items(), STAGE_COLORS):
         values = stacked.loc[stage].to_numpy()
-        if not values.any():
+        if stage not in shown:
             continue
         ax.barh(list(share.columns), values, left=left, color=color, label=label)
         for i, v in enumerate(values):
@@ -90,11 +120,20 @@ def plot_stage_share(share: pd.DataFrame, path: str) -> None:
         left = left + values
     ax.set_xlim(0, 100)
     ax.set_xlabel("percent of a step (mean over timed steps)")
-    if ax.get_legend_handles_labels()[0]:  # no stage timed (a run that logged only its steps): no legend
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.1))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    if shown:  # no stage timed (a run that logged only its steps): no legend
+        fig.legend(fontsize=8, loc="outside right upper")
+    return fig
+
+
+def plot_stage_share(share: pd.DataFrame, path: str) -> None:
+    """:func:`stage_share_figure` saved to ``path``."""
+    _save(stage_share_figure(share), path)
+
+
+def _save(fig, path: str) -> None:
+    # the figure as laid out (constrained layout keeps every label inside it), not cropped to its artists
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
 
 
 def plot_memory(memory: pd.DataFrame, path: str) -> None:
@@ -122,14 +161,33 @@ def plot_memory(memory: pd.DataFrame, path: str) -> None:
     plt.close(fig)
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
+ARM_SHADES = {"GRPO": "Blues", "SFPO": "Oranges"}  # one shade of the arm's colour per seed
+
+
+def seed_styles(runs: list[Run]) -> dict[str, tuple[object, str, str]]:
+    """``{run name: (colour, line style, marker)}``: the arm's colour in a shade of its own per seed (darkest
+    first), and line styles and markers cycling over the arm's seeds, so no two runs of an arm look alike."""
+    from matplotlib import colormaps
+
+    styles = {}
+    for arm in arms(runs):
+        mine = sorted((r for r in runs if r.arm == arm), key=lambda r: (r.seed, r.name))
+        cmap = colormaps[ARM_SHADES.get(arm, "Greys")]
+        for i, run in enumerate(mine):
+            shade = 0.9 - 0.45 * i / max(1, len(mine) - 1)
+            styles[run.name] = (cmap(shade), LINE_STYLES[i % len(LINE_STYLES)], MARKERS[i % len(MARKERS)])
+    return styles
+
+
 def plot_curves(runs: list[Run], head: pd.DataFrame, path: str) -> None:
     """Training reward (rolling mean) and test accuracy against rollouts and against wall-clock."""
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(12, 7.5))
-    styles = ["-", "--", ":", "-."]
-    seeds = sorted({r.seed for r in runs})
+    styles = seed_styles(runs)
     for run in runs:
-        color, ls = ARM_COLORS[run.arm], styles[seeds.index(run.seed) % len(styles)]
+        color, ls, marker = styles[run.name]
         label = f"{run.arm} seed {run.seed}"
         train = run.train
         window = max(1, len(train) // 20)
@@ -138,7 +196,7 @@ def plot_curves(runs: list[Run], head: pd.DataFrame, path: str) -> None:
             axes[0][col].plot(x, reward, color=color, ls=ls, lw=1.2, label=label)
         val = run.val
         for col, x in ((0, val["rollouts"]), (1, val["elapsed_s"])):
-            axes[1][col].plot(x, val["accuracy"], color=color, ls=ls, marker="o", ms=3, lw=1.2, label=label)
+            axes[1][col].plot(x, val["accuracy"], color=color, ls=ls, marker=marker, ms=3.5, lw=1.2, label=label)
     if "target_acc" in head and len(head):
         for ax in axes[1]:
             ax.axhline(head["target_acc"].mean(), color="gray", ls=":", lw=1, label="GRPO's best (mean over seeds)")
@@ -158,11 +216,11 @@ def plot_dynamics(runs: list[Run], path: str) -> None:
     plt = _plt()
     fig, axes = plt.subplots(3, 1, figsize=(10, 8), sharex=True)
     seeds = sorted({r.seed for r in runs})
-    styles = ["-", "--", ":", "-."]
+    styles = seed_styles(runs)
     for run in runs:
         train = run.train
         step = train["training/global_step"]
-        color, ls = ARM_COLORS[run.arm], styles[seeds.index(run.seed) % len(styles)]
+        color, ls, _ = styles[run.name]
         label = f"{run.arm} seed {run.seed}"
         axes[0].plot(step, column(train, "actor/entropy"), color=color, ls=ls, lw=1, label=label)
         if run.arm == "SFPO":

@@ -6,8 +6,9 @@ seeds for both arms, the seeds where the measure is defined for both (paired by
 seed: never a mean over different seeds), and names it. Columns:
 ``<arm>_mean``, ``<arm>_ci_low``, ``<arm>_ci_high`` (arm = grpo, sfpo), the paired
 difference ``diff_*`` (SFPO - GRPO, per seed, then mean and interval) and the
-paired ratio ``ratio_*`` (SFPO / GRPO per seed). Intervals:
-:data:`~sfpo_train.reports.stats.INTERVAL`. Seeds whose runs did not finish all
+paired ratio ``ratio_*`` (SFPO / GRPO per seed; its geometric mean over seeds, the
+interval on the log scale). Intervals: :data:`~sfpo_train.reports.stats.INTERVAL`
+(NaN bounds with fewer than 3 seeds). Seeds whose runs did not finish all
 their steps are left out of every row and named in its note.
 
 ``cost_model_table(runs, head)``: a projection, not a measurement. A GRPO step is
@@ -32,7 +33,7 @@ import math
 import pandas as pd
 
 from sfpo_train.reports.runs import Run, column
-from sfpo_train.reports.stats import mean_ci
+from sfpo_train.reports.stats import format_spread, mean_ci, ratio_ci
 
 SHARES = (0.25, 0.50, 0.70, 0.80, 0.90)
 
@@ -50,7 +51,7 @@ def _row(measure: str, unit: str, pairs: pd.DataFrame, grpo_col: str, sfpo_col: 
         row[f"{arm}_mean"], row[f"{arm}_ci_low"], row[f"{arm}_ci_high"], _ = mean_ci(values)
     row["diff_mean"], row["diff_ci_low"], row["diff_ci_high"], _ = mean_ci(s - g)
     ratio = (s / g).where(g != 0)
-    row["ratio_mean"], row["ratio_ci_low"], row["ratio_ci_high"], _ = mean_ci(ratio)
+    row["ratio_mean"], row["ratio_ci_low"], row["ratio_ci_high"], _ = ratio_ci(ratio)
     row["note"] = note
     return row
 
@@ -118,24 +119,21 @@ def summary_display(summary: pd.DataFrame) -> pd.DataFrame:
 
 def summary_lines(summary: pd.DataFrame) -> list[str]:
     """One sentence per measure: both arms' mean [interval] over the same seeds, and the paired difference."""
-    fmt = UNIT_FORMAT
     out = []
     for _, r in summary.iterrows():
-        f = fmt.get(r["unit"], "{:.3f}")
         unit = "" if r["unit"] in ("accuracy", "rollouts") else f" {r['unit']}"
+        f = UNIT_FORMAT.get(r["unit"], "{:.3f}") + unit
 
         def ci(prefix: str, f: str = f, r: pd.Series = r) -> str:
-            mean, lo, hi = r[f"{prefix}_mean"], r[f"{prefix}_ci_low"], r[f"{prefix}_ci_high"]
-            if math.isnan(mean):
-                return "n/a"
-            return f.format(mean) + ("" if math.isnan(lo) else f" [{f.format(lo)}, {f.format(hi)}]")
+            values = (r[f"{prefix}_{stat}"] for stat in ("mean", "ci_low", "ci_high"))
+            return format_spread(*values, int(r["n_seeds"]), f)
 
         if r["n_seeds"] == 0:
             out.append(f"{r['measure']}: not measurable in any seed ({r['note']}).")
             continue
         out.append(
-            f"{r['measure']} ({r['unit']}, seeds {r['seeds']}): GRPO {ci('grpo')}{unit}, SFPO {ci('sfpo')}{unit}; "
-            f"SFPO - GRPO {ci('diff')}{unit}, SFPO / GRPO {ci('ratio', '{:.2f}x')}. {r['note']}."
+            f"{r['measure']} ({r['unit']}, seeds {r['seeds']}): GRPO {ci('grpo')}, SFPO {ci('sfpo')}; "
+            f"SFPO - GRPO {ci('diff')}, SFPO / GRPO {ci('ratio', '{:.2f}x')}. {r['note']}."
         )
     return out
 
@@ -210,8 +208,8 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
             if p["steps"] is not None:
                 n_g, n_s, a = p["steps"]
                 time_ratios.append(n_g * grpo_step / (a * sfpo_step + (n_s - a) * grpo_step))
-        step = mean_ci(step_ratios)
-        t_mean, t_lo, t_hi, t_n = mean_ci(time_ratios)
+        step = ratio_ci(step_ratios)
+        t_mean, t_lo, t_hi, t_n = ratio_ci(time_ratios)
         wins = (
             "n/a"
             if t_n == 0
@@ -240,10 +238,10 @@ def cost_model_table(runs: list[Run], head: pd.DataFrame) -> pd.DataFrame:
                 "time_ratio_seeds": t_n,
                 "sfpo_wins_wall_clock": wins,
                 # the model checked against the measurement, at the share measured here
-                "measured_step_ratio": mean_ci(p["measured_step_ratio"] for p in parts)[0]
+                "measured_step_ratio": ratio_ci(p["measured_step_ratio"] for p in parts)[0]
                 if kind != "projection"
                 else math.nan,
-                "measured_time_ratio": mean_ci(p["measured_time_ratio"] for p in parts)[0]
+                "measured_time_ratio": ratio_ci(p["measured_time_ratio"] for p in parts)[0]
                 if kind != "projection"
                 else math.nan,
             }
@@ -264,12 +262,14 @@ def cost_model_lines(cost: pd.DataFrame, head: pd.DataFrame) -> list[str]:
     for _, r in cost.iterrows():
         step = f"{r['step_ratio_sfpo_over_grpo']:.2f}x"
         if r["time_ratio_seeds"]:
-            lo, hi = r["time_ratio_ci_low"], r["time_ratio_ci_high"]
-            interval = "" if math.isnan(lo) else f" [{lo:.2f}, {hi:.2f}]"
-            time = (
-                f"GRPO/SFPO wall-clock to GRPO's best {r['time_to_grpo_best_ratio_grpo_over_sfpo']:.2f}x{interval} "
-                f"over {int(r['time_ratio_seeds'])} seed(s): SFPO wins wall-clock: {r['sfpo_wins_wall_clock']}"
+            ratio = format_spread(
+                r["time_to_grpo_best_ratio_grpo_over_sfpo"],
+                r["time_ratio_ci_low"],
+                r["time_ratio_ci_high"],
+                int(r["time_ratio_seeds"]),
+                "{:.2f}x",
             )
+            time = f"GRPO/SFPO wall-clock to GRPO's best {ratio}: SFPO wins wall-clock: {r['sfpo_wins_wall_clock']}"
         else:
             time = "wall-clock to GRPO's best: no seed where it is measurable"
         out.append(f"generation share {100 * r['generation_share']:.0f}% ({r['kind']}): SFPO/GRPO step {step}; {time}.")

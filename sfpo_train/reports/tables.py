@@ -111,6 +111,40 @@ def run_summary(run: Run) -> dict:
     }
 
 
+def runs_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """runs.csv as the report shows it: :func:`run_summary` rows, ``trigger_step`` in words where the trigger
+    did not fire (``never`` in an SFPO run, ``n/a`` in a GRPO run, which has none)."""
+    shown = summary.copy()
+    if "trigger_step" in shown:
+        shown["trigger_step"] = [
+            int(step) if step >= 0 else ("never" if arm == "SFPO" else "n/a")
+            for step, arm in zip(shown["trigger_step"], shown["arm"])
+        ]
+    return shown
+
+
+def algorithm_label(algorithm: str) -> str:
+    """A recipe's name as the paper writes it: GRPO, Dr. GRPO, DAPO (others as they are)."""
+    return {"grpo": "GRPO", "drgrpo": "Dr. GRPO", "dapo": "DAPO"}.get(algorithm, algorithm)
+
+
+def arm_label(arm: str, algorithm: str) -> str:
+    """What an arm's runs are: ``plain GRPO`` / ``SFPO over GRPO`` (DAPO, Dr. GRPO likewise)."""
+    base = algorithm_label(algorithm)
+    return f"SFPO over {base}" if arm == "SFPO" else f"plain {base}"
+
+
+def folded_old_log_prob(runs: list[Run]) -> list[str]:
+    """The arms whose every timed step took the old log-probs from the first update pass
+    (``actor/old_log_prob_from_update`` 1), so that their ``old_log_prob`` stage is 0 s."""
+    folded = []
+    for arm in arms(runs):
+        flags = pd.concat([column(r.timed, "actor/old_log_prob_from_update") for r in runs if r.arm == arm])
+        if len(flags) and bool((flags.fillna(0) > 0).all()):
+            folded.append(arm)
+    return folded
+
+
 def arm_stage_table(runs: list[Run]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``(seconds per step, percent of the step)``: rows stages, columns arms (mean over the arm's runs)."""
     per_arm = {}
@@ -140,9 +174,12 @@ def arm_memory_table(runs: list[Run]) -> pd.DataFrame:
     return table
 
 
-def labelled(table: pd.DataFrame, unit: str) -> pd.DataFrame:
-    """A stage table (index: stages) for reading: the stage as a column, its label beside it, ``unit`` on each arm."""
-    labels = {**STACKED_STAGES, **EXTRA_STAGES}
+def labelled(table: pd.DataFrame, unit: str, notes: dict[str, str] | None = None) -> pd.DataFrame:
+    """A stage table (index: stages) for reading: the stage as a column, its label beside it, ``unit`` on each arm.
+
+    ``notes``: ``{stage: label}`` in place of the usual label (e.g. why a stage is 0 here).
+    """
+    labels = {**STACKED_STAGES, **EXTRA_STAGES, **(notes or {})}
     out = table.rename(columns=lambda arm: f"{arm} {unit}").reset_index()
     out.insert(1, "what", [labels.get(s, s) for s in out["stage"]])
     return out

@@ -40,7 +40,8 @@ def grpo_args(output_dir, **overrides):
 def make_trainer(output_dir, *, cls=None, sfpo=None, rows: int = 256, fused_head=None, **overrides):
     """A trainer on the shipped model and the first ``rows`` training problems; ``cls`` None: ``SFPOGRPOTrainer``.
 
-    Counts its generations in ``trainer.generations`` (one per ``_generate_and_score_completions``).
+    Counts its generations in ``trainer.generations`` (one per ``_generate_and_score_completions``) and
+    records the optimizer step each one happened at in ``trainer.generation_steps``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,10 +63,12 @@ def make_trainer(output_dir, *, cls=None, sfpo=None, rows: int = 256, fused_head
         **extra,
     )
     trainer.generations = 0
+    trainer.generation_steps = []
     generate = trainer._generate_and_score_completions
 
     def counted(*args, **kwargs):
         trainer.generations += 1
+        trainer.generation_steps.append(trainer.state.global_step)
         return generate(*args, **kwargs)
 
     trainer._generate_and_score_completions = counted

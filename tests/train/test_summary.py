@@ -18,7 +18,7 @@ import torch
 from sfpo_train import cli
 from sfpo_train.reports import build_report, headline_table, load_run
 from sfpo_train.reports.grid import GROUPS, grid_points, run_sweep, unique_runs
-from sfpo_train.reports.stats import mean_ci, t975
+from sfpo_train.reports.stats import MIN_SEEDS, format_spread, mean_ci, ratio_ci, t975
 from sfpo_train.reports.summary import cost_model_table, summary_table
 from sfpo_train.reports.sweep_report import plot_k_alpha
 from tests.helpers.run_files import write_stage_run
@@ -45,9 +45,48 @@ def test_mean_ci_is_the_t_interval():
     assert n == 5 and mean == pytest.approx(np.mean(values))
     assert (low, high) == pytest.approx((np.mean(values) - half, np.mean(values) + half))
     assert mean_ci([0.5])[:3] == pytest.approx((0.5, math.nan, math.nan), nan_ok=True)
+    assert mean_ci([0.5, 0.7])[:3] == pytest.approx((0.6, math.nan, math.nan), nan_ok=True)  # too few seeds
     assert mean_ci([])[3] == 0
     with pytest.raises(ValueError, match="df"):
         t975(0)
+
+
+def test_ratio_ci_is_the_t_interval_of_the_log_ratios():
+    ratios = [1.9, 4.6, 2.5, 3.3]
+    logs = np.log(ratios)
+    half = t975(3) * np.std(logs, ddof=1) / math.sqrt(4)
+    mean, low, high, n = ratio_ci(ratios + [math.nan])
+    assert n == 4 and mean == pytest.approx(math.exp(logs.mean()))
+    assert (low, high) == pytest.approx((math.exp(logs.mean() - half), math.exp(logs.mean() + half)))
+    # GRPO / SFPO is the reciprocal of SFPO / GRPO, bounds swapped
+    inverse = ratio_ci([1 / r for r in ratios])
+    assert inverse[:3] == pytest.approx((1 / mean, 1 / high, 1 / low))
+    assert all(math.isnan(v) for v in ratio_ci([0.0, 1.0, 2.0])[:3])  # a ratio of 0 has no logarithm
+
+
+def test_a_ratio_interval_is_never_negative():
+    # step-time ratios of a busy machine: the t interval of the ratios themselves goes below 0
+    spread = [0.5, 1.0, 8.0]
+    assert mean_ci(spread)[1] < 0
+    assert ratio_ci(spread)[1] > 0
+    rng = np.random.default_rng(0)
+    for n in range(3, 12):
+        for _ in range(50):
+            values = np.exp(rng.normal(0.0, 3.0, size=n))  # ratios over several orders of magnitude
+            mean, low, high, _ = ratio_ci(values)
+            assert 0 < low <= mean <= high
+
+
+@pytest.mark.parametrize("values", [[2.0], [1.9, 4.6]])
+def test_fewer_than_three_seeds_say_too_few_seeds(values):
+    for interval in (mean_ci(values), ratio_ci(values)):
+        mean, low, high, n = interval
+        assert n == len(values) < MIN_SEEDS and math.isnan(low) and math.isnan(high)
+        text = format_spread(*interval, "{:.2f}x")
+        assert text == f"{mean:.2f}x [too few seeds]"
+    assert format_spread(*ratio_ci([1.9, 4.6, 2.5]), "{:.2f}x").count("[") == 1  # 3 seeds: an interval
+    assert "too few" not in format_spread(*ratio_ci([1.9, 4.6, 2.5]), "{:.2f}x")
+    assert format_spread(*mean_ci([]), "{:.2f}") == "n/a"
 
 
 @pytest.fixture
@@ -78,11 +117,10 @@ def test_summary_pairs_by_seed_and_leaves_out_unfinished_runs(three_seeds):
     assert "1 of 2" in rollouts["note"] and "3 left out" in rollouts["note"]
     final = summary.loc["final_acc"]
     assert final["seeds"] == "1 2"
-    sfpo_final = [0.6, 0.3]
-    half = t975(1) * np.std(sfpo_final, ddof=1) / math.sqrt(2)
-    assert (final["sfpo_mean"], final["sfpo_ci_low"], final["sfpo_ci_high"]) == pytest.approx(
-        (0.45, 0.45 - half, 0.45 + half)
-    )
+    # 2 seeds: the mean, and no interval (the t interval would be 0.45 -+ 1.91, an accuracy below 0)
+    assert final["sfpo_mean"] == pytest.approx((0.6 + 0.3) / 2)
+    assert math.isnan(final["sfpo_ci_low"]) and math.isnan(final["sfpo_ci_high"])
+    assert final["ratio_mean"] == pytest.approx(math.sqrt((0.6 / 0.4) * (0.3 / 0.4)))  # geometric mean per seed
     assert final["diff_mean"] == pytest.approx(((0.6 - 0.4) + (0.3 - 0.4)) / 2)  # per seed, then the mean
     memory = summary.loc["peak_memory"]
     assert memory["diff_mean"] == pytest.approx(0.5)  # SFPO's runs log 1.5 GB, GRPO's 1.0 GB

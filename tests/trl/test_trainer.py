@@ -80,8 +80,10 @@ def test_trigger_switches_to_one_pass_per_generation(tmp_path):
     trainer = make_trainer(tmp_path, sfpo=config, max_steps=8)
     trainer.train()
     assert trainer.sfpo.fired_at == 1
-    # iterations 0 and 1: two passes of one generation each (4 steps); then one pass per generation
+    # iterations 0 and 1: two passes of one generation each (4 steps); then one pass per generation.
+    # TRL pushes weights to vLLM only at a generation: once per iteration, after its slow pass.
     assert trainer.generations == 2 + 4
+    assert trainer.generation_steps == [0, 2, 4, 5, 6, 7]
     assert trainer.sfpo.iteration == 6
     logged = [(h["step"], h["sfpo/alpha"], h["sfpo/triggered"]) for h in trainer.state.log_history if "sfpo/alpha" in h]
     assert logged == [(2, 0.8, 0.0), (4, 0.8, 1.0), (5, 0.0, 1.0), (6, 0.0, 1.0), (7, 0.0, 1.0), (8, 0.0, 1.0)]
