@@ -44,6 +44,7 @@ import_or_skip("trl")
 
 from bench.cpu_memory import cpu_allocator_peak  # noqa: E402
 from bench.linear_baselines import largest_tensor  # noqa: E402
+from bench.provenance import package_versions  # noqa: E402
 from bench.trl_arms import ARMS, SFPO_ALPHA, SFPO_K, bench_scale, build_arm, fused_head_missing, run_interleaved  # noqa: E402
 
 SCALE, SHAPE = bench_scale()
@@ -68,7 +69,9 @@ class _Skipped(str):
 
 
 def _conditions() -> dict:
+    versions = package_versions()
     return {
+        "versions": {k: versions.get(k) for k in ("python", "torch", "transformers", "trl")},
         "torch_threads": torch.get_num_threads(),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),

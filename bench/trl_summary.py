@@ -202,10 +202,15 @@ def _yes_no(value) -> str:
 
 
 def _conditions(row: pd.Series) -> str:
+    versions = [
+        f"{name} {row[f'extra_info.versions.{name}']}"
+        for name in ("trl", "transformers", "torch")
+        if isinstance(row.get(f"extra_info.versions.{name}"), str)
+    ]
     return (
         f"torch threads {row.get('extra_info.torch_threads', '?')}; load average (1 min) "
         f"{row.get('extra_info.load_avg_1m', '?')} at the start, {row.get('extra_info.load_avg_1m_end', '?')} at the "
-        f"end; {row.get('extra_info.date', '?')}."
+        f"end; {row.get('extra_info.date', '?')}" + (f"; {', '.join(versions)}." if versions else ".")
     )
 
 
