@@ -11,7 +11,8 @@ limit, peak memory, and time / memory of the eager row of the same shape over
 theirs. The SFPO-step rows and the training-iteration rows (one GRPO vs one
 SFPO ``Trainer.train_step``, per stage) get tables of their own too, and so do the
 fused LM head rows (``linear_grpo_loss``): time and memory of the materialised
-row of the same shape over theirs.
+row of the same shape over theirs, and the TRL rows (``bench/trl_summary.py``:
+TRL's iterations and loss against sfpo's, and their targets met or missed).
 (pandas' ``to_markdown`` needs ``tabulate``; the tables are written here
 instead.)
 """
@@ -25,6 +26,8 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+
+from bench.trl_summary import split_trl_rows, trl_section, trl_target_lines
 
 COLUMNS = {  # header -> column of the flattened JSON
     "name": "name",
@@ -500,7 +503,7 @@ def summary_lines(frame: pd.DataFrame, device: str, skipped: list[dict]) -> list
     lines = [CPU_NOTE] if is_cpu(device) else []
     ratios = ratio_lines(frame)
     lines += [SPREAD_NOTE, *ratios] if ratios else ["no sfpo/baseline pair ran (see the tables above)"]
-    return lines + skip_lines(skipped)
+    return lines + trl_target_lines(frame) + skip_lines(skipped)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -509,7 +512,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", help="write the Markdown here instead of stdout")
     args = parser.parse_args(argv)
     frame, data = load(args.bench_json)
-    other, loss = split_loss_rows(frame)
+    other, trl = split_trl_rows(frame)
+    other, loss = split_loss_rows(other)
     other, linear = split_linear_rows(other)
     other, training = split_training_rows(other)
     other, step = split_step_rows(other)
@@ -527,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(step_section(step))
     if not training.empty:
         parts.append(training_section(training))
+    if not trl.empty:
+        parts.append(trl_section(trl))
     skipped = data.get(SKIPPED_KEY) or []
     if skipped:
         parts.append("## Rows that did not run\n\n" + "\n".join(f"- {line}" for line in skip_lines(skipped)))

@@ -44,6 +44,7 @@ if str(REPO_ROOT) not in sys.path:
 
 import result_stages as train  # noqa: E402
 import result_stages_measure as measure  # noqa: E402
+import result_stages_trl as trl  # noqa: E402
 from results_lib import Context, Stage, rewrite_block, rewrite_document  # noqa: E402
 
 from bench.provenance import machine_provenance, now  # noqa: E402
@@ -172,6 +173,17 @@ STAGES: list[Stage] = [
         needs=measure.needs_verl,
     ),
     Stage(
+        name="trl_bench",
+        produces="docs/trl.md's TRL iteration and loss table and its targets: docs/results/trl-bench-cpu.md",
+        expected="~4 min (8 arms x 17 rounds of 0.1-0.4 s, the loss at N=4096 V=32768 2 x 6 rounds of ~4 s)",
+        commands=trl.trl_bench_commands,
+        collect=trl.trl_bench_collect,
+        render=trl.trl_bench_render,
+        blocks=("docs/trl.md#trl-bench",),
+        needs=trl.needs_trl,
+        trl=True,
+    ),
+    Stage(
         name="bench_gpu",
         produces="bench/results/<device>-<date>/ (bench/run_gpu.sh: JSON, summary.md, meta.txt)",
         expected="GPU only; more than 10 min in all (bench/README.md splits it over calls)",
@@ -231,7 +243,7 @@ def render(ctx: Context, stage: Stage) -> list[str]:
 
 def run_stage(ctx: Context, stage: Stage, regenerated_by: str, echo: bool) -> str:
     """Run one stage; returns "ok", "failed: ..." (its log named)."""
-    python = ctx.vllm_python if stage.vllm else ctx.python
+    python = ctx.vllm_python if stage.vllm else ctx.trl_python if stage.trl else ctx.python
     prov = {"stage": stage.name, "quick": ctx.quick, "expected": stage.expected, **machine_provenance(python)}
     timed = []
     log_path = ctx.work / f"{stage.name}.log"
@@ -297,6 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--python", default=sys.executable, help="interpreter of the commands (default: this one)")
     parser.add_argument("--vllm-python", help="interpreter of the vLLM stages, from vLLM's own venv (default --python)")
+    parser.add_argument(
+        "--trl-python", help="interpreter of the TRL stages, from a venv with the trl extra (default --python)"
+    )
     parser.add_argument("--echo", action="store_true", help="show the commands' output as they run")
     args = parser.parse_args(argv)
     stages = _select(args.only)
@@ -305,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--quick writes numbers that measure nothing: give --root a copy of the documents")
     work = Path(args.work).resolve() if args.work else root / "runs" / f"regenerate-{time.strftime('%Y%m%d-%H%M%S')}"
     ctx = Context(
-        root=root, work=work, python=args.python, vllm_python=args.vllm_python or args.python, quick=args.quick
+        root=root,
+        work=work,
+        python=args.python,
+        vllm_python=args.vllm_python or args.python,
+        trl_python=args.trl_python or args.python,
+        quick=args.quick,
     )
 
     if args.list:

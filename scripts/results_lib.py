@@ -46,6 +46,7 @@ class Context:
     work: Path
     python: str = sys.executable
     vllm_python: str = sys.executable
+    trl_python: str = sys.executable
     quick: bool = False
 
     def results(self, name: str) -> Path:
@@ -89,7 +90,7 @@ class Stage:
     ``render(ctx)``: ``{(document, block name): Markdown}`` from those outputs and the stage's provenance.
     ``blocks``: the ``document#block`` names ``render`` writes, declared so they can be checked without data.
     ``needs(ctx)``: None when the stage can run here, else why it is skipped (no GPU, no vLLM...).
-    ``vllm``: its commands run with the vLLM interpreter (``--vllm-python``).
+    ``vllm``: its commands run with the vLLM interpreter (``--vllm-python``); ``trl``: with TRL's (``--trl-python``).
     """
 
     name: str
@@ -101,6 +102,7 @@ class Stage:
     blocks: tuple[str, ...] = ()
     needs: Callable[[Context], str | None] = lambda ctx: None
     vllm: bool = False
+    trl: bool = False
 
 
 # --------------------------------------------------------------------------- generated blocks

@@ -79,6 +79,7 @@ from __future__ import annotations
 import functools
 import math
 import types
+import weakref
 
 import torch
 import trl
@@ -197,9 +198,20 @@ def _trainer_options(trainer) -> GRPOLossOptions:
     )
 
 
+_CAUSAL_LMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _causal_lm(model):
-    """The transformers model under a PEFT wrapper (TRL patches that one)."""
-    return model.get_base_model() if is_peft_model(model) else model
+    """The transformers model under a PEFT wrapper (TRL patches that one).
+
+    Resolved once per model: accelerate's ``is_peft_model`` looks the package up on every
+    call, which cost ~8% of a micro-step of the embedded model (measured on the CPU).
+    """
+    lm = _CAUSAL_LMS.get(model)
+    if lm is None:
+        lm = model.get_base_model() if is_peft_model(model) else model
+        _CAUSAL_LMS[model] = lm
+    return lm
 
 
 def check_fused_model(trainer) -> None:
