@@ -184,13 +184,13 @@ class SFPOGRPOTrainer(GRPOTrainer):
                 iteration.abort(failure)
                 self._iteration = None
                 raise
+        if self._iteration is not None and control.should_training_stop:
+            self._stop_mid_iteration()  # then the final save below may happen, of the weights as they are
         if self._iteration is None:
             if self._save_deferred:
                 control.should_save, self._save_deferred = True, False
         else:
             self._defer_save(control)
-            if control.should_training_stop:
-                self._stop_mid_iteration()
 
     def _defer_save(self, control) -> None:
         """A checkpoint holds whole iterations: a save asked for between passes waits for the iteration's end."""

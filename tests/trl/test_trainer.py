@@ -131,12 +131,16 @@ def test_resume_refuses_a_checkpoint_without_sfpo_state(tmp_path):
         trainer.train(resume_from_checkpoint=str(tmp_path / "plain" / "checkpoint-1"))
 
 
-def test_stopping_between_passes_keeps_the_weights_and_warns(tmp_path):
-    trainer = make_trainer(tmp_path, sfpo=SFPOConfig(inner_steps=2, alpha=0.8), max_steps=4)
+def test_stopping_between_passes_keeps_the_weights_warns_and_still_saves(tmp_path):
+    trainer = make_trainer(
+        tmp_path, sfpo=SFPOConfig(inner_steps=2, alpha=0.8), max_steps=4, save_strategy="steps", save_steps=4
+    )
     with pytest.warns(UserWarning, match="after 1 of the 3 passes"):
         trainer.train()
     assert trainer.sfpo.iteration == 1  # the unfinished iteration is not counted
     assert trainer._iteration is None
+    state = torch.load(tmp_path / "checkpoint-4" / "sfpo_state.pt", weights_only=True)
+    assert state["sfpo"]["iteration"] == 1
 
 
 @pytest.mark.parametrize(
