@@ -442,12 +442,20 @@ def run(
         + (["--arms", ",".join(arms)] if tuple(arms) != ARMS else [])
         + (["--test-freq", str(test_freq)] if test_freq != 50 else [])
         + (["--val-samples", str(val_samples)] if val_samples else [])
-        + ["--out", str(out)]
+        + ["--out", _shown_path(out)]
     )
     prov = out / "trl-compare-provenance.md"
     prov.write_text(provenance(command, threads, started, timeline, time.perf_counter() - begin))
     paths.update({"csv": str(csv), "markdown": str(md), "provenance": str(prov)})
     return paths
+
+
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the working directory when under it, else as given (the provenance's command)."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
