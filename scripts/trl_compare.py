@@ -26,7 +26,11 @@ Every run validates greedily on the shipped test problems before training, every
 
 Wall-clock is ``train/elapsed_s`` (validation left out, as in ``sfpo report``).
 ``--threads`` sets torch's intra-op threads here and ``OMP_NUM_THREADS`` for the
-``sfpo train`` subprocesses. Importable: :func:`run` returns the written paths.
+``sfpo train`` subprocesses. Importable: :func:`run` returns the written paths;
+:func:`write_tables` rebuilds the CSV and Markdown from finished run directories.
+The same seed gives the same accuracies whatever ``--test-freq`` (validation runs
+on a forked RNG in both trainers); a run directory already finished is kept, so
+the same command continues an interrupted comparison.
 """
 
 from __future__ import annotations
@@ -427,16 +431,7 @@ def run(
                 raise RuntimeError(f"{shlex.join(cmd)} failed:\n{done.stderr[-3000:]}")
             paths[f"report-{trainer}"] = str(report / "report.md")
 
-    import pandas as pd
-
-    results = run_results(out, names)
-    csv = out / "trl-compare.csv"
-    pd.DataFrame(results).to_csv(csv, index=False)
-    md = out / "trl-compare.md"
-    md.write_text(
-        f"# TRL GRPO vs TRL + SFPO vs sfpo train: {steps} iterations, seeds 1-{seeds}, {threads} thread(s)\n\n"
-        + markdown_table(results, [a for a in ARMS if a in arms])
-    )
+    csv, md = write_tables(out, names, steps=steps, threads=threads, test_freq=test_freq, val_samples=val_samples)
     command = shlex.join(
         ["python", "scripts/trl_compare.py", "--seeds", str(seeds), "--steps", str(steps), "--threads", str(threads)]
         + (["--arms", ",".join(arms)] if tuple(arms) != ARMS else [])
@@ -456,6 +451,26 @@ def _shown_path(path: Path) -> str:
         return str(path.resolve().relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+def write_tables(out: Path, names: list[str], *, steps: int, threads: int, test_freq: int, val_samples) -> tuple:
+    """OUT/trl-compare.csv and OUT/trl-compare.md from the run directories ``names`` (they can be rebuilt any time)."""
+    import pandas as pd
+
+    results = run_results(out, names)
+    csv = out / "trl-compare.csv"
+    pd.DataFrame(results).to_csv(csv, index=False)
+    seeds = sorted({r["seed"] for r in results})
+    arms = [a for a in ARMS if any(r["arm"] == a for r in results)]
+    md = out / "trl-compare.md"
+    md.write_text(
+        f"# TRL GRPO vs TRL + SFPO vs sfpo train: {steps} iterations, seeds {', '.join(map(str, seeds))}\n\n"
+        f"The embedded addition task and model, {threads} thread(s), one run at a time; greedy accuracy on "
+        f"{val_samples or 'all 500'} test problems before training, every {test_freq} iterations and at the end. "
+        "Wall-clock is training time (validation left out). Machine, load and versions: "
+        "the provenance file written with this one.\n\n" + markdown_table(results, arms)
+    )
+    return csv, md
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
