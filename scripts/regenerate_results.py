@@ -184,6 +184,18 @@ STAGES: list[Stage] = [
         trl=True,
     ),
     Stage(
+        name="trl_compare",
+        produces="docs/trl.md's TRL GRPO vs TRL + SFPO vs sfpo train table: "
+        "docs/results/trl-compare-300-steps-3-seeds.{csv,md}",
+        expected="~13 min at load ~1-3 (12 runs: 3 seeds x 4 arms of 300 iterations, 33-101 s each)",
+        commands=trl.trl_compare_commands,
+        collect=trl.trl_compare_collect,
+        render=trl.trl_compare_render,
+        blocks=("docs/trl.md#trl-compare",),
+        needs=trl.needs_trl,
+        trl=True,
+    ),
+    Stage(
         name="bench_gpu",
         produces="bench/results/<device>-<date>/ (bench/run_gpu.sh: JSON, summary.md, meta.txt)",
         expected="GPU only; more than 10 min in all (bench/README.md splits it over calls)",

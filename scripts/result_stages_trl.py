@@ -1,4 +1,5 @@
-"""The TRL stages of ``scripts/regenerate_results.py``: SFPOGRPOTrainer's benchmark (see :class:`results_lib.Stage`).
+"""The TRL stages of ``scripts/regenerate_results.py``: SFPOGRPOTrainer's benchmark and its comparison with
+TRL's GRPO and ``sfpo train`` (see :class:`results_lib.Stage`).
 
 They run with ``--trl-python``, an interpreter of a venv with the ``trl`` extra:
 TRL 1.16 and verl 0.9.1 cannot share one.
@@ -50,3 +51,31 @@ def trl_bench_render(ctx: Context) -> dict[tuple[str, str], str]:
     section = ctx.results("trl-bench-cpu.md").read_text().strip()
     body = section.split("\n", 1)[1].strip()  # the section's own heading is the document's
     return {("docs/trl.md", "trl-bench"): f"{body}\n\n{one_line(prov)}"}
+
+
+# --------------------------------------------------------------------------- trl_compare: TRL vs TRL + SFPO vs sfpo train
+
+TRL_COMPARE = "trl-compare-300-steps-3-seeds"
+
+
+def trl_compare_commands(ctx: Context) -> list[Command]:
+    size = ["--seeds", "1", "--steps", "2", "--test-freq", "1", "--val-samples", "16"] if ctx.quick else []
+    settings = size or ["--seeds", "3", "--steps", "300", "--test-freq", "10"]
+    argv = [ctx.trl_python, str(Path("scripts") / "trl_compare.py"), *settings, "--threads", "1"]
+    return [Command([*argv, "--out", str(ctx.work / "trl-compare")], {"OMP_NUM_THREADS": "1"})]
+
+
+def trl_compare_collect(ctx: Context, timed: list) -> tuple[list[Path], dict]:
+    out = ctx.work / "trl-compare"
+    written = [
+        copy(out / f"trl-compare{suffix}", ctx.results(f"{TRL_COMPARE}{suffix}"))
+        for suffix in (".csv", ".md", "-provenance.md")
+    ]
+    return written, {}
+
+
+def trl_compare_render(ctx: Context) -> dict[tuple[str, str], str]:
+    prov = ctx.provenance("trl_compare")
+    table = ctx.results(f"{TRL_COMPARE}.md").read_text().strip()
+    body = table.split("\n", 1)[1].strip()  # below the file's own title
+    return {("docs/trl.md", "trl-compare"): f"{body}\n\n{one_line(prov)}"}

@@ -13,9 +13,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sfpo_train.sfpo import SFPOConfig
+    from sfpo_train.trl.run_log import RunDirectoryCallback
     from sfpo_train.trl.trainer import SFPOGRPOTrainer
 
-__all__ = ["SFPOConfig", "SFPOGRPOTrainer"]
+__all__ = ["RunDirectoryCallback", "SFPOConfig", "SFPOGRPOTrainer"]
+_TRL_NAMES = {"SFPOGRPOTrainer": "sfpo_train.trl.trainer", "RunDirectoryCallback": "sfpo_train.trl.run_log"}
 
 
 def __getattr__(name: str):
@@ -23,16 +25,18 @@ def __getattr__(name: str):
         from sfpo_train.sfpo import SFPOConfig
 
         return SFPOConfig
-    if name == "SFPOGRPOTrainer":
+    if name in _TRL_NAMES:
+        import importlib
+
         try:
-            from sfpo_train.trl.trainer import SFPOGRPOTrainer
+            module = importlib.import_module(_TRL_NAMES[name])
         except ModuleNotFoundError as e:
             if e.name and e.name.split(".")[0] in ("trl", "accelerate", "datasets"):
                 raise ModuleNotFoundError(
-                    f"SFPOGRPOTrainer needs TRL ({e.name} is not installed): pip install 'sfpo[trl]'", name=e.name
+                    f"{name} needs TRL ({e.name} is not installed): pip install 'sfpo[trl]'", name=e.name
                 ) from e
             raise
-        return SFPOGRPOTrainer
+        return getattr(module, name)
     raise AttributeError(f"module 'sfpo_train.trl' has no attribute {name!r}")
 
 
