@@ -83,7 +83,7 @@ class SFPOGRPOTrainer(GRPOTrainer):
         self._iteration_start = 0  # self._step when the running iteration began
         self._entropy_sums = _EntropySums()  # the running pass's token entropies
         self._old_entropy_sums: _EntropySums | None = None  # set while the old-log-prob forward is captured
-        self._save_deferred = False
+        self._deferred: set[str] = set()  # "should_evaluate" / "should_save" asked for between passes
         if self.sfpo is not None:
             self.add_callback(_SFPOCallback(self))
 
@@ -185,17 +185,22 @@ class SFPOGRPOTrainer(GRPOTrainer):
                 self._iteration = None
                 raise
         if self._iteration is not None and control.should_training_stop:
-            self._stop_mid_iteration()  # then the final save below may happen, of the weights as they are
+            self._stop_mid_iteration()  # then the final save may happen, of the weights as they are
         if self._iteration is None:
-            if self._save_deferred:
-                control.should_save, self._save_deferred = True, False
-        else:
-            self._defer_save(control)
+            for flag in self._deferred:
+                setattr(control, flag, True)
+            self._deferred.clear()
 
-    def _defer_save(self, control) -> None:
-        """A checkpoint holds whole iterations: a save asked for between passes waits for the iteration's end."""
-        if self._iteration is not None and control.should_save:
-            control.should_save, self._save_deferred = False, True
+    def _maybe_log_save_evaluate(self, *args, **kwargs):
+        # A checkpoint holds whole iterations, and an evaluation (and vLLM, which it would sync) sees only
+        # weights between iterations: what the Trainer asks for between passes (save_steps, eval_steps, an
+        # epoch's end, a callback) waits for the iteration's end. Here, after every callback has spoken.
+        if self._iteration is not None:
+            for flag in ("should_evaluate", "should_save"):
+                if getattr(self.control, flag):
+                    setattr(self.control, flag, False)
+                    self._deferred.add(flag)
+        return super()._maybe_log_save_evaluate(*args, **kwargs)
 
     def _stop_mid_iteration(self) -> None:
         iteration, self._iteration = self._iteration, None
@@ -207,9 +212,12 @@ class SFPOGRPOTrainer(GRPOTrainer):
         )
         iteration.release()
 
-    def train(self, *args, **kwargs):
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        if self.sfpo is not None:  # a fresh train() starts the data plumbing afresh (a resume loads it)
+            self.pending_generation_batches.clear()
+            self._batches_seen, self._iteration, self._deferred = 0, None, set()
         try:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
         except BaseException as failure:  # leave theta_0 of the iteration that failed, never a half-way point
             if self._iteration is not None:
                 self._iteration.abort(failure)
@@ -220,27 +228,33 @@ class SFPOGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.sfpo is None or not self.args.should_save:
+        if self.sfpo is None:
             return
         if self._iteration is not None:
             raise RuntimeError("SFPOGRPOTrainer: a checkpoint was saved between the passes of an SFPO iteration")
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        os.makedirs(folder, exist_ok=True)
         state = {
             "version": STATE_VERSION,
             "sfpo": self.sfpo.state_dict(),
+            # each process's own slice of the batches (accelerate shards the sampler), and where in the
+            # steps_per_generation copies of the current one its dataloader stands
             "pending_generation_batches": list(self.pending_generation_batches),
+            "copies_seen": self._batches_seen % self.args.steps_per_generation,
         }
-        torch.save(state, os.path.join(folder, STATE_FILE))
+        torch.save(state, os.path.join(folder, _state_file(self.accelerator)))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         if self.sfpo is None or checkpoint is None:
             return
-        path = os.path.join(checkpoint, STATE_FILE)
+        name = _state_file(self.accelerator)
+        path = os.path.join(checkpoint, name)
         if not os.path.exists(path):
             raise ValueError(
-                f"resume_from_checkpoint={checkpoint!r} has no {STATE_FILE}: it was not saved by SFPOGRPOTrainer "
-                "with sfpo set, so the SFPO schedule cannot continue exactly"
+                f"resume_from_checkpoint={checkpoint!r} has no {name}: it was not saved by SFPOGRPOTrainer "
+                f"with sfpo set on {self.accelerator.num_processes} process(es), so the SFPO schedule cannot "
+                "continue exactly"
             )
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -248,17 +262,20 @@ class SFPOGRPOTrainer(GRPOTrainer):
             raise ValueError(f"{path}: not a readable SFPO state ({type(e).__name__}: {e})") from None
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"{path}: expected an SFPO state of version {STATE_VERSION}")
-        pending = state.get("pending_generation_batches")
+        pending, copies = state.get("pending_generation_batches"), state.get("copies_seen")
         if not isinstance(pending, list):
             raise ValueError(f"{path}: 'pending_generation_batches' must be a list, got {type(pending).__name__}")
+        spg = self.args.steps_per_generation
+        if isinstance(copies, bool) or not isinstance(copies, int) or not 0 <= copies < spg:
+            raise ValueError(f"{path}: 'copies_seen' must be an integer in [0, {spg}), got {copies!r}")
         self.sfpo.load_state_dict(state["sfpo"])  # checks everything before it changes anything
         self.pending_generation_batches = deque(pending)
-        self._batches_seen = 0  # the resumed dataloader starts on a generation batch (checkpoints hold whole passes)
+        self._batches_seen = copies  # a stop inside a pass leaves the dataloader within a batch's copies
         self._iteration = None
 
 
 class _SFPOCallback(TrainerCallback):
-    """The ``Trainer``'s events SFPO acts on: each optimizer step's end, the epoch's end, the end of training."""
+    """The ``Trainer``'s events SFPO acts on: each optimizer step's end and the end of training."""
 
     def __init__(self, trainer: SFPOGRPOTrainer):
         self.trainer = trainer
@@ -267,14 +284,15 @@ class _SFPOCallback(TrainerCallback):
         self.trainer._after_optimizer_step(control)
         return control
 
-    def on_epoch_end(self, args, state, control, **kwargs):
-        self.trainer._defer_save(control)
-        return control
-
     def on_train_end(self, args, state, control, **kwargs):
         if self.trainer._iteration is not None:
             self.trainer._stop_mid_iteration()
         return control
+
+
+def _state_file(accelerator) -> str:
+    """``sfpo_state.pt``; with several processes one per rank (``sfpo_state_rank<r>.pt``), each holding its slice."""
+    return STATE_FILE if accelerator.num_processes == 1 else f"sfpo_state_rank{accelerator.process_index}.pt"
 
 
 class _EntropySums:
@@ -307,6 +325,8 @@ def _check_args(args, sfpo: SFPOConfig | None, fused_head: bool) -> None:
         fused_loss_options(args)  # a setting the fused head cannot reproduce: ValueError naming the field
     if sfpo is None:
         return
+    if sfpo.inner_steps == 0 and not sfpo.slow_correction:
+        raise ValueError("SFPOConfig(inner_steps=0, slow_correction=False) makes no update pass: nothing would train")
     if args.num_iterations != 1:
         raise ValueError(
             f"GRPOConfig.num_iterations={args.num_iterations}: with sfpo set it must stay 1. SFPOConfig.inner_steps "

@@ -37,11 +37,12 @@ def grpo_args(output_dir, **overrides):
     return trl.GRPOConfig(**settings)
 
 
-def make_trainer(output_dir, *, cls=None, sfpo=None, rows: int = 256, fused_head=None, **overrides):
+def make_trainer(output_dir, *, cls=None, sfpo=None, rows: int = 256, eval_rows: int = 0, fused_head=None, **overrides):
     """A trainer on the shipped model and the first ``rows`` training problems; ``cls`` None: ``SFPOGRPOTrainer``.
 
     Counts its generations in ``trainer.generations`` (one per ``_generate_and_score_completions``) and
-    records the optimizer step each one happened at in ``trainer.generation_steps``.
+    records the optimizer step each training one happened at in ``trainer.generation_steps`` and its prompts
+    in ``trainer.generated_prompts``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -59,17 +60,21 @@ def make_trainer(output_dir, *, cls=None, sfpo=None, rows: int = 256, fused_head
         reward_funcs=addition_reward,
         args=grpo_args(output_dir, **overrides),
         train_dataset=addition_dataset(limit=rows),
+        eval_dataset=addition_dataset("test", limit=eval_rows) if eval_rows else None,
         processing_class=AutoTokenizer.from_pretrained(model_path()),
         **extra,
     )
     trainer.generations = 0
     trainer.generation_steps = []
+    trainer.generated_prompts = []
     generate = trainer._generate_and_score_completions
 
-    def counted(*args, **kwargs):
-        trainer.generations += 1
-        trainer.generation_steps.append(trainer.state.global_step)
-        return generate(*args, **kwargs)
+    def counted(batch, *args, **kwargs):
+        if trainer.model.training:
+            trainer.generations += 1
+            trainer.generation_steps.append(trainer.state.global_step)
+            trainer.generated_prompts.append([row["prompt"] for row in batch])
+        return generate(batch, *args, **kwargs)
 
     trainer._generate_and_score_completions = counted
     return trainer

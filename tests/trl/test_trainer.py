@@ -209,3 +209,49 @@ def test_fused_head_refuses_a_loss_it_cannot_reproduce_before_the_model_loads(tm
 
     with pytest.raises(ValueError, match="loss_type"):
         SFPOGRPOTrainer(model="not-loaded", args=grpo_args(tmp_path, loss_type="sapo"), fused_head=True)
+
+
+def test_evaluations_and_saves_asked_between_passes_wait_for_the_iteration(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        sfpo=SFPOConfig(inner_steps=2, alpha=0.8),
+        eval_rows=8,
+        max_steps=6,
+        eval_strategy="steps",
+        eval_steps=1,
+        per_device_eval_batch_size=8,
+        save_strategy="best",
+        metric_for_best_model="eval_reward",
+    )
+    trainer.train()
+    evaluated = [h["step"] for h in trainer.state.log_history if "eval_reward" in h]
+    assert evaluated == [3, 6]  # never the fast trajectory's weights
+    saved = sorted(int(d.split("-")[1]) for d in os.listdir(tmp_path) if d.startswith("checkpoint-"))
+    assert set(saved) <= {3, 6} and saved
+
+
+def test_resume_after_a_stop_inside_a_pass_takes_the_next_batches(tmp_path):
+    # steps_per_generation 2, one optimizer step per micro-step: a pass is 2 steps, an iteration (K = 1) 4.
+    settings = dict(sfpo=SFPOConfig(inner_steps=1, alpha=0.8), steps_per_generation=2)
+    whole = make_trainer(tmp_path / "whole", max_steps=11, **settings)
+    whole.train()
+    stopped = make_trainer(tmp_path / "stopped", max_steps=3, save_strategy="steps", save_steps=3, **settings)
+    with pytest.warns(UserWarning, match="training stopped after 1 of the 2 passes"):
+        stopped.train()
+    resumed = make_trainer(tmp_path / "resumed", max_steps=11, **settings)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "stopped" / "checkpoint-3"))
+    assert whole.generation_steps == [0, 4, 8]
+    assert resumed.generated_prompts == whole.generated_prompts[1:]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "config", "message"),
+    [
+        ({}, SFPOConfig(inner_steps=0, slow_correction=False), "makes no update pass"),
+    ],
+)
+def test_configurations_that_cannot_run_an_iteration_are_refused(tmp_path, overrides, config, message):
+    from tests.helpers.trl_setup import grpo_args
+
+    with pytest.raises(ValueError, match=message):
+        SFPOGRPOTrainer(model="not-loaded", args=grpo_args(tmp_path, **overrides), sfpo=config)

@@ -1,5 +1,6 @@
 """SFPOGRPOTrainer under 2 CPU processes (torchrun, gloo): both ranks hold the same weights after every SFPO
-iteration and the entropy trigger decides the same on both (tests/trl/two_process_run.py is one rank)."""
+iteration, the entropy trigger decides the same on both, and a resume continues exactly, each rank with its own
+prompts (tests/trl/two_process_run.py is one rank)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,7 @@ def test_two_ranks_agree_after_every_iteration(tmp_path):
     assert rows0[-1]["fired_at"] == 1
     assert rows0 == rows1  # weights' checksums, entropies, alpha and the trigger, exactly
     assert ranks[0]["generations"] == ranks[1]["generations"] == 4
+    for rank in ranks:  # resumed at step 2 (iteration 1): the same prompts and the same final weights
+        assert rank["resumed_prompts"] == rank["whole_prompts"][1:]
+        assert rank["resumed_weights_sum"] == rows0[-1]["weights_sum"]
+    assert ranks[0]["whole_prompts"] != ranks[1]["whole_prompts"]  # each rank trains on its own slice

@@ -3,7 +3,8 @@
 Run by tests/trl/test_two_processes.py as
 ``python -m torch.distributed.run --nproc_per_node 2 tests/trl/two_process_run.py OUT``;
 rank r writes ``OUT/rank{r}.json``: after every iteration the SFPO schedule and a
-checksum of the weights.
+checksum of the weights; then the checksum of a second run resumed from the first's
+checkpoint at step 2 (each rank resumes its own pending generation batches).
 """
 
 import json
@@ -43,13 +44,23 @@ class Record(TrainerCallback):
 def main(out: str) -> None:
     torch.manual_seed(0)
     config = SFPOConfig(inner_steps=1, alpha=0.8, zscore_window=2, zscore_threshold=0.5, trigger="abs")
-    trainer = make_trainer(Path(out) / "run", sfpo=config, max_steps=6, per_device_train_batch_size=4)
+    settings = dict(sfpo=config, max_steps=6, per_device_train_batch_size=4)
+    trainer = make_trainer(Path(out) / "run", save_strategy="steps", save_steps=2, **settings)
     record = Record()
     record.trainer = trainer
     trainer.add_callback(record)
     trainer.train()
     rank = trainer.accelerator.process_index
-    payload = {"world": trainer.accelerator.num_processes, "generations": trainer.generations, "rows": record.rows}
+    resumed = make_trainer(Path(out) / "resumed", **settings)
+    resumed.train(resume_from_checkpoint=str(Path(out) / "run" / "checkpoint-2"))
+    payload = {
+        "world": trainer.accelerator.num_processes,
+        "generations": trainer.generations,
+        "rows": record.rows,
+        "resumed_prompts": resumed.generated_prompts,
+        "whole_prompts": trainer.generated_prompts,
+        "resumed_weights_sum": sum(p.detach().double().sum().item() for p in resumed.model.parameters()),
+    }
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(payload))
 
 
