@@ -63,7 +63,8 @@ STAGES: list[Stage] = [
     Stage(
         name="threads",
         produces="docs/threads.md's 1 vs 2 threads table: docs/results/threads-main-job.csv",
-        expected="~15-30 min (12 runs of 100 steps; 1 thread ~1 min each, 2 threads beside a busy process longer)",
+        expected="~15 min (8 runs of 20 steps; 1 thread well under a minute each, 2 threads beside a busy process "
+        "several minutes: at 100 steps one such run took over 18 min)",
         commands=train.threads_commands,
         collect=train.threads_collect,
         render=train.threads_render,

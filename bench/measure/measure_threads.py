@@ -14,7 +14,7 @@ the command reported, its accuracy line and step time.
 Writes OUT/threads.csv (one row per run), OUT/threads.md (medians with min-max per
 arm) and OUT/threads.provenance.json (device, versions, git revision, every command).
 
-    PYTHONPATH=$PWD python bench/measure/measure_threads.py --steps 100 --rounds 3 --out runs/threads
+    PYTHONPATH=$PWD python bench/measure/measure_threads.py --steps 20 --rounds 2 --out runs/threads
 """
 
 from __future__ import annotations
