@@ -75,6 +75,7 @@ class Context:
         return {
             self.python: "python",
             self.vllm_python: "python",
+            self.trl_python: "python",
             str(self.work): "WORK",
             str(self.root): "ROOT",
             str(REPO_ROOT): ".",
