@@ -145,8 +145,8 @@ class SFPOGRPOTrainer(GRPOTrainer):
         if capture_old:
             old.add(entropies, attention_mask[:, -logits_to_keep:])
             return logps, (entropies if compute_entropy else None), aux
-        if compute_entropy and self._iteration is not None and torch.is_grad_enabled():
-            self._entropy_sums.add(entropies, attention_mask[:, -logits_to_keep:])
+        if compute_entropy:
+            self._record_entropy(entropies, attention_mask[:, -logits_to_keep:])
         return logps, entropies, aux
 
     # ----------------------------------------------------------------- the loss
@@ -159,7 +159,7 @@ class SFPOGRPOTrainer(GRPOTrainer):
         return compute_fused_loss(self, model, inputs, on_entropy=self._record_entropy)
 
     def _record_entropy(self, entropies: torch.Tensor, mask: torch.Tensor) -> None:
-        """Token entropies of a training forward (the fused head reports them here)."""
+        """Token entropies of a training forward (TRL's head and the fused head both report them here)."""
         if self._iteration is not None and torch.is_grad_enabled():
             self._entropy_sums.add(entropies, mask)
 
